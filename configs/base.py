@@ -1,0 +1,59 @@
+"""Defaults shared by every config: each system config starts from `get_config()` here."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 8
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+    c.eval_batch_size = 32
+    c.eval_examples = 256
+    c.max_new_tokens = 8
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    m = c.model = ml_collections.ConfigDict()
+    m.dtype = "float32"
+    m.param_dtype = "float32"
+    m.scan_layers = True
+    m.remat_policy = "none"
+    m.vision = ml_collections.ConfigDict(dict(
+        stem="clip", image_size=224, patch_size=14, width=1024, depth=24, heads=16,
+        mlp_dim=4096, mlp_act="quick_gelu", norm_eps=1e-5, pre_norm=True,
+        feature_layer=-2, drop_cls=True))
+    m.connector = ml_collections.ConfigDict(dict(kind="mlp", in_norm=False, norm_eps=1e-5))
+    m.text = ml_collections.ConfigDict(dict(
+        vocab_size=32000, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,
+        ffn=11008, rms_eps=1e-5, rope_base=10000.0, qkv_bias=False, tie_embeddings=False))
+
+    d = c.data = ml_collections.ConfigDict()
+    d.source = "synthetic"
+    d.path = ""
+    d.tokenizer = ""
+    d.template = "vicuna_v1"
+    d.system = ""
+    d.seq_len = 2048
+    d.tile_size = 224
+    d.max_tiles = 9
+    d.swap_hw = True
+    d.max_tiles_per_row = 20
+    d.num_train = 100000
+    d.num_eval = 512
+    d.min_image_size = 64
+    d.max_image_size = 448
+
+    o = c.optim = ml_collections.ConfigDict()
+    o.lr = 2e-5
+    o.warmup_steps = 100
+    o.final_lr_ratio = 0.0
+    o.weight_decay = 0.0
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.clip_norm = 1.0
+    o.trainable = [("vision/.*", "frozen"), (".*", "train")]
+    return c
