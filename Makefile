@@ -1,0 +1,21 @@
+# Two entry points for a fresh machine; each installs what it needs into ./.venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: demo test install
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) launch/train.py --config configs/demo.py --workdir $(WORKDIR)
+	$(PY) launch/eval.py --config configs/demo.py --workdir $(WORKDIR)
+
+test: install
+	$(PY) -m pytest -q tests

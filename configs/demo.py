@@ -1,0 +1,44 @@
+"""The demo: a tiny XVERSE-V-shaped VLM (CLIP-style ViT on tiles + global view, MLP connector,
+LLaMA-shaped decoder) trained from scratch on the built-in synthetic shapes data on a CPU."""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = base.get_config()
+    c.total_steps = 600
+    c.batch_size = 16
+    c.log_every = 10
+    c.checkpoint_every = 200
+    c.eval_examples = 400
+    c.eval_batch_size = 50
+    c.max_new_tokens = 6
+
+    m = c.model
+    m.vision.update(image_size=32, patch_size=8, width=128, depth=4, heads=4, mlp_dim=512,
+                    feature_layer=-1)
+    m.connector.update(in_norm=True)
+    m.text.update(vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, ffn=384,
+                  rms_eps=1e-6)
+
+    d = c.data
+    d.template = "vicuna_v1"
+    d.system = ""
+    d.seq_len = 160
+    d.tile_size = 32
+    d.max_tiles = 4
+    d.max_tiles_per_row = 10
+    d.min_image_size = 32
+    d.max_image_size = 96
+    d.num_train = 1_000_000
+    d.num_eval = 400
+
+    o = c.optim
+    o.lr = 2e-3
+    o.warmup_steps = 30
+    o.final_lr_ratio = 0.05
+    o.weight_decay = 0.01
+    o.trainable = [(".*", "train")]
+    return c

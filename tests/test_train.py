@@ -1,0 +1,74 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from vlm_jax.config import load_config
+from vlm_jax.data.pipeline import make_train_iterator
+from vlm_jax.data.tokenizer import load_tokenizer
+from vlm_jax.train import loop
+from vlm_jax.train.optim import label_params
+from vlm_jax.train.step import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["batch_size=8", "data.seq_len=96", "data.max_tiles_per_row=6", "model.text.layers=2",
+        "model.vision.depth=2", "model.text.hidden=64", "model.text.ffn=128", "model.vision.width=64",
+        "model.vision.mlp_dim=128", "log_every=1"]
+
+
+def tiny_config(*extra: str):
+    return load_config(os.path.join(ROOT, "configs/demo.py"), TINY + list(extra))
+
+
+def first_batch(config):
+    tok = load_tokenizer(config.data.tokenizer)
+    return next(make_train_iterator(config, tok, 0, 1))
+
+
+def one_step(config, devices):
+    setup = loop.Setup(config, devices)
+    state = setup.fresh_state()
+    step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
+    new_state, metrics = step(state, loop.global_batch(first_batch(config), setup.mesh))
+    return float(metrics["loss"]), jax.device_get(new_state.params)
+
+
+def test_one_step_same_on_1_and_8_devices():
+    assert jax.device_count() == 8
+    loss1, params1 = one_step(tiny_config("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"),
+                              jax.devices()[:1])
+    loss8, params8 = one_step(tiny_config("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"), None)
+    assert abs(loss1 - loss8) < 1e-5 * max(1.0, abs(loss1))
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params1, params8)
+    assert max(jax.tree.leaves(diffs)) < 1e-5
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full = tiny_config("total_steps=6", "checkpoint_every=3")
+    state_full = loop.train(full, str(tmp_path / "full"))
+    part = tiny_config("total_steps=3", "checkpoint_every=3")
+    loop.train(part, str(tmp_path / "resumed"))
+    state_resumed = loop.train(full, str(tmp_path / "resumed"))
+    for a, b in zip(jax.tree.leaves(jax.device_get(state_full.params)),
+                    jax.tree.leaves(jax.device_get(state_resumed.params))):
+        np.testing.assert_array_equal(a, b)
+    losses = [[json.loads(l)["loss"] for l in open(tmp_path / w / "metrics.jsonl")]
+              for w in ("full", "resumed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(KeyError, match="data has no 'seq_lenn'.*seq_len"):
+        tiny_config("data.seq_lenn=5")
+
+
+def test_label_rules_refuse_unmatched_parameter_and_unused_rule():
+    params = {"vision": {"w": np.zeros(2)}, "decoder": {"w": np.zeros(2)}}
+    with pytest.raises(ValueError, match="decoder/w"):
+        label_params(params, [("vision/.*", "frozen")])
+    with pytest.raises(ValueError, match="projector"):
+        label_params(params, [("projector/.*", "frozen"), (".*", "train")])
+    assert set(label_params(params, [("vision/.*", "frozen"), (".*", "train")]).values()) == {
+        "frozen", "train"}

@@ -1,0 +1,97 @@
+"""Image loading, CLIP normalisation and XVERSE-V any-resolution tiling (ARCHITECTURES.md 1.5)."""
+
+import math
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+# Every uint8 value maps to one float per channel, so normalising is a table lookup. The table is
+# computed with the same float32 ops as torchvision's ToTensor + Normalize, so values match bit for bit.
+_LUT = ((np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)) - CLIP_MEAN) / CLIP_STD
+_CHANNELS = np.arange(3)
+
+# The released grid set is every (a, b) with a*b <= 9; a config may lower that cap but not raise it.
+MAX_GRID_TILES = 9
+
+
+def load_image(path: str) -> Image.Image:
+    """Reads an image file and returns it as RGB, naming the path in any error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot decode image file {path}: {e}") from e
+
+
+def normalize(img: Image.Image | np.ndarray) -> np.ndarray:
+    """RGB uint8 image -> float32 [H, W, 3], rescaled by 1/255 then OpenAI-CLIP mean/std normalised."""
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"normalize expects an RGB uint8 [H, W, 3] image, got {arr.dtype} {arr.shape}")
+    return _LUT[arr, _CHANNELS]
+
+
+def custom_round(v: float) -> int:
+    """XVERSE-V rounding: a fractional part above 0.5 rounds up, exactly 0.5 rounds down."""
+    f = math.floor(v)
+    return f + 1 if v - f > 0.5 else f
+
+
+def choose_grid(width: int, height: int, tile_size: int, max_tiles: int) -> tuple[int, int]:
+    """Grid (a, b) for an image, per XVERSE-V: a from the width, b from the height.
+
+    The released code reads `height, width = image.size` (PIL gives (W, H)), so its "height" variable
+    holds the width; `a` therefore comes from the pixel width. The allowed set is every (a, b) with
+    a*b <= max_tiles (max_tiles=9 gives the released set (1,1..9),(2,1..4),(3,1..3),(4,1..2),(5..9,1)).
+    An out-of-set grid goes through the released fallback chain with its constants 9, 4, 3 generalised
+    to max_tiles, max_tiles // 2 and the largest square that fits, so max_tiles=9 reproduces it exactly.
+    """
+    if not 1 <= max_tiles <= MAX_GRID_TILES:
+        raise ValueError(f"max_tiles must be in 1..{MAX_GRID_TILES}, got {max_tiles}")
+    a = max(1, custom_round(width / tile_size))
+    b = max(1, custom_round(height / tile_size))
+    if a * b <= max_tiles:
+        return a, b
+    if b == 1:
+        return max_tiles, 1
+    if a == 1:
+        return 1, max_tiles
+    if b == 2 and max_tiles >= 2:
+        return max_tiles // 2, 2
+    if a == 2 and max_tiles >= 2:
+        return 2, max_tiles // 2
+    k = math.isqrt(max_tiles)
+    return k, k
+
+
+def tile_image(img: Image.Image, tile_size: int, max_tiles: int, swap_hw: bool) -> np.ndarray:
+    """Normalised XVERSE-V views of one image: float32 [1 + a*b, S, S, 3] = [global, tiles row-major].
+
+    All resizes are direct PIL bicubic (aspect ratio not preserved, no padding). With swap_hw=True
+    (release parity) the image is resized to height S*a, width S*b, i.e. an a-from-width grid is laid
+    out as a rows, so non-square images come out with their aspect ratio swapped; with swap_hw=False
+    it is resized to height S*b, width S*a (the aspect-preserving reading). A 1x1 grid yields only the
+    global view.
+    """
+    s = tile_size
+    global_view = normalize(img.resize((s, s), Image.Resampling.BICUBIC))
+    a, b = choose_grid(img.width, img.height, s, max_tiles)
+    if a == b == 1:
+        return global_view[None]
+    rows, cols = (a, b) if swap_hw else (b, a)
+    grid = normalize(img.resize((s * cols, s * rows), Image.Resampling.BICUBIC))
+    # [rows*S, cols*S, 3] -> [rows, cols, S, S, 3]: tile (i, j) is the crop at row i, column j.
+    tiles = grid.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, s, s, 3)
+    return np.concatenate([global_view[None], tiles])
+
+
+def num_views(width: int, height: int, tile_size: int, max_tiles: int) -> int:
+    """Number of views tile_image produces for an image of this size (global + a*b, or 1 for 1x1)."""
+    a, b = choose_grid(width, height, tile_size, max_tiles)
+    return 1 if a == b == 1 else 1 + a * b

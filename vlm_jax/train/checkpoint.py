@@ -1,0 +1,43 @@
+"""Orbax checkpoints of the train state, the data-iterator state and the config."""
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Async, keep-N checkpoints under WORKDIR/checkpoints; restores onto any mesh."""
+
+    def __init__(self, workdir: str, keep: int):
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, config_json: str) -> bool:
+        if self.manager.latest_step() == step:
+            return False
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+
+    def restore(self, step: int, abstract_state, shardings) -> tuple:
+        """(state, data_state) at `step`, with arrays placed by `shardings`."""
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state, shardings)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        return out.state, out.data
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,125 @@
+"""The trainer: build mesh and state, restore or init, iterate batches, step, log, checkpoint."""
+
+import logging
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vlm_jax import parallel
+from vlm_jax.config import to_json
+from vlm_jax.data.pipeline import make_train_iterator
+from vlm_jax.data.tokenizer import load_tokenizer
+from vlm_jax.model import VLM
+from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.metrics import MetricsLogger, plot_loss
+from vlm_jax.train.optim import label_params, make_optimizer, split_params
+from vlm_jax.train.step import MODEL_INPUTS, TrainState, init_state, make_train_step
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
+    """Zero arrays with the static shapes of one batch's model inputs (for init and shape checks)."""
+    d, v = config.data, config.model.vision
+    tiles, length = d.max_tiles_per_row, d.seq_len
+    per_tile = (d.tile_size // v.patch_size) ** 2
+    shapes = {
+        "tokens": ((rows, length), jnp.int32), "positions": ((rows, length), jnp.int32),
+        "segment_ids": ((rows, length), jnp.int32),
+        "tiles": ((rows, tiles, d.tile_size, d.tile_size, 3), jnp.float32),
+        "tile_mask": ((rows, tiles), jnp.bool_), "image_dest": ((rows, tiles * per_tile), jnp.int32),
+    }
+    return tuple(jnp.zeros(*shapes[k]) for k in MODEL_INPUTS)
+
+
+class Setup:
+    """Everything a train or eval run derives from the config: mesh, model, shardings, state."""
+
+    def __init__(self, config: ml_collections.ConfigDict, devices: list | None = None):
+        self.config = config
+        self.mesh = parallel.make_mesh(config.mesh, devices)
+        self.model = VLM(config.model)
+        rng = jax.random.PRNGKey(config.seed)
+        self._init_params = lambda key: self.model.init(key, *dummy_inputs(config))["params"]
+        boxed = jax.eval_shape(self._init_params, rng)
+        param_shardings = parallel.logical_shardings(boxed, self.mesh)
+        abstract_params = nn.meta.unbox(boxed)
+        self.labels = label_params(abstract_params, [tuple(r) for r in config.optim.trainable])
+        self.optimizer = make_optimizer(config.optim, config.total_steps)
+        self.abstract_state = jax.eval_shape(
+            lambda p: init_state(self.model, self.optimizer, self.labels, p), abstract_params)
+        train_sh, frozen_sh = split_params(param_shardings, self.labels)
+        rep = parallel.replicated(self.mesh)
+        self.state_shardings = TrainState(
+            step=rep, trainable=train_sh, frozen=frozen_sh,
+            opt_state=optax.tree_map_params(self.optimizer, lambda _, s: s,
+                                            self.abstract_state.opt_state, train_sh,
+                                            transform_non_params=lambda _: rep))
+        self.rng = rng
+
+    def fresh_state(self) -> TrainState:
+        def build(key):
+            return init_state(self.model, self.optimizer, self.labels,
+                              nn.meta.unbox(self._init_params(key)))
+        with jax.set_mesh(self.mesh):
+            return jax.jit(build, out_shardings=self.state_shardings)(self.rng)
+
+
+def global_batch(batch: dict, mesh) -> dict:
+    sharding = parallel.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
+    dp = parallel.data_parallel_size(mesh)
+    if config.batch_size % dp or config.batch_size % jax.process_count():
+        raise ValueError(f"batch_size {config.batch_size} must divide by the data x fsdp mesh size {dp} "
+                         f"and the process count {jax.process_count()}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir` if any."""
+    os.makedirs(workdir, exist_ok=True)
+    setup = Setup(config)
+    check_batch_size(config, setup.mesh)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    if len(tokenizer) > config.model.text.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is "
+                         f"{config.model.text.vocab_size}")
+    data = make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
+    ckpt = Checkpointer(workdir, config.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is None:
+        state, start = setup.fresh_state(), 0
+    else:
+        state, data_state = ckpt.restore(start, setup.abstract_state, setup.state_shardings)
+        data.set_state(data_state)
+        logging.info("resumed from step %d", start)
+    step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
+    logger = MetricsLogger(workdir, start, config.total_steps)
+    config_json, tokens_seen = to_json(config), 0.0
+    for step in range(start + 1, config.total_steps + 1):
+        batch = next(data)
+        tokens_seen += float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+        state, metrics = step_fn(state, global_batch(batch, setup.mesh))
+        logger.advance()
+        last = step == config.total_steps
+        saving = last or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
+        if saving or step % config.log_every == 0:
+            # Checked before every save, so a checkpoint never holds parameters a NaN has reached.
+            record = logger.log(step, jax.device_get(metrics), tokens_seen)
+            if not math.isfinite(record["loss"]):
+                ckpt.close()
+                raise FloatingPointError(f"loss is {record['loss']} at step {step}; the last good "
+                                         f"checkpoint is step {ckpt.latest_step()} in {workdir}")
+        if saving:
+            ckpt.save(step, state, data.get_state(), config_json)
+    ckpt.close()
+    logger.close()
+    if jax.process_index() == 0 and os.path.exists(logger.path):
+        plot_loss(workdir, os.path.join(workdir, "loss.png"))
+    return state

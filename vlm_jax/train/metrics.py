@@ -1,0 +1,75 @@
+"""Training outputs: JSON-lines metrics, TensorBoard scalars, a progress bar, the loss-curve PNG."""
+
+import json
+import os
+import time
+
+from tqdm import tqdm
+
+from vlm_jax.train.tensorboard import SummaryWriter
+
+
+class MetricsLogger:
+    """One JSON object per logged step in WORKDIR/metrics.jsonl (appended across resumes)."""
+
+    def __init__(self, workdir: str, start_step: int, total_steps: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._trim_after(start_step)
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        mininterval=1.0)
+        self._last = (time.perf_counter(), start_step, 0.0)
+
+    def _trim_after(self, step: int) -> None:
+        # A resumed run repeats the steps after its checkpoint; drop their stale lines first.
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def log(self, step: int, metrics: dict, tokens: float) -> dict:
+        now = time.perf_counter()
+        t0, s0, tok0 = self._last
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        if now > t0:
+            record["tokens_per_s"] = (tokens - tok0) / (now - t0)
+            record["steps_per_s"] = (step - s0) / (now - t0)
+        self._last = (now, step, tokens)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}",
+                             tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+        return record
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss(workdir: str, out_png: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (assistant tokens)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
