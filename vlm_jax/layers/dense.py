@@ -5,8 +5,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-Dtype = jnp.dtype | type
+from jax.typing import DTypeLike
 
 
 def _as_tuple(v: int | Sequence[int]) -> tuple[int, ...]:
@@ -25,8 +24,8 @@ class Dense(nn.Module):
     kernel_axes: Sequence[str | None]
     axis: int | Sequence[int] = -1
     use_bias: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -37,7 +36,7 @@ class Dense(nn.Module):
             raise ValueError(f"kernel_axes {self.kernel_axes} do not match kernel shape {in_shape + features}")
         n_in = len(in_shape)
         init = nn.initializers.variance_scaling(
-            1.0, "fan_in", "truncated_normal",
+            1.0, "fan_in", "normal",
             in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(features))))
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, tuple(self.kernel_axes)),

@@ -81,8 +81,12 @@ def check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
                          f"and the process count {jax.process_count()}")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir` if any."""
+def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None) -> TrainState:
+    """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir` if any.
+
+    `stop_at` ends the run early (after checkpointing that step) as a preemption would, without
+    changing the schedule, which depends on total_steps.
+    """
     os.makedirs(workdir, exist_ok=True)
     setup = Setup(config)
     check_batch_size(config, setup.mesh)
@@ -102,12 +106,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
     logger = MetricsLogger(workdir, start, config.total_steps)
     config_json, tokens_seen = to_json(config), 0.0
-    for step in range(start + 1, config.total_steps + 1):
+    end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
+    for step in range(start + 1, end + 1):
         batch = next(data)
         tokens_seen += float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
         state, metrics = step_fn(state, global_batch(batch, setup.mesh))
         logger.advance()
-        last = step == config.total_steps
+        last = step == end
         saving = last or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
         if saving or step % config.log_every == 0:
             # Checked before every save, so a checkpoint never holds parameters a NaN has reached.

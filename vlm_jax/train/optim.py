@@ -62,11 +62,12 @@ def learning_rate_schedule(o: ml_collections.ConfigDict, total_steps: int) -> op
 
 
 def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine and global-norm clipping; no decay on norms, biases or 1-D params."""
+    """AdamW with warmup + cosine and global-norm clipping; weight decay on matrices only."""
     def decay_mask(tree):
+        # By name, not ndim: scanned layers give biases and norm scales a leading layer axis.
         return traverse_util.unflatten_dict({
-            path: leaf.ndim > 1 and path[-1] not in ("bias", "scale")
-            for path, leaf in traverse_util.flatten_dict(tree).items()})
+            path: path[-1] in ("kernel", "embedding")
+            for path in traverse_util.flatten_dict(tree)})
 
     return optax.chain(
         optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),

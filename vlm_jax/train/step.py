@@ -58,7 +58,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
                 state.trainable, state.frozen, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss, "loss_tokens": count, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "loss_tokens": count, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
     jitted = jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+
+from vlm_jax.data.synthetic import COLORS, QTYPES, QUADRANTS, SHAPES, SyntheticSource, caption
+
+N = 150
+
+
+def source(split="train", seed=0, lo=48, hi=160):
+    return SyntheticSource(split, 10_000, seed, lo, hi)
+
+
+def test_deterministic_by_seed_split_index():
+    a, b = source(), source()
+    for i in (0, 1, 17, 9999):
+        ra, rb = a[i], b[i]
+        assert ra["id"] == rb["id"] == f"synthetic-train-{i}"
+        assert ra["conversations"] == rb["conversations"] and ra["qtype"] == rb["qtype"]
+        np.testing.assert_array_equal(np.asarray(ra["image"]), np.asarray(rb["image"]))
+    # Order of access does not matter (random access for shuffling).
+    np.testing.assert_array_equal(np.asarray(source()[5]["image"]), np.asarray(a[5]["image"]))
+    assert source(seed=1).scene(0) != a.scene(0)
+    with pytest.raises(IndexError, match="10000"):
+        a[10_000]
+
+
+def test_train_and_eval_disjoint():
+    train = {source("train").scene(i) for i in range(400)}
+    evals = {source("eval").scene(i) for i in range(400)}
+    assert len(train) == 400 and not train & evals
+    with pytest.raises(ValueError, match="split"):
+        SyntheticSource("test", 10, 0, 48, 160)
+
+
+def test_record_shape_and_variety():
+    src = source()
+    sizes, qtypes, counts = set(), set(), set()
+    for i in range(N):
+        r = src[i]
+        img = r["image"]
+        assert img.mode == "RGB" and 48 <= img.width <= 160 and 48 <= img.height <= 160
+        assert max(img.size) / min(img.size) <= 2.0 + 1e-6
+        (h, q), (g, a) = r["conversations"]
+        assert (h, g) == ("human", "gpt") and q.startswith("<image>\n") and a
+        sizes.add(img.size)
+        qtypes.add(r["qtype"])
+        counts.add(len(src.scene(i).shapes))
+    assert qtypes == set(QTYPES) and counts == {1, 2, 3, 4} and len(sizes) > N // 2
+
+
+def test_answers_match_the_pixels():
+    src = source()
+    palette = np.array(list(COLORS.values()), np.float32)
+    for i in range(N):
+        s, r = src.scene(i), src[i]
+        img = np.asarray(r["image"]).astype(np.float32)
+        qw, qh = s.width / 2, s.height / 2
+        for shape in s.shapes:
+            # Every shape lies entirely inside the quadrant it is reported in.
+            q = QUADRANTS.index(shape.quadrant)
+            x0, y0 = (q % 2) * qw, (q // 2) * qh
+            assert x0 <= shape.cx - shape.r and shape.cx + shape.r <= x0 + qw
+            assert y0 <= shape.cy - shape.r and shape.cy + shape.r <= y0 + qh
+            # Its centre pixel has its colour, and that colour stands out from the background.
+            centre = img[int(shape.cy), int(shape.cx)]
+            np.testing.assert_array_equal(centre, COLORS[shape.color])
+            assert np.linalg.norm(centre - np.array(s.background)) >= 120
+        # Quadrants without a shape hold no pixel of any colour that may be drawn on this background.
+        drawable = palette[np.linalg.norm(palette - np.array(s.background), axis=-1) >= 120]
+        used = {QUADRANTS.index(x.quadrant) for x in s.shapes}
+        for q in set(range(4)) - used:
+            x0, y0 = int((q % 2) * qw), int((q // 2) * qh)
+            block = img[y0:int(y0 + qh), x0:int(x0 + qw)].reshape(-1, 1, 3)
+            assert (np.linalg.norm(block - drawable[None], axis=-1).min() > 30).all()
+
+        answer = r["conversations"][1][1]
+        question = r["conversations"][0][1]
+        by_shape = [x for x in s.shapes if x.shape in question]
+        by_color = [x for x in s.shapes if f" {x.color} " in question]
+        if s.qtype == "count":
+            assert answer == str(len(s.shapes))
+        elif s.qtype == "color":
+            assert len(by_shape) == 1 and answer == by_shape[0].color
+        elif s.qtype == "shape":
+            assert len(by_color) == 1 and answer == by_color[0].shape and answer in SHAPES
+        elif s.qtype == "position":
+            (target,) = [x for x in s.shapes if f"{x.color} {x.shape}" in question]
+            vertical = "top" if target.cy < qh else "bottom"
+            horizontal = "left" if target.cx < qw else "right"
+            assert answer == f"{vertical} {horizontal}"
+        else:
+            assert answer == caption(s.shapes) and answer.count(" and ") == (len(s.shapes) > 1)
+
+
+def test_demo_sizes_and_no_matching_background():
+    src = source(lo=32, hi=96)
+    for i in range(N):
+        s = src.scene(i)
+        assert 32 <= s.width <= 96 and 32 <= s.height <= 96
+        assert len({(x.color, x.shape) for x in s.shapes}) == len(s.shapes)
+        for x in s.shapes:
+            assert np.linalg.norm(np.subtract(COLORS[x.color], s.background)) >= 120

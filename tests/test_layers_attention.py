@@ -1,0 +1,87 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.layers.attention import attention
+
+B, L, H, HKV, D = 2, 12, 4, 2, 8
+SEGMENTS = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 0],
+                     [1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 0, 0]], np.int32)
+
+
+def _qkv(seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(kq, (B, L, H, D)), jax.random.normal(kk, (B, L, HKV, D)),
+            jax.random.normal(kv, (B, L, HKV, D)))
+
+
+def _reference(q, k, v, mask):
+    """Plain MHA with k/v heads repeated and an explicit [B, Lq, Lk] mask."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    k, v = np.repeat(k, H // HKV, axis=2), np.repeat(v, H // HKV, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D)
+    s = np.where(mask[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_segments_are_isolated(causal):
+    q, k, v = _qkv()
+    seg = jnp.asarray(SEGMENTS)
+    out = attention(q, k, v, causal=causal, q_segment_ids=seg, kv_segment_ids=seg)
+    in_two = (SEGMENTS == 2)[:, :, None, None]
+    q2, k2, v2 = _qkv(seed=1)
+    out2 = attention(jnp.where(in_two, q2, q), jnp.where(in_two, k2, k),
+                     jnp.where(in_two, v2, v), causal=causal, q_segment_ids=seg, kv_segment_ids=seg)
+    others = SEGMENTS != 2
+    np.testing.assert_allclose(np.asarray(out2)[others], np.asarray(out)[others], rtol=0, atol=1e-6)
+    assert not np.allclose(np.asarray(out2)[~others], np.asarray(out)[~others])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_repeated_kv_mha_reference(causal):
+    q, k, v = _qkv()
+    mask = SEGMENTS[:, :, None] == SEGMENTS[:, None, :]
+    if causal:
+        mask &= np.tril(np.ones((L, L), bool))[None]
+    seg = jnp.asarray(SEGMENTS)
+    out = attention(q, k, v, causal=causal, q_segment_ids=seg, kv_segment_ids=seg)
+    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, mask), atol=1e-5)
+    # GQA grouping equals running MHA on explicitly repeated k/v heads.
+    mha = attention(q, jnp.repeat(k, H // HKV, axis=2), jnp.repeat(v, H // HKV, axis=2), causal=causal,
+                    q_segment_ids=seg, kv_segment_ids=seg)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(mha), atol=1e-6)
+
+
+def test_causal_ignores_the_future():
+    q, k, v = _qkv()
+    out = attention(q, k, v, causal=True)
+    _, k2, v2 = _qkv(seed=1)
+    later = (jnp.arange(L) >= 7)[None, :, None, None]
+    out2 = attention(q, jnp.where(later, k2, k), jnp.where(later, v2, v), causal=True)
+    np.testing.assert_allclose(np.asarray(out2)[:, :7], np.asarray(out)[:, :7], rtol=0, atol=1e-6)
+    assert not np.allclose(np.asarray(out2)[:, 7:], np.asarray(out)[:, 7:])
+
+
+def test_padding_and_fully_masked_rows_are_finite():
+    q, k, v = _qkv()
+    q_seg = jnp.asarray([[0] * L, [5] * L], jnp.int32)  # all padding; a segment with no keys at all
+    kv_seg = jnp.asarray([[0] * L, [1] * L], jnp.int32)
+    for causal in (False, True):
+        out = attention(q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+        assert np.isfinite(np.asarray(out)).all()
+
+
+def test_explicit_positions_reproduce_one_causal_row():
+    """A single query at position j against all keys (the KV-cache decode case) equals row j of the full
+    causal attention."""
+    q, k, v = _qkv()
+    full = attention(q, k, v, causal=True)
+    j = jnp.asarray([[4], [9]])
+    q_one = jnp.take_along_axis(q, j[:, :, None, None], axis=1)
+    one = attention(q_one, k, v, causal=True, q_positions=j, kv_positions=jnp.arange(L)[None])
+    expect = np.stack([np.asarray(full)[0, 4], np.asarray(full)[1, 9]])
+    np.testing.assert_allclose(np.asarray(one)[:, 0], expect, atol=1e-6)

@@ -1,0 +1,284 @@
+"""Data entry points for the trainer: packed training batches and tokenised evaluation prompts.
+
+Record (source) -> Example (tiles + template + tokenizer) -> greedily packed rows of the batch
+contract in docs/contracts.md. The example stream is a grain MapDataset: shuffled, then sliced by
+process. grain's MapDataset reads past its length into later epochs (and reseeds the shuffle per
+epoch), so the stream is infinite and example i is a pure function of i. Packing is greedy over
+that stream, so the iterator's whole state is the index of the next unpacked example.
+"""
+
+import collections
+import concurrent.futures
+import logging
+import queue
+import threading
+
+import grain
+import numpy as np
+from PIL import Image
+
+from vlm_jax.data.conversation import ConversationEncoder, get_template
+from vlm_jax.data.images import tile_image
+from vlm_jax.data.llava_json import LlavaJsonSource
+from vlm_jax.data.packing import Example, check_fits, empty_batch, write_row
+from vlm_jax.data.synthetic import SyntheticSource
+from vlm_jax.data.tokenizer import special_ids
+
+log = logging.getLogger(__name__)
+
+
+def tokens_per_tile(config) -> int:
+    """P = (tile_size // patch_size)**2 visual tokens per tile."""
+    tile, patch = config.data.tile_size, config.model.vision.patch_size
+    if tile % patch:
+        raise ValueError(f"data.tile_size {tile} is not a multiple of model.vision.patch_size {patch}")
+    return (tile // patch) ** 2
+
+
+def make_source(config, split: str):
+    """The configured record source (data.source) for split 'train' or 'eval'."""
+    d = config.data
+    if d.source == "synthetic":
+        size = d.num_train if split == "train" else d.num_eval
+        return SyntheticSource(split, size, config.seed, d.min_image_size, d.max_image_size)
+    if d.source == "llava_json":
+        path = d.path if split == "train" else d.get("eval_path", "")
+        if not path:
+            raise ValueError("data.eval_path must name the evaluation json for data.source='llava_json'")
+        return LlavaJsonSource(path, d.get("image_folder", ""))
+    raise ValueError(f"unknown data.source {d.source!r}; known: 'synthetic', 'llava_json'")
+
+
+def make_encoder(config, tokenizer) -> ConversationEncoder:
+    """The conversation encoder for data.template; its `stop_id` ends generation."""
+    ids = special_ids(tokenizer, config.data.get("image_token_id", None))
+    return ConversationEncoder(get_template(config.data.template), tokenizer, ids.image, ids.bos, ids.eos,
+                               config.data.system)
+
+
+class RecordToExample:
+    """Record -> (tiles, encoded conversation); picklable so grain can run it in workers."""
+
+    def __init__(self, config, tokenizer):
+        d = config.data
+        self.encoder = make_encoder(config, tokenizer)
+        self.tile_size, self.max_tiles, self.swap_hw = d.tile_size, d.max_tiles, d.swap_hw
+        self.p = tokens_per_tile(config)
+
+    def tiles(self, record: dict) -> list[np.ndarray]:
+        image = record["image"]
+        if image is None:
+            return []
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return [tile_image(image, self.tile_size, self.max_tiles, self.swap_hw)]
+
+    def tile_starts(self, image_starts, views: list[np.ndarray]) -> np.ndarray:
+        starts = [s + np.arange(len(v)) * self.p for s, v in zip(image_starts, views)]
+        return np.concatenate(starts).astype(np.int32) if starts else np.zeros((0,), np.int32)
+
+    @staticmethod
+    def stack(views: list[np.ndarray], tile_size: int) -> np.ndarray:
+        return np.concatenate(views) if views else np.zeros((0, tile_size, tile_size, 3), np.float32)
+
+    def __call__(self, record: dict) -> Example:
+        views = self.tiles(record)
+        enc = self.encoder.encode(record["conversations"], [len(v) * self.p for v in views], record["id"])
+        return Example(record["id"], enc.tokens, enc.loss, self.stack(views, self.tile_size),
+                       self.tile_starts(enc.image_starts, views))
+
+
+class PackedBatchIterator:
+    """Yields batch dicts (docs/contracts.md) of `rows` rows; checkpointable via get_state/set_state.
+
+    A row takes consecutive examples while both seq_len and the tile budget allow; the first one
+    that does not fit starts the next row. A background thread builds batches ahead (`prefetch`
+    batches) while a pool of `workers` threads preprocesses examples (PIL and numpy release the GIL).
+    An example that can never fit raises ValueError naming it, or is skipped with a warning when
+    skip_too_long is set.
+    """
+
+    def __init__(self, examples: grain.MapDataset, *, rows: int, seq_len: int, max_tiles_per_row: int,
+                 tile_size: int, tokens_per_tile: int, skip_too_long: bool = False, prefetch: int = 2,
+                 workers: int = 2, lookahead: int = 8, shard: tuple[int, int] = (0, 1)):
+        self.examples = examples
+        self.rows, self.seq_len, self.max_tiles = rows, seq_len, max_tiles_per_row
+        self.tile_size, self.p = tile_size, tokens_per_tile
+        self.skip_too_long = skip_too_long
+        self.prefetch, self.workers, self.lookahead = prefetch, workers, lookahead
+        self.shard = shard
+        self._next_index = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+
+    # -- state -------------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        """JSON-able state: the stream index of the first example not yet in a yielded batch."""
+        return dict(next_index=self._next_index, process_index=self.shard[0], process_count=self.shard[1])
+
+    def set_state(self, state: dict) -> None:
+        shard = (state["process_index"], state["process_count"])
+        if shard != self.shard:
+            raise ValueError(f"data iterator state is for process {shard[0]} of {shard[1]}, this iterator "
+                             f"is process {self.shard[0]} of {self.shard[1]}")
+        self._shutdown()
+        self._next_index = int(state["next_index"])
+
+    # -- iteration -----------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._thread is None:
+            self._start(self._next_index)
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._shutdown()
+            raise item
+        batch, self._next_index = item
+        return batch
+
+    def close(self) -> None:
+        self._shutdown()
+
+    def _start(self, index: int) -> None:
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=max(1, self.prefetch))
+        self._thread = threading.Thread(target=self._produce, args=(index, self._stop, self._queue),
+                                        daemon=True, name="vlm_jax-data")
+        self._thread.start()
+
+    def _shutdown(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread = None
+
+    def _produce(self, index: int, stop: threading.Event, out: queue.Queue) -> None:
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            reader = _AheadReader(self.examples, pool, index, self.lookahead)
+            try:
+                while not stop.is_set():
+                    batch = empty_batch(self.rows, self.seq_len, self.max_tiles, self.tile_size, self.p)
+                    for row in range(self.rows):
+                        write_row(batch, row, self._next_row(reader), self.p)
+                    self._put(out, stop, (batch, reader.index))
+            except BaseException as e:  # surfaced to the consumer on its next call
+                self._put(out, stop, e)
+            finally:
+                reader.cancel()
+
+    def _next_row(self, reader: "_AheadReader") -> list[Example]:
+        packed, length, tiles = [], 0, 0
+        while True:
+            ex = reader.peek()
+            problem = check_fits(ex, self.seq_len, self.max_tiles)
+            if problem:
+                if not self.skip_too_long:
+                    raise ValueError(problem)
+                log.warning("skipping %s", problem)
+                reader.advance()
+                continue
+            if length + len(ex) > self.seq_len or tiles + len(ex.tiles) > self.max_tiles:
+                return packed  # `ex` stays unconsumed and starts the next row
+            packed.append(ex)
+            length, tiles = length + len(ex), tiles + len(ex.tiles)
+            reader.advance()
+
+    @staticmethod
+    def _put(out: queue.Queue, stop: threading.Event, item) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+
+class _AheadReader:
+    """Reads examples[index], examples[index + 1], ... in order, computing `lookahead` of them ahead."""
+
+    def __init__(self, examples: grain.MapDataset, pool: concurrent.futures.Executor, index: int,
+                 lookahead: int):
+        self.examples, self.pool, self.index, self.lookahead = examples, pool, index, lookahead
+        self._pending: collections.deque = collections.deque()
+        self._submitted = index
+
+    def peek(self) -> Example:
+        """The example at self.index (not consumed)."""
+        while len(self._pending) < self.lookahead:
+            self._pending.append(self.pool.submit(self.examples.__getitem__, self._submitted))
+            self._submitted += 1
+        return self._pending[0].result()
+
+    def advance(self) -> None:
+        self._pending.popleft()
+        self.index += 1
+
+    def cancel(self) -> None:
+        for f in self._pending:
+            f.cancel()
+
+
+def make_example_dataset(config, tokenizer, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Shuffled, process-sharded, infinite stream of training Examples (index past len = next epoch)."""
+    source = make_source(config, "train")
+    if len(source) < process_count:
+        raise ValueError(f"training source has {len(source)} examples, fewer than {process_count} processes")
+    ds = grain.MapDataset.source(source).shuffle(seed=config.seed % 2**32)
+    return ds[process_index::process_count].map(RecordToExample(config, tokenizer))
+
+
+def make_train_iterator(config, tokenizer, process_index: int = 0, process_count: int = 1) -> PackedBatchIterator:
+    """Per-process training batches of config.batch_size // process_count rows (docs/contracts.md).
+
+    Each batch is a dict of numpy arrays: tokens, targets, positions, segment_ids int32 [B, L];
+    loss_mask float32 [B, L]; tiles float32 [B, T, S, S, 3]; tile_mask bool [B, T]; image_dest int32
+    [B, T*P]. The iterator has get_state() -> small JSON-able dict and set_state(dict).
+    Optional config keys: data.skip_too_long (default False: an over-long example is an error),
+    data.workers (preprocessing threads, default 2), data.prefetch (batches built ahead, default 2).
+    """
+    if config.batch_size % process_count:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {process_count} processes")
+    d = config.data
+    return PackedBatchIterator(
+        make_example_dataset(config, tokenizer, process_index, process_count),
+        rows=config.batch_size // process_count, seq_len=d.seq_len, max_tiles_per_row=d.max_tiles_per_row,
+        tile_size=d.tile_size, tokens_per_tile=tokens_per_tile(config),
+        skip_too_long=d.get("skip_too_long", False), prefetch=d.get("prefetch", 2),
+        workers=d.get("workers", 2), shard=(process_index, process_count))
+
+
+def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
+    """The first n records of the eval split, tokenised in generation form (unpadded).
+
+    Each dict: id (str); tokens int32 [m], the prompt through the assistant prefix (bos included
+    where the template has one); tiles float32 [k, S, S, 3] (k=0 for text-only); image_positions
+    int32 [k*P], the index in `tokens` of each visual token (tile-major, as image_dest wants:
+    add the left-pad offset when padding); answer (str) the reference; qtype (str); image (PIL
+    image or None), the raw image. Generation stops at make_encoder(config, tokenizer).stop_id.
+    """
+    source = make_source(config, "eval")
+    if n > len(source):
+        raise ValueError(f"asked for {n} eval examples, the eval source has {len(source)}")
+    to_example = RecordToExample(config, tokenizer)
+    out = []
+    for i in range(n):
+        record = source[i]
+        views = to_example.tiles(record)
+        enc, answer = to_example.encoder.encode_prompt(
+            record["conversations"], [len(v) * to_example.p for v in views], record["id"])
+        starts = to_example.tile_starts(enc.image_starts, views)
+        positions = (starts[:, None] + np.arange(to_example.p)[None, :]).reshape(-1).astype(np.int32)
+        tiles = RecordToExample.stack(views, config.data.tile_size)
+        out.append(dict(id=record["id"], tokens=enc.tokens, tiles=tiles, image_positions=positions,
+                        answer=answer, qtype=record["qtype"], image=record["image"]))
+    return out

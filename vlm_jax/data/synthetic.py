@@ -1,0 +1,189 @@
+"""Built-in synthetic VQA source: coloured shapes on plain or noisy backgrounds, no files needed.
+
+Every record is a pure function of (seed, split, index), so the source supports random access
+(grain shuffles it by index) and two processes asking for the same index get the same record.
+Each shape sits well inside its own image quadrant, so shapes never overlap and every
+position answer is unambiguous.
+"""
+
+import dataclasses
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 220, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 20),
+    "white": (250, 250, 250),
+    "black": (10, 10, 10),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+QTYPES = ("color", "shape", "count", "position", "caption")
+SPLITS = {"train": 0, "eval": 1}
+
+# Grey backgrounds in three brightness bands; a colour closer than this to the background is never
+# drawn on it (so white never lands on light grey, nor black on dark grey).
+_BACKGROUND_BANDS = ((30, 60), (110, 140), (195, 225))
+_MIN_CONTRAST = 120.0
+_MAX_ASPECT = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    color: str
+    shape: str
+    quadrant: str
+    cx: float
+    cy: float
+    r: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    noise: float
+    shapes: tuple[Shape, ...]
+    qtype: str
+    question: str
+    answer: str
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(shapes: tuple[Shape, ...]) -> str:
+    """'a red circle, a blue square and an orange star.' in quadrant (reading) order."""
+    parts = [f"{_article(s.color)} {s.color} {s.shape}" for s in shapes]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text + "."
+
+
+def _question(rng: np.random.Generator, shapes: tuple[Shape, ...]) -> tuple[str, str, str]:
+    """Draws a question type that this scene can answer unambiguously; returns (qtype, q, a)."""
+    shape_counts = {t: sum(s.shape == t for s in shapes) for t in SHAPES}
+    color_counts = {c: sum(s.color == c for s in shapes) for c in COLORS}
+    unique_shape = [s for s in shapes if shape_counts[s.shape] == 1]
+    unique_color = [s for s in shapes if color_counts[s.color] == 1]
+    feasible = [q for q in QTYPES if (q != "color" or unique_shape) and (q != "shape" or unique_color)]
+    qtype = feasible[rng.integers(len(feasible))]
+    if qtype == "color":
+        s = unique_shape[rng.integers(len(unique_shape))]
+        return qtype, f"What color is the {s.shape}?", s.color
+    if qtype == "shape":
+        s = unique_color[rng.integers(len(unique_color))]
+        return qtype, f"What shape is the {s.color} object?", s.shape
+    if qtype == "count":
+        return qtype, "How many shapes are there?", str(len(shapes))
+    if qtype == "position":
+        # (colour, shape) pairs are distinct within a scene, so naming both picks one shape.
+        s = shapes[rng.integers(len(shapes))]
+        return qtype, f"Where is the {s.color} {s.shape}?", s.quadrant
+    return qtype, "Describe the image.", caption(shapes)
+
+
+def sample_scene(seed: int, split: str, index: int, min_size: int, max_size: int) -> Scene:
+    """The scene (layout, question, answer) of one record, without rendering pixels."""
+    if split not in SPLITS:
+        raise ValueError(f"synthetic split must be one of {sorted(SPLITS)}, got {split!r}")
+    # Split id in the entropy gives train and eval disjoint random streams for the same seed.
+    rng = np.random.default_rng([seed, SPLITS[split], index])
+    width = int(rng.integers(min_size, max_size + 1))
+    lo, hi = max(min_size, int(np.ceil(width / _MAX_ASPECT))), min(max_size, int(width * _MAX_ASPECT))
+    height = int(rng.integers(lo, hi + 1))
+
+    band = _BACKGROUND_BANDS[rng.integers(len(_BACKGROUND_BANDS))]
+    grey = int(rng.integers(band[0], band[1] + 1))
+    background = tuple(int(np.clip(grey + t, 0, 255)) for t in rng.integers(-8, 9, size=3))
+    noise = float(rng.uniform(4.0, 14.0)) if rng.random() < 0.5 else 0.0
+    colors = [c for c, rgb in COLORS.items()
+              if np.linalg.norm(np.subtract(rgb, background)) >= _MIN_CONTRAST]
+
+    n = int(rng.integers(1, 5))
+    quadrants = sorted(rng.choice(4, size=n, replace=False).tolist())
+    pairs = rng.choice(len(colors) * len(SHAPES), size=n, replace=False)
+    qw, qh = width / 2, height / 2
+    shapes = []
+    for q, pair in zip(quadrants, pairs):
+        r = float(rng.uniform(0.28, 0.38)) * min(qw, qh)
+        margin = 0.06 * min(qw, qh)
+        x0, y0 = (q % 2) * qw, (q // 2) * qh
+        cx = float(rng.uniform(x0 + r + margin, x0 + qw - r - margin))
+        cy = float(rng.uniform(y0 + r + margin, y0 + qh - r - margin))
+        color, shape = colors[pair // len(SHAPES)], SHAPES[pair % len(SHAPES)]
+        shapes.append(Shape(color, shape, QUADRANTS[q], cx, cy, r))
+    shapes = tuple(shapes)
+    qtype, question, answer = _question(rng, shapes)
+    return Scene(width, height, background, noise, shapes, qtype, question, answer)
+
+
+def _polygon(s: Shape) -> list[tuple[float, float]]:
+    if s.shape == "triangle":
+        angles, radii = np.deg2rad([-90, 30, 150]), [s.r] * 3
+    elif s.shape == "star":
+        angles = np.deg2rad(np.arange(10) * 36 - 90)
+        radii = [s.r if i % 2 == 0 else 0.45 * s.r for i in range(10)]
+    else:
+        raise ValueError(f"no polygon for shape {s.shape!r}")
+    return [(s.cx + rad * np.cos(t), s.cy + rad * np.sin(t)) for t, rad in zip(angles, radii)]
+
+
+def render(scene: Scene, seed: int, split: str, index: int) -> Image.Image:
+    """Draws the scene; the background noise is seeded like the scene, so rendering is deterministic."""
+    rng = np.random.default_rng([seed, SPLITS[split], index, 1])
+    base = np.broadcast_to(np.array(scene.background, np.float32), (scene.height, scene.width, 3))
+    if scene.noise:
+        base = base + rng.standard_normal(base.shape, dtype=np.float32) * np.float32(scene.noise)
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        fill = COLORS[s.color]
+        if s.shape == "circle":
+            draw.ellipse([s.cx - s.r, s.cy - s.r, s.cx + s.r, s.cy + s.r], fill=fill)
+        elif s.shape == "square":
+            h = 0.85 * s.r
+            draw.rectangle([s.cx - h, s.cy - h, s.cx + h, s.cy + h], fill=fill)
+        elif s.shape == "cross":
+            t = 0.32 * s.r
+            draw.rectangle([s.cx - s.r, s.cy - t, s.cx + s.r, s.cy + t], fill=fill)
+            draw.rectangle([s.cx - t, s.cy - s.r, s.cx + t, s.cy + s.r], fill=fill)
+        else:
+            draw.polygon(_polygon(s), fill=fill)
+    return img
+
+
+class SyntheticSource:
+    """Random-access synthetic source; records are dict(id, image, conversations, qtype)."""
+
+    def __init__(self, split: str, size: int, seed: int, min_image_size: int, max_image_size: int):
+        if split not in SPLITS:
+            raise ValueError(f"synthetic split must be one of {sorted(SPLITS)}, got {split!r}")
+        if not 0 < min_image_size <= max_image_size:
+            raise ValueError(f"need 0 < data.min_image_size <= data.max_image_size, got "
+                             f"{min_image_size}, {max_image_size}")
+        self.split, self.size, self.seed = split, size, seed
+        self.min_image_size, self.max_image_size = min_image_size, max_image_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def scene(self, index: int) -> Scene:
+        return sample_scene(self.seed, self.split, index, self.min_image_size, self.max_image_size)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(f"synthetic {self.split} index {index} out of range [0, {self.size})")
+        scene = self.scene(index)
+        return dict(
+            id=f"synthetic-{self.split}-{index}",
+            image=render(scene, self.seed, self.split, index),
+            conversations=[("human", "<image>\n" + scene.question), ("gpt", scene.answer)],
+            qtype=scene.qtype,
+        )

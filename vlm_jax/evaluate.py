@@ -1,0 +1,114 @@
+"""Held-out VQA evaluation: batched greedy answers, exact match overall and per question type."""
+
+import re
+import string
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vlm_jax import parallel
+from vlm_jax.data.pipeline import make_encoder, make_eval_examples
+from vlm_jax.generate import greedy_generate
+from vlm_jax.model import VLM
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def score(records: list[dict]) -> dict:
+    """{"accuracy": overall, "accuracy_by_type": {qtype: acc}, "count_by_type": {...}}."""
+    by_type: dict[str, list[bool]] = {}
+    for r in records:
+        by_type.setdefault(r["qtype"], []).append(
+            normalize_answer(r["prediction"]) == normalize_answer(r["answer"]))
+    hits = [h for v in by_type.values() for h in v]
+    return {"accuracy": float(np.mean(hits)) if hits else 0.0,
+            "accuracy_by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())},
+            "count_by_type": {k: len(v) for k, v in sorted(by_type.items())}}
+
+
+def pad_prompts(examples: list[dict], config: ml_collections.ConfigDict, rows: int) -> dict:
+    """Right-pads a list of eval examples into one fixed-shape generation batch of `rows` rows."""
+    d = config.data
+    length, t_max = d.seq_len, d.max_tiles_per_row
+    per_tile = (d.tile_size // config.model.vision.patch_size) ** 2
+    batch = {"tokens": np.zeros((rows, length), np.int32),
+             "segment_ids": np.zeros((rows, length), np.int32),
+             "tiles": np.zeros((rows, t_max, d.tile_size, d.tile_size, 3), np.float32),
+             "tile_mask": np.zeros((rows, t_max), bool),
+             "image_dest": np.full((rows, t_max * per_tile), length, np.int32)}
+    for row, ex in enumerate(examples):
+        n, k = len(ex["tokens"]), len(ex["tiles"])
+        if n > length or k > t_max:
+            raise ValueError(f"eval example {ex['id']}: prompt of {n} tokens / {k} tiles exceeds "
+                             f"data.seq_len={length} / data.max_tiles_per_row={t_max}")
+        batch["tokens"][row, :n] = ex["tokens"]
+        batch["segment_ids"][row, :n] = 1
+        batch["tiles"][row, :k] = ex["tiles"]
+        batch["tile_mask"][row, :k] = True
+        batch["image_dest"][row, :k * per_tile] = ex["image_positions"]
+    return batch
+
+
+def answer_examples(config: ml_collections.ConfigDict, params: Any, tokenizer, examples: list[dict],
+                    mesh) -> list[str]:
+    """Greedy answers (decoded, stop token removed) for `examples`, batched by eval_batch_size."""
+    model = VLM(config.model)
+    stop_id = make_encoder(config, tokenizer).stop_id
+    rows = config.eval_batch_size
+    dp = parallel.data_parallel_size(mesh)
+    if rows % dp:
+        raise ValueError(f"eval_batch_size {rows} must divide by the data x fsdp mesh size {dp}")
+    generate = jax.jit(lambda p, b: greedy_generate(
+        model, p, b["tokens"], b["segment_ids"], b["tiles"], b["tile_mask"], b["image_dest"],
+        max_new_tokens=config.max_new_tokens, stop_id=stop_id))
+    answers = []
+    sharding = parallel.batch_sharding(mesh)
+    for start in range(0, len(examples), rows):
+        chunk = examples[start:start + rows]
+        batch = jax.device_put(pad_prompts(chunk, config, rows), sharding)
+        with jax.set_mesh(mesh):
+            out = np.asarray(jax.device_get(generate(params, batch)))
+        for ids in out[:len(chunk)]:
+            ids = list(ids)
+            ids = ids[:ids.index(stop_id)] if stop_id in ids else ids
+            answers.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return answers
+
+
+def evaluate(config: ml_collections.ConfigDict, params: Any, tokenizer, mesh) -> tuple[dict, list]:
+    """Scores `config.eval_examples` held-out examples; returns (scores, per-example records)."""
+    examples = make_eval_examples(config, tokenizer, config.eval_examples)
+    predictions = answer_examples(config, params, tokenizer, examples, mesh)
+    records = [dict(id=ex["id"], qtype=ex["qtype"], question=ex.get("question", ""),
+                    answer=ex["answer"], prediction=p, image=ex["image"])
+               for ex, p in zip(examples, predictions)]
+    return score(records), records
+
+
+def plot_examples(records: list[dict], out_png: str, n: int = 16) -> str:
+    """A grid of held-out images with question, model answer and truth (green if right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = records[:n]
+    cols = 4
+    rows = (len(records) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, records):
+        ax.imshow(np.asarray(r["image"]))
+        ok = normalize_answer(r["prediction"]) == normalize_answer(r["answer"])
+        ax.set_title(f"{r['question']}\nmodel: {r['prediction']}\ntruth: {r['answer']}", fontsize=8,
+                     color="darkgreen" if ok else "firebrick")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

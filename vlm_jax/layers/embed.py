@@ -1,0 +1,28 @@
+"""Token embedding table, also usable as a tied output head."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from vlm_jax.layers import axes
+
+
+class Embed(nn.Module):
+    num_embeddings: int
+    features: int
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), (axes.VOCAB, axes.EMBED)),
+            (self.num_embeddings, self.features), self.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        # Clipping keeps out-of-vocab placeholder ids (overwritten by visual tokens later) from reading NaN fill.
+        return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0, mode="clip")
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output head: x @ embedding.T."""
+        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), jnp.asarray(self.embedding, self.dtype))

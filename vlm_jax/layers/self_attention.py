@@ -1,0 +1,94 @@
+"""Multi-head self-attention block (projections, optional RoPE, optional KV cache) for ViTs and decoders.
+
+KV cache ('cache' collection, `key`/`value` [B, cache_len, Hkv, D]): `cache_mode="prefill"` runs the
+prompt as usual and writes its k/v into slots [0, L); `cache_mode="decode"` takes one token per row and
+writes it at slot = its position, then attends to slots <= that position. Using the position as the
+per-row write index is what lets right-padded prompts of different lengths decode together: each row
+overwrites its own padding as it goes, and padding slots beyond a row's position stay masked. This needs
+one unpacked example per row with positions 0, 1, 2, ... (true for generation prompts).
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from vlm_jax.layers import axes
+from vlm_jax.layers.attention import attention
+from vlm_jax.layers.dense import Dense
+from vlm_jax.layers.rope import apply_rope, rope_cos_sin
+
+CACHE_MODES = ("none", "prefill", "decode")
+
+
+class SelfAttention(nn.Module):
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool
+    qkv_bias: bool = False
+    out_bias: bool = False
+    rope_base: float | None = None
+    cache_mode: str = "none"
+    cache_len: int = 0
+    backend: str = "xla"
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """x [B, L, E]; positions [B, L] (needed for RoPE and decoding); segment_ids [B, L] or None."""
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(f"unknown cache_mode {self.cache_mode!r}; choose from {CACHE_MODES}")
+        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = dense((self.num_heads, self.head_dim), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
+                  use_bias=self.qkv_bias, name="q_proj")(x)
+        kv_shape, kv_names = (self.num_kv_heads, self.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)
+        k = dense(kv_shape, kv_names, use_bias=self.qkv_bias, name="k_proj")(x)
+        v = dense(kv_shape, kv_names, use_bias=self.qkv_bias, name="v_proj")(x)
+        q = nn.with_logical_constraint(q, axes.BLHD)
+        k = nn.with_logical_constraint(k, axes.BLKD)
+        v = nn.with_logical_constraint(v, axes.BLKD)
+        if self.rope_base is not None:
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if self.cache_mode == "decode":
+            k, v = self._decode_write(k, v, positions)
+            slots = jnp.arange(k.shape[1])[None]
+            out = attention(q, k, v, causal=True, q_positions=positions, kv_positions=slots, backend=self.backend)
+        else:
+            out = attention(q, k, v, causal=self.causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                            backend=self.backend)
+            if self.cache_mode == "prefill":
+                self._prefill_write(k, v)
+        out = nn.with_logical_constraint(out, axes.BLHD)
+        return dense(x.shape[-1], (axes.HEADS, axes.HEAD_DIM, axes.EMBED), axis=(-2, -1),
+                     use_bias=self.out_bias, name="o_proj")(out)
+
+    def _prefill_write(self, k: jax.Array, v: jax.Array) -> None:
+        b, length, hkv, d = k.shape
+        if self.cache_len < length:
+            raise ValueError(f"cache_len {self.cache_len} is shorter than the prompt ({length})")
+        for name, new in (("key", k), ("value", v)):
+            slot = self.variable("cache", name, jnp.zeros, (b, self.cache_len, hkv, d), new.dtype)
+            slot.value = nn.with_logical_constraint(
+                jax.lax.dynamic_update_slice_in_dim(slot.value, new, 0, axis=1), axes.BLKD)
+
+    def _decode_write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if k.shape[1] != 1:
+            raise ValueError(f"decode takes one token per row, got {k.shape[1]}")
+        if not self.has_variable("cache", "key"):
+            raise ValueError("decode needs the 'cache' collection filled by a prefill call")
+        out = []
+        for name, new in (("key", k), ("value", v)):
+            slot = self.variable("cache", name)
+            hit = jnp.arange(slot.value.shape[1])[None, :] == positions
+            slot.value = nn.with_logical_constraint(
+                jnp.where(hit[:, :, None, None], new.astype(slot.value.dtype), slot.value), axes.BLKD)
+            out.append(slot.value)
+        return out[0], out[1]

@@ -1,0 +1,68 @@
+"""The VLM: vision tower -> connector -> placeholder scatter -> decoder (contract: docs/contracts.md).
+
+Parameters: `vision` (ViT), `connector`, `decoder` (embedding, blocks, final norm, lm_head).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlm_jax.connectors import CONNECTORS
+from vlm_jax.text.decoder import Decoder
+from vlm_jax.vision.vit import ViT
+
+
+class VLM(nn.Module):
+    config: ml_collections.ConfigDict  # config.model
+
+    def setup(self) -> None:
+        c = self.config
+        if c.connector.kind not in CONNECTORS:
+            raise ValueError(f"unknown connector {c.connector.kind!r}; choose from {sorted(CONNECTORS)}")
+        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+        stack = dict(scan_layers=c.scan_layers, remat_policy=c.remat_policy)
+        self.vision = ViT(c.vision, **stack, **kw)
+        self.connector = CONNECTORS[c.connector.kind](c.connector, c.text.hidden, **kw)
+        self.decoder = Decoder(c.text, **stack, **kw)
+
+    def encode_images(self, tiles: jax.Array) -> jax.Array:
+        """tiles [B, T, S, S, 3] -> visual tokens [B, T*P, hidden], tile-major."""
+        b, t = tiles.shape[:2]
+        visual = self.connector(self.vision(tiles.reshape(b * t, *tiles.shape[2:])))
+        return visual.reshape(b, t * visual.shape[1], visual.shape[2])
+
+    def embed(self, tokens: jax.Array, tiles: jax.Array, tile_mask: jax.Array, image_dest: jax.Array) -> jax.Array:
+        """Text embeddings with every real tile's visual tokens written at its `image_dest` positions."""
+        x = self.decoder.embed(tokens)
+        visual = self.encode_images(tiles).astype(x.dtype)
+        b, length = tokens.shape
+        per_tile = visual.shape[1] // tile_mask.shape[1]
+        # Out-of-range destinations are dropped, so padded tile slots cannot touch the text whatever
+        # image_dest holds for them.
+        dest = jnp.where(jnp.repeat(tile_mask, per_tile, axis=1), image_dest, length)
+        return x.at[jnp.arange(b)[:, None], dest].set(visual, mode="drop")
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+        tiles: jax.Array, tile_mask: jax.Array, image_dest: jax.Array,
+    ) -> jax.Array:
+        """Training forward: fp32 logits [B, L, vocab]."""
+        x = self.embed(tokens, tiles, tile_mask, image_dest)
+        return self.decoder.logits(self.decoder.hidden_states(x, positions, segment_ids))
+
+    def prefill(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+        tiles: jax.Array, tile_mask: jax.Array, image_dest: jax.Array, cache_len: int,
+    ) -> jax.Array:
+        """Forward over right-padded prompts (one example per row) that also fills a KV cache of
+        `cache_len` slots; apply with mutable=['cache']. Returns fp32 logits [B, L, vocab]."""
+        x = self.embed(tokens, tiles, tile_mask, image_dest)
+        h = self.decoder.hidden_states(x, positions, segment_ids, cache_mode="prefill", cache_len=cache_len)
+        return self.decoder.logits(h)
+
+    def decode_step(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """One token per row, tokens/positions [B, 1], against the cache; apply with mutable=['cache'].
+        Returns fp32 logits [B, 1, vocab]."""
+        h = self.decoder.hidden_states(self.decoder.embed(tokens), positions, None, cache_mode="decode")
+        return self.decoder.logits(h)

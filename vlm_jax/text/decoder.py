@@ -1,0 +1,93 @@
+"""One pre-norm decoder-only LLM covering LLaMA and Qwen2 shapes by config (`model.text`).
+
+Parameter tree: `embed_tokens/embedding`, `layers` (scanned) or `layers_{i}`, each with `input_norm`,
+`attn/{q,k,v,o}_proj`, `post_attn_norm`, `mlp/{gate,up,down}_proj`; `final_norm`; `lm_head` unless tied.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.typing import DTypeLike
+
+from vlm_jax.layers import axes
+from vlm_jax.layers.dense import Dense
+from vlm_jax.layers.embed import Embed
+from vlm_jax.layers.mlp import SwiGLU
+from vlm_jax.layers.norms import RMSNorm
+from vlm_jax.layers.scan import run_blocks
+from vlm_jax.layers.self_attention import SelfAttention
+
+
+class DecoderBlock(nn.Module):
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    rms_eps: float
+    rope_base: float
+    qkv_bias: bool
+    cache_mode: str = "none"
+    cache_len: int = 0
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+    ) -> tuple[jax.Array, None]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(self.rms_eps, name="input_norm", **kw)(x)
+        x = x + SelfAttention(
+            self.heads, self.kv_heads, self.head_dim, causal=True, qkv_bias=self.qkv_bias,
+            rope_base=self.rope_base, cache_mode=self.cache_mode, cache_len=self.cache_len, name="attn", **kw,
+        )(h, positions, segment_ids)
+        h = RMSNorm(self.rms_eps, name="post_attn_norm", **kw)(x)
+        x = x + SwiGLU(self.ffn, name="mlp", **kw)(h)
+        return nn.with_logical_constraint(x, axes.BLE), None
+
+
+class Decoder(nn.Module):
+    config: ml_collections.ConfigDict  # model.text
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    def setup(self) -> None:
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = Embed(c.vocab_size, c.hidden, **kw)
+        self.final_norm = RMSNorm(c.rms_eps, **kw)
+        if not c.tie_embeddings:
+            self.lm_head = Dense(c.vocab_size, (axes.EMBED, axes.VOCAB), **kw)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, L] -> embeddings [B, L, hidden]."""
+        return nn.with_logical_constraint(self.embed_tokens(tokens), axes.BLE)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final hidden states [B, L, hidden] -> fp32 logits [B, L, vocab]."""
+        out = self.embed_tokens.attend(h) if self.config.tie_embeddings else self.lm_head(h)
+        return nn.with_logical_constraint(out.astype(jnp.float32), axes.BLV)
+
+    @nn.compact
+    def hidden_states(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+        cache_mode: str = "none", cache_len: int = 0,
+    ) -> jax.Array:
+        """Input embeddings [B, L, hidden] -> final-normed hidden states. See SelfAttention for the cache."""
+        c = self.config
+        block = dict(
+            hidden=c.hidden, heads=c.heads, kv_heads=c.kv_heads, head_dim=c.head_dim, ffn=c.ffn,
+            rms_eps=c.rms_eps, rope_base=c.rope_base, qkv_bias=c.qkv_bias, cache_mode=cache_mode,
+            cache_len=cache_len, dtype=self.dtype, param_dtype=self.param_dtype)
+        # Remat only saves memory for a backward pass; generation has none.
+        remat = self.remat_policy if cache_mode == "none" else "none"
+        x = run_blocks(DecoderBlock, block, x, positions, segment_ids, num_layers=c.layers,
+                       scan=self.scan_layers, remat_policy=remat)
+        return self.final_norm(x)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """Text-only language model: tokens [B, L] -> fp32 logits [B, L, vocab]."""
+        return self.logits(self.hidden_states(self.embed(tokens), positions, segment_ids))

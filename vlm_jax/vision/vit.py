@@ -1,0 +1,109 @@
+"""One pre-LN ViT with swappable stems. Implemented stem: `clip` (HF `CLIPVisionModel`).
+
+Input tiles [N, S, S, 3] (normalised, HWC) -> visual tokens [N, P, width], P = (S // patch)**2 (+1 with
+the class token when `drop_cls` is off).
+
+Output is HF's `hidden_states[feature_layer]`: hidden_states[0] is the stem output, hidden_states[i] the
+output of block i-1. Only the blocks that feed the chosen layer are built (feature_layer=-2 of a depth-24
+tower builds 23), so the unused last block has no parameters; importers drop its weights.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.typing import DTypeLike
+
+from vlm_jax.layers import axes
+from vlm_jax.layers.dense import Dense
+from vlm_jax.layers.mlp import MLP
+from vlm_jax.layers.norms import LayerNorm
+from vlm_jax.layers.scan import run_blocks
+from vlm_jax.layers.self_attention import SelfAttention
+
+
+def patchify(tiles: jax.Array, patch_size: int) -> jax.Array:
+    """[N, S, S, C] -> [N, (S/p)**2, C*p*p], patches row-major, each flattened in (C, kh, kw) order.
+
+    That order makes a Dense kernel `W.reshape(O, C*kh*kw).T` of a PyTorch Conv2d weight [O, C, kh, kw]
+    (stride = kernel) compute the same patch embedding.
+    """
+    n, s, _, c = tiles.shape
+    g = s // patch_size
+    x = tiles.reshape(n, g, patch_size, g, patch_size, c).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(n, g * g, c * patch_size * patch_size)
+
+
+class ClipStem(nn.Module):
+    """Bias-free patch embedding, class token, learned absolute positions, then `pre_layrnorm`."""
+
+    config: ml_collections.ConfigDict
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, tiles: jax.Array) -> jax.Array:
+        c = self.config
+        if tiles.shape[1] != c.image_size or tiles.shape[2] != c.image_size:
+            raise ValueError(f"clip stem expects {c.image_size}px tiles, got {tiles.shape[1:3]}")
+        x = Dense(c.width, (axes.PATCH, axes.EMBED), dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="patch_embed")(patchify(tiles, c.patch_size))
+        init = nn.initializers.normal(stddev=0.02)
+        cls = self.param("cls_token", nn.with_logical_partitioning(init, (axes.EMBED,)), (c.width,),
+                         self.param_dtype)
+        pos = self.param("pos_embed", nn.with_logical_partitioning(init, (None, axes.EMBED)),
+                         (x.shape[1] + 1, c.width), self.param_dtype)
+        cls = jnp.broadcast_to(jnp.asarray(cls, self.dtype), (x.shape[0], 1, c.width))
+        x = jnp.concatenate([cls, x], axis=1) + jnp.asarray(pos, self.dtype)
+        if c.pre_norm:
+            x = LayerNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_norm")(x)
+        return x
+
+
+STEMS: dict[str, type[nn.Module]] = {"clip": ClipStem}
+
+
+class ViTBlock(nn.Module):
+    width: int
+    heads: int
+    mlp_dim: int
+    mlp_act: str
+    norm_eps: float
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
+        x = x + SelfAttention(self.heads, self.heads, self.width // self.heads, causal=False, qkv_bias=True,
+                              out_bias=True, name="attn", **kw)(h)
+        h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
+        x = x + MLP(self.mlp_dim, self.mlp_act, name="mlp", **kw)(h)
+        return nn.with_logical_constraint(x, axes.BLE), None
+
+
+class ViT(nn.Module):
+    config: ml_collections.ConfigDict  # model.vision
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks feeding hidden_states[feature_layer]."""
+        return self.config.feature_layer % (self.config.depth + 1)
+
+    @nn.compact
+    def __call__(self, tiles: jax.Array) -> jax.Array:
+        c = self.config
+        if c.stem not in STEMS:
+            raise ValueError(f"unknown vision stem {c.stem!r}; choose from {sorted(STEMS)}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = STEMS[c.stem](c, name="stem", **kw)(tiles)
+        x = nn.with_logical_constraint(x, axes.BLE)
+        block = dict(width=c.width, heads=c.heads, mlp_dim=c.mlp_dim, mlp_act=c.mlp_act, norm_eps=c.norm_eps, **kw)
+        x = run_blocks(ViTBlock, block, x, num_layers=self.num_blocks, scan=self.scan_layers,
+                       remat_policy=self.remat_policy)
+        return x[:, 1:] if c.drop_cls else x
