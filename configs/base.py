@@ -33,7 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     d = c.data = ml_collections.ConfigDict()
     d.source = "synthetic"
-    d.path = ""
+    d.path = ""  # llava_json: the .json file, or a folder holding data.json
+    d.eval_path = ""
+    d.image_folder = ""  # images resolve here; empty = the json's folder
+    d.image_token_id = -1  # -1: the tokenizer's <image> token
+    d.skip_too_long = False  # False: an example longer than seq_len is an error naming it
+    d.workers = 2
+    d.prefetch = 2
     d.tokenizer = ""
     d.template = "vicuna_v1"
     d.system = ""

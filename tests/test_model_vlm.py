@@ -100,3 +100,14 @@ def test_visual_tokens_land_at_image_dest():
         np.testing.assert_array_equal(x[b, dest], visual[b, :n_real])
         rest = np.setdiff1d(np.arange(L), dest)
         np.testing.assert_array_equal(x[b, rest], text[b, rest])
+
+
+def test_placeholder_ids_are_overwritten_even_out_of_vocab():
+    params, batch = _params(), tiny_batch()
+    real = jnp.repeat(batch["tile_mask"], P, axis=1)
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], real.shape)
+    dest = jnp.where(real, batch["image_dest"], L)
+    oov = dict(batch, tokens=batch["tokens"].at[rows, dest].set(10**6, mode="drop"))
+    logits = np.asarray(forward(params, oov))
+    assert np.isfinite(logits).all()
+    np.testing.assert_array_equal(logits, np.asarray(forward(params, batch)))

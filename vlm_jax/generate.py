@@ -12,13 +12,14 @@ from vlm_jax.model import VLM
 def greedy_generate(
     model: VLM, params: Any, tokens: jax.Array, segment_ids: jax.Array,
     tiles: jax.Array, tile_mask: jax.Array, image_dest: jax.Array, *,
-    max_new_tokens: int, stop_id: int, pad_id: int = 0,
+    max_new_tokens: int, stop_id: int | jax.Array, pad_id: int | jax.Array = 0,
 ) -> jax.Array:
     """Greedy continuation of right-padded prompts -> generated ids [B, max_new_tokens].
 
     One example per row; its prompt is the tokens where segment_ids > 0. Each row stops after emitting
     `stop_id` (kept in the output) and is filled with `pad_id` from then on; the loop ends early once every
-    row has stopped. jit with `max_new_tokens`, `stop_id`, `pad_id` static (and `model` closed over).
+    row has stopped. jit with `model` closed over and `max_new_tokens` static; `stop_id`/`pad_id` may be
+    traced.
     """
     b, length = tokens.shape
     lengths = jnp.sum(segment_ids > 0, axis=1).astype(jnp.int32)
@@ -26,7 +27,7 @@ def greedy_generate(
     logits, state = model.apply(
         {"params": params}, tokens, positions, segment_ids, tiles, tile_mask, image_dest,
         length + max_new_tokens, method=VLM.prefill, mutable=["cache"])
-    first = jnp.argmax(logits[jnp.arange(b), lengths - 1], axis=-1).astype(jnp.int32)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
     def cond(carry: tuple) -> jax.Array:
@@ -36,10 +37,10 @@ def greedy_generate(
     def body(carry: tuple) -> tuple:
         i, done, cache, out = carry
         # Feed the token emitted at step i-1; it sits at position lengths + i - 1.
+        prev = jax.lax.dynamic_index_in_dim(out, i - 1, axis=1, keepdims=False)
         step_logits, state = model.apply(
-            {"params": params, "cache": cache}, jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1),
-            (lengths + i - 1)[:, None], method=VLM.decode_step, mutable=["cache"])
-        tok = jnp.where(done, pad_id, jnp.argmax(step_logits[:, 0], axis=-1).astype(jnp.int32))
+            {"params": params, "cache": cache}, prev, lengths + i - 1, method=VLM.decode_step, mutable=["cache"])
+        tok = jnp.where(done, pad_id, jnp.argmax(step_logits, axis=-1).astype(jnp.int32))
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
         return i + 1, done | (tok == stop_id), state["cache"], out
 

@@ -55,14 +55,17 @@ class VLM(nn.Module):
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
         tiles: jax.Array, tile_mask: jax.Array, image_dest: jax.Array, cache_len: int,
     ) -> jax.Array:
-        """Forward over right-padded prompts (one example per row) that also fills a KV cache of
-        `cache_len` slots; apply with mutable=['cache']. Returns fp32 logits [B, L, vocab]."""
+        """Runs right-padded prompts (one example per row, prompt = where segment_ids > 0) and fills a KV
+        cache of `cache_len` slots; apply with mutable=['cache']. Returns fp32 next-token logits [B, vocab]
+        (only at each row's last prompt token: full-prompt logits would be [B, L, vocab])."""
         x = self.embed(tokens, tiles, tile_mask, image_dest)
         h = self.decoder.hidden_states(x, positions, segment_ids, cache_mode="prefill", cache_len=cache_len)
-        return self.decoder.logits(h)
+        last = jnp.sum(segment_ids > 0, axis=1) - 1
+        return self.decoder.logits(h[jnp.arange(h.shape[0]), last][:, None])[:, 0]
 
     def decode_step(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-        """One token per row, tokens/positions [B, 1], against the cache; apply with mutable=['cache'].
-        Returns fp32 logits [B, 1, vocab]."""
-        h = self.decoder.hidden_states(self.decoder.embed(tokens), positions, None, cache_mode="decode")
-        return self.decoder.logits(h)
+        """One token per row, tokens/positions [B], against the cache; apply with mutable=['cache'].
+        Returns fp32 next-token logits [B, vocab]."""
+        x = self.decoder.embed(tokens[:, None])
+        h = self.decoder.hidden_states(x, positions[:, None], None, cache_mode="decode")
+        return self.decoder.logits(h)[:, 0]

@@ -42,16 +42,16 @@ def make_source(config, split: str):
         size = d.num_train if split == "train" else d.num_eval
         return SyntheticSource(split, size, config.seed, d.min_image_size, d.max_image_size)
     if d.source == "llava_json":
-        path = d.path if split == "train" else d.get("eval_path", "")
+        path = d.path if split == "train" else d.eval_path
         if not path:
             raise ValueError("data.eval_path must name the evaluation json for data.source='llava_json'")
-        return LlavaJsonSource(path, d.get("image_folder", ""))
+        return LlavaJsonSource(path, d.image_folder)
     raise ValueError(f"unknown data.source {d.source!r}; known: 'synthetic', 'llava_json'")
 
 
 def make_encoder(config, tokenizer) -> ConversationEncoder:
     """The conversation encoder for data.template; its `stop_id` ends generation."""
-    ids = special_ids(tokenizer, config.data.get("image_token_id", None))
+    ids = special_ids(tokenizer, config.data.image_token_id if config.data.image_token_id >= 0 else None)
     return ConversationEncoder(get_template(config.data.template), tokenizer, ids.image, ids.bos, ids.eos,
                                config.data.system)
 
@@ -253,8 +253,7 @@ def make_train_iterator(config, tokenizer, process_index: int = 0, process_count
         make_example_dataset(config, tokenizer, process_index, process_count),
         rows=config.batch_size // process_count, seq_len=d.seq_len, max_tiles_per_row=d.max_tiles_per_row,
         tile_size=d.tile_size, tokens_per_tile=tokens_per_tile(config),
-        skip_too_long=d.get("skip_too_long", False), prefetch=d.get("prefetch", 2),
-        workers=d.get("workers", 2), shard=(process_index, process_count))
+        skip_too_long=d.skip_too_long, prefetch=d.prefetch, workers=d.workers, shard=(process_index, process_count))
 
 
 def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
@@ -263,7 +262,7 @@ def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
     Each dict: id (str); tokens int32 [m], the prompt through the assistant prefix (bos included
     where the template has one); tiles float32 [k, S, S, 3] (k=0 for text-only); image_positions
     int32 [k*P], the index in `tokens` of each visual token (tile-major, as image_dest wants:
-    add the left-pad offset when padding); answer (str) the reference; qtype (str); image (PIL
+    add the left-pad offset when padding); question (str) the last human turn without the image marker; answer (str) the reference; qtype (str); image (PIL
     image or None), the raw image. Generation stops at make_encoder(config, tokenizer).stop_id.
     """
     source = make_source(config, "eval")
@@ -279,6 +278,8 @@ def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
         starts = to_example.tile_starts(enc.image_starts, views)
         positions = (starts[:, None] + np.arange(to_example.p)[None, :]).reshape(-1).astype(np.int32)
         tiles = RecordToExample.stack(views, config.data.tile_size)
+        question = record["conversations"][-2][1].replace("<image>", "").strip()
         out.append(dict(id=record["id"], tokens=enc.tokens, tiles=tiles, image_positions=positions,
-                        answer=answer, qtype=record["qtype"], image=record["image"]))
+                        question=question, answer=answer, qtype=record["qtype"],
+                        image=record["image"]))
     return out

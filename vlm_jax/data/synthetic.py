@@ -24,6 +24,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 QTYPES = ("color", "shape", "count", "position", "caption")
+# Held-out questions are the short-answer types that exact match can score; captions only train.
+EVAL_QTYPES = QTYPES[:4]
 SPLITS = {"train": 0, "eval": 1}
 
 # Grey backgrounds in three brightness bands; a colour closer than this to the background is never
@@ -66,13 +68,14 @@ def caption(shapes: tuple[Shape, ...]) -> str:
     return text + "."
 
 
-def _question(rng: np.random.Generator, shapes: tuple[Shape, ...]) -> tuple[str, str, str]:
+def _question(rng: np.random.Generator, shapes: tuple[Shape, ...],
+              qtypes: tuple[str, ...]) -> tuple[str, str, str]:
     """Draws a question type that this scene can answer unambiguously; returns (qtype, q, a)."""
     shape_counts = {t: sum(s.shape == t for s in shapes) for t in SHAPES}
     color_counts = {c: sum(s.color == c for s in shapes) for c in COLORS}
     unique_shape = [s for s in shapes if shape_counts[s.shape] == 1]
     unique_color = [s for s in shapes if color_counts[s.color] == 1]
-    feasible = [q for q in QTYPES if (q != "color" or unique_shape) and (q != "shape" or unique_color)]
+    feasible = [q for q in qtypes if (q != "color" or unique_shape) and (q != "shape" or unique_color)]
     qtype = feasible[rng.integers(len(feasible))]
     if qtype == "color":
         s = unique_shape[rng.integers(len(unique_shape))]
@@ -120,7 +123,7 @@ def sample_scene(seed: int, split: str, index: int, min_size: int, max_size: int
         color, shape = colors[pair // len(SHAPES)], SHAPES[pair % len(SHAPES)]
         shapes.append(Shape(color, shape, QUADRANTS[q], cx, cy, r))
     shapes = tuple(shapes)
-    qtype, question, answer = _question(rng, shapes)
+    qtype, question, answer = _question(rng, shapes, QTYPES if split == "train" else EVAL_QTYPES)
     return Scene(width, height, background, noise, shapes, qtype, question, answer)
 
 

@@ -36,7 +36,7 @@ class Dense(nn.Module):
             raise ValueError(f"kernel_axes {self.kernel_axes} do not match kernel shape {in_shape + features}")
         n_in = len(in_shape)
         init = nn.initializers.variance_scaling(
-            1.0, "fan_in", "normal",
+            1.0, "fan_in", "truncated_normal",
             in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(features))))
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, tuple(self.kernel_axes)),

@@ -20,8 +20,11 @@ class Embed(nn.Module):
             (self.num_embeddings, self.features), self.param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        # Clipping keeps out-of-vocab placeholder ids (overwritten by visual tokens later) from reading NaN fill.
-        return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0, mode="clip")
+        # Gathering the embed axis first (the FSDP all-gather) lets the lookup produce batch-sharded rows
+        # instead of resharding its output. Clipping keeps out-of-vocab placeholder ids (overwritten by
+        # visual tokens later) from reading NaN fill.
+        table = nn.with_logical_constraint(jnp.asarray(self.embedding, self.dtype), (axes.VOCAB, None))
+        return jnp.take(table, ids, axis=0, mode="clip")
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: x @ embedding.T."""

@@ -35,7 +35,7 @@ def patchify(tiles: jax.Array, patch_size: int) -> jax.Array:
 
 
 class ClipStem(nn.Module):
-    """Bias-free patch embedding, class token, learned absolute positions, then `pre_layrnorm`."""
+    """Bias-free patch embedding, class token, learned absolute positions, then `pre_layrnorm` (`pre_norm`)."""
 
     config: ml_collections.ConfigDict
     dtype: DTypeLike = jnp.float32
@@ -93,7 +93,10 @@ class ViT(nn.Module):
     @property
     def num_blocks(self) -> int:
         """Blocks feeding hidden_states[feature_layer]."""
-        return self.config.feature_layer % (self.config.depth + 1)
+        depth, layer = self.config.depth, self.config.feature_layer
+        if not -(depth + 1) <= layer <= depth:
+            raise ValueError(f"feature_layer {layer} is outside hidden_states of a depth-{depth} ViT")
+        return layer % (depth + 1)
 
     @nn.compact
     def __call__(self, tiles: jax.Array) -> jax.Array:
