@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     d = c.data
     d.template = "vicuna_v1"
     d.system = ""
-    d.seq_len = 160
+    d.seq_len = 256
     d.tile_size = 32
     d.max_tiles = 4
     d.max_tiles_per_row = 10

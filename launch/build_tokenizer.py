@@ -33,10 +33,11 @@ def corpus(n_scenes: int) -> list[str]:
         # Both size ranges the configs use, so captions of every shape count appear.
         s = sample_scene(0, "train", i, 48, 448)
         for t in TEMPLATES.values():
-            q = s.question if t.keep_question else ""
             end = EOS if t.end is None else t.end
             system = t.system.format(system=SYSTEM) if i % 2 else ""
-            lines.append(system + t.user.format(q=q) + t.answer.format(a=s.answer) + end + t.after_end)
+            lines.append(system + "".join(
+                t.user.format(q=q if t.keep_question else "") + t.answer.format(a=a) + end + t.after_end
+                for _, q, a in s.qa))
     return lines
 
 

@@ -4,15 +4,19 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vlm_jax.config import load_config  # noqa: E402
 
 
-def parse(description: str, argv: list[str] | None = None):
+def parse(description: str, argv: list[str] | None = None,
+          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
     """Returns (args, config). Every `--config.a.b=v` (or `--config.a.b v`) is applied as an override."""
     parser = argparse.ArgumentParser(description=description)
+    if add_arguments:
+        add_arguments(parser)
     parser.add_argument("--config", required=True, help="config file, optionally FILE:ARG")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--coordinator_address", default="",

@@ -1,5 +1,5 @@
 """Evaluate the latest checkpoint on held-out questions:
-python launch/eval.py --config configs/demo.py --workdir W
+python launch/eval.py --config configs/demo.py --workdir W [--step N]
 
 Prints one JSON line with `accuracy` and `accuracy_by_type`; writes W/eval_predictions.jsonl and
 W/eval_examples.png.
@@ -17,12 +17,14 @@ from vlm_jax.train.loop import Setup
 
 
 def main() -> None:
-    args, config = parse(__doc__.splitlines()[0])
+    args, config = parse(__doc__.splitlines()[0], add_arguments=lambda p: p.add_argument(
+        "--step", type=int, default=None, help="checkpoint step to evaluate (default: the latest)"))
     setup = Setup(config)
     ckpt = Checkpointer(args.workdir, config.keep_checkpoints)
-    step = ckpt.latest_step()
-    if step is None:
-        raise SystemExit(f"no checkpoint in {os.path.join(args.workdir, 'checkpoints')}: train first")
+    step = ckpt.latest_step() if args.step is None else args.step
+    if step not in ckpt.all_steps():
+        raise SystemExit(f"no checkpoint {'' if step is None else step} in "
+                         f"{os.path.join(args.workdir, 'checkpoints')} (have {ckpt.all_steps()})")
     state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
     ckpt.close()
     tokenizer = load_tokenizer(config.data.tokenizer)

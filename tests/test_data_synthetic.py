@@ -40,10 +40,12 @@ def test_record_shape_and_variety():
         img = r["image"]
         assert img.mode == "RGB" and 48 <= img.width <= 160 and 48 <= img.height <= 160
         assert max(img.size) / min(img.size) <= 2.0 + 1e-6
-        (h, q), (g, a) = r["conversations"]
-        assert (h, g) == ("human", "gpt") and q.startswith("<image>\n") and a
+        turns = r["conversations"]
+        assert [role for role, _ in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0][1].startswith("<image>\n") and all(t for _, t in turns)
+        assert sum("<image>" in t for _, t in turns) == 1
         sizes.add(img.size)
-        qtypes.add(r["qtype"])
+        qtypes.update(qtype for qtype, _, _ in src.scene(i).qa)
         counts.add(len(src.scene(i).shapes))
     assert qtypes == set(QTYPES) and counts == {1, 2, 3, 4} and len(sizes) > N // 2
 
@@ -73,23 +75,38 @@ def test_answers_match_the_pixels():
             block = img[y0:int(y0 + qh), x0:int(x0 + qw)].reshape(-1, 1, 3)
             assert (np.linalg.norm(block - drawable[None], axis=-1).min() > 30).all()
 
-        answer = r["conversations"][1][1]
-        question = r["conversations"][0][1]
-        by_shape = [x for x in s.shapes if x.shape in question]
-        by_color = [x for x in s.shapes if f" {x.color} " in question]
-        if s.qtype == "count":
-            assert answer == str(len(s.shapes))
-        elif s.qtype == "color":
-            assert len(by_shape) == 1 and answer == by_shape[0].color
-        elif s.qtype == "shape":
-            assert len(by_color) == 1 and answer == by_color[0].shape and answer in SHAPES
-        elif s.qtype == "position":
-            (target,) = [x for x in s.shapes if f"{x.color} {x.shape}" in question]
-            vertical = "top" if target.cy < qh else "bottom"
-            horizontal = "left" if target.cx < qw else "right"
-            assert answer == f"{vertical} {horizontal}"
-        else:
-            assert answer == caption(s.shapes) and answer.count(" and ") == (len(s.shapes) > 1)
+        turns = r["conversations"]
+        for (qtype, q, a), (_, question), (_, answer) in zip(s.qa, turns[0::2], turns[1::2]):
+            assert question.endswith(q) and answer == a
+            check_answer(s, qtype, question, answer, qh, qw)
+
+
+def test_train_records_are_multi_turn_and_eval_single_turn():
+    train, evals = source("train"), source("eval")
+    turns = [len(train.scene(i).qa) for i in range(N)]
+    assert min(turns) == 1 and max(turns) >= 4
+    for i in range(N):
+        qa = train.scene(i).qa
+        assert len({qtype for qtype, _, _ in qa}) == len(qa)
+        assert len(evals.scene(i).qa) == 1 and evals.scene(i).qtype != "caption"
+
+
+def check_answer(s, qtype, question, answer, qh, qw):
+    by_shape = [x for x in s.shapes if x.shape in question]
+    by_color = [x for x in s.shapes if f" {x.color} " in question]
+    if qtype == "count":
+        assert answer == str(len(s.shapes))
+    elif qtype == "color":
+        assert len(by_shape) == 1 and answer == by_shape[0].color
+    elif qtype == "shape":
+        assert len(by_color) == 1 and answer == by_color[0].shape and answer in SHAPES
+    elif qtype == "position":
+        (target,) = [x for x in s.shapes if f"{x.color} {x.shape}" in question]
+        vertical = "top" if target.cy < qh else "bottom"
+        horizontal = "left" if target.cx < qw else "right"
+        assert answer == f"{vertical} {horizontal}"
+    else:
+        assert answer == caption(s.shapes) and answer.count(" and ") == (len(s.shapes) > 1)
 
 
 def test_demo_sizes_and_no_matching_background():

@@ -11,6 +11,7 @@ from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.train import loop
 from vlm_jax.train.optim import label_params
 from vlm_jax.train.step import make_train_step
+from vlm_jax.train.tensorboard import read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["batch_size=8", "data.seq_len=128", "data.max_tiles_per_row=6", "model.text.layers=2",
@@ -27,22 +28,35 @@ def first_batch(config):
     return next(make_train_iterator(config, tok, 0, 1))
 
 
+FREEZE_VISION = "optim.trainable=[('vision/.*', 'frozen'), ('.*', 'train')]"
+
+
 def one_step(config, devices):
     setup = loop.Setup(config, devices)
     state = setup.fresh_state()
+    before = jax.device_get(state.params)
     step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
     new_state, metrics = step(state, loop.global_batch(first_batch(config), setup.mesh))
-    return float(metrics["loss"]), jax.device_get(new_state.params)
+    return float(metrics["loss"]), before, jax.device_get(new_state.params), new_state
 
 
-def test_one_step_same_on_1_and_8_devices():
+def test_one_step_same_on_1_and_8_devices_with_frozen_vision():
     assert jax.device_count() == 8
-    loss1, params1 = one_step(tiny_config("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"),
-                              jax.devices()[:1])
-    loss8, params8 = one_step(tiny_config("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"), None)
+    loss1, before, params1, _ = one_step(
+        tiny_config("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", FREEZE_VISION), jax.devices()[:1])
+    loss8, _, params8, state8 = one_step(
+        tiny_config("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", FREEZE_VISION), None)
     assert abs(loss1 - loss8) < 1e-5 * max(1.0, abs(loss1))
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params1, params8)
     assert max(jax.tree.leaves(diffs)) < 1e-5
+    # The frozen tower is untouched and has no optimizer state; everything else moved.
+    jax.tree.map(np.testing.assert_array_equal, before["vision"], params8["vision"])
+    assert "vision" not in state8.trainable and "vision" in state8.frozen
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before["decoder"], params8["decoder"])
+    assert all(jax.tree.leaves(moved))
+    # fsdp x tensor really shards: some parameter is split over several devices.
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(state8.trainable))
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -56,6 +70,10 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     losses = [[json.loads(l)["loss"] for l in open(tmp_path / w / "metrics.jsonl")]
               for w in ("full", "resumed")]
     assert losses[0] == losses[1] and len(losses[0]) == 6
+    (events,) = (tmp_path / "full" / "tensorboard").iterdir()
+    tb_losses = [v for _, tag, v in read_scalars(str(events)) if tag == "loss"]
+    np.testing.assert_allclose(tb_losses, losses[0], rtol=1e-6)
+    assert (tmp_path / "full" / "loss.png").stat().st_size > 0
 
 
 def test_unknown_config_key_is_named():

@@ -52,9 +52,11 @@ class Scene:
     background: tuple[int, int, int]
     noise: float
     shapes: tuple[Shape, ...]
-    qtype: str
-    question: str
-    answer: str
+    qa: tuple[tuple[str, str, str], ...]  # (qtype, question, answer) per turn, in order
+
+    @property
+    def qtype(self) -> str:
+        return self.qa[0][0]
 
 
 def _article(word: str) -> str:
@@ -68,15 +70,28 @@ def caption(shapes: tuple[Shape, ...]) -> str:
     return text + "."
 
 
-def _question(rng: np.random.Generator, shapes: tuple[Shape, ...],
-              qtypes: tuple[str, ...]) -> tuple[str, str, str]:
-    """Draws a question type that this scene can answer unambiguously; returns (qtype, q, a)."""
+def _questions(rng: np.random.Generator, shapes: tuple[Shape, ...],
+               split: str) -> tuple[tuple[str, str, str], ...]:
+    """(qtype, q, a) turns this scene can answer unambiguously.
+
+    Eval records ask one short-answer question. Train records ask 1..all feasible types (captions
+    included) in random order, like multi-turn LLaVA data: several supervised answers per image
+    make the demo learn far more per second than one answer per image.
+    """
     shape_counts = {t: sum(s.shape == t for s in shapes) for t in SHAPES}
     color_counts = {c: sum(s.color == c for s in shapes) for c in COLORS}
     unique_shape = [s for s in shapes if shape_counts[s.shape] == 1]
     unique_color = [s for s in shapes if color_counts[s.color] == 1]
+    qtypes = QTYPES if split == "train" else EVAL_QTYPES
     feasible = [q for q in qtypes if (q != "color" or unique_shape) and (q != "shape" or unique_color)]
-    qtype = feasible[rng.integers(len(feasible))]
+    if split != "train":
+        return (_question(rng, shapes, feasible[rng.integers(len(feasible))], unique_shape, unique_color),)
+    order = rng.permutation(len(feasible))[:rng.integers(1, len(feasible) + 1)]
+    return tuple(_question(rng, shapes, feasible[i], unique_shape, unique_color) for i in order)
+
+
+def _question(rng: np.random.Generator, shapes: tuple[Shape, ...], qtype: str,
+              unique_shape: list[Shape], unique_color: list[Shape]) -> tuple[str, str, str]:
     if qtype == "color":
         s = unique_shape[rng.integers(len(unique_shape))]
         return qtype, f"What color is the {s.shape}?", s.color
@@ -123,8 +138,7 @@ def sample_scene(seed: int, split: str, index: int, min_size: int, max_size: int
         color, shape = colors[pair // len(SHAPES)], SHAPES[pair % len(SHAPES)]
         shapes.append(Shape(color, shape, QUADRANTS[q], cx, cy, r))
     shapes = tuple(shapes)
-    qtype, question, answer = _question(rng, shapes, QTYPES if split == "train" else EVAL_QTYPES)
-    return Scene(width, height, background, noise, shapes, qtype, question, answer)
+    return Scene(width, height, background, noise, shapes, _questions(rng, shapes, split))
 
 
 def _polygon(s: Shape) -> list[tuple[float, float]]:
@@ -187,6 +201,7 @@ class SyntheticSource:
         return dict(
             id=f"synthetic-{self.split}-{index}",
             image=render(scene, self.seed, self.split, index),
-            conversations=[("human", "<image>\n" + scene.question), ("gpt", scene.answer)],
+            conversations=[turn for i, (_, q, a) in enumerate(scene.qa)
+                           for turn in (("human", ("<image>\n" if i == 0 else "") + q), ("gpt", a))],
             qtype=scene.qtype,
         )

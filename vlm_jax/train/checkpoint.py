@@ -19,6 +19,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
     def save(self, step: int, state, data_state: dict, config_json: str) -> bool:
         if self.manager.latest_step() == step:
             return False
