@@ -17,7 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_new_tokens = 6
 
     m = c.model
-    m.vision.update(image_size=32, patch_size=8, width=128, depth=4, heads=4, mlp_dim=512,
+    # 16 px patches on 32 px tiles: each token of the global view sees one image quadrant.
+    m.vision.update(image_size=32, patch_size=16, width=128, depth=4, heads=4, mlp_dim=512,
                     feature_layer=-1)
     m.connector.update(in_norm=True)
     m.text.update(vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, ffn=384,
@@ -26,12 +27,13 @@ def get_config() -> ml_collections.ConfigDict:
     d = c.data
     d.template = "vicuna_v1"
     d.system = ""
-    d.seq_len = 256
+    d.seq_len = 128
     d.tile_size = 32
     d.max_tiles = 4
-    d.max_tiles_per_row = 10
+    d.swap_hw = False  # the release's W/H swap only matters for parity with XVERSE-V weights
+    d.max_tiles_per_row = 8
     d.min_image_size = 32
-    d.max_image_size = 96
+    d.max_image_size = 80
     d.num_train = 1_000_000
     d.num_eval = 400
 

@@ -15,8 +15,11 @@ class Embed(nn.Module):
     param_dtype: DTypeLike = jnp.float32
 
     def setup(self) -> None:
+        # Unit scale, like the fan-in Dense outputs added to it in the residual stream (and the visual
+        # tokens scattered among these rows); at 0.02 the first attention layer drowns each token's
+        # own identity and from-scratch training stalls.
         self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), (axes.VOCAB, axes.EMBED)),
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), (axes.VOCAB, axes.EMBED)),
             (self.num_embeddings, self.features), self.param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:

@@ -48,7 +48,9 @@ class ClipStem(nn.Module):
             raise ValueError(f"clip stem expects {c.image_size}px tiles, got {tiles.shape[1:3]}")
         x = Dense(c.width, (axes.PATCH, axes.EMBED), dtype=self.dtype, param_dtype=self.param_dtype,
                   name="patch_embed")(patchify(tiles, c.patch_size))
-        init = nn.initializers.normal(stddev=0.02)
+        # Unit scale, matching the fan-in patch embedding, so positions are not drowned by content
+        # when training from scratch (imported weights replace these anyway).
+        init = nn.initializers.normal(stddev=1.0)
         cls = self.param("cls_token", nn.with_logical_partitioning(init, (axes.EMBED,)), (c.width,),
                          self.param_dtype)
         pos = self.param("pos_embed", nn.with_logical_partitioning(init, (None, axes.EMBED)),
