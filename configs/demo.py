@@ -8,10 +8,10 @@ from configs import base
 
 def get_config() -> ml_collections.ConfigDict:
     c = base.get_config()
-    c.total_steps = 600
+    c.total_steps = 1200
     c.batch_size = 16
     c.log_every = 10
-    c.checkpoint_every = 200
+    c.checkpoint_every = 400
     c.eval_examples = 400
     c.eval_batch_size = 50
     c.max_new_tokens = 6

@@ -29,6 +29,7 @@ def first_batch(config):
 
 
 FREEZE_VISION = "optim.trainable=[('vision/.*', 'frozen'), ('.*', 'train')]"
+NO_WARMUP = "optim.warmup_steps=0"
 
 
 def one_step(config, devices):
@@ -37,18 +38,21 @@ def one_step(config, devices):
     before = jax.device_get(state.params)
     step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
     new_state, metrics = step(state, loop.global_batch(first_batch(config), setup.mesh))
-    return float(metrics["loss"]), before, jax.device_get(new_state.params), new_state
+    return metrics, before, jax.device_get(new_state.params), new_state
 
 
 def test_one_step_same_on_1_and_8_devices_with_frozen_vision():
     assert jax.device_count() == 8
-    loss1, before, params1, _ = one_step(
-        tiny_config("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", FREEZE_VISION), jax.devices()[:1])
-    loss8, _, params8, state8 = one_step(
-        tiny_config("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", FREEZE_VISION), None)
-    assert abs(loss1 - loss8) < 1e-5 * max(1.0, abs(loss1))
+    config = tiny_config("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", FREEZE_VISION, NO_WARMUP)
+    m1, before, params1, _ = one_step(
+        tiny_config("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", FREEZE_VISION, NO_WARMUP), jax.devices()[:1])
+    m8, _, params8, state8 = one_step(config, None)
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(float(m1[key]), float(m8[key]), rtol=1e-5)
+    # Adam's first update is about lr * sign(grad): where a gradient is at rounding-noise level the
+    # summation order of 8 devices can move it by up to lr, so parameters agree to a fraction of lr.
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params1, params8)
-    assert max(jax.tree.leaves(diffs)) < 1e-5
+    assert max(jax.tree.leaves(diffs)) < 1e-2 * config.optim.lr
     # The frozen tower is untouched and has no optimizer state; everything else moved.
     jax.tree.map(np.testing.assert_array_equal, before["vision"], params8["vision"])
     assert "vision" not in state8.trainable and "vision" in state8.frozen
