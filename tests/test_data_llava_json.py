@@ -8,6 +8,7 @@ from configs import base
 from vlm_jax.data.llava_json import LlavaJsonSource
 from vlm_jax.data.pipeline import make_eval_examples, make_train_iterator
 from vlm_jax.data.tokenizer import load_tokenizer, special_ids
+from tests.helpers import first_batch
 
 TOK = load_tokenizer("")
 
@@ -41,14 +42,6 @@ def config(path, **data):
                   max_tiles=4, max_tiles_per_row=10, workers=1)
     c.data.update(**data)
     return c
-
-
-def first_batch(config):
-    it = make_train_iterator(config, TOK)
-    try:
-        return next(it)
-    finally:
-        it.close()
 
 
 def test_reads_records(tmp_path):

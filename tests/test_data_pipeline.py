@@ -12,6 +12,7 @@ from configs import base
 from vlm_jax.data.pipeline import (RecordToExample, make_eval_examples, make_example_dataset, make_source,
                                    make_train_iterator, tokens_per_tile)
 from vlm_jax.data.tokenizer import load_tokenizer, special_ids
+from tests.helpers import first_batch
 
 TOK = load_tokenizer("")
 IMAGE_ID = special_ids(TOK).image
@@ -30,14 +31,6 @@ def small_config(**data):
 
 def batches(it, n):
     return [next(it) for _ in range(n)]
-
-
-def first_batch(config):
-    it = make_train_iterator(config, TOK)
-    try:
-        return next(it)
-    finally:
-        it.close()
 
 
 def segments(batch, row):

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 
 from vlm_jax.config import load_config
-from vlm_jax.data.pipeline import make_train_iterator
-from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.train import loop
 from vlm_jax.train.optim import label_params
 from vlm_jax.train.step import make_train_step
 from vlm_jax.train.tensorboard import read_scalars
+from tests.helpers import first_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["batch_size=8", "data.seq_len=128", "data.max_tiles_per_row=6", "model.text.layers=2",
@@ -21,11 +20,6 @@ TINY = ["batch_size=8", "data.seq_len=128", "data.max_tiles_per_row=6", "model.t
 
 def tiny_config(*extra: str):
     return load_config(os.path.join(ROOT, "configs/demo.py"), TINY + list(extra))
-
-
-def first_batch(config):
-    tok = load_tokenizer(config.data.tokenizer)
-    return next(make_train_iterator(config, tok, 0, 1))
 
 
 FREEZE_VISION = "optim.trainable=[('vision/.*', 'frozen'), ('.*', 'train')]"
