@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state, the data-iterator state and the config."""
+"""Orbax checkpoints of the train state, the data-iterator state and the config; params-only checkpoints
+(what an import writes and a run can start from)."""
 
 import json
 import os
@@ -44,3 +45,17 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def save_params(path: str, params) -> None:
+    """A params-only checkpoint at `path` (synchronous: an import must not return before it is on disk)."""
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(os.path.abspath(path), args=ocp.args.StandardSave(params))
+
+
+def restore_params(path: str, abstract_params, shardings):
+    """Params from `save_params`, cast to `abstract_params`' dtypes and placed by `shardings`."""
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params, shardings)
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        return ckptr.restore(os.path.abspath(path), args=ocp.args.StandardRestore(target))

@@ -1,0 +1,51 @@
+"""Which key map, config translation and PyTorch class go with each family, and how to tell them apart."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from vlm_jax.interop import clip, llama, llava, qwen2
+from vlm_jax.interop.keymap import ConversionError, KeyMap
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    parts: tuple[str, ...]  # the VLM subtrees its checkpoints hold
+    keymap: Callable[[ml_collections.ConfigDict], KeyMap]  # model config -> key map over those subtrees
+    model_config: Callable[[dict[str, Any]], dict[str, Any]]  # HF config.json -> model.{vision,connector,text}
+    torch_class: str | None  # the transformers class that loads it (None: the original repo's code)
+
+
+FAMILIES: dict[str, Family] = {
+    "clip": Family(("vision",), lambda m: clip.keymap(m.vision).prefixed("", "vision"),
+                   lambda hf: dict(vision=clip.vision_config(hf)), "CLIPVisionModel"),
+    "llama": Family(("decoder",), lambda m: llama.keymap(m.text).prefixed("", "decoder"),
+                    lambda hf: dict(text=llama.text_config(hf)), "LlamaForCausalLM"),
+    "qwen2": Family(("decoder",), lambda m: qwen2.keymap(m.text).prefixed("", "decoder"),
+                    lambda hf: dict(text=qwen2.text_config(hf)), "Qwen2ForCausalLM"),
+    "llava": Family(("vision", "connector", "decoder"), llava.hf_keymap, llava.model_config,
+                    "LlavaForConditionalGeneration"),
+    "llava_original": Family(("connector", "decoder"), llava.original_keymap, llava.original_model_config, None),
+}
+
+_BY_MODEL_TYPE = {"clip_vision_model": "clip", "clip": "clip", "llama": "llama", "qwen2": "qwen2",
+                  "llava": "llava", "llava_llama": "llava_original", "share4v": "llava_original"}
+
+
+def detect(hf: dict[str, Any], where: str) -> str:
+    """The family of an HF config.json dict."""
+    if "mm_projector_type" in hf:  # the original LLaVA repo (and ShareGPT4V) config
+        return "llava_original"
+    model_type = hf.get("model_type")
+    if model_type not in _BY_MODEL_TYPE:
+        raise ConversionError(f"{where}: model_type {model_type!r} is not one of {sorted(_BY_MODEL_TYPE)}; "
+                              f"pass the family explicitly ({sorted(FAMILIES)})")
+    return _BY_MODEL_TYPE[model_type]
+
+
+def get(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConversionError(f"unknown family {name!r}; choose from {sorted(FAMILIES)}")
+    return FAMILIES[name]

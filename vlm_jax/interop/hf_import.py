@@ -1,0 +1,136 @@
+"""Import: PyTorch checkpoints -> vlm_jax parameters, one tensor at a time, each leaf placed straight into
+its target sharding; then a params-only orbax checkpoint a training run can start from.
+
+A vlm_jax checkpoint directory holds `params/` (orbax), `vlm_jax.json` (family, parts, model config, the
+source HF configs) and `tokenizer/` (the source's tokenizer files, when it had any).
+"""
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from vlm_jax.interop import families
+from vlm_jax.interop.keymap import ConversionError, build_leaf, expand, leaf_sources, match_source
+from vlm_jax.interop.model_params import abstract_params, param_shardings, unflat
+from vlm_jax.interop.torch_files import TorchFiles
+from vlm_jax.train.checkpoint import save_params
+
+META_FILE = "vlm_jax.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja",
+                   "generation_config.json", "preprocessor_config.json", "processor_config.json")
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    """config.json of a checkpoint directory (or of a weight file's directory); {} when there is none."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(folder, "config.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
+
+
+class Source:
+    """One PyTorch checkpoint and the family it is read as."""
+
+    def __init__(self, path: str, family: str | None = None):
+        self.path = path
+        self.hf_config = read_hf_config(path)
+        self.family = family or families.detect(self.hf_config, path)
+        self.spec = families.get(self.family)
+
+
+def model_config(sources: list[Source], base_model: ml_collections.ConfigDict,
+                 param_dtype: str | None = None) -> ml_collections.ConfigDict:
+    """`base_model` with each source's sections applied in order (later sources win, so a separate vision
+    tower goes first and the LLaVA config's feature_layer/drop_cls override the CLIP defaults)."""
+    model = ml_collections.ConfigDict(base_model.to_dict())
+    for s in sources:
+        try:
+            sections = s.spec.model_config(s.hf_config)
+        except KeyError as e:
+            raise ConversionError(f"{s.path}/config.json lacks {e} (needed for family {s.family!r})") from None
+        for name, values in sections.items():
+            model[name].update(values)
+    if param_dtype is None:
+        hf_dtype = str(sources[-1].hf_config.get("dtype") or sources[-1].hf_config.get("torch_dtype") or "float32")
+        param_dtype = _DTYPES.get(hf_dtype, "float32")
+    model.param_dtype = param_dtype
+    return model
+
+
+def import_params(sources: list[Source], model: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.Array]:
+    """path -> jax.Array placed by the logical shardings. Every source is checked (missing, unexpected,
+    wrongly shaped tensors) before any tensor is read."""
+    plans, seen = [], set()
+    for s in sources:
+        overlap = seen & set(s.spec.parts)
+        if overlap:
+            raise ConversionError(f"{s.path}: parts {sorted(overlap)} were already given by another source")
+        seen |= set(s.spec.parts)
+        keymap = s.spec.keymap(model)
+        shapes = {k: v.shape for k, v in abstract_params(model, s.spec.parts).items()}
+        tensors, fillers = expand(keymap, shapes)
+        files = TorchFiles(s.path)
+        names = match_source(keymap, tensors, fillers, files.shapes(), where=f"{s.path} (family {s.family})")
+        plans.append((s, tensors, files, names))
+    dtype = np.dtype(model.param_dtype)
+    out = {}
+    for s, tensors, files, names in plans:
+        shardings = param_shardings(model, s.spec.parts, mesh)
+        for path, pieces in leaf_sources(tensors).items():
+            host = build_leaf(pieces, lambda name: files.get(names[name]), dtype)
+            out[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda index: host[index])
+            del host
+    return out
+
+
+def import_checkpoint(
+    src: str, dst: str, base_model: ml_collections.ConfigDict, mesh: Mesh, *, family: str | None = None,
+    vision: str | None = None, param_dtype: str | None = None,
+) -> ml_collections.ConfigDict:
+    """Writes the vlm_jax checkpoint directory `dst` from `src` (plus a separate CLIP tower `vision`).
+    Nothing is left at `dst` unless the whole import succeeds. Returns the model config."""
+    if os.path.exists(dst):
+        raise ConversionError(f"{dst} already exists; choose a new destination")
+    sources = ([Source(vision, "clip")] if vision else []) + [Source(src, family)]
+    model = model_config(sources, base_model, param_dtype)
+    params = import_params(sources, model, mesh)
+    parts = sorted({p for s in sources for p in s.spec.parts})
+    tmp = f"{dst.rstrip('/')}.partial-{os.getpid()}"
+    try:
+        if jax.process_index() == 0:
+            os.makedirs(tmp)
+        save_params(os.path.join(tmp, "params"), unflat(params))
+        if jax.process_index() == 0:
+            meta = dict(family=sources[-1].family, parts=parts, model=model.to_dict(),
+                        hf_config=sources[-1].hf_config, vision_hf_config=sources[0].hf_config if vision else None)
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump(meta, f, indent=2)
+            folder = src if os.path.isdir(src) else os.path.dirname(src)
+            found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))]
+            if found:
+                os.makedirs(os.path.join(tmp, "tokenizer"))
+                for n in found:
+                    shutil.copy(os.path.join(folder, n), os.path.join(tmp, "tokenizer", n))
+            os.replace(tmp, dst)
+    finally:
+        if jax.process_index() == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return model
+
+
+def read_meta(ckpt: str) -> dict[str, Any]:
+    file = os.path.join(ckpt, META_FILE)
+    if not os.path.isfile(file):
+        raise ConversionError(f"{ckpt} is not a vlm_jax checkpoint from `convert.py import` (no {META_FILE})")
+    with open(file) as f:
+        return json.load(f)

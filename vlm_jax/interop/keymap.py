@@ -1,0 +1,260 @@
+"""The one engine every family's key map runs through, for import and export alike.
+
+A key map is data: rows `(torch name, vlm_jax path(s), layout[, fuse])`. A torch name containing `{i}`
+is one tensor per layer; its vlm_jax leaf is the scanned stack, whose leading `layers` axis holds layer
+i. Several vlm_jax paths in one row mean a fused torch tensor whose pieces sit on its dim 0, either as
+blocks (`concat`: `[up; gate]`, `[Wq; Wk; Wv]`) or interleaved per head group (`interleave`: rows viewed
+as `(groups, pieces, ...)`, groups = the head axis of each vlm_jax piece).
+
+Layouts turn one (unfused) torch tensor into one vlm_jax leaf and back, exactly (reshapes and
+transposes only, so a round trip is bit-exact):
+  SAME     identical shape (norms, embeddings, 1-D tensors)
+  FLAT     torch [prod] <-> vlm_jax [heads, head_dim] (q/k/v biases)
+  LINEAR   nn.Linear [out, in] <-> Dense kernel [in, *out] (transpose, then split the out dim)
+  LINEAR2  nn.Linear [out, H*D] <-> Dense kernel [H, D, out] (output projections, two input axes)
+  CONV     Conv2d [O, C, p, p] <-> Dense kernel [C*p*p, O] over patches flattened in (C, kh, kw) order
+"""
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    kind: str  # same | flat | linear | conv
+    in_axes: int = 1  # linear: how many leading vlm_jax kernel axes are contracted inputs
+    channels: int = 3  # conv: image channels
+
+    def torch_shape(self, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.kind == "same":
+            return tuple(jax_shape)
+        if self.kind == "flat":
+            return (math.prod(jax_shape),)
+        n_in, n_out = math.prod(jax_shape[:self.in_axes]), math.prod(jax_shape[self.in_axes:])
+        if self.kind == "linear":
+            return (n_out, n_in)
+        p = math.isqrt(n_in // self.channels)
+        return (n_out, self.channels, p, p)
+
+    def to_jax(self, t: np.ndarray, jax_shape: tuple[int, ...]) -> np.ndarray:
+        if self.kind in ("linear", "conv"):
+            t = t.reshape(t.shape[0], -1).T
+        return t.reshape(jax_shape)
+
+    def to_torch(self, x: np.ndarray, jax_shape: tuple[int, ...]) -> np.ndarray:
+        shape = self.torch_shape(jax_shape)
+        if self.kind in ("linear", "conv"):
+            x = x.reshape(math.prod(jax_shape[:self.in_axes]), -1).T
+        return x.reshape(shape)
+
+
+SAME = Layout("same")
+FLAT = Layout("flat")
+LINEAR = Layout("linear")
+LINEAR2 = Layout("linear", in_axes=2)
+CONV = Layout("conv")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+    """A family's rows plus how to read other naming generations of the same tensors.
+
+    `renames`: (regex anchored with `^`, replacement) applied in order to every source name before matching (e.g. the
+    transformers >= 4.52 in-memory LLaVA names -> the legacy names the rows use).
+    `ignore`: regexes of source tensors that hold no parameters of this model (buffers, other towers).
+    `extras`: (torch name, vlm_jax path it is shaped like) for tensors the torch class has but our model
+    does not compute with (CLIP post_layernorm); checked and dropped on import, written as an identity
+    (ones for norm scales, zeros otherwise) on export so the torch class loads without missing weights.
+    `hf_layers`: vlm_jax stack prefix -> number of layers the torch model has when it has more than we
+    build (a ViT cut at feature_layer); the extra layers are handled like `extras`.
+    """
+
+    rows: tuple[tuple, ...]
+    renames: tuple[tuple[str, str], ...] = ()
+    ignore: tuple[str, ...] = ()
+    extras: tuple[tuple[str, str], ...] = ()
+    hf_layers: tuple[tuple[str, int], ...] = ()
+
+    def prefixed(self, torch_prefix: str, jax_prefix: str) -> "KeyMap":
+        """This map mounted under a torch name prefix and a vlm_jax subtree."""
+        def jp(p: str) -> str:
+            return f"{jax_prefix}/{p}"
+
+        rows = tuple((torch_prefix + r[0], tuple(jp(p) for p in _paths(r[1])), *r[2:]) for r in self.rows)
+        extras = tuple((torch_prefix + name, jp(like)) for name, like in self.extras)
+        ignore = tuple(re.escape(torch_prefix) + pattern for pattern in self.ignore)
+        # Renames are anchored at the start of a name (`^...`), so they move under the prefix too.
+        renames = tuple((f"^{re.escape(torch_prefix)}{pattern.removeprefix('^')}", torch_prefix + repl)
+                        for pattern, repl in self.renames)
+        return KeyMap(rows, renames, ignore, extras, tuple((jp(k), n) for k, n in self.hf_layers))
+
+    def __add__(self, other: "KeyMap") -> "KeyMap":
+        return KeyMap(self.rows + other.rows, self.renames + other.renames, self.ignore + other.ignore,
+                      self.extras + other.extras, self.hf_layers + other.hf_layers)
+
+    def with_renames(self, renames: tuple[tuple[str, str], ...]) -> "KeyMap":
+        return dataclasses.replace(self, renames=renames + self.renames)
+
+
+def _paths(p: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+class ConversionError(ValueError):
+    """Bad input: the message names every offending file, key and shape."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One concrete torch tensor: where its pieces live in vlm_jax and how to convert them."""
+
+    name: str
+    pieces: tuple[tuple[str, int | None], ...]  # (vlm_jax path, layer index or None)
+    piece_shapes: tuple[tuple[int, ...], ...]  # per-layer vlm_jax shape of each piece
+    layout: Layout
+    fuse: str
+    shape: tuple[int, ...]  # torch shape
+
+    def to_jax(self, t: np.ndarray) -> list[np.ndarray]:
+        """Torch tensor -> one per-layer vlm_jax array per piece."""
+        torch_shapes = [self.layout.torch_shape(s) for s in self.piece_shapes]
+        if self.fuse == "concat":
+            parts = np.split(t, np.cumsum([s[0] for s in torch_shapes])[:-1], axis=0)
+        elif self.fuse == "interleave":
+            groups = self.piece_shapes[0][-2]
+            grouped = t.reshape(groups, -1, *t.shape[1:])
+            bounds = np.cumsum([s[0] // groups for s in torch_shapes])[:-1]
+            parts = [p.reshape(s) for p, s in zip(np.split(grouped, bounds, axis=1), torch_shapes)]
+        else:
+            parts = [t]
+        return [self.layout.to_jax(p, s) for p, s in zip(parts, self.piece_shapes)]
+
+    def to_torch(self, xs: list[np.ndarray]) -> np.ndarray:
+        parts = [self.layout.to_torch(x, s) for x, s in zip(xs, self.piece_shapes)]
+        if self.fuse == "interleave":
+            groups = self.piece_shapes[0][-2]
+            grouped = [p.reshape(groups, -1, *p.shape[1:]) for p in parts]
+            return np.concatenate(grouped, axis=1).reshape(self.shape)
+        return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Filler:
+    """A torch tensor our model has no counterpart for (see KeyMap.extras / hf_layers)."""
+
+    name: str
+    shape: tuple[int, ...]
+    value: float
+
+
+def expand(keymap: KeyMap, jax_shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[Tensor], list[Filler]]:
+    """Every concrete torch tensor of `keymap` for a model whose leaves have `jax_shapes` (path -> shape).
+
+    Fails if a vlm_jax leaf is claimed by no row or by two, so a table cannot silently skip a parameter.
+    """
+    hf_layers = dict(keymap.hf_layers)
+    tensors, fillers, claimed = [], [], {}
+    for row in keymap.rows:
+        name, paths, layout, fuse = row[0], _paths(row[1]), row[2], (row[3] if len(row) > 3 else "")
+        missing = [p for p in paths if p not in jax_shapes]
+        if missing:
+            raise ConversionError(f"key map row {name!r} names vlm_jax leaves the model lacks: {missing}")
+        for p in paths:
+            if p in claimed:
+                raise ConversionError(f"vlm_jax leaf {p!r} is claimed by {claimed[p]!r} and {name!r}")
+            claimed[p] = name
+        layered = "{i}" in name
+        shapes = [tuple(jax_shapes[p][1:] if layered else jax_shapes[p]) for p in paths]
+        torch_shapes = [layout.torch_shape(s) for s in shapes]
+        shape = (sum(s[0] for s in torch_shapes), *torch_shapes[0][1:]) if len(paths) > 1 else torch_shapes[0]
+        for i in range(jax_shapes[paths[0]][0] if layered else 1):
+            index = i if layered else None
+            tensors.append(Tensor(name.format(i=i) if layered else name, tuple((p, index) for p in paths),
+                                  tuple(shapes), layout, fuse, shape))
+        if layered:
+            stack = paths[0].rsplit("/layers/", 1)[0] + "/layers"
+            for i in range(jax_shapes[paths[0]][0], hf_layers.get(stack, 0)):
+                fillers.append(Filler(name.format(i=i), shape, _fill_value(paths[0])))
+    unclaimed = sorted(set(jax_shapes) - set(claimed))
+    if unclaimed:
+        raise ConversionError(f"the key map has no row for vlm_jax leaves {unclaimed}")
+    for name, like in keymap.extras:
+        fillers.append(Filler(name, tuple(jax_shapes[like]), _fill_value(like)))
+    return tensors, fillers
+
+
+def _fill_value(path: str) -> float:
+    return 1.0 if path.endswith("/scale") else 0.0
+
+
+def canonical_name(keymap: KeyMap, name: str) -> str:
+    for pattern, repl in keymap.renames:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def match_source(
+    keymap: KeyMap, tensors: list[Tensor], fillers: list[Filler], source: Mapping[str, tuple[int, ...]],
+    where: str,
+) -> dict[str, str]:
+    """Maps each needed torch name to its name in `source` (name -> shape), or raises one error listing
+    every missing, unexpected and wrongly shaped tensor."""
+    wanted = {t.name: t.shape for t in tensors}
+    known = {f.name: f.shape for f in fillers}
+    ignore = [re.compile(p) for p in keymap.ignore]
+    found, unexpected, bad_shape = {}, [], []
+    for src, shape in source.items():
+        name = canonical_name(keymap, src)
+        if name in wanted or name in known:
+            want = wanted.get(name, known.get(name))
+            if tuple(shape) != tuple(want):
+                bad_shape.append(f"{src}: {list(shape)}, expected {list(want)}")
+            if name in found.values():
+                unexpected.append(f"{src} {list(shape)} (a second copy of {name})")
+            found[src] = name
+        elif not any(r.fullmatch(name) for r in ignore):
+            unexpected.append(f"{src} {list(shape)}")
+    have = set(found.values())
+    missing = [f"{n} {list(s)}" for n, s in wanted.items() if n not in have]
+    if missing or unexpected or bad_shape:
+        lines = [f"{where} does not match the expected tensors:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
+            lines += [f"  {title} ({len(items)}):"] + [f"    {x}" for x in items] if items else []
+        raise ConversionError("\n".join(lines))
+    return {name: src for src, name in found.items() if name in wanted}
+
+
+def leaf_sources(tensors: list[Tensor]) -> dict[str, list[tuple[Tensor, int]]]:
+    """vlm_jax path -> [(tensor, piece index)] in layer order."""
+    out: dict[str, list[tuple[Tensor, int]]] = {}
+    for t in tensors:
+        for k, (path, _) in enumerate(t.pieces):
+            out.setdefault(path, []).append((t, k))
+    return out
+
+
+def build_leaf(
+    sources: list[tuple[Tensor, int]], load: Callable[[str], np.ndarray], dtype: np.dtype,
+) -> np.ndarray:
+    """One vlm_jax leaf from its torch tensor(s), loaded one at a time (a layered leaf is stacked)."""
+    first, k0 = sources[0]
+    if first.pieces[k0][1] is None:
+        return first.to_jax(load(first.name))[k0].astype(dtype)
+    out = np.empty((len(sources), *first.piece_shapes[k0]), dtype)
+    for layer, (t, k) in enumerate(sources):
+        out[layer] = t.to_jax(load(t.name))[k]
+    return out
+
+
+def torch_tensors(
+    tensors: list[Tensor], fillers: list[Filler], leaf: Callable[[str, int | None], np.ndarray], dtype: np.dtype,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(torch name, array) for every tensor of the torch model, built one at a time from `leaf(path, layer)`."""
+    for t in tensors:
+        yield t.name, np.ascontiguousarray(t.to_torch([leaf(p, i) for p, i in t.pieces]))
+    for f in fillers:
+        yield f.name, np.full(f.shape, f.value, dtype)

@@ -1,0 +1,43 @@
+"""The VLM's parameter tree as abstract shapes and shardings, addressed by `a/b/c` paths."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from vlm_jax import parallel
+from vlm_jax.interop.keymap import ConversionError
+from vlm_jax.model import VLM
+
+
+def _boxed(model: ml_collections.ConfigDict):
+    if not model.scan_layers:
+        raise ConversionError("conversion uses the scanned parameter layout; set model.scan_layers=True")
+    size, patch = model.vision.image_size, model.vision.patch_size
+    inputs = (jnp.zeros((1, 8), jnp.int32),) * 3 + (
+        jnp.zeros((1, 1, size, size, 3)), jnp.ones((1, 1), bool), jnp.zeros((1, (size // patch) ** 2), jnp.int32))
+    return jax.eval_shape(lambda: VLM(model).init(jax.random.key(0), *inputs))["params"]
+
+
+def flat(tree) -> dict:
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def unflat(leaves: dict) -> dict:
+    return traverse_util.unflatten_dict(leaves, sep="/")
+
+
+def in_parts(path: str, parts: tuple[str, ...]) -> bool:
+    return path.split("/", 1)[0] in parts
+
+
+def abstract_params(model: ml_collections.ConfigDict, parts: tuple[str, ...]) -> dict[str, jax.ShapeDtypeStruct]:
+    """path -> ShapeDtypeStruct for the leaves of the named subtrees (`vision`, `connector`, `decoder`)."""
+    return {k: v for k, v in flat(nn.meta.unbox(_boxed(model))).items() if in_parts(k, parts)}
+
+
+def param_shardings(model: ml_collections.ConfigDict, parts: tuple[str, ...], mesh: Mesh) -> dict:
+    """path -> NamedSharding from the logical axis rules."""
+    return {k: v for k, v in flat(parallel.logical_shardings(_boxed(model), mesh)).items() if in_parts(k, parts)}
