@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 32
     c.eval_examples = 256
     c.max_new_tokens = 8
+    c.init_params = ""  # a `launch/convert.py import` directory: start from its params (fresh optimizer)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

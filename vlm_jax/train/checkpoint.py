@@ -6,6 +6,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 
 class Checkpointer:
@@ -54,7 +55,21 @@ def save_params(path: str, params) -> None:
 
 
 def restore_params(path: str, abstract_params, shardings):
-    """Params from `save_params`, cast to `abstract_params`' dtypes and placed by `shardings`."""
+    """The top-level subtrees a `save_params` checkpoint holds (an imported LLM may have no vision tower),
+    cast to `abstract_params`' dtypes and placed by `shardings`. Each leaf's shape must match the model's,
+    else the error lists every mismatch."""
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        stored = dict(ckptr.metadata(os.path.abspath(path)).item_metadata)
+    extra = sorted(set(stored) - set(abstract_params))
+    if extra:
+        raise ValueError(f"params checkpoint {path} holds {extra}, which the model does not have")
+    abstract_params = {k: abstract_params[k] for k in stored}
+    shardings = {k: shardings[k] for k in stored}
+    have = {k: v.shape for k, v in traverse_util.flatten_dict(stored, sep="/").items()}
+    want = {k: v.shape for k, v in traverse_util.flatten_dict(abstract_params, sep="/").items()}
+    wrong = [f"{k}: checkpoint {have.get(k)}, model {v}" for k, v in want.items() if have.get(k) != tuple(v)]
+    if wrong:
+        raise ValueError(f"params checkpoint {path} does not fit the model:\n  " + "\n  ".join(wrong))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params, shardings)
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:

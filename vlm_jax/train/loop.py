@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 
 from vlm_jax import parallel
 from vlm_jax.config import to_json
 from vlm_jax.data.pipeline import make_train_iterator
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.model import VLM
-from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.checkpoint import Checkpointer, restore_params
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
 from vlm_jax.train.optim import label_params, make_optimizer, split_params
 from vlm_jax.train.step import MODEL_INPUTS, TrainState, init_state, make_train_step
@@ -46,8 +47,8 @@ class Setup:
         rng = jax.random.PRNGKey(config.seed)
         self._init_params = lambda key: self.model.init(key, *dummy_inputs(config))["params"]
         boxed = jax.eval_shape(self._init_params, rng)
-        param_shardings = parallel.logical_shardings(boxed, self.mesh)
-        abstract_params = nn.meta.unbox(boxed)
+        self.param_shardings = param_shardings = parallel.logical_shardings(boxed, self.mesh)
+        self.abstract_params = abstract_params = nn.meta.unbox(boxed)
         self.labels = label_params(abstract_params, [tuple(r) for r in config.optim.trainable])
         self.optimizer = make_optimizer(config.optim, config.total_steps)
         self.abstract_state = jax.eval_shape(
@@ -67,6 +68,18 @@ class Setup:
                               nn.meta.unbox(self._init_params(key)))
         with jax.set_mesh(self.mesh):
             return jax.jit(build, out_shardings=self.state_shardings)(self.rng)
+
+    def imported_state(self, path: str) -> TrainState:
+        """A fresh state (new optimizer) whose parameters come from the params-only checkpoint at
+        `path/params` (`launch/convert.py import`) for every subtree it holds, fresh init elsewhere."""
+        loaded = traverse_util.flatten_dict(
+            restore_params(os.path.join(path, "params"), self.abstract_params, self.param_shardings))
+        params = traverse_util.flatten_dict(self.fresh_state().params)
+        params.update(loaded)
+        logging.info("initialised %d of %d parameter arrays from %s", len(loaded), len(params), path)
+        with jax.set_mesh(self.mesh):
+            return jax.jit(lambda p: init_state(self.model, self.optimizer, self.labels, p),
+                           out_shardings=self.state_shardings)(traverse_util.unflatten_dict(params))
 
 
 def global_batch(batch: dict, mesh) -> dict:
@@ -98,7 +111,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = ckpt.latest_step()
     if start is None:
-        state, start = setup.fresh_state(), 0
+        state = setup.imported_state(config.init_params) if config.init_params else setup.fresh_state()
+        start = 0
     else:
         state, data_state = ckpt.restore(start, setup.abstract_state, setup.state_shardings)
         data.set_state(data_state)

@@ -1,0 +1,68 @@
+"""PyTorch <-> vlm_jax checkpoints, and a parity check between them.
+
+  python launch/convert.py import --src HF_OR_STATE_DICT_DIR --dst CKPT_DIR [--vision CLIP_DIR]
+                                  [--family NAME] [--param_dtype bfloat16]
+  python launch/convert.py export --src CKPT_DIR --dst DIR --format hf|original|peft [--dtype D]
+  python launch/convert.py check  --src HF_DIR [--family NAME] [--seed N]
+
+Families: clip, llama, qwen2, llava (HF LlavaForConditionalGeneration), llava_original (the LLaVA /
+ShareGPT4V state dict; its CLIP tower comes from --vision). An imported CKPT_DIR starts a training run
+with --config.init_params=CKPT_DIR (params only, fresh optimizer).
+`check` prints one JSON line: max_abs_diff, max_rel_diff, and the same per stage.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.base import get_config  # noqa: E402
+from vlm_jax import parallel  # noqa: E402
+from vlm_jax.interop.check import check  # noqa: E402
+from vlm_jax.interop.hf_export import FORMATS, export_checkpoint  # noqa: E402
+from vlm_jax.interop.hf_import import import_checkpoint  # noqa: E402
+from vlm_jax.interop.keymap import ConversionError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="PyTorch checkpoint -> vlm_jax params checkpoint")
+    imp.add_argument("--src", required=True)
+    imp.add_argument("--dst", required=True)
+    imp.add_argument("--vision", default=None, help="separate CLIP vision tower directory")
+    imp.add_argument("--family", default=None, help="default: detected from config.json")
+    imp.add_argument("--param_dtype", default=None, help="default: the checkpoint's dtype")
+    exp = sub.add_parser("export", help="vlm_jax params checkpoint -> PyTorch checkpoint")
+    exp.add_argument("--src", required=True)
+    exp.add_argument("--dst", required=True)
+    exp.add_argument("--format", choices=FORMATS, default="hf")
+    exp.add_argument("--dtype", default=None, help="default: the checkpoint's param dtype")
+    exp.add_argument("--shard_gb", type=float, default=5.0)
+    exp.add_argument("--image_token_index", type=int, default=None,
+                     help="LLaVA export: default the source's, else a new row after the vocab")
+    chk = sub.add_parser("check", help="PyTorch vs vlm_jax outputs on random inputs (one JSON line)")
+    chk.add_argument("--src", required=True)
+    chk.add_argument("--family", default=None)
+    chk.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    config = get_config()
+    mesh = parallel.make_mesh(config.mesh)
+    try:
+        if args.command == "import":
+            import_checkpoint(args.src, args.dst, config.model, mesh, family=args.family, vision=args.vision,
+                              param_dtype=args.param_dtype)
+        elif args.command == "export":
+            export_checkpoint(args.src, args.dst, args.format, mesh, dtype=args.dtype,
+                              shard_bytes=int(args.shard_gb * (1 << 30)), image_token_index=args.image_token_index)
+        else:
+            print(json.dumps(check(args.src, config.model, mesh, family=args.family, seed=args.seed)), flush=True)
+    except ConversionError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
