@@ -1,0 +1,54 @@
+"""Real model sizes of the LLaVA-family systems: `--config configs/sizes.py:NAME`.
+
+NAME is a system (vision + connector + LLM) or an LLM alone (`text:NAME`, e.g. `text:qwen2_5_7b`).
+Values from shared/reference/ARCHITECTURES.md sections 1, 2.5, 5 and 7.
+"""
+
+import ml_collections
+
+from configs import base
+
+VISION = {
+    "clip_l14_224": dict(stem="clip", image_size=224, patch_size=14, width=1024, depth=24, heads=16,
+                         mlp_dim=4096, mlp_act="quick_gelu", norm_eps=1e-5, pre_norm=True,
+                         feature_layer=-2, drop_cls=True),
+}
+VISION["clip_l14_336"] = VISION["clip_l14_224"] | dict(image_size=336)
+
+_LLAMA = dict(qkv_bias=False, tie_embeddings=False, rope_base=10000.0)
+TEXT = {
+    "vicuna_7b": _LLAMA | dict(vocab_size=32000, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,
+                               ffn=11008, rms_eps=1e-5),
+    "vicuna_13b": _LLAMA | dict(vocab_size=32000, hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128,
+                                ffn=13824, rms_eps=1e-5),
+    "xverse_13b": _LLAMA | dict(vocab_size=100534, hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128,
+                                ffn=13824, rms_eps=1e-6),
+    "ziya_llama_13b": _LLAMA | dict(vocab_size=39424, hidden=5120, layers=40, heads=40, kv_heads=40,
+                                    head_dim=128, ffn=13824, rms_eps=1e-6),
+    # POINTS1.5's LLM (eps from POINTS' config, not Qwen2.5's 1e-6).
+    "qwen2_5_7b": dict(vocab_size=152064, hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, ffn=18944,
+                       rms_eps=1e-5, rope_base=1e6, qkv_bias=True, tie_embeddings=False),
+}
+
+SYSTEMS = {
+    "sharegpt4v_7b": ("clip_l14_336", False, "vicuna_7b"),
+    "sharegpt4v_13b": ("clip_l14_336", False, "vicuna_13b"),
+    "xverse_v_13b": ("clip_l14_224", True, "xverse_13b"),  # ln_vision before llama_proj
+}
+
+
+def get_config(name: str = "sharegpt4v_7b") -> ml_collections.ConfigDict:
+    c = base.get_config()
+    kind, _, key = name.rpartition(":")
+    table = TEXT if kind == "text" else SYSTEMS
+    if key not in table:
+        raise ValueError(f"unknown size {name!r}; choose from {sorted(SYSTEMS)} or text:{sorted(TEXT)}")
+    if kind == "text":
+        c.model.text.update(TEXT[key])
+        return c
+    vision, in_norm, text = SYSTEMS[key]
+    c.model.vision.update(VISION[vision])
+    c.model.connector.update(in_norm=in_norm)
+    c.model.text.update(TEXT[text])
+    c.data.tile_size = VISION[vision]["image_size"]
+    return c
