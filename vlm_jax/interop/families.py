@@ -6,7 +6,7 @@ from typing import Any
 
 import ml_collections
 
-from vlm_jax.interop import clip, llama, llava, qwen2
+from vlm_jax.interop import clip, llama, llava, points, qwen2
 from vlm_jax.interop.keymap import ConversionError, KeyMap
 
 
@@ -28,6 +28,8 @@ FAMILIES: dict[str, Family] = {
     "llava": Family(("vision", "connector", "decoder"), llava.hf_keymap, llava.model_config,
                     "LlavaForConditionalGeneration"),
     "llava_original": Family(("connector", "decoder"), llava.original_keymap, llava.original_model_config, None),
+    "points_llm": Family(("decoder",), lambda m: points.KEYMAP.prefixed("", "decoder"),
+                         lambda hf: dict(text=points.text_config(hf)), None),
 }
 
 _BY_MODEL_TYPE = {"clip_vision_model": "clip", "clip": "clip", "llama": "llama", "qwen2": "qwen2",

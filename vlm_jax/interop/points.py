@@ -1,0 +1,45 @@
+"""POINTS1.5's LLM in the WeLM "CustomLlama" layout (Qwen2.5 weights, ARCHITECTURES.md 2.5) <-> `decoder`.
+
+`key_value_dense` interleaves k and v per KV head (rows viewed `(kv_heads, 2, head_dim)`), and
+`dense_h_to_4h` is `[up; gate]` (forward `x1 * silu(x2)` with `(x1, x2) = chunk(2)`).
+"""
+
+from typing import Any
+
+from vlm_jax.interop import llama
+from vlm_jax.interop.keymap import FLAT, LINEAR, LINEAR2, SAME, KeyMap
+
+_L = "llm.lm.layers.{i}."
+
+ROWS = (
+    ("llm.lm.embed_in.weight", "embed_tokens/embedding", SAME),
+    (_L + "input_layernorm.weight", "layers/input_norm/scale", SAME),
+    (_L + "attention.query_dense.weight", "layers/attn/q_proj/kernel", LINEAR),
+    (_L + "attention.query_dense.bias", "layers/attn/q_proj/bias", FLAT),
+    (_L + "attention.key_value_dense.weight", ("layers/attn/k_proj/kernel", "layers/attn/v_proj/kernel"), LINEAR,
+     "interleave"),
+    (_L + "attention.key_value_dense.bias", ("layers/attn/k_proj/bias", "layers/attn/v_proj/bias"), FLAT,
+     "interleave"),
+    (_L + "attention.dense.weight", "layers/attn/o_proj/kernel", LINEAR2),
+    (_L + "post_attention_layernorm.weight", "layers/post_attn_norm/scale", SAME),
+    (_L + "mlp.dense_h_to_4h.weight", ("layers/mlp/up_proj/kernel", "layers/mlp/gate_proj/kernel"), LINEAR, "concat"),
+    (_L + "mlp.dense_4h_to_h.weight", "layers/mlp/down_proj/kernel", LINEAR),
+    ("llm.lm.final_layer_norm.weight", "final_norm/scale", SAME),
+    ("llm.embed_out.weight", "lm_head/kernel", LINEAR),
+)
+# The NaViT vision encoder and PatchMerger projector have no vlm_jax counterpart yet; this map takes the LLM.
+IGNORE = (r"vision_encoder\..*", r"vision_projector\..*")
+
+KEYMAP = KeyMap(ROWS, ignore=IGNORE)
+
+
+def text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """model.text from POINTS' `llm_config` (WeLM field names; [?] in ARCHITECTURES.md until read from the
+    released config: num_kv_heads, rotary_emb_base)."""
+    c = hf.get("llm_config", hf)
+    heads = c["num_attention_heads"]
+    return llama.text_config(dict(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_hidden_layers=c["num_layers"],
+        num_attention_heads=heads, num_key_value_heads=c.get("num_kv_heads", heads),
+        intermediate_size=c["ffn_hidden_size"], rms_norm_eps=c.get("layernorm_epsilon", 1e-5),
+        rope_theta=c.get("rotary_emb_base", 1e6), attention_bias=True), qkv_bias=True)
