@@ -55,12 +55,17 @@ def get_config() -> ml_collections.ConfigDict:
     d.max_image_size = 448
 
     o = c.optim = ml_collections.ConfigDict()
+    # Defaults of every parameter group; `groups.<group>` overrides them (see vlm_jax/train/param_groups.py).
+    o.optimizer = "adamw"  # or "sgd"
     o.lr = 2e-5
     o.warmup_steps = 100
+    o.schedule = "cosine"  # after warmup: cosine | linear | constant, down to lr * final_lr_ratio
     o.final_lr_ratio = 0.0
     o.weight_decay = 0.0
     o.b1 = 0.9
     o.b2 = 0.999
     o.clip_norm = 1.0
+    # (path regex, group) or (path regex, group, "start:stop") for layers of a scanned stack; first match wins.
     o.trainable = [("vision/.*", "frozen"), (".*", "train")]
+    o.groups = ml_collections.ConfigDict()  # group -> {lr, warmup_steps, final_lr_ratio, schedule, weight_decay, frozen}
     return c

@@ -1,7 +1,20 @@
 """Helpers shared by several test files."""
 
+import os
+
 from vlm_jax.data.pipeline import make_train_iterator
 from vlm_jax.data.tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["batch_size=8", "data.seq_len=128", "data.max_tiles_per_row=6", "model.text.layers=2",
+        "model.vision.depth=2", "model.text.hidden=64", "model.text.ffn=128", "model.vision.width=64",
+        "model.vision.mlp_dim=128", "log_every=1"]
+
+
+def tiny_config(*extra: str):
+    """The demo config shrunk to a two-layer ViT and decoder, with `key=value` overrides on top."""
+    from vlm_jax.config import load_config
+    return load_config(os.path.join(ROOT, "configs/demo.py"), TINY + list(extra))
 
 
 def first_batch(config, tokenizer=None) -> dict:

@@ -1,25 +1,14 @@
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 
-from vlm_jax.config import load_config
 from vlm_jax.train import loop
-from vlm_jax.train.optim import label_params
+from vlm_jax.train.param_groups import label_params
 from vlm_jax.train.step import make_train_step
 from vlm_jax.train.tensorboard import read_scalars
-from tests.helpers import first_batch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["batch_size=8", "data.seq_len=128", "data.max_tiles_per_row=6", "model.text.layers=2",
-        "model.vision.depth=2", "model.text.hidden=64", "model.text.ffn=128", "model.vision.width=64",
-        "model.vision.mlp_dim=128", "log_every=1"]
-
-
-def tiny_config(*extra: str):
-    return load_config(os.path.join(ROOT, "configs/demo.py"), TINY + list(extra))
+from tests.helpers import first_batch, tiny_config
 
 
 FREEZE_VISION = "optim.trainable=[('vision/.*', 'frozen'), ('.*', 'train')]"
@@ -72,6 +61,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     tb_losses = [v for _, tag, v in read_scalars(str(events)) if tag == "loss"]
     np.testing.assert_allclose(tb_losses, losses[0], rtol=1e-6)
     assert (tmp_path / "full" / "loss.png").stat().st_size > 0
+    (table,) = json.load(open(tmp_path / "full" / "param_groups.json"))
+    assert table["group"] == "train" and table["params"] > 0 and table["lr"] == full.optim.lr
 
 
 def test_unknown_config_key_is_named():

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import traverse_util
 
 from vlm_jax import parallel
@@ -19,7 +18,8 @@ from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.model import VLM
 from vlm_jax.train.checkpoint import Checkpointer, restore_params
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
-from vlm_jax.train.optim import label_params, make_optimizer, split_params
+from vlm_jax.train.optim import make_optimizer
+from vlm_jax.train.param_groups import ParamGroups
 from vlm_jax.train.step import MODEL_INPUTS, TrainState, init_state, make_train_step
 
 
@@ -49,23 +49,20 @@ class Setup:
         boxed = jax.eval_shape(self._init_params, rng)
         self.param_shardings = param_shardings = parallel.logical_shardings(boxed, self.mesh)
         self.abstract_params = abstract_params = nn.meta.unbox(boxed)
-        self.labels = label_params(abstract_params, [tuple(r) for r in config.optim.trainable])
-        self.optimizer = make_optimizer(config.optim, config.total_steps)
+        self.groups = ParamGroups(abstract_params, config.optim)
+        self.optimizer = make_optimizer(config.optim, self.groups, config.total_steps)
         self.abstract_state = jax.eval_shape(
-            lambda p: init_state(self.model, self.optimizer, self.labels, p), abstract_params)
-        train_sh, frozen_sh = split_params(param_shardings, self.labels)
+            lambda p: init_state(self.optimizer, self.groups, p), abstract_params)
+        train_sh, frozen_sh = self.groups.split(param_shardings)
         rep = parallel.replicated(self.mesh)
         self.state_shardings = TrainState(
             step=rep, trainable=train_sh, frozen=frozen_sh,
-            opt_state=optax.tree_map_params(self.optimizer, lambda _, s: s,
-                                            self.abstract_state.opt_state, train_sh,
-                                            transform_non_params=lambda _: rep))
+            opt_state=opt_state_shardings(self.abstract_state.opt_state, train_sh, rep))
         self.rng = rng
 
     def fresh_state(self) -> TrainState:
         def build(key):
-            return init_state(self.model, self.optimizer, self.labels,
-                              nn.meta.unbox(self._init_params(key)))
+            return init_state(self.optimizer, self.groups, nn.meta.unbox(self._init_params(key)))
         with jax.set_mesh(self.mesh):
             return jax.jit(build, out_shardings=self.state_shardings)(self.rng)
 
@@ -78,8 +75,26 @@ class Setup:
         params.update(loaded)
         logging.info("initialised %d of %d parameter arrays from %s", len(loaded), len(params), path)
         with jax.set_mesh(self.mesh):
-            return jax.jit(lambda p: init_state(self.model, self.optimizer, self.labels, p),
+            return jax.jit(lambda p: init_state(self.optimizer, self.groups, p),
                            out_shardings=self.state_shardings)(traverse_util.unflatten_dict(params))
+
+
+def opt_state_shardings(abstract_opt_state, param_shardings, default):
+    """Each optimizer-state leaf shaped like a parameter (Adam's mu, nu) takes that parameter's sharding,
+    found by the trailing dict keys of its tree path; counts and other leaves take `default`.
+
+    By path rather than optax.tree_map_params, which cannot see through multi_transform's masked states."""
+    by_path = traverse_util.flatten_dict(param_shardings)
+
+    def pick(path, leaf):
+        keys = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.insert(0, k.key)
+        return by_path.get(tuple(keys), default) if getattr(leaf, "ndim", 0) else default
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
 def global_batch(batch: dict, mesh) -> dict:
@@ -107,6 +122,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     if len(tokenizer) > config.model.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is "
                          f"{config.model.text.vocab_size}")
+    if jax.process_index() == 0:
+        print(setup.groups.format_table(), flush=True)
+        setup.groups.write_table(workdir)
     data = make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = ckpt.latest_step()

@@ -1,75 +1,90 @@
-"""Optimizer and parameter selection: path regex -> label tables, refusing unmatched parameters."""
+"""The optimizer over the trainable parameter groups (vlm_jax/train/param_groups.py): one schedule, weight
+decay and update rule per group through optax.multi_transform, global-norm clipping across all groups,
+and per-layer masks for partially unfrozen scanned stacks."""
 
-import re
-
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import traverse_util
 
-FROZEN = "frozen"
+from vlm_jax.train.param_groups import GroupSpec, ParamGroups, Path
+
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+# Weight decay by leaf name, not ndim: scanned layers give biases and norm scales a leading layer axis.
+DECAYED_LEAVES = ("kernel", "embedding", "lora_a", "lora_b")
 
 
-def param_path(path: tuple[str, ...]) -> str:
-    return "/".join(path)
+def learning_rate_schedule(s: GroupSpec, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `s.lr`, then cosine or linear decay to `s.lr * s.final_lr_ratio` at
+    total_steps, or constant."""
+    warmup = min(int(s.warmup_steps), max(total_steps - 1, 0))
+    if s.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=s.lr, warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1), end_value=s.lr * s.final_lr_ratio)
+    if s.schedule == "linear":
+        after = optax.linear_schedule(s.lr, s.lr * s.final_lr_ratio, max(total_steps - warmup, 1))
+    elif s.schedule == "constant":
+        after = optax.constant_schedule(s.lr)
+    else:
+        raise ValueError(f"unknown schedule {s.schedule!r}; choose from {SCHEDULES}")
+    if not warmup:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, s.lr, warmup), after], [warmup])
 
 
-def label_params(params, rules: list[tuple[str, str]], what: str = "optim.trainable") -> dict:
-    """Maps every parameter path to the label of the first rule whose regex fully matches it.
+def _decay_mask(tree):
+    # tree_map (not flatten_dict): inside multi_transform other groups' leaves are empty MaskedNodes.
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAYED_LEAVES, tree)
 
-    A parameter matched by no rule, or a rule that matches no parameter, is an error: both are
-    almost always a typo that would otherwise freeze or train the wrong weights silently.
+
+def _group_transform(o: ml_collections.ConfigDict, s: GroupSpec, total_steps: int) -> optax.GradientTransformation:
+    lr = learning_rate_schedule(s, total_steps)
+    if o.optimizer == "adamw":
+        return optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=s.weight_decay, mask=_decay_mask)
+    if o.optimizer == "sgd":  # plain SGD: update = -lr * (grad + wd * param)
+        return optax.chain(optax.add_decayed_weights(s.weight_decay, _decay_mask), optax.scale_by_learning_rate(lr))
+    raise ValueError(f"unknown optim.optimizer {o.optimizer!r}; choose from {OPTIMIZERS}")
+
+
+def mask_layers(masks: dict[Path, np.ndarray], fill: float) -> optax.GradientTransformation:
+    """Sets the frozen layers of partially unfrozen stacks to `fill` (stateless).
+
+    Applied to gradients (fill 0: frozen layers add nothing to the clipping norm or to Adam's moments) and to
+    the final updates with fill -0.0: `p + (-0.0) == p` bit for bit for every p, including p = -0.0, which
+    `p + 0.0` would turn into +0.0, so masked layers stay bit-identical through optax.apply_updates.
     """
-    flat = traverse_util.flatten_dict(params)
-    compiled = [(re.compile(pattern), label) for pattern, label in rules]
-    used = [False] * len(compiled)
-    labels, unmatched = {}, []
-    for path in flat:
-        name = param_path(path)
-        for i, (regex, label) in enumerate(compiled):
-            if regex.fullmatch(name):
-                labels[path], used[i] = label, True
-                break
-        else:
-            unmatched.append(name)
-    if unmatched:
-        raise ValueError(f"{what}: no rule matches parameter(s) {unmatched[:10]}"
-                         + (f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else ""))
-    unused = [rules[i][0] for i, u in enumerate(used) if not u]
-    if unused:
-        raise ValueError(f"{what}: rule(s) {unused} match no parameter")
-    return labels
+    def update(updates, state, params=None):
+        del params
+        flat = traverse_util.flatten_dict(updates)
+        for path, mask in masks.items():
+            u = flat[path]
+            keep = jnp.asarray(mask).reshape((-1,) + (1,) * (u.ndim - 1))
+            flat[path] = jnp.where(keep, u, jnp.asarray(fill, u.dtype))
+        return traverse_util.unflatten_dict(flat), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def split_params(params, labels: dict) -> tuple[dict, dict]:
-    """(trainable, frozen) nested dicts; gradients are taken only with respect to the first."""
-    flat = traverse_util.flatten_dict(params)
-    train = {k: v for k, v in flat.items() if labels[k] != FROZEN}
-    frozen = {k: v for k, v in flat.items() if labels[k] == FROZEN}
-    return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen)
-
-
-def merge_params(train: dict, frozen: dict) -> dict:
-    flat = traverse_util.flatten_dict(train)
-    flat.update(traverse_util.flatten_dict(frozen))
-    return traverse_util.unflatten_dict(flat)
-
-
-def learning_rate_schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    warmup = min(int(o.warmup_steps), max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=o.lr * o.final_lr_ratio)
-
-
-def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine and global-norm clipping; weight decay on matrices only."""
-    def decay_mask(tree):
-        # By name, not ndim: scanned layers give biases and norm scales a leading layer axis.
-        return traverse_util.unflatten_dict({
-            path: path[-1] in ("kernel", "embedding")
-            for path in traverse_util.flatten_dict(tree)})
+def make_optimizer(o: ml_collections.ConfigDict, groups: ParamGroups, total_steps: int) -> optax.GradientTransformation:
+    """Optimizer over the trainable tree of `groups.split(params)`: frozen groups are not in that tree, so
+    they carry no optimizer state."""
+    # A label tree, not a callable: optax.tree_map_params initialises with a placeholder in place of params.
+    labels = traverse_util.unflatten_dict(groups.trainable_labels)
+    transforms = {g: _group_transform(o, s, total_steps) for g, s in groups.specs.items() if not s.frozen}
+    masks = groups.layer_masks
 
     return optax.chain(
+        mask_layers(masks, 0.0) if masks else optax.identity(),
         optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
-        optax.adamw(learning_rate_schedule(o, total_steps), b1=o.b1, b2=o.b2,
-                    weight_decay=o.weight_decay, mask=decay_mask))
+        optax.multi_transform(transforms, labels),
+        mask_layers(masks, -0.0) if masks else optax.identity())
+
+
+def optimizer_state_bytes(opt_state) -> int:
+    """Bytes held by an optimizer state (arrays or ShapeDtypeStructs)."""
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(opt_state)
+               if hasattr(x, "shape"))

@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from vlm_jax import parallel
-from vlm_jax.train.optim import merge_params, split_params
+from vlm_jax.train.param_groups import ParamGroups, merge_params
 
 MODEL_INPUTS = ("tokens", "positions", "segment_ids", "tiles", "tile_mask", "image_dest")
 
@@ -36,9 +36,8 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
     return (nll * mask).sum() / jnp.maximum(count, 1.0), count
 
 
-def init_state(model: nn.Module, optimizer: optax.GradientTransformation, labels: dict,
-               params) -> TrainState:
-    trainable, frozen = split_params(params, labels)
+def init_state(optimizer: optax.GradientTransformation, groups: ParamGroups, params) -> TrainState:
+    trainable, frozen = groups.split(params)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                       opt_state=optimizer.init(trainable))
 
