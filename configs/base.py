@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
         mlp_dim=4096, mlp_act="quick_gelu", norm_eps=1e-5, pre_norm=True,
         feature_layer=-2, drop_cls=True))
     m.connector = ml_collections.ConfigDict(dict(kind="mlp", in_norm=False, norm_eps=1e-5))
+    # LoRA adapters on the Dense layers whose module path fully matches `targets` (rank 0: none).
+    m.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, dropout=0.0,
+        targets=r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"))
     m.text = ml_collections.ConfigDict(dict(
         vocab_size=32000, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,
         ffn=11008, rms_eps=1e-5, rope_base=10000.0, qkv_bias=False, tie_embeddings=False))

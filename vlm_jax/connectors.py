@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.typing import DTypeLike
 
+from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.mlp import MLP
 from vlm_jax.layers.norms import LayerNorm
 
@@ -17,13 +18,14 @@ class MLPProjector(nn.Module):
     out_dim: int
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.config.in_norm:
             x = LayerNorm(self.config.norm_eps, name="in_norm", **kw)(x)
-        return MLP(self.out_dim, "gelu", out_dim=self.out_dim, name="mlp", **kw)(x)
+        return MLP(self.out_dim, "gelu", out_dim=self.out_dim, name="mlp", lora=self.lora, **kw)(x)
 
 
 CONNECTORS: dict[str, type[nn.Module]] = {"mlp": MLPProjector}

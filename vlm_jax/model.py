@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.connectors import CONNECTORS
+from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.text.decoder import Decoder
 from vlm_jax.vision.vit import ViT
 
@@ -20,7 +21,8 @@ class VLM(nn.Module):
         c = self.config
         if c.connector.kind not in CONNECTORS:
             raise ValueError(f"unknown connector {c.connector.kind!r}; choose from {sorted(CONNECTORS)}")
-        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+                  lora=LoraSpec.from_config(c.get("lora")))
         stack = dict(scan_layers=c.scan_layers, remat_policy=c.remat_policy)
         self.vision = ViT(c.vision, **stack, **kw)
         self.connector = CONNECTORS[c.connector.kind](c.connector, c.text.hidden, **kw)

@@ -10,6 +10,7 @@ from jax.typing import DTypeLike
 
 from vlm_jax.layers import axes
 from vlm_jax.layers.dense import Dense
+from vlm_jax.layers.lora import LoraSpec
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -36,10 +37,11 @@ class SwiGLU(nn.Module):
     hidden_dim: int
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         gate = dense(self.hidden_dim, (axes.EMBED, axes.MLP), name="gate_proj")(x)
         up = dense(self.hidden_dim, (axes.EMBED, axes.MLP), name="up_proj")(x)
         h = nn.with_logical_constraint(jax.nn.silu(gate) * up, axes.BLM)
@@ -54,10 +56,12 @@ class MLP(nn.Module):
     out_dim: int | None = None
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = functools.partial(Dense, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(Dense, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  lora=self.lora)
         h = dense(self.hidden_dim, (axes.EMBED, axes.MLP), name="fc1")(x)
         h = nn.with_logical_constraint(activation(self.act)(h), axes.BLM)
         return dense(self.out_dim or x.shape[-1], (axes.MLP, axes.EMBED), name="fc2")(h)

@@ -44,7 +44,7 @@ def run_blocks(
         stack = nn.scan(
             block_cls,
             variable_axes={"params": 0, "cache": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args),
             length=num_layers,
             metadata_params={nn.PARTITION_NAME: axes.LAYERS},

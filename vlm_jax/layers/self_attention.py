@@ -18,6 +18,7 @@ from jax.typing import DTypeLike
 from vlm_jax.layers import axes
 from vlm_jax.layers.attention import attention
 from vlm_jax.layers.dense import Dense
+from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.rope import apply_rope, rope_cos_sin
 
 CACHE_MODES = ("none", "prefill", "decode")
@@ -36,6 +37,7 @@ class SelfAttention(nn.Module):
     backend: str = "xla"
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(
@@ -44,7 +46,7 @@ class SelfAttention(nn.Module):
         """x [B, L, E]; positions [B, L] (needed for RoPE and decoding); segment_ids [B, L] or None."""
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"unknown cache_mode {self.cache_mode!r}; choose from {CACHE_MODES}")
-        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         q = dense((self.num_heads, self.head_dim), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
                   use_bias=self.qkv_bias, name="q_proj")(x)
         kv_shape, kv_names = (self.num_kv_heads, self.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)

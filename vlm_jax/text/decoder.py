@@ -13,6 +13,7 @@ from jax.typing import DTypeLike
 from vlm_jax.layers import axes
 from vlm_jax.layers.dense import Dense
 from vlm_jax.layers.embed import Embed
+from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.mlp import SwiGLU
 from vlm_jax.layers.norms import RMSNorm
 from vlm_jax.layers.scan import run_blocks
@@ -32,6 +33,7 @@ class DecoderBlock(nn.Module):
     cache_len: int = 0
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(
@@ -39,12 +41,13 @@ class DecoderBlock(nn.Module):
     ) -> tuple[jax.Array, None]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(self.rms_eps, name="input_norm", **kw)(x)
+        lora = dict(lora=self.lora)
         x = x + SelfAttention(
             self.heads, self.kv_heads, self.head_dim, causal=True, qkv_bias=self.qkv_bias,
-            rope_base=self.rope_base, cache_mode=self.cache_mode, cache_len=self.cache_len, name="attn", **kw,
+            rope_base=self.rope_base, cache_mode=self.cache_mode, cache_len=self.cache_len, name="attn", **kw, **lora,
         )(h, positions, segment_ids)
         h = RMSNorm(self.rms_eps, name="post_attn_norm", **kw)(x)
-        x = x + SwiGLU(self.ffn, name="mlp", **kw)(h)
+        x = x + SwiGLU(self.ffn, name="mlp", **kw, **lora)(h)
         return nn.with_logical_constraint(x, axes.BLE), None
 
 
@@ -54,13 +57,14 @@ class Decoder(nn.Module):
     remat_policy: str = "none"
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    lora: LoraSpec | None = None
 
     def setup(self) -> None:
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = Embed(c.vocab_size, c.hidden, **kw)
         self.final_norm = RMSNorm(c.rms_eps, **kw)
         if not c.tie_embeddings:
-            self.lm_head = Dense(c.vocab_size, (axes.EMBED, axes.VOCAB), **kw)
+            self.lm_head = Dense(c.vocab_size, (axes.EMBED, axes.VOCAB), lora=self.lora, **kw)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, L] -> embeddings [B, L, hidden]."""
@@ -81,7 +85,7 @@ class Decoder(nn.Module):
         block = dict(
             hidden=c.hidden, heads=c.heads, kv_heads=c.kv_heads, head_dim=c.head_dim, ffn=c.ffn,
             rms_eps=c.rms_eps, rope_base=c.rope_base, qkv_bias=c.qkv_bias, cache_mode=cache_mode,
-            cache_len=cache_len, dtype=self.dtype, param_dtype=self.param_dtype)
+            cache_len=cache_len, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         # Remat only saves memory for a backward pass; generation has none.
         remat = self.remat_policy if cache_mode == "none" else "none"
         x = run_blocks(DecoderBlock, block, x, positions, segment_ids, num_layers=c.layers,

@@ -135,7 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
         state, data_state = ckpt.restore(start, setup.abstract_state, setup.state_shardings)
         data.set_state(data_state)
         logging.info("resumed from step %d", start)
-    step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
+    step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed)
     logger = MetricsLogger(workdir, start, config.total_steps)
     config_json, tokens_seen = to_json(config), 0.0
     end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)

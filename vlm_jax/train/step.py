@@ -43,18 +43,21 @@ def init_state(optimizer: optax.GradientTransformation, groups: ParamGroups, par
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    state_shardings, rules=parallel.LOGICAL_RULES) -> Callable:
-    """Returns jitted `step(state, batch) -> (state, metrics)` that runs unchanged on any mesh."""
+                    state_shardings, rules=parallel.LOGICAL_RULES, seed: int = 0) -> Callable:
+    """Returns jitted `step(state, batch) -> (state, metrics)` that runs unchanged on any mesh.
 
-    def loss_fn(trainable, frozen, batch):
+    Each step passes a 'dropout' rng derived from (seed, step), so LoRA dropout is on in training only and a
+    resumed run draws the same masks."""
+
+    def loss_fn(trainable, frozen, batch, dropout_key):
         logits = model.apply({"params": merge_params(trainable, frozen)},
-                             *(batch[k] for k in MODEL_INPUTS))
+                             *(batch[k] for k in MODEL_INPUTS), rngs={"dropout": dropout_key})
         return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
     def step(state: TrainState, batch: dict):
         with nn.logical_axis_rules(rules):
             (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.trainable, state.frozen, batch)
+                state.trainable, state.frozen, batch, jax.random.fold_in(jax.random.key(seed), state.step))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss, "loss_tokens": count, "grad_norm": optax.tree.norm(grads)}

@@ -16,6 +16,7 @@ from jax.typing import DTypeLike
 
 from vlm_jax.layers import axes
 from vlm_jax.layers.dense import Dense
+from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.mlp import MLP
 from vlm_jax.layers.norms import LayerNorm
 from vlm_jax.layers.scan import run_blocks
@@ -73,15 +74,16 @@ class ViTBlock(nn.Module):
     norm_eps: float
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
         x = x + SelfAttention(self.heads, self.heads, self.width // self.heads, causal=False, qkv_bias=True,
-                              out_bias=True, name="attn", **kw)(h)
+                              out_bias=True, name="attn", lora=self.lora, **kw)(h)
         h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
-        x = x + MLP(self.mlp_dim, self.mlp_act, name="mlp", **kw)(h)
+        x = x + MLP(self.mlp_dim, self.mlp_act, name="mlp", lora=self.lora, **kw)(h)
         return nn.with_logical_constraint(x, axes.BLE), None
 
 
@@ -91,6 +93,7 @@ class ViT(nn.Module):
     remat_policy: str = "none"
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    lora: LoraSpec | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -108,7 +111,8 @@ class ViT(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = STEMS[c.stem](c, name="stem", **kw)(tiles)
         x = nn.with_logical_constraint(x, axes.BLE)
-        block = dict(width=c.width, heads=c.heads, mlp_dim=c.mlp_dim, mlp_act=c.mlp_act, norm_eps=c.norm_eps, **kw)
+        block = dict(width=c.width, heads=c.heads, mlp_dim=c.mlp_dim, mlp_act=c.mlp_act, norm_eps=c.norm_eps,
+                     lora=self.lora, **kw)
         x = run_blocks(ViTBlock, block, x, num_layers=self.num_blocks, scan=self.scan_layers,
                        remat_policy=self.remat_policy)
         return x[:, 1:] if c.drop_cls else x
