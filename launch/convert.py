@@ -9,6 +9,8 @@ Families: clip, llama, qwen2, llava (HF LlavaForConditionalGeneration), llava_or
 ShareGPT4V state dict; its CLIP tower comes from --vision). An imported CKPT_DIR starts a training run
 with --config.init_params=CKPT_DIR (params only, fresh optimizer).
 `check` prints one JSON line: max_abs_diff, max_rel_diff, and the same per stage.
+A LoRA checkpoint (model.lora.rank > 0) exports merged for hf/original, or as a PEFT adapter directory
+(adapter_config.json + adapter_model.safetensors) for peft.
 """
 
 import argparse

@@ -1,5 +1,6 @@
-"""Export: a vlm_jax checkpoint directory (from `import`, or written by `save_params` + `vlm_jax.json`) ->
-an HF directory (`config.json`, sharded safetensors, tokenizer files) or the original LLaVA layout.
+"""Export: a vlm_jax checkpoint directory (vlm_jax/interop/ckpt_dir.py) -> an HF directory (`config.json`,
+sharded safetensors, tokenizer files), the original LLaVA layout, or a PEFT adapter (vlm_jax/interop/peft.py).
+LoRA adapters are merged into their kernels for `hf` and `original`.
 
 Tensors are produced one at a time from the sharded parameters through the same key maps the import uses,
 and written one shard at a time.
@@ -17,11 +18,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vlm_jax.interop import clip, families, llava
-from vlm_jax.interop.hf_import import read_meta
+from vlm_jax.interop import clip, families, llava, peft
+from vlm_jax.interop.ckpt_dir import read_meta
 from vlm_jax.interop.keymap import ConversionError, KeyMap, expand, torch_tensors
 from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
 from vlm_jax.interop.torch_files import write_safetensors
+from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec, merge_lora
 from vlm_jax.train.checkpoint import restore_params
 
 FORMATS = ("hf", "original", "peft")
@@ -96,8 +98,6 @@ def export_checkpoint(src: str, dst: str, fmt: str, mesh: Mesh, *, dtype: str | 
     """Writes `dst` in `fmt` (see FORMATS); nothing is left at `dst` unless the export succeeds."""
     if fmt not in FORMATS:
         raise ConversionError(f"unknown export format {fmt!r}; choose from {FORMATS}")
-    if fmt == "peft":
-        raise ConversionError("peft export needs LoRA adapters, which vlm_jax models do not have yet")
     if os.path.exists(dst):
         raise ConversionError(f"{dst} already exists; choose a new destination")
     meta = read_meta(src)
@@ -106,9 +106,17 @@ def export_checkpoint(src: str, dst: str, fmt: str, mesh: Mesh, *, dtype: str | 
     abstract = abstract_params(model, parts)
     params = flat(restore_params(os.path.join(src, "params"), unflat(abstract),
                                  unflat(param_shardings(model, parts, mesh))))
+    lora = LoraSpec.from_config(model.get("lora"))
+    if lora is not None and fmt != "peft":  # hf / original hold the merged weights
+        params = flat(merge_lora(unflat(params), lora))
     tmp = f"{dst.rstrip('/')}.partial-{os.getpid()}"
     try:
-        if fmt == "hf":
+        if fmt == "peft":
+            base = (meta.get("hf_config") or {}).get("_name_or_path", "")
+            adapters = {k: _gather(v) for k, v in params.items() if k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)}
+            if jax.process_index() == 0:
+                peft.write_adapter(tmp, model, parts, adapters, np_dtype, base)
+        elif fmt == "hf":
             family, keymap, config = _hf_target(model, parts, meta, image_token_index)
             vocab = config.get("text_config", {}).get("vocab_size", 0)
             pad = {"language_model.model.embed_tokens.weight": vocab, "language_model.lm_head.weight": vocab}

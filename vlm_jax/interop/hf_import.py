@@ -1,13 +1,11 @@
 """Import: PyTorch checkpoints -> vlm_jax parameters, one tensor at a time, each leaf placed straight into
 its target sharding; then a params-only orbax checkpoint a training run can start from.
 
-A vlm_jax checkpoint directory holds `params/` (orbax), `vlm_jax.json` (family, parts, model config, the
-source HF configs) and `tokenizer/` (the source's tokenizer files, when it had any).
+Writes a vlm_jax checkpoint directory (vlm_jax/interop/ckpt_dir.py).
 """
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -16,15 +14,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vlm_jax.interop import families
+from vlm_jax.interop.ckpt_dir import META_FILE, read_meta, write_checkpoint_dir  # noqa: F401 (re-exported)
 from vlm_jax.interop.keymap import ConversionError, build_leaf, expand, leaf_sources, match_source
-from vlm_jax.interop.model_params import abstract_params, param_shardings, unflat
+from vlm_jax.interop.model_params import abstract_params, param_shardings
 from vlm_jax.interop.torch_files import TorchFiles
-from vlm_jax.train.checkpoint import save_params
 
-META_FILE = "vlm_jax.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja",
-                   "generation_config.json", "preprocessor_config.json", "processor_config.json")
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -105,32 +99,7 @@ def import_checkpoint(
     model = model_config(sources, base_model, param_dtype)
     params = import_params(sources, model, mesh)
     parts = sorted({p for s in sources for p in s.spec.parts})
-    tmp = f"{dst.rstrip('/')}.partial-{os.getpid()}"
-    try:
-        if jax.process_index() == 0:
-            os.makedirs(tmp)
-        save_params(os.path.join(tmp, "params"), unflat(params))
-        if jax.process_index() == 0:
-            meta = dict(family=sources[-1].family, parts=parts, model=model.to_dict(),
-                        hf_config=sources[-1].hf_config, vision_hf_config=sources[0].hf_config if vision else None)
-            with open(os.path.join(tmp, META_FILE), "w") as f:
-                json.dump(meta, f, indent=2)
-            folder = src if os.path.isdir(src) else os.path.dirname(src)
-            found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))]
-            if found:
-                os.makedirs(os.path.join(tmp, "tokenizer"))
-                for n in found:
-                    shutil.copy(os.path.join(folder, n), os.path.join(tmp, "tokenizer", n))
-            os.replace(tmp, dst)
-    finally:
-        if jax.process_index() == 0 and os.path.exists(tmp):
-            shutil.rmtree(tmp)
+    meta = dict(family=sources[-1].family, parts=parts, model=model.to_dict(),
+                hf_config=sources[-1].hf_config, vision_hf_config=sources[0].hf_config if vision else None)
+    write_checkpoint_dir(dst, params, meta, tokenizer_from=src if os.path.isdir(src) else os.path.dirname(src))
     return model
-
-
-def read_meta(ckpt: str) -> dict[str, Any]:
-    file = os.path.join(ckpt, META_FILE)
-    if not os.path.isfile(file):
-        raise ConversionError(f"{ckpt} is not a vlm_jax checkpoint from `convert.py import` (no {META_FILE})")
-    with open(file) as f:
-        return json.load(f)

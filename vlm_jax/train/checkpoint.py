@@ -8,6 +8,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from vlm_jax.layers.lora import LORA_A, LORA_B
+
 
 class Checkpointer:
     """Async, keep-N checkpoints under WORKDIR/checkpoints; restores onto any mesh."""
@@ -54,10 +56,15 @@ def save_params(path: str, params) -> None:
         ckptr.save(os.path.abspath(path), args=ocp.args.StandardSave(params))
 
 
+def _without(tree: dict, paths: list[str]) -> dict:
+    leaves = traverse_util.flatten_dict(tree, sep="/")
+    return traverse_util.unflatten_dict({k: v for k, v in leaves.items() if k not in paths}, sep="/")
+
+
 def restore_params(path: str, abstract_params, shardings):
     """The top-level subtrees a `save_params` checkpoint holds (an imported LLM may have no vision tower),
     cast to `abstract_params`' dtypes and placed by `shardings`. Each leaf's shape must match the model's,
-    else the error lists every mismatch."""
+    else the error lists every mismatch; only LoRA adapter leaves may be absent (left out of the result)."""
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
         stored = dict(ckptr.metadata(os.path.abspath(path)).item_metadata)
     extra = sorted(set(stored) - set(abstract_params))
@@ -67,6 +74,11 @@ def restore_params(path: str, abstract_params, shardings):
     shardings = {k: shardings[k] for k in stored}
     have = {k: v.shape for k, v in traverse_util.flatten_dict(stored, sep="/").items()}
     want = {k: v.shape for k, v in traverse_util.flatten_dict(abstract_params, sep="/").items()}
+    # A base model's checkpoint has no LoRA adapters; they keep their fresh init (B = 0).
+    new_adapters = [k for k in want if k not in have and k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)]
+    if new_adapters:
+        abstract_params, shardings = _without(abstract_params, new_adapters), _without(shardings, new_adapters)
+        want = {k: v for k, v in want.items() if k not in new_adapters}
     wrong = [f"{k}: checkpoint {have.get(k)}, model {v}" for k, v in want.items() if have.get(k) != tuple(v)]
     if wrong:
         raise ValueError(f"params checkpoint {path} does not fit the model:\n  " + "\n  ".join(wrong))

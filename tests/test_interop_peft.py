@@ -1,0 +1,94 @@
+"""LoRA checkpoints out to PyTorch: a PEFT adapter applied with `peft` to the transformers model, and the
+merged HF export, both give the vlm_jax LoRA model's logits."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from configs.base import get_config
+from tests.helpers import randomize_torch, save_torch_model
+from vlm_jax import parallel
+from vlm_jax.interop.ckpt_dir import read_meta, write_checkpoint_dir
+from vlm_jax.interop.hf_export import export_checkpoint
+from vlm_jax.interop.hf_import import import_checkpoint
+from vlm_jax.interop.keymap import ConversionError
+from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
+from vlm_jax.model import VLM
+from vlm_jax.train.checkpoint import restore_params
+
+peft = pytest.importorskip("peft")
+
+BASE = get_config().model
+MESH = parallel.make_mesh(get_config().mesh)
+TEXT = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-5, rope_theta=1000.0, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(tmp_path_factory):
+    """(HF LLaMA dir, vlm_jax checkpoint of it with random rank-4 adapters on every decoder linear)."""
+    root = tmp_path_factory.mktemp("peft")
+    torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT)).eval()
+    randomize_torch(torch_model, 0)
+    hf = save_torch_model(torch_model, root / "hf")
+    import_checkpoint(hf, str(root / "base"), BASE, MESH)
+    meta = read_meta(str(root / "base"))
+    model = BASE.copy_and_resolve_references()
+    model.update(meta["model"])
+    model.lora.update(rank=4, alpha=8.0)
+    parts = ("decoder",)
+    base = flat(restore_params(str(root / "base" / "params"), unflat(abstract_params(model, parts)),
+                               unflat(param_shardings(model, parts, MESH))))
+    rng = np.random.default_rng(0)
+    params = {k: base.get(k, jnp.asarray(0.2 * rng.standard_normal(v.shape), v.dtype))
+              for k, v in abstract_params(model, parts).items()}
+    assert len(params) > len(base)
+    write_checkpoint_dir(str(root / "lora"), params, dict(meta, model=model.to_dict()))
+    return hf, str(root / "lora"), model, params
+
+
+def _jax_logits(model, params, ids: np.ndarray) -> np.ndarray:
+    positions = np.arange(ids.shape[1])[None]
+    return np.asarray(VLM(model).apply({"params": unflat(params)}, ids, positions, None,
+                                       method=lambda m, t, p, s: m.decoder(t, p, s)))
+
+
+def test_peft_adapter_and_merged_export_match_vlm_jax_lora_logits(lora_ckpt, tmp_path):
+    hf, src, model, params = lora_ckpt
+    ids = (np.arange(1, 13)[None] * 7) % 97
+    want = _jax_logits(model, params, ids)
+    no_lora = model.copy_and_resolve_references()
+    no_lora.lora.rank = 0
+    base_logits = _jax_logits(no_lora, {k: v for k, v in params.items() if "lora" not in k}, ids)
+    assert np.max(np.abs(want - base_logits)) > 1e-2  # the adapters change the outputs
+
+    export_checkpoint(src, str(tmp_path / "adapter"), "peft", MESH)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
+    names = set(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert "base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight" in names and len(names) == 2 * 7 * 2
+    base_model = transformers.LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    adapted = peft.PeftModel.from_pretrained(base_model, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        got = adapted(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+    export_checkpoint(src, str(tmp_path / "merged"), "hf", MESH)
+    merged = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_peft_export_refuses_a_checkpoint_without_adapters(lora_ckpt, tmp_path):
+    hf, src, _, _ = lora_ckpt
+    base = src.replace("lora", "base")
+    with pytest.raises(ConversionError, match="no adapter"):
+        export_checkpoint(base, str(tmp_path / "adapter"), "peft", MESH)
+    assert not (tmp_path / "adapter").exists()
