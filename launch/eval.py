@@ -1,5 +1,7 @@
 """Evaluate the latest checkpoint on held-out questions:
-python launch/eval.py --config configs/demo.py --workdir W [--step N]
+python launch/eval.py --config configs/demo.py --workdir W [--step N | --params CKPT_DIR]
+
+--params evaluates a checkpoint directory (an import or a soup) instead of W's checkpoints.
 
 Prints one JSON line with `accuracy` and `accuracy_by_type`; writes W/eval_predictions.jsonl and
 W/eval_examples.png.
@@ -17,16 +19,23 @@ from vlm_jax.train.loop import Setup
 
 
 def main() -> None:
-    args, config = parse(__doc__.splitlines()[0], add_arguments=lambda p: p.add_argument(
-        "--step", type=int, default=None, help="checkpoint step to evaluate (default: the latest)"))
+    def add_arguments(p):
+        p.add_argument("--step", type=int, default=None, help="checkpoint step to evaluate (default: the latest)")
+        p.add_argument("--params", default=None, help="evaluate this checkpoint directory instead")
+
+    args, config = parse(__doc__.splitlines()[0], add_arguments=add_arguments)
     setup = Setup(config)
-    ckpt = Checkpointer(args.workdir, config.keep_checkpoints)
-    step = ckpt.latest_step() if args.step is None else args.step
-    if step not in ckpt.all_steps():
-        raise SystemExit(f"no checkpoint {'' if step is None else step} in "
-                         f"{os.path.join(args.workdir, 'checkpoints')} (have {ckpt.all_steps()})")
-    state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
-    ckpt.close()
+    if args.params:
+        state, step = setup.imported_state(args.params), args.params
+    else:
+        ckpt = Checkpointer(args.workdir, config.keep_checkpoints)
+        step = ckpt.latest_step() if args.step is None else args.step
+        if step not in ckpt.all_steps():
+            raise SystemExit(f"no checkpoint {'' if step is None else step} in "
+                             f"{os.path.join(args.workdir, 'checkpoints')} (have {ckpt.all_steps()})")
+        state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
+        ckpt.close()
+    os.makedirs(args.workdir, exist_ok=True)
     tokenizer = load_tokenizer(config.data.tokenizer)
     scores, records = evaluate(config, state.params, tokenizer, setup.mesh)
     with open(os.path.join(args.workdir, "eval_predictions.jsonl"), "w") as f:

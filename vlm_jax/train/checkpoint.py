@@ -42,6 +42,10 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
         return out.state, out.data
 
+    def read_config(self, step: int) -> dict:
+        """The config a run saved with its step-`step` checkpoint (as a dict)."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

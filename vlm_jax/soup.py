@@ -1,0 +1,88 @@
+"""Model soup (POINTS1.5, `wepoints.utils.model_soup`): the element-wise weighted average of several
+checkpoints of one model, written as a checkpoint directory (vlm_jax/interop/ckpt_dir.py) that a run starts
+from (`--config.init_params`), `launch/eval.py --params` evaluates and `launch/convert.py export` exports.
+
+Sources are training workdirs (their latest checkpoint, or `WORKDIR@STEP`) or checkpoint directories.
+"""
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlm_jax.interop.ckpt_dir import META_FILE, read_meta, write_checkpoint_dir
+from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
+from vlm_jax.train.checkpoint import Checkpointer, restore_params
+
+
+def load_params(src: str, mesh) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """(flat path -> array, checkpoint-directory meta) of a checkpoint directory or `WORKDIR[@STEP]`."""
+    if os.path.isfile(os.path.join(src, META_FILE)):
+        meta = read_meta(src)
+        model, parts = ml_collections.ConfigDict(meta["model"]), tuple(sorted(meta["parts"]))
+        params = restore_params(os.path.join(src, "params"), unflat(abstract_params(model, parts)),
+                                unflat(param_shardings(model, parts, mesh)))
+        return flat(params), meta
+    from vlm_jax.train.loop import Setup  # the trainer's state layout, only for workdirs
+
+    workdir, _, step = src.partition("@")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise ValueError(f"{src} is neither a checkpoint directory (no {META_FILE}) nor a training workdir "
+                         "(no checkpoints/)")
+    ckpt = Checkpointer(workdir, keep=1 << 30)
+    try:
+        step = int(step) if step else ckpt.latest_step()
+        if step not in ckpt.all_steps():
+            raise ValueError(f"{workdir} has no checkpoint {step} (have {ckpt.all_steps()})")
+        config = ml_collections.ConfigDict(ckpt.read_config(step))
+        setup = Setup(config, list(mesh.devices.flat))
+        state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
+    finally:
+        ckpt.close()
+    params = flat(state.params)
+    meta = dict(family="vlm_jax", parts=sorted({k.split("/", 1)[0] for k in params}),
+                model=config.model.to_dict(), source=f"{workdir}@{step}")
+    return params, meta
+
+
+def check_compatible(first: dict[str, jax.Array], other: dict[str, jax.Array], where: str) -> None:
+    """Same leaf paths, shapes and dtypes, else an error listing each difference."""
+    problems = [f"missing {k}" for k in sorted(set(first) - set(other))]
+    problems += [f"unexpected {k}" for k in sorted(set(other) - set(first))]
+    problems += [f"{k}: {other[k].dtype}{list(other[k].shape)}, expected {first[k].dtype}{list(first[k].shape)}"
+                 for k in sorted(set(first) & set(other))
+                 if other[k].shape != first[k].shape or other[k].dtype != first[k].dtype]
+    if problems:
+        raise ValueError(f"{where} does not have the structure of the first source:\n  " + "\n  ".join(problems))
+
+
+def soup(sources: list[str], dst: str, mesh, weights: list[float] | None = None) -> dict[str, Any]:
+    """Writes the weighted average (fp32 accumulation, stored in each leaf's dtype) of `sources` to `dst`,
+    loading one source at a time. Weights default to uniform and are normalised to sum to 1."""
+    if not sources:
+        raise ValueError("soup needs at least one source")
+    weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(sources) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"soup: {len(sources)} sources need as many non-negative weights, got {weights}")
+    total = sum(weights)
+    acc, first, meta = None, None, None
+
+    @jax.jit
+    def add(acc, x, w):
+        return jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), acc, x)
+
+    for src, w in zip(sources, weights):
+        params, src_meta = load_params(src, mesh)
+        if first is None:
+            first, meta = {k: (v.shape, v.dtype) for k, v in params.items()}, src_meta
+            acc = jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32, device=v.sharding), params)
+        else:
+            check_compatible({k: jax.ShapeDtypeStruct(*s) for k, s in first.items()}, params, src)
+        acc = add(acc, params, w / total)
+        del params
+    out = {k: v.astype(first[k][1]) for k, v in acc.items()}
+    meta = dict(meta, family=meta.get("family", "vlm_jax"), soup=dict(sources=sources, weights=weights))
+    write_checkpoint_dir(dst, out, meta, tokenizer_from=os.path.join(sources[0], "tokenizer"))
+    return meta
