@@ -2,7 +2,7 @@
 
   python launch/convert.py import --src HF_OR_STATE_DICT_DIR --dst CKPT_DIR [--vision CLIP_DIR]
                                   [--family NAME] [--param_dtype bfloat16]
-  python launch/convert.py export --src CKPT_DIR --dst DIR --format hf|original|peft [--dtype D]
+  python launch/convert.py export --src CKPT_DIR|WORKDIR[@STEP] --dst DIR --format hf|original|peft [--dtype D]
   python launch/convert.py check  --src HF_DIR [--family NAME] [--seed N]
 
 Families: clip, llama, qwen2, llava (HF LlavaForConditionalGeneration), llava_original (the LLaVA /

@@ -10,41 +10,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from vlm_jax.interop.ckpt_dir import META_FILE, read_meta, write_checkpoint_dir
-from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
-from vlm_jax.train.checkpoint import Checkpointer, restore_params
-
-
-def load_params(src: str, mesh) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-    """(flat path -> array, checkpoint-directory meta) of a checkpoint directory or `WORKDIR[@STEP]`."""
-    if os.path.isfile(os.path.join(src, META_FILE)):
-        meta = read_meta(src)
-        model, parts = ml_collections.ConfigDict(meta["model"]), tuple(sorted(meta["parts"]))
-        params = restore_params(os.path.join(src, "params"), unflat(abstract_params(model, parts)),
-                                unflat(param_shardings(model, parts, mesh)))
-        return flat(params), meta
-    from vlm_jax.train.loop import Setup  # the trainer's state layout, only for workdirs
-
-    workdir, _, step = src.partition("@")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise ValueError(f"{src} is neither a checkpoint directory (no {META_FILE}) nor a training workdir "
-                         "(no checkpoints/)")
-    ckpt = Checkpointer(workdir, keep=1 << 30)
-    try:
-        step = int(step) if step else ckpt.latest_step()
-        if step not in ckpt.all_steps():
-            raise ValueError(f"{workdir} has no checkpoint {step} (have {ckpt.all_steps()})")
-        config = ml_collections.ConfigDict(ckpt.read_config(step))
-        setup = Setup(config, list(mesh.devices.flat))
-        state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
-    finally:
-        ckpt.close()
-    params = flat(state.params)
-    meta = dict(family="vlm_jax", parts=sorted({k.split("/", 1)[0] for k in params}),
-                model=config.model.to_dict(), source=f"{workdir}@{step}")
-    return params, meta
+from vlm_jax.interop.ckpt_dir import load_params, write_checkpoint_dir
 
 
 def check_compatible(first: dict[str, jax.Array], other: dict[str, jax.Array], where: str) -> None:

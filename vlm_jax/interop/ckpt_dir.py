@@ -1,6 +1,7 @@
 """The vlm_jax checkpoint directory that import writes and export, soup and `init_params` read:
 `params/` (orbax, params only), `vlm_jax.json` (family, parts, model config, the source HF configs) and
-`tokenizer/` (the source's tokenizer files, when it had any)."""
+`tokenizer/` (the source's tokenizer files, when it had any). `load_params` also reads a training workdir's
+checkpoint, so export and soup take either."""
 
 import json
 import os
@@ -8,10 +9,12 @@ import shutil
 from typing import Any
 
 import jax
+import ml_collections
+from jax.sharding import Mesh
 
 from vlm_jax.interop.keymap import ConversionError
-from vlm_jax.interop.model_params import unflat
-from vlm_jax.train.checkpoint import save_params
+from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
+from vlm_jax.train.checkpoint import Checkpointer, restore_params, save_params
 
 META_FILE = "vlm_jax.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -52,3 +55,33 @@ def write_checkpoint_dir(dst: str, params: dict[str, jax.Array], meta: dict[str,
     finally:
         if jax.process_index() == 0 and os.path.exists(tmp):
             shutil.rmtree(tmp)
+
+
+def load_params(src: str, mesh: Mesh) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """(flat path -> array, checkpoint-directory meta) of a checkpoint directory or `WORKDIR[@STEP]`."""
+    if os.path.isfile(os.path.join(src, META_FILE)):
+        meta = read_meta(src)
+        model, parts = ml_collections.ConfigDict(meta["model"]), tuple(sorted(meta["parts"]))
+        params = restore_params(os.path.join(src, "params"), unflat(abstract_params(model, parts)),
+                                unflat(param_shardings(model, parts, mesh)))
+        return flat(params), meta
+    from vlm_jax.train.loop import Setup  # the trainer's state layout, only for workdirs
+
+    workdir, _, step = src.partition("@")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise ConversionError(f"{src} is neither a checkpoint directory (no {META_FILE}) nor a training "
+                              "workdir (no checkpoints/)")
+    ckpt = Checkpointer(workdir, keep=1 << 30)
+    try:
+        step = int(step) if step else ckpt.latest_step()
+        if step not in ckpt.all_steps():
+            raise ConversionError(f"{workdir} has no checkpoint {step} (have {ckpt.all_steps()})")
+        config = ml_collections.ConfigDict(ckpt.read_config(step))
+        setup = Setup(config, list(mesh.devices.flat))
+        state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
+    finally:
+        ckpt.close()
+    params = flat(state.params)
+    meta = dict(family="vlm_jax", parts=sorted({k.split("/", 1)[0] for k in params}),
+                model=config.model.to_dict(), source=f"{workdir}@{step}")
+    return params, meta

@@ -1,6 +1,6 @@
-"""Export: a vlm_jax checkpoint directory (vlm_jax/interop/ckpt_dir.py) -> an HF directory (`config.json`,
-sharded safetensors, tokenizer files), the original LLaVA layout, or a PEFT adapter (vlm_jax/interop/peft.py).
-LoRA adapters are merged into their kernels for `hf` and `original`.
+"""Export: a vlm_jax checkpoint directory (vlm_jax/interop/ckpt_dir.py) or a training workdir[@step] -> an
+HF directory (`config.json`, sharded safetensors, tokenizer files), the original LLaVA layout, or a PEFT
+adapter (vlm_jax/interop/peft.py). LoRA adapters are merged into their kernels for `hf` and `original`.
 
 Tensors are produced one at a time from the sharded parameters through the same key maps the import uses,
 and written one shard at a time.
@@ -19,12 +19,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vlm_jax.interop import clip, families, llava, peft
-from vlm_jax.interop.ckpt_dir import read_meta
+from vlm_jax.interop.ckpt_dir import load_params
 from vlm_jax.interop.keymap import ConversionError, KeyMap, expand, torch_tensors
-from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
+from vlm_jax.interop.model_params import flat, unflat
 from vlm_jax.interop.torch_files import write_safetensors
 from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec, merge_lora
-from vlm_jax.train.checkpoint import restore_params
 
 FORMATS = ("hf", "original", "peft")
 _RENAMED_KEYS = ("rope_parameters", "rope_scaling", "torch_dtype", "_name_or_path")
@@ -100,12 +99,9 @@ def export_checkpoint(src: str, dst: str, fmt: str, mesh: Mesh, *, dtype: str | 
         raise ConversionError(f"unknown export format {fmt!r}; choose from {FORMATS}")
     if os.path.exists(dst):
         raise ConversionError(f"{dst} already exists; choose a new destination")
-    meta = read_meta(src)
+    params, meta = load_params(src, mesh)
     model, parts = ml_collections.ConfigDict(meta["model"]), tuple(sorted(meta["parts"]))
     np_dtype = np.dtype(dtype or model.param_dtype)
-    abstract = abstract_params(model, parts)
-    params = flat(restore_params(os.path.join(src, "params"), unflat(abstract),
-                                 unflat(param_shardings(model, parts, mesh))))
     lora = LoraSpec.from_config(model.get("lora"))
     if lora is not None and fmt != "peft":  # hf / original hold the merged weights
         params = flat(merge_lora(unflat(params), lora))
