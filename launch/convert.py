@@ -2,6 +2,7 @@
 
   python launch/convert.py import --src HF_OR_STATE_DICT_DIR --dst CKPT_DIR [--vision CLIP_DIR]
                                   [--family NAME] [--param_dtype bfloat16]
+  python launch/convert.py import --src PEFT_ADAPTER_DIR --base CKPT_DIR|WORKDIR[@STEP] --dst CKPT_DIR
   python launch/convert.py export --src CKPT_DIR|WORKDIR[@STEP] --dst DIR --format hf|original|peft [--dtype D]
   python launch/convert.py check  --src HF_DIR [--family NAME] [--seed N]
 
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.base import get_config  # noqa: E402
 from vlm_jax import parallel  # noqa: E402
+from vlm_jax.interop import peft  # noqa: E402
 from vlm_jax.interop.check import check  # noqa: E402
 from vlm_jax.interop.hf_export import FORMATS, export_checkpoint  # noqa: E402
 from vlm_jax.interop.hf_import import import_checkpoint  # noqa: E402
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("--vision", default=None, help="separate CLIP vision tower directory")
     imp.add_argument("--family", default=None, help="default: detected from config.json")
     imp.add_argument("--param_dtype", default=None, help="default: the checkpoint's dtype")
+    imp.add_argument("--base", default=None, help="PEFT adapter import: the base model's vlm_jax checkpoint")
     exp = sub.add_parser("export", help="vlm_jax params checkpoint -> PyTorch checkpoint")
     exp.add_argument("--src", required=True)
     exp.add_argument("--dst", required=True)
@@ -54,7 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     config = get_config()
     mesh = parallel.make_mesh(config.mesh)
     try:
-        if args.command == "import":
+        if args.command == "import" and os.path.isfile(os.path.join(args.src, peft.CONFIG_FILE)):
+            if not args.base:
+                raise ConversionError(f"{args.src} is a PEFT adapter: pass --base, the base model's checkpoint")
+            peft.import_adapter(args.src, args.base, args.dst, mesh)
+        elif args.command == "import":
             import_checkpoint(args.src, args.dst, config.model, mesh, family=args.family, vision=args.vision,
                               param_dtype=args.param_dtype)
         elif args.command == "export":

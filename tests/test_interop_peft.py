@@ -14,11 +14,12 @@ from safetensors.torch import load_file
 from configs.base import get_config
 from tests.helpers import randomize_torch, save_torch_model
 from vlm_jax import parallel
-from vlm_jax.interop.ckpt_dir import read_meta, write_checkpoint_dir
+from vlm_jax.interop.ckpt_dir import load_params, read_meta, write_checkpoint_dir
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import import_checkpoint
 from vlm_jax.interop.keymap import ConversionError
 from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
+from vlm_jax.interop.peft import import_adapter
 from vlm_jax.model import VLM
 from vlm_jax.train.checkpoint import restore_params
 
@@ -32,7 +33,8 @@ TEXT = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 @pytest.fixture(scope="module")
 def lora_ckpt(tmp_path_factory):
-    """(HF LLaMA dir, vlm_jax checkpoint of it with random rank-4 adapters on every decoder linear)."""
+    """(HF LLaMA dir, its vlm_jax import, that checkpoint with random rank-4 adapters on every decoder linear,
+    the LoRA model config, the LoRA checkpoint's params)."""
     root = tmp_path_factory.mktemp("peft")
     torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT)).eval()
     randomize_torch(torch_model, 0)
@@ -50,7 +52,7 @@ def lora_ckpt(tmp_path_factory):
               for k, v in abstract_params(model, parts).items()}
     assert len(params) > len(base)
     write_checkpoint_dir(str(root / "lora"), params, dict(meta, model=model.to_dict()))
-    return hf, str(root / "lora"), model, params
+    return hf, str(root / "base"), str(root / "lora"), model, params
 
 
 def _jax_logits(model, params, ids: np.ndarray) -> np.ndarray:
@@ -60,7 +62,7 @@ def _jax_logits(model, params, ids: np.ndarray) -> np.ndarray:
 
 
 def test_peft_adapter_and_merged_export_match_vlm_jax_lora_logits(lora_ckpt, tmp_path):
-    hf, src, model, params = lora_ckpt
+    hf, base, src, model, params = lora_ckpt
     ids = (np.arange(1, 13)[None] * 7) % 97
     want = _jax_logits(model, params, ids)
     no_lora = model.copy_and_resolve_references()
@@ -79,6 +81,15 @@ def test_peft_adapter_and_merged_export_match_vlm_jax_lora_logits(lora_ckpt, tmp
         got = adapted(input_ids=torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
+    # Import the adapter back onto the base checkpoint: the same adapters, bit for bit.
+    back = tmp_path / "back"
+    import_adapter(str(tmp_path / "adapter"), base, str(back), MESH)
+    assert read_meta(str(back))["model"]["lora"]["rank"] == 4
+    loaded, _ = load_params(str(back), MESH)
+    assert set(loaded) == set(params)
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(loaded[k]), np.asarray(params[k]), err_msg=k)
+
     export_checkpoint(src, str(tmp_path / "merged"), "hf", MESH)
     merged = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -87,8 +98,7 @@ def test_peft_adapter_and_merged_export_match_vlm_jax_lora_logits(lora_ckpt, tmp
 
 
 def test_peft_export_refuses_a_checkpoint_without_adapters(lora_ckpt, tmp_path):
-    hf, src, _, _ = lora_ckpt
-    base = src.replace("lora", "base")
+    _, base, _, _, _ = lora_ckpt
     with pytest.raises(ConversionError, match="no adapter"):
         export_checkpoint(base, str(tmp_path / "adapter"), "peft", MESH)
     assert not (tmp_path / "adapter").exists()

@@ -1,5 +1,6 @@
 """PEFT LoRA adapter directories (`adapter_config.json` + `adapter_model.safetensors`) <-> the decoder's
-LoRA leaves, through the same per-family key maps as the full weights.
+LoRA leaves, through the same per-family key maps as the full weights. Export: `write_adapter`; import onto a
+base checkpoint directory: `import_adapter`.
 
 For every key-map row `X.weight <-> .../kernel` whose module carries an adapter, PEFT stores
 `base_model.model.X.lora_A.weight` [rank, in] and `...lora_B.weight` [out, rank]. `lora_a` [*in, rank] has
@@ -14,12 +15,17 @@ import os
 import re
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from vlm_jax.interop import families, llava
-from vlm_jax.interop.keymap import LINEAR, ConversionError, KeyMap, expand, torch_tensors
-from vlm_jax.interop.torch_files import write_safetensors
+from vlm_jax.interop.ckpt_dir import load_params, write_checkpoint_dir
+from vlm_jax.interop.keymap import (LINEAR, ConversionError, KeyMap, build_leaf, expand, leaf_sources, match_source,
+                                    torch_tensors)
+from vlm_jax.interop.model_params import abstract_params, param_shardings
+from vlm_jax.interop.torch_files import TorchFiles, write_safetensors
 from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec
 
 PREFIX = "base_model.model."
@@ -100,3 +106,69 @@ def write_adapter(dst: str, model: ml_collections.ConfigDict, parts: tuple[str, 
     write_safetensors(dst, iter(tensors), shard_bytes=1 << 62, prefix=WEIGHTS_FILE.removesuffix(".safetensors"))
     with open(os.path.join(dst, CONFIG_FILE), "w") as f:
         json.dump(adapter_config(spec, [n for n, _ in tensors], base), f, indent=2)
+
+
+def read_adapter_config(src: str) -> dict[str, Any]:
+    file = os.path.join(src, CONFIG_FILE)
+    if not os.path.isfile(file):
+        raise ConversionError(f"{src} is not a PEFT adapter directory (no {CONFIG_FILE})")
+    with open(file) as f:
+        config = json.load(f)
+    unsupported = {k: config.get(k) for k, ok in (("peft_type", "LORA"), ("bias", "none"), ("use_rslora", False),
+                                                  ("use_dora", False), ("fan_in_fan_out", False))
+                   if config.get(k, ok) != ok}
+    if config.get("modules_to_save"):
+        unsupported["modules_to_save"] = config["modules_to_save"]
+    if unsupported:
+        raise ConversionError(f"{file}: unsupported LoRA settings {unsupported}")
+    return config
+
+
+def _adapted_modules(model: ml_collections.ConfigDict, parts: tuple[str, ...], names: list[str],
+                     where: str) -> set[str]:
+    """vlm_jax module paths (`decoder/layers/attn/q_proj`) of the adapter's lora_A tensors."""
+    patterns = []
+    for row in _text_rows(model, parts):
+        paths = (row[1],) if isinstance(row[1], str) else tuple(row[1])
+        if len(paths) == 1 and paths[0].endswith("/kernel") and row[2].kind == "linear":
+            torch_module = re.escape(PREFIX + row[0].removesuffix(".weight")).replace(r"\{i\}", r"\d+")
+            patterns.append((re.compile(torch_module + r"\.lora_A\.weight"), paths[0].removesuffix("/kernel")))
+    found, unknown = set(), []
+    for name in names:
+        if name.endswith(".lora_A.weight"):
+            hit = [m for regex, m in patterns if regex.fullmatch(name)]
+            if hit:
+                found.add(hit[0])
+            else:
+                unknown.append(name)
+    if unknown or not found:
+        raise ConversionError(f"{where}: no decoder linear layer for adapter tensor(s) {unknown or names[:5]}")
+    return found
+
+
+def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.ConfigDict:
+    """Writes the checkpoint directory `dst`: the base checkpoint (directory or workdir) plus the PEFT adapter
+    at `src`, with model.lora set from adapter_config.json. Returns the model config."""
+    config = read_adapter_config(src)
+    params, meta = load_params(base, mesh)
+    model, parts = ml_collections.ConfigDict(meta["model"]), tuple(sorted(meta["parts"]))
+    if LoraSpec.from_config(model.get("lora")) is not None:
+        raise ConversionError(f"{base} already has LoRA adapters; import onto a base model")
+    files = TorchFiles(src)
+    shapes = files.shapes()
+    modules = _adapted_modules(model, parts, sorted(shapes), src)
+    model.lora = ml_collections.ConfigDict(dict(
+        rank=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
+        targets="(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"))
+    lora_shapes = {k: v.shape for k, v in abstract_params(model, parts).items()
+                   if k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)}
+    keymap = adapter_keymap(model, parts, set(lora_shapes))
+    tensors, fillers = expand(keymap, lora_shapes)
+    names = match_source(keymap, tensors, fillers, shapes, where=f"{src} (PEFT adapter)")
+    shardings, dtype = param_shardings(model, parts, mesh), np.dtype(model.param_dtype)
+    for path, pieces in leaf_sources(tensors).items():
+        host = build_leaf(pieces, lambda name: files.get(names[name]), dtype)
+        params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda index: host[index])
+    tokenizer = os.path.join(base.partition("@")[0], "tokenizer")
+    write_checkpoint_dir(dst, params, dict(meta, model=model.to_dict(), adapter_config=config), tokenizer)
+    return model
