@@ -14,7 +14,8 @@ from jax.sharding import Mesh
 
 from vlm_jax.interop.keymap import ConversionError
 from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
-from vlm_jax.train.checkpoint import Checkpointer, restore_params, save_params
+from vlm_jax.train.checkpoint import restore_params, save_params
+from vlm_jax.train.loop import workdir_params
 
 META_FILE = "vlm_jax.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -65,23 +66,11 @@ def load_params(src: str, mesh: Mesh) -> tuple[dict[str, jax.Array], dict[str, A
         params = restore_params(os.path.join(src, "params"), unflat(abstract_params(model, parts)),
                                 unflat(param_shardings(model, parts, mesh)))
         return flat(params), meta
-    from vlm_jax.train.loop import Setup  # the trainer's state layout, only for workdirs
-
-    workdir, _, step = src.partition("@")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not os.path.isdir(os.path.join(src.partition("@")[0], "checkpoints")):
         raise ConversionError(f"{src} is neither a checkpoint directory (no {META_FILE}) nor a training "
                               "workdir (no checkpoints/)")
-    ckpt = Checkpointer(workdir, keep=1 << 30)
-    try:
-        step = int(step) if step else ckpt.latest_step()
-        if step not in ckpt.all_steps():
-            raise ConversionError(f"{workdir} has no checkpoint {step} (have {ckpt.all_steps()})")
-        config = ml_collections.ConfigDict(ckpt.read_config(step))
-        setup = Setup(config, list(mesh.devices.flat))
-        state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
-    finally:
-        ckpt.close()
-    params = flat(state.params)
+    params, config = workdir_params(src, list(mesh.devices.flat))
+    params = flat(params)
     meta = dict(family="vlm_jax", parts=sorted({k.split("/", 1)[0] for k in params}),
-                model=config.model.to_dict(), source=f"{workdir}@{step}")
+                model=config.model.to_dict(), source=src)
     return params, meta

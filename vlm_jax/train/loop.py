@@ -67,16 +67,42 @@ class Setup:
             return jax.jit(build, out_shardings=self.state_shardings)(self.rng)
 
     def imported_state(self, path: str) -> TrainState:
-        """A fresh state (new optimizer) whose parameters come from the params-only checkpoint at
-        `path/params` (`launch/convert.py import`) for every subtree it holds, fresh init elsewhere."""
-        loaded = traverse_util.flatten_dict(
-            restore_params(os.path.join(path, "params"), self.abstract_params, self.param_shardings))
+        """A fresh state (new optimizer) whose parameters come from `path` for every leaf it holds, fresh
+        init elsewhere: a params-only checkpoint directory (`path/params`, from `launch/convert.py import` or
+        a soup), or a training workdir (`WORKDIR[@STEP]`: a previous stage's run, whatever its optimizer)."""
+        workdir = path.partition("@")[0]
+        if os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.path.isdir(os.path.join(path, "params")):
+            loaded = traverse_util.flatten_dict(workdir_params(path, list(self.mesh.devices.flat))[0])
+            want = traverse_util.flatten_dict(self.abstract_params)
+            wrong = [f"{'/'.join(k)}: {tuple(v.shape)}, model " + (str(want[k].shape) if k in want else "has none")
+                     for k, v in loaded.items() if k not in want or tuple(v.shape) != tuple(want[k].shape)]
+            if wrong:
+                raise ValueError(f"{path} does not fit the model:\n  " + "\n  ".join(wrong))
+        else:
+            loaded = traverse_util.flatten_dict(
+                restore_params(os.path.join(path, "params"), self.abstract_params, self.param_shardings))
         params = traverse_util.flatten_dict(self.fresh_state().params)
-        params.update(loaded)
+        params.update({k: v.astype(params[k].dtype) for k, v in loaded.items()})
         logging.info("initialised %d of %d parameter arrays from %s", len(loaded), len(params), path)
         with jax.set_mesh(self.mesh):
             return jax.jit(lambda p: init_state(self.optimizer, self.groups, p),
                            out_shardings=self.state_shardings)(traverse_util.unflatten_dict(params))
+
+
+def workdir_params(src: str, devices: list | None = None) -> tuple[dict, ml_collections.ConfigDict]:
+    """(params, config) of a training workdir's latest checkpoint, or of `WORKDIR@STEP`."""
+    workdir, _, step = src.partition("@")
+    ckpt = Checkpointer(workdir, keep=1 << 30)
+    try:
+        step = int(step) if step else ckpt.latest_step()
+        if step not in ckpt.all_steps():
+            raise ValueError(f"{workdir} has no checkpoint {step} (have {ckpt.all_steps()})")
+        config = ml_collections.ConfigDict(ckpt.read_config(step))
+        setup = Setup(config, devices)
+        state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
+    finally:
+        ckpt.close()
+    return state.params, config
 
 
 def opt_state_shardings(abstract_opt_state, param_shardings, default):
