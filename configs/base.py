@@ -71,5 +71,6 @@ def get_config() -> ml_collections.ConfigDict:
     o.clip_norm = 1.0
     # (path regex, group) or (path regex, group, "start:stop") for layers of a scanned stack; first match wins.
     o.trainable = [("vision/.*", "frozen"), (".*", "train")]
-    o.groups = ml_collections.ConfigDict()  # group -> {lr, warmup_steps, final_lr_ratio, schedule, weight_decay, frozen}
+    # group -> overrides of {lr, warmup_steps, final_lr_ratio, schedule, weight_decay, frozen}
+    o.groups = ml_collections.ConfigDict()
     return c

@@ -1,0 +1,11 @@
+"""ShareGPT4V-13B: the 7B recipe (configs/sharegpt4v_7b.py) with Vicuna-13B; `:stage1` or `:stage2[,tiny]`."""
+
+import ml_collections
+
+from configs import stages
+from configs.sharegpt4v_7b import STAGES, recipe
+
+
+def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
+    stage, tiny = stages.parse(arg, STAGES)
+    return recipe(stages.system("sharegpt4v_13b"), stage, tiny)

@@ -1,0 +1,39 @@
+"""ShareGPT4V-7B (ARCHITECTURES.md 5.5): `--config configs/sharegpt4v_7b.py:stage1` or `:stage2[,tiny]`.
+
+stage1 ("feature alignment", 1.2 M ShareCaptioner captions, plain template): CLIP layers 12-23 + projector +
+the entire LLM at 2e-5; ViT embeddings, pre-norm and layers 0-11 frozen. Global batch 256, 1 epoch.
+stage2 (instruction tuning, 665k mix, vicuna_v1 template): projector + LLM at 2e-5, vision tower frozen,
+starting from stage 1 (`--config.init_params=STAGE1_WORKDIR`). Global batch 128, 1 epoch.
+Both: warmup 3 %, cosine to 0, weight decay 0, max length 2048, 336 px, one image (no tiling).
+"""
+
+import ml_collections
+
+from configs import stages
+
+STAGES = ("stage1", "stage2")
+
+
+def recipe(c: ml_collections.ConfigDict, stage: str, tiny: bool) -> ml_collections.ConfigDict:
+    o = c.optim
+    o.lr, o.weight_decay, o.schedule, o.final_lr_ratio, o.clip_norm = 2e-5, 0.0, "cosine", 0.0, 1.0
+    if stage == "stage1":
+        c.batch_size, c.total_steps, c.data.template = 256, 1_246_000 // 256, "plain"
+    else:
+        c.batch_size, c.total_steps, c.data.template = 128, 665_000 // 128, "vicuna_v1"
+    stages.warmup(c, 0.03)
+    c.data.update(seq_len=2048, tile_size=c.model.vision.image_size, max_tiles=1, max_tiles_per_row=3)
+    if tiny:
+        stages.make_tiny(c, image_size=32)
+    if stage == "stage1":
+        # ViT blocks from half the depth up (12-23 of 24; the last is unused at feature_layer -2).
+        top = f"{c.model.vision.depth // 2}:"
+        o.trainable = [("vision/layers/.*", "vision_top", top), ("vision/.*", "frozen"), (".*", "train")]
+    else:
+        o.trainable = [("vision/.*", "frozen"), (".*", "train")]
+    return c
+
+
+def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
+    stage, tiny = stages.parse(arg, STAGES)
+    return recipe(stages.system("sharegpt4v_7b"), stage, tiny)

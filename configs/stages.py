@@ -1,0 +1,52 @@
+"""What the per-system stage configs share: the `STAGE[,tiny]` argument, the tiny variant, group rules.
+
+`--config configs/sharegpt4v_7b.py:stage1` is the real recipe at the real size; `:stage2,tiny` the same
+recipe (groups, learning rates, schedule shape, resolution change) on a tiny model and the built-in synthetic
+data, for tests and CPU runs. A later stage starts from the previous stage's parameters with a fresh
+optimizer: `--config.init_params=STAGE1_WORKDIR` (or a checkpoint directory from `convert.py import`).
+"""
+
+import ml_collections
+
+from configs import sizes
+
+# Every rule table ends in a catch-all, so a parameter the recipe does not mention is frozen on purpose.
+ADAPTERS = (".*/lora_[ab]", "lora")
+
+
+def parse(arg: str, stages: tuple[str, ...]) -> tuple[str, bool]:
+    """'stage2,tiny' -> ('stage2', True)."""
+    stage, *flags = [p.strip() for p in arg.split(",") if p.strip()] or [stages[0]]
+    unknown = [f for f in flags if f != "tiny"]
+    if stage not in stages or unknown:
+        raise ValueError(f"config argument {arg!r}: expected one of {list(stages)}, optionally followed by ',tiny'")
+    return stage, "tiny" in flags
+
+
+def system(name: str) -> ml_collections.ConfigDict:
+    """base config with the system's real vision / connector / LLM sizes (configs/sizes.py), reading LLaVA
+    json (`data.path`, `data.image_folder`, `data.tokenizer` are the user's to set)."""
+    c = sizes.get_config(name)
+    c.data.source = "llava_json"
+    return c
+
+
+def warmup(c: ml_collections.ConfigDict, fraction: float) -> None:
+    c.optim.warmup_steps = max(1, round(fraction * c.total_steps))
+
+
+def make_tiny(c: ml_collections.ConfigDict, image_size: int) -> None:
+    """Shrinks the model and data to CPU size, keeping the recipe (rules, groups, LR ratios) as it is.
+    `image_size` is the tiny stand-in for the stage's resolution (so a 224 -> 448 change stays a change)."""
+    c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 4, 8, 1, 4
+    c.eval_examples, c.eval_batch_size = 8, 8
+    c.model.vision.update(image_size=image_size, patch_size=image_size // 2, width=64, depth=4, heads=4,
+                          mlp_dim=128)
+    c.model.text.update(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128)
+    if c.model.lora.rank:
+        c.model.lora.update(rank=4, alpha=2.0 * 4)
+    # The synthetic source writes multi-turn conversations, which the single-turn `plain` template refuses.
+    c.data.update(source="synthetic", tokenizer="", path="", template="vicuna_v1", seq_len=128,
+                  tile_size=image_size, max_tiles_per_row=6, min_image_size=image_size,
+                  max_image_size=2 * image_size + 16)
+    c.optim.warmup_steps = 1
