@@ -3,7 +3,8 @@
   python launch/convert.py import --src HF_OR_STATE_DICT_DIR --dst CKPT_DIR [--vision CLIP_DIR]
                                   [--family NAME] [--param_dtype bfloat16]
   python launch/convert.py import --src PEFT_ADAPTER_DIR --base CKPT_DIR|WORKDIR[@STEP] --dst CKPT_DIR
-  python launch/convert.py export --src CKPT_DIR|WORKDIR[@STEP] --dst DIR --format hf|original|peft [--dtype D]
+  python launch/convert.py import --family xverse_v --src adapter_and_lora.bin --base CKPT_DIR --dst CKPT_DIR
+  python launch/convert.py export --src CKPT_DIR|WORKDIR[@STEP] --dst DIR --format hf|original|peft|xverse_v
   python launch/convert.py check  --src HF_DIR [--family NAME] [--seed N]
 
 Families: clip, llama, qwen2, llava (HF LlavaForConditionalGeneration), llava_original (the LLaVA /
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.base import get_config  # noqa: E402
 from vlm_jax import parallel  # noqa: E402
-from vlm_jax.interop import peft  # noqa: E402
+from vlm_jax.interop import peft, xverse_v  # noqa: E402
 from vlm_jax.interop.check import check  # noqa: E402
 from vlm_jax.interop.hf_export import FORMATS, export_checkpoint  # noqa: E402
 from vlm_jax.interop.hf_import import import_checkpoint  # noqa: E402
@@ -57,10 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     config = get_config()
     mesh = parallel.make_mesh(config.mesh)
     try:
-        if args.command == "import" and os.path.isfile(os.path.join(args.src, peft.CONFIG_FILE)):
-            if not args.base:
-                raise ConversionError(f"{args.src} is a PEFT adapter: pass --base, the base model's checkpoint")
-            peft.import_adapter(args.src, args.base, args.dst, mesh)
+        adapter = args.command == "import" and (args.family == "xverse_v" or
+                                                os.path.isfile(os.path.join(args.src, peft.CONFIG_FILE)))
+        if adapter and not args.base:
+            raise ConversionError(f"{args.src} is an adapter: pass --base, the base model's checkpoint")
+        if adapter:
+            (xverse_v if args.family == "xverse_v" else peft).import_adapter(args.src, args.base, args.dst, mesh)
         elif args.command == "import":
             import_checkpoint(args.src, args.dst, config.model, mesh, family=args.family, vision=args.vision,
                               param_dtype=args.param_dtype)

@@ -1,5 +1,5 @@
 """LoRA checkpoints out to PyTorch: a PEFT adapter applied with `peft` to the transformers model, and the
-merged HF export, both give the vlm_jax LoRA model's logits."""
+merged HF export, both give the vlm_jax LoRA model's logits; adapters (PEFT, XVERSE-V file) round-trip."""
 
 import json
 
@@ -19,6 +19,7 @@ from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import import_checkpoint
 from vlm_jax.interop.keymap import ConversionError
 from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
+from vlm_jax.interop import xverse_v
 from vlm_jax.interop.peft import import_adapter
 from vlm_jax.model import VLM
 from vlm_jax.train.checkpoint import restore_params
@@ -102,3 +103,47 @@ def test_peft_export_refuses_a_checkpoint_without_adapters(lora_ckpt, tmp_path):
     with pytest.raises(ConversionError, match="no adapter"):
         export_checkpoint(base, str(tmp_path / "adapter"), "peft", MESH)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_xverse_v_adapter_file_round_trip(tmp_path):
+    """connector (ln_vision + llama_proj) + LoRA -> adapter_and_lora.bin -> onto the base model: bit-exact;
+    the other spellings of the file (PEFT's `.default`, no `llama_model.`, no ln_vision) read too."""
+    model = BASE.copy_and_resolve_references()
+    model.vision.update(image_size=28, patch_size=14, width=32, depth=2, heads=4, mlp_dim=64)
+    model.text.update(vocab_size=97, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=12, ffn=48)
+    model.connector.in_norm = True
+    model.lora.update(rank=4, alpha=8.0, dropout=0.05)
+    parts = ("connector", "decoder", "vision")
+    rng = np.random.default_rng(1)
+    params = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in abstract_params(model, parts).items()}
+    write_checkpoint_dir(str(tmp_path / "full"), params, dict(family="native", parts=list(parts),
+                                                             model=model.to_dict()))
+    base_model = model.copy_and_resolve_references()
+    base_model.lora.rank, base_model.connector.in_norm = 0, False
+    base = {k: v for k, v in params.items() if not k.startswith("connector/") and "lora_" not in k}
+    write_checkpoint_dir(str(tmp_path / "base"), base, dict(family="native", parts=["decoder", "vision"],
+                                                            model=base_model.to_dict()))
+
+    export_checkpoint(str(tmp_path / "full"), str(tmp_path / "xv"), "xverse_v", MESH)
+    state = torch.load(str(tmp_path / "xv" / xverse_v.FILE), weights_only=True)
+    assert state["llama_proj.0.weight"].shape == (32, 32) and "ln_vision.bias" in state
+    assert state["llama_model.base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (32, 4)
+    assert len(state) == 6 + 2 * 7 * 2
+
+    xverse_v.import_adapter(str(tmp_path / "xv" / xverse_v.FILE), str(tmp_path / "base"), str(tmp_path / "back"),
+                            MESH)
+    back, meta = load_params(str(tmp_path / "back"), MESH)
+    assert meta["model"]["lora"]["alpha"] == 8.0 and meta["model"]["connector"]["in_norm"]
+    assert set(back) == set(params)
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(back[k]), params[k], err_msg=k)
+
+    other = {k.removeprefix("llama_model.").replace(".weight", ".default.weight") if "lora_" in k else k: v
+             for k, v in state.items() if not k.startswith("ln_vision")}
+    torch.save(other, str(tmp_path / "other.bin"))
+    xverse_v.import_adapter(str(tmp_path / "other.bin"), str(tmp_path / "base"), str(tmp_path / "back2"), MESH)
+    back2, _ = load_params(str(tmp_path / "back2"), MESH)
+    np.testing.assert_array_equal(np.asarray(back2["connector/in_norm/scale"]), 1.0)
+    for k in params:
+        if "in_norm" not in k:
+            np.testing.assert_array_equal(np.asarray(back2[k]), params[k], err_msg=k)

@@ -1,6 +1,7 @@
 """Export: a vlm_jax checkpoint directory (vlm_jax/interop/ckpt_dir.py) or a training workdir[@step] -> an
 HF directory (`config.json`, sharded safetensors, tokenizer files), the original LLaVA layout, or a PEFT
-adapter (vlm_jax/interop/peft.py). LoRA adapters are merged into their kernels for `hf` and `original`.
+adapter (vlm_jax/interop/peft.py), or the XVERSE-V adapter file (vlm_jax/interop/xverse_v.py). LoRA adapters
+are merged into their kernels for `hf` and `original`.
 
 Tensors are produced one at a time from the sharded parameters through the same key maps the import uses,
 and written one shard at a time.
@@ -18,14 +19,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vlm_jax.interop import clip, families, llava, peft
+from vlm_jax.interop import clip, families, llava, peft, xverse_v
 from vlm_jax.interop.ckpt_dir import load_params
 from vlm_jax.interop.keymap import ConversionError, KeyMap, expand, torch_tensors
 from vlm_jax.interop.model_params import flat, unflat
 from vlm_jax.interop.torch_files import write_safetensors
 from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec, merge_lora
 
-FORMATS = ("hf", "original", "peft")
+FORMATS = ("hf", "original", "peft", "xverse_v")
 _RENAMED_KEYS = ("rope_parameters", "rope_scaling", "torch_dtype", "_name_or_path")
 
 
@@ -103,7 +104,7 @@ def export_checkpoint(src: str, dst: str, fmt: str, mesh: Mesh, *, dtype: str | 
     model, parts = ml_collections.ConfigDict(meta["model"]), tuple(sorted(meta["parts"]))
     np_dtype = np.dtype(dtype or model.param_dtype)
     lora = LoraSpec.from_config(model.get("lora"))
-    if lora is not None and fmt != "peft":  # hf / original hold the merged weights
+    if lora is not None and fmt in ("hf", "original"):  # these hold the merged weights
         params = flat(merge_lora(unflat(params), lora))
     tmp = f"{dst.rstrip('/')}.partial-{os.getpid()}"
     try:
@@ -112,6 +113,11 @@ def export_checkpoint(src: str, dst: str, fmt: str, mesh: Mesh, *, dtype: str | 
             adapters = {k: _gather(v) for k, v in params.items() if k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)}
             if jax.process_index() == 0:
                 peft.write_adapter(tmp, model, parts, adapters, np_dtype, base)
+        elif fmt == "xverse_v":
+            adapters = {k: _gather(v) for k, v in params.items()
+                        if k.startswith("connector/") or k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)}
+            if jax.process_index() == 0:
+                xverse_v.export_adapter(tmp, model, adapters, np_dtype)
         elif fmt == "hf":
             family, keymap, config = _hf_target(model, parts, meta, image_token_index)
             vocab = config.get("text_config", {}).get("vocab_size", 0)

@@ -124,7 +124,7 @@ def read_adapter_config(src: str) -> dict[str, Any]:
     return config
 
 
-def _adapted_modules(model: ml_collections.ConfigDict, parts: tuple[str, ...], names: list[str],
+def adapted_modules(model: ml_collections.ConfigDict, parts: tuple[str, ...], names: list[str],
                      where: str) -> set[str]:
     """vlm_jax module paths (`decoder/layers/attn/q_proj`) of the adapter's lora_A tensors."""
     patterns = []
@@ -156,7 +156,7 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
         raise ConversionError(f"{base} already has LoRA adapters; import onto a base model")
     files = TorchFiles(src)
     shapes = files.shapes()
-    modules = _adapted_modules(model, parts, sorted(shapes), src)
+    modules = adapted_modules(model, parts, sorted(shapes), src)
     model.lora = ml_collections.ConfigDict(dict(
         rank=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
         targets="(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"))

@@ -81,6 +81,11 @@ class TorchFiles:
         return self._where[name][0]
 
 
+def write_state_dict(file: str, tensors) -> None:
+    """(name, array) pairs as one `torch.save` state dict (what repos that `torch.load` their files read)."""
+    torch.save({name: _to_torch(x) for name, x in tensors}, file)
+
+
 def write_safetensors(dst: str, tensors, shard_bytes: int, prefix: str = "model") -> list[str]:
     """Writes (name, array) pairs as `prefix.safetensors`, or as numbered shards of at most `shard_bytes`
     with `prefix.safetensors.index.json`, holding one shard in memory at a time. Returns the file names."""
