@@ -71,3 +71,16 @@ def test_stage2_starts_from_the_stage1_run(tmp_path):
 def test_stage_argument_errors_name_the_choices():
     with pytest.raises(ValueError, match=r"stage3.*\['stage1', 'stage2'\]"):
         load_config(os.path.join(ROOT, "configs/sharegpt4v_7b.py:stage3"))
+
+
+def test_real_size_group_table():
+    """eval_shape only: XVERSE-V stage 2's LoRA is the 500,695,040 parameters of ARCHITECTURES.md 1.4, and
+    ShareGPT4V stage 1 trains ViT blocks 12-22 (block 23 feeds no feature at layer -2)."""
+    def table(arg: str) -> dict:
+        setup = loop.Setup(load_config(os.path.join(ROOT, "configs", arg)), jax.devices()[:1])
+        return {r["group"]: r for r in setup.groups.table()}
+
+    xverse = table("xverse_v_13b.py:stage2")
+    assert xverse["lora"]["params"] == 500_695_040 and xverse["lora"]["lr"] == 2e-4
+    assert xverse["connector"]["params"] == 31_467_520  # llama_proj; ln_vision stays frozen
+    assert table("sharegpt4v_7b.py:stage1")["vision_top"]["params"] == 11 * 12_596_224
