@@ -81,14 +81,31 @@ def test_answers_match_the_pixels():
             check_answer(s, qtype, question, answer, qh, qw)
 
 
-def test_train_records_are_multi_turn_and_eval_single_turn():
+def test_train_turns_never_give_away_another_answer():
+    """Captions stand alone, a count comes first, and each shape is the subject of one question."""
     train, evals = source("train"), source("eval")
     turns = [len(train.scene(i).qa) for i in range(N)]
     assert min(turns) == 1 and max(turns) >= 4
     for i in range(N):
-        qa = train.scene(i).qa
-        assert len({qtype for qtype, _, _ in qa}) == len(qa)
+        s = train.scene(i)
+        qtypes = [qtype for qtype, _, _ in s.qa]
+        if "caption" in qtypes:
+            assert qtypes == ["caption"]
+        assert "count" not in qtypes[1:] and qtypes.count("count") <= 1
+        subjects = [subject(s, qtype, q) for qtype, q, _ in s.qa if qtype not in ("count", "caption")]
+        assert len(set(subjects)) == len(subjects)
         assert len(evals.scene(i).qa) == 1 and evals.scene(i).qtype != "caption"
+
+
+def subject(s, qtype, question):
+    """The one shape a colour, shape or position question is about."""
+    if qtype == "color":
+        (x,) = [x for x in s.shapes if f" {x.shape}?" in question]
+    elif qtype == "shape":
+        (x,) = [x for x in s.shapes if f" {x.color} " in question]
+    else:
+        (x,) = [x for x in s.shapes if f" {x.color} {x.shape}?" in question]
+    return x
 
 
 def check_answer(s, qtype, question, answer, qh, qw):
@@ -106,7 +123,9 @@ def check_answer(s, qtype, question, answer, qh, qw):
         horizontal = "left" if target.cx < qw else "right"
         assert answer == f"{vertical} {horizontal}"
     else:
-        assert answer == caption(s.shapes) and answer.count(" and ") == (len(s.shapes) > 1)
+        assert answer == caption(s.shapes) and answer.count(";") == len(s.shapes) - 1
+        for x in s.shapes:
+            assert f"in the {x.quadrant}, {'an' if x.color[0] in 'aeiou' else 'a'} {x.color} {x.shape}" in answer
 
 
 def test_demo_sizes_and_no_matching_background():

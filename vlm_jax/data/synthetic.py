@@ -33,6 +33,8 @@ SPLITS = {"train": 0, "eval": 1}
 _BACKGROUND_BANDS = ((30, 60), (110, 140), (195, 225))
 _MIN_CONTRAST = 120.0
 _MAX_ASPECT = 2.0
+_CAPTION_FRACTION = 0.2
+_COUNT_FRACTION = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,47 +66,54 @@ def _article(word: str) -> str:
 
 
 def caption(shapes: tuple[Shape, ...]) -> str:
-    """'a red circle, a blue square and an orange star.' in quadrant (reading) order."""
-    parts = [f"{_article(s.color)} {s.color} {s.shape}" for s in shapes]
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return text + "."
+    """'in the top left, a red circle; in the bottom right, an orange star.' in reading order."""
+    return "; ".join(f"in the {s.quadrant}, {_article(s.color)} {s.color} {s.shape}" for s in shapes) + "."
 
 
 def _questions(rng: np.random.Generator, shapes: tuple[Shape, ...],
                split: str) -> tuple[tuple[str, str, str], ...]:
     """(qtype, q, a) turns this scene can answer unambiguously.
 
-    Eval records ask one short-answer question. Train records ask 1..all feasible types (captions
-    included) in random order, like multi-turn LLaVA data: several supervised answers per image
-    make the demo learn far more per second than one answer per image.
+    Eval records ask one short-answer question of a uniformly drawn feasible type. Train records
+    are either a caption alone or several short questions about one image, like multi-turn LLaVA
+    data: several supervised answers per image teach far more per second than one. No turn may
+    give away another's answer, or the model learns to copy from the text and never looks at the
+    image; so each shape is the subject of at most one question, a count comes before any of
+    them, and a caption (which names everything) is never mixed with questions.
     """
-    shape_counts = {t: sum(s.shape == t for s in shapes) for t in SHAPES}
-    color_counts = {c: sum(s.color == c for s in shapes) for c in COLORS}
-    unique_shape = [s for s in shapes if shape_counts[s.shape] == 1]
-    unique_color = [s for s in shapes if color_counts[s.color] == 1]
-    qtypes = QTYPES if split == "train" else EVAL_QTYPES
-    feasible = [q for q in qtypes if (q != "color" or unique_shape) and (q != "shape" or unique_color)]
+    subjects = {t: [s for s in shapes if _asks(t, s, shapes)] for t in EVAL_QTYPES}
     if split != "train":
-        return (_question(rng, shapes, feasible[rng.integers(len(feasible))], unique_shape, unique_color),)
-    order = rng.permutation(len(feasible))[:rng.integers(1, len(feasible) + 1)]
-    return tuple(_question(rng, shapes, feasible[i], unique_shape, unique_color) for i in order)
+        feasible = [t for t in EVAL_QTYPES if subjects[t]]
+        qtype = feasible[rng.integers(len(feasible))]
+        return (_question(qtype, subjects[qtype][rng.integers(len(subjects[qtype]))], shapes),)
+    if rng.random() < _CAPTION_FRACTION:
+        return (("caption", "Describe the image.", caption(shapes)),)
+    turns = []
+    for i in rng.permutation(len(shapes))[:rng.integers(1, len(shapes) + 1)]:
+        feasible = [t for t in ("color", "shape", "position") if shapes[i] in subjects[t]]
+        turns.append(_question(feasible[rng.integers(len(feasible))], shapes[i], shapes))
+    # The count comes first: after it, the number of turns would hint at the answer.
+    count = [_question("count", shapes[0], shapes)] if rng.random() < _COUNT_FRACTION else []
+    return tuple(count + turns)
 
 
-def _question(rng: np.random.Generator, shapes: tuple[Shape, ...], qtype: str,
-              unique_shape: list[Shape], unique_color: list[Shape]) -> tuple[str, str, str]:
+def _asks(qtype: str, s: Shape, shapes: tuple[Shape, ...]) -> bool:
+    """Whether a question of this type about s names it unambiguously."""
     if qtype == "color":
-        s = unique_shape[rng.integers(len(unique_shape))]
+        return sum(x.shape == s.shape for x in shapes) == 1
+    if qtype == "shape":
+        return sum(x.color == s.color for x in shapes) == 1
+    return True  # position names (colour, shape), distinct within a scene; count names nothing
+
+
+def _question(qtype: str, s: Shape, shapes: tuple[Shape, ...]) -> tuple[str, str, str]:
+    if qtype == "color":
         return qtype, f"What color is the {s.shape}?", s.color
     if qtype == "shape":
-        s = unique_color[rng.integers(len(unique_color))]
         return qtype, f"What shape is the {s.color} object?", s.shape
     if qtype == "count":
         return qtype, "How many shapes are there?", str(len(shapes))
-    if qtype == "position":
-        # (colour, shape) pairs are distinct within a scene, so naming both picks one shape.
-        s = shapes[rng.integers(len(shapes))]
-        return qtype, f"Where is the {s.color} {s.shape}?", s.quadrant
-    return qtype, "Describe the image.", caption(shapes)
+    return qtype, f"Where is the {s.color} {s.shape}?", s.quadrant
 
 
 def sample_scene(seed: int, split: str, index: int, min_size: int, max_size: int) -> Scene:
