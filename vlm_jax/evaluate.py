@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import parallel
-from vlm_jax.data.pipeline import make_encoder, make_eval_examples
+from vlm_jax.data.pipeline import make_encoder, make_eval_examples, tokens_per_tile
 from vlm_jax.generate import greedy_generate
 from vlm_jax.model import VLM
 
@@ -36,7 +36,7 @@ def pad_prompts(examples: list[dict], config: ml_collections.ConfigDict, rows: i
     """Right-pads a list of eval examples into one fixed-shape generation batch of `rows` rows."""
     d = config.data
     length, t_max = d.seq_len, d.max_tiles_per_row
-    per_tile = (d.tile_size // config.model.vision.patch_size) ** 2
+    per_tile = tokens_per_tile(config)
     batch = {"tokens": np.zeros((rows, length), np.int32),
              "segment_ids": np.zeros((rows, length), np.int32),
              "tiles": np.zeros((rows, t_max, d.tile_size, d.tile_size, 3), np.float32),

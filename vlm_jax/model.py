@@ -40,6 +40,9 @@ class VLM(nn.Module):
         visual = self.encode_images(tiles).astype(x.dtype)
         b, length = tokens.shape
         per_tile = visual.shape[1] // tile_mask.shape[1]
+        if image_dest.shape[1] != visual.shape[1]:
+            raise ValueError(f"image_dest has {image_dest.shape[1]} slots for {visual.shape[1]} visual tokens "
+                             f"({per_tile} per tile): reserve data.packing.tokens_per_tile placeholders per tile")
         # Out-of-range destinations are dropped, so padded tile slots cannot touch the text whatever
         # image_dest holds for them.
         dest = jnp.where(jnp.repeat(tile_mask, per_tile, axis=1), image_dest, length)

@@ -25,6 +25,22 @@ class Example:
         return len(self.tokens)
 
 
+def tokens_per_tile(model, tile_size: int) -> int:
+    """Placeholder slots per tile = visual tokens the model writes for one tile (`model` = config.model).
+
+    A connector with a fixed query count (`connector.num_queries`: Q-Former, resampler) emits that many per
+    tile whatever the patch grid; otherwise every ViT output token passes through, one per patch plus the
+    class token when the ViT keeps it.
+    """
+    v = model.vision
+    if tile_size % v.patch_size:
+        raise ValueError(f"data.tile_size {tile_size} is not a multiple of model.vision.patch_size {v.patch_size}")
+    queries = model.connector.get("num_queries", 0)
+    if queries:
+        return queries
+    return (tile_size // v.patch_size) ** 2 + (0 if v.drop_cls else 1)
+
+
 def check_fits(ex: Example, seq_len: int, max_tiles_per_row: int) -> str | None:
     """Why this example can never fit in a row, or None if it can."""
     if len(ex) > seq_len:

@@ -20,6 +20,7 @@ from PIL import Image
 from vlm_jax.data.conversation import ConversationEncoder, get_template
 from vlm_jax.data.images import tile_image
 from vlm_jax.data.llava_json import LlavaJsonSource
+from vlm_jax.data import packing
 from vlm_jax.data.packing import Example, check_fits, empty_batch, write_row
 from vlm_jax.data.synthetic import SyntheticSource
 from vlm_jax.data.tokenizer import special_ids
@@ -28,11 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def tokens_per_tile(config) -> int:
-    """P = (tile_size // patch_size)**2 visual tokens per tile."""
-    tile, patch = config.data.tile_size, config.model.vision.patch_size
-    if tile % patch:
-        raise ValueError(f"data.tile_size {tile} is not a multiple of model.vision.patch_size {patch}")
-    return (tile // patch) ** 2
+    """P: placeholder slots per tile of `config` (packing.tokens_per_tile)."""
+    return packing.tokens_per_tile(config.model, config.data.tile_size)
 
 
 def make_source(config, split: str):

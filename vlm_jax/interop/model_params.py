@@ -8,6 +8,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from vlm_jax import parallel
+from vlm_jax.data.packing import tokens_per_tile
 from vlm_jax.interop.keymap import ConversionError
 from vlm_jax.model import VLM
 
@@ -15,9 +16,10 @@ from vlm_jax.model import VLM
 def _boxed(model: ml_collections.ConfigDict):
     if not model.scan_layers:
         raise ConversionError("conversion uses the scanned parameter layout; set model.scan_layers=True")
-    size, patch = model.vision.image_size, model.vision.patch_size
+    size = model.vision.image_size
     inputs = (jnp.zeros((1, 8), jnp.int32),) * 3 + (
-        jnp.zeros((1, 1, size, size, 3)), jnp.ones((1, 1), bool), jnp.zeros((1, (size // patch) ** 2), jnp.int32))
+        jnp.zeros((1, 1, size, size, 3)), jnp.ones((1, 1), bool),
+        jnp.zeros((1, tokens_per_tile(model, size)), jnp.int32))
     return jax.eval_shape(lambda: VLM(model).init(jax.random.key(0), *inputs))["params"]
 
 

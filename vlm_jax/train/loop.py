@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from vlm_jax import parallel
 from vlm_jax.config import to_json
-from vlm_jax.data.pipeline import make_train_iterator
+from vlm_jax.data.pipeline import make_train_iterator, tokens_per_tile
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.model import VLM
 from vlm_jax.train.checkpoint import Checkpointer, restore_params
@@ -25,9 +25,9 @@ from vlm_jax.train.step import MODEL_INPUTS, TrainState, init_state, make_train_
 
 def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
     """Zero arrays with the static shapes of one batch's model inputs (for init and shape checks)."""
-    d, v = config.data, config.model.vision
+    d = config.data
     tiles, length = d.max_tiles_per_row, d.seq_len
-    per_tile = (d.tile_size // v.patch_size) ** 2
+    per_tile = tokens_per_tile(config)
     shapes = {
         "tokens": ((rows, length), jnp.int32), "positions": ((rows, length), jnp.int32),
         "segment_ids": ((rows, length), jnp.int32),
