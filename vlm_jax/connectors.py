@@ -1,4 +1,5 @@
-"""Connectors from vision tokens to the LLM width. Implemented: `mlp` (LLaVA mlp2x_gelu, XVERSE-V llama_proj)."""
+"""Connectors from vision tokens to the LLM width. Implemented: `mlp` (LLaVA mlp2x_gelu, XVERSE-V llama_proj,
+and with `merge_size=2` the Qwen2-VL / POINTS1.5 PatchMerger)."""
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,13 @@ from vlm_jax.layers.norms import LayerNorm
 
 
 class MLPProjector(nn.Module):
-    """[LayerNorm (XVERSE-V ln_vision)] -> Linear(d_vis, out) -> exact GELU -> Linear(out, out)."""
+    """[LayerNorm (XVERSE-V ln_vision, PatchMerger ln_q)] -> [concat each run of merge_size**2 tokens] ->
+    Linear(d, hidden) -> exact GELU -> Linear(hidden, out).
+
+    hidden = `hidden_dim`, or out when 0 (LLaVA). The PatchMerger is merge_size=2 with hidden = 4 * d_vis:
+    in the NaViT patch order (vlm_jax/data/navit.py) each run of 4 tokens is one 2x2 window of an image, so
+    [B, N, d_vis] -> [B, N/4, out]. In the tiled (row-major) order a run is not a window.
+    """
 
     config: ml_collections.ConfigDict  # model.connector
     out_dim: int
@@ -25,7 +32,12 @@ class MLPProjector(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.config.in_norm:
             x = LayerNorm(self.config.norm_eps, name="in_norm", **kw)(x)
-        return MLP(self.out_dim, "gelu", out_dim=self.out_dim, name="mlp", lora=self.lora, **kw)(x)
+        group = self.config.get("merge_size", 1) ** 2
+        if x.shape[-2] % group:
+            raise ValueError(f"{x.shape[-2]} tokens do not split into runs of {group} (merge_size)")
+        x = x.reshape(*x.shape[:-2], x.shape[-2] // group, group * x.shape[-1])
+        hidden = self.config.get("hidden_dim", 0) or self.out_dim
+        return MLP(hidden, "gelu", out_dim=self.out_dim, name="mlp", lora=self.lora, **kw)(x)
 
 
 CONNECTORS: dict[str, type[nn.Module]] = {"mlp": MLPProjector}

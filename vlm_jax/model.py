@@ -34,6 +34,11 @@ class VLM(nn.Module):
         visual = self.connector(self.vision(tiles.reshape(b * t, *tiles.shape[2:])))
         return visual.reshape(b, t * visual.shape[1], visual.shape[2])
 
+    def encode_patches(self, patches: jax.Array, patch_positions: jax.Array, patch_segment_ids: jax.Array) -> jax.Array:
+        """NaViT: packed patches [B, N, D] with their (row, col) [B, N, 2] and segment ids [B, N]
+        (vlm_jax/data/navit.py) -> visual tokens [B, N / merge_size**2, hidden], one per merge window."""
+        return self.connector(self.vision(patches, patch_positions, patch_segment_ids))
+
     def embed(self, tokens: jax.Array, tiles: jax.Array, tile_mask: jax.Array, image_dest: jax.Array) -> jax.Array:
         """Text embeddings with every real tile's visual tokens written at its `image_dest` positions."""
         x = self.decoder.embed(tokens)

@@ -6,6 +6,8 @@ Reports per stage (`vision_features` = the tower's hidden_states[feature_layer] 
 figure is max|jax - torch| / max|torch| per stage, so values near zero do not blow it up.
 """
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -13,9 +15,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import torch
-import transformers
 from jax.sharding import Mesh
 
+from vlm_jax.data.navit import pack_patches
+from vlm_jax.interop import families
 from vlm_jax.interop.hf_import import Source, import_params, model_config
 from vlm_jax.interop.keymap import ConversionError
 from vlm_jax.interop.model_params import unflat
@@ -35,6 +38,23 @@ def _tokens(rng: np.random.Generator, vocab: int, shape: tuple[int, int], avoid:
     return np.where(ids >= avoid, ids + 1, ids) if avoid >= 0 else ids
 
 
+# Grids (t, h, w) of the random images the NaViT check packs into one sequence: several sizes and aspect ratios.
+NAVIT_GRIDS = ((1, 4, 6), (1, 2, 2), (1, 6, 4))
+
+
+def _navit_stages(tower: torch.nn.Module, model: ml_collections.ConfigDict, run: Callable,
+                  rng: np.random.Generator) -> dict[str, dict[str, float]]:
+    """Qwen2-VL's tower (last block's output) and merger on random images packed into one sequence."""
+    v, merge = model.vision, model.connector.get("merge_size", 1)
+    dim = 3 * v.temporal_patch_size * v.patch_size ** 2
+    images = [(rng.standard_normal((math.prod(g), dim)).astype(np.float32), g) for g in NAVIT_GRIDS]
+    row = pack_patches(images, sum(p.shape[0] for p, _ in images), dim, merge)
+    args = [jnp.asarray(row[k][None]) for k in ("patches", "patch_positions", "patch_segment_ids")]
+    want = tower(hidden_states=torch.from_numpy(row["patches"]), grid_thw=torch.tensor(NAVIT_GRIDS))
+    return dict(vision_features=_diff(run(lambda m, *a: m.vision(*a), *args)[0], want.last_hidden_state),
+                projector=_diff(run(lambda m, *a: m.encode_patches(*a), *args)[0], want.pooler_output))
+
+
 def check(src: str, base_model: ml_collections.ConfigDict, mesh: Mesh, *, family: str | None = None,
           seed: int = 0, batch: int = 2, length: int = 12) -> dict[str, Any]:
     source = Source(src, family)
@@ -43,7 +63,7 @@ def check(src: str, base_model: ml_collections.ConfigDict, mesh: Mesh, *, family
     model = model_config([source], base_model, "float32")
     model.dtype = "float32"
     params = unflat(import_params([source], model, mesh))
-    ref = getattr(transformers, source.spec.torch_class).from_pretrained(src, dtype=torch.float32).eval()
+    ref = families.load_torch_class(source.spec.torch_class).from_pretrained(src, dtype=torch.float32).eval()
     vlm, v = VLM(model), model.vision
     rng = np.random.default_rng(seed)
     pixels = rng.standard_normal((batch, 3, v.image_size, v.image_size)).astype(np.float32)
@@ -54,7 +74,9 @@ def check(src: str, base_model: ml_collections.ConfigDict, mesh: Mesh, *, family
 
     stages = {}
     with torch.no_grad():
-        if "vision" in source.spec.parts:
+        if v.stem == "navit":
+            stages.update(_navit_stages(ref, model, run, rng))
+        elif "vision" in source.spec.parts:
             tower = ref.model.vision_tower if source.family == "llava" else ref
             hidden = tower(pixel_values=torch.from_numpy(pixels), output_hidden_states=True).hidden_states
             want = hidden[v.feature_layer][:, 1:] if v.drop_cls else hidden[v.feature_layer]

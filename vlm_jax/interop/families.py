@@ -1,12 +1,13 @@
 """Which key map, config translation and PyTorch class go with each family, and how to tell them apart."""
 
+import importlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
-from vlm_jax.interop import clip, llama, llava, points, qwen2
+from vlm_jax.interop import clip, llama, llava, points, qwen2, qwen2_vl
 from vlm_jax.interop.keymap import ConversionError, KeyMap
 
 
@@ -15,7 +16,9 @@ class Family:
     parts: tuple[str, ...]  # the VLM subtrees its checkpoints hold
     keymap: Callable[[ml_collections.ConfigDict], KeyMap]  # model config -> key map over those subtrees
     model_config: Callable[[dict[str, Any]], dict[str, Any]]  # HF config.json -> model.{vision,connector,text}
-    torch_class: str | None  # the transformers class that loads it (None: the original repo's code)
+    # The transformers class that loads it, by name or by module path under transformers for classes the
+    # package does not export (None: the original repo's code).
+    torch_class: str | None
 
 
 FAMILIES: dict[str, Family] = {
@@ -28,12 +31,16 @@ FAMILIES: dict[str, Family] = {
     "llava": Family(("vision", "connector", "decoder"), llava.hf_keymap, llava.model_config,
                     "LlavaForConditionalGeneration"),
     "llava_original": Family(("connector", "decoder"), llava.original_keymap, llava.original_model_config, None),
+    "qwen2_vl_vision": Family(("connector", "vision"), qwen2_vl.vision_keymap, qwen2_vl.model_config,
+                              "models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel"),
+    "points": Family(("connector", "decoder", "vision"), points.keymap, points.model_config, None),
     "points_llm": Family(("decoder",), lambda m: points.KEYMAP.prefixed("", "decoder"),
                          lambda hf: dict(text=points.text_config(hf)), None),
 }
 
 _BY_MODEL_TYPE = {"clip_vision_model": "clip", "clip": "clip", "llama": "llama", "qwen2": "qwen2",
-                  "llava": "llava", "llava_llama": "llava_original", "share4v": "llava_original"}
+                  "llava": "llava", "llava_llama": "llava_original", "share4v": "llava_original",
+                  "qwen2_vl_vision": "qwen2_vl_vision"}
 
 
 def detect(hf: dict[str, Any], where: str) -> str:
@@ -45,6 +52,12 @@ def detect(hf: dict[str, Any], where: str) -> str:
         raise ConversionError(f"{where}: model_type {model_type!r} is not one of {sorted(_BY_MODEL_TYPE)}; "
                               f"pass the family explicitly ({sorted(FAMILIES)})")
     return _BY_MODEL_TYPE[model_type]
+
+
+def load_torch_class(name: str) -> type:
+    """A Family.torch_class: a top-level transformers name or a module path under transformers."""
+    module, _, cls = name.rpartition(".")
+    return getattr(importlib.import_module("transformers" + (f".{module}" if module else "")), cls)
 
 
 def get(name: str) -> Family:

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vlm_jax.interop import clip, families, llava, peft, xverse_v
+from vlm_jax.interop import clip, families, llava, peft, qwen2_vl, xverse_v
 from vlm_jax.interop.ckpt_dir import load_params
 from vlm_jax.interop.keymap import ConversionError, KeyMap, expand, torch_tensors
 from vlm_jax.interop.model_params import flat, unflat
@@ -46,6 +46,9 @@ def _hf_target(model: ml_collections.ConfigDict, parts: tuple[str, ...], meta: d
     """(family, key map, config.json) of the HF class these parts export to."""
     if parts == ("vision",):
         return "clip", families.get("clip").keymap(model), _merge(meta.get("hf_config"), clip.hf_config(model.vision))
+    if parts == ("connector", "vision") and model.vision.stem == "navit":
+        return ("qwen2_vl_vision", families.get("qwen2_vl_vision").keymap(model),
+                _merge(meta.get("hf_config"), qwen2_vl.hf_config(model)))
     if parts == ("decoder",):
         name = llava.text_family(model.text)
         module = llava.TEXT_FAMILIES[name]

@@ -13,6 +13,7 @@ transposes only, so a round trip is bit-exact):
   LINEAR   nn.Linear [out, in] <-> Dense kernel [in, *out] (transpose, then split the out dim)
   LINEAR2  nn.Linear [out, H*D] <-> Dense kernel [H, D, out] (output projections, two input axes)
   CONV     Conv2d [O, C, p, p] <-> Dense kernel [C*p*p, O] over patches flattened in (C, kh, kw) order
+  CONV3D   Conv3d [O, C, 2, p, p] <-> Dense kernel [C*2*p*p, O] (Qwen2-VL's patch embedding; patches in (C, T, kh, kw))
 """
 
 import dataclasses
@@ -28,6 +29,7 @@ class Layout:
     kind: str  # same | flat | linear | conv
     in_axes: int = 1  # linear: how many leading vlm_jax kernel axes are contracted inputs
     channels: int = 3  # conv: image channels
+    frames: int = 0  # conv: the T axis of a Conv3d kernel (0: Conv2d)
 
     def torch_shape(self, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
         if self.kind == "same":
@@ -37,8 +39,8 @@ class Layout:
         n_in, n_out = math.prod(jax_shape[:self.in_axes]), math.prod(jax_shape[self.in_axes:])
         if self.kind == "linear":
             return (n_out, n_in)
-        p = math.isqrt(n_in // self.channels)
-        return (n_out, self.channels, p, p)
+        p = math.isqrt(n_in // (self.channels * max(self.frames, 1)))
+        return (n_out, self.channels, *((self.frames,) if self.frames else ()), p, p)
 
     def to_jax(self, t: np.ndarray, jax_shape: tuple[int, ...]) -> np.ndarray:
         if self.kind in ("linear", "conv"):
@@ -57,6 +59,7 @@ FLAT = Layout("flat")
 LINEAR = Layout("linear")
 LINEAR2 = Layout("linear", in_axes=2)
 CONV = Layout("conv")
+CONV3D = Layout("conv", frames=2)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,14 @@ from vlm_jax.model import VLM
 def _boxed(model: ml_collections.ConfigDict):
     if not model.scan_layers:
         raise ConversionError("conversion uses the scanned parameter layout; set model.scan_layers=True")
+    if model.vision.stem == "navit":
+        # A NaViT tower takes packed patches (data/navit.py), not tiles: one merge window of them.
+        v, n = model.vision, model.connector.get("merge_size", 1) ** 2
+        text = (jnp.zeros((1, 8), jnp.int32),) * 3
+        patches = (jnp.zeros((1, n, 3 * v.temporal_patch_size * v.patch_size ** 2)), jnp.zeros((1, n, 2), jnp.int32),
+                   jnp.ones((1, n), jnp.int32))
+        return jax.eval_shape(lambda: VLM(model).init(
+            jax.random.key(0), method=lambda m: (m.decoder(*text), m.encode_patches(*patches))))["params"]
     size = model.vision.image_size
     inputs = (jnp.zeros((1, 8), jnp.int32),) * 3 + (
         jnp.zeros((1, 1, size, size, 3)), jnp.ones((1, 1), bool),

@@ -1,4 +1,7 @@
-"""POINTS1.5's LLM in the WeLM "CustomLlama" layout (Qwen2.5 weights, ARCHITECTURES.md 2.5) <-> `decoder`.
+"""POINTS1.5 checkpoints: the LLM in the WeLM "CustomLlama" layout (Qwen2.5 weights, ARCHITECTURES.md 2.5)
+<-> `decoder`, and (family `points`) the whole model: `vision_encoder.*` = Qwen2-VL's vision blocks (its
+`merger`, if stored, is unused) <-> `vision`, `vision_projector.*` = a PatchMerger <-> `connector`
+(interop/qwen2_vl.py).
 
 `key_value_dense` interleaves k and v per KV head (rows viewed `(kv_heads, 2, head_dim)`), and
 `dense_h_to_4h` is `[up; gate]` (forward `x1 * silu(x2)` with `(x1, x2) = chunk(2)`).
@@ -6,7 +9,9 @@
 
 from typing import Any
 
-from vlm_jax.interop import llama
+import ml_collections
+
+from vlm_jax.interop import llama, qwen2_vl
 from vlm_jax.interop.keymap import FLAT, LINEAR, LINEAR2, SAME, KeyMap
 
 _L = "llm.lm.layers.{i}."
@@ -27,10 +32,21 @@ ROWS = (
     ("llm.lm.final_layer_norm.weight", "final_norm/scale", SAME),
     ("llm.embed_out.weight", "lm_head/kernel", LINEAR),
 )
-# The NaViT vision encoder and PatchMerger projector have no vlm_jax counterpart yet; this map takes the LLM.
-IGNORE = (r"vision_encoder\..*", r"vision_projector\..*")
+# points_llm takes the LLM alone.
+KEYMAP = KeyMap(ROWS, ignore=(r"vision_encoder\..*", r"vision_projector\..*"))
 
-KEYMAP = KeyMap(ROWS, ignore=IGNORE)
+
+def keymap(model: ml_collections.ConfigDict) -> KeyMap:
+    """The whole POINTS1.5 checkpoint (family `points`)."""
+    return (qwen2_vl.tower_keymap(model.vision).prefixed("vision_encoder.", "vision")
+            + KeyMap(qwen2_vl.MERGER_ROWS).prefixed("vision_projector.", "connector")
+            + KeyMap(ROWS, ignore=(r"vision_encoder\.merger\..*",)).prefixed("", "decoder"))
+
+
+def model_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """model.{vision, connector, text} from POINTS' config.json: `vision_config` (a Qwen2VLVisionConfig dict [?]
+    until read from the released file) and `llm_config`. The projector maps to the LLM width."""
+    return qwen2_vl.model_config(hf["vision_config"]) | dict(text=text_config(hf))
 
 
 def text_config(hf: dict[str, Any]) -> dict[str, Any]:

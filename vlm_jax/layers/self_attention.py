@@ -19,7 +19,7 @@ from vlm_jax.layers import axes
 from vlm_jax.layers.attention import attention
 from vlm_jax.layers.dense import Dense
 from vlm_jax.layers.lora import LoraSpec
-from vlm_jax.layers.rope import apply_rope, rope_cos_sin
+from vlm_jax.layers.rope import apply_rope, cos_sin
 
 CACHE_MODES = ("none", "prefill", "decode")
 
@@ -31,7 +31,9 @@ class SelfAttention(nn.Module):
     causal: bool
     qkv_bias: bool = False
     out_bias: bool = False
-    rope_base: float | None = None
+    rope_base: float | None = None  # None: no RoPE
+    rope_kind: str = "1d"  # layers/rope.py: 1d, 2d (ViT patch rows/cols) or mrope
+    rope_sections: tuple[int, ...] = ()  # mrope only
     cache_mode: str = "none"
     cache_len: int = 0
     backend: str = "xla"
@@ -43,7 +45,8 @@ class SelfAttention(nn.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """x [B, L, E]; positions [B, L] (needed for RoPE and decoding); segment_ids [B, L] or None."""
+        """x [B, L, E]; positions [B, L] (needed for RoPE and decoding; [B, L, 2] or [B, L, 3] for the 2d and
+        mrope RoPE kinds); segment_ids [B, L] or None."""
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"unknown cache_mode {self.cache_mode!r}; choose from {CACHE_MODES}")
         dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
@@ -56,7 +59,7 @@ class SelfAttention(nn.Module):
         k = nn.with_logical_constraint(k, axes.BLKD)
         v = nn.with_logical_constraint(v, axes.BLKD)
         if self.rope_base is not None:
-            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base)
+            cos, sin = cos_sin(self.rope_kind, positions, self.head_dim, self.rope_base, self.rope_sections)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if self.cache_mode == "decode":

@@ -6,6 +6,12 @@ the class token when `drop_cls` is off).
 Output is HF's `hidden_states[feature_layer]`: hidden_states[0] is the stem output, hidden_states[i] the
 output of block i-1. Only the blocks that feed the chosen layer are built (feature_layer=-2 of a depth-24
 tower builds 23), so the unused last block has no parameters; importers drop its weights.
+
+The `navit` stem (Qwen2-VL's vision tower, as POINTS1.5 uses it) takes packed patches instead of tiles:
+patches [B, N, C*T*p*p] of several images per row in the processor's order (vlm_jax/data/navit.py), their
+(row, col) [B, N, 2] for the 2-D RoPE of every block, and segment ids [B, N] (1, 2, ... per image, 0 =
+padding) so attention stays inside each image -> [B, N, width]. It has no class token, positions table or
+final norm (POINTS takes the last block's output: feature_layer=-1).
 """
 
 import flax.linen as nn
@@ -63,7 +69,27 @@ class ClipStem(nn.Module):
         return x
 
 
-STEMS: dict[str, type[nn.Module]] = {"clip": ClipStem}
+class NavitStem(nn.Module):
+    """Bias-free linear embedding of pre-cut patches: HF Qwen2-VL's Conv3d (stride = kernel) on patches the
+    processor already flattened in (C, T, kh, kw) order. Positions enter later, as 2-D RoPE in every block."""
+
+    config: ml_collections.ConfigDict
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        c = self.config
+        dim = 3 * c.temporal_patch_size * c.patch_size ** 2
+        if patches.ndim != 3 or patches.shape[-1] != dim:
+            raise ValueError(f"navit stem expects patches [B, N, {dim}], got {patches.shape}")
+        if c.drop_cls:
+            raise ValueError("the navit stem has no class token: set drop_cls=False")
+        return Dense(c.width, (axes.PATCH, axes.EMBED), dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="patch_embed")(patches)
+
+
+STEMS: dict[str, type[nn.Module]] = {"clip": ClipStem, "navit": NavitStem}
 
 
 class ViTBlock(nn.Module):
@@ -72,16 +98,21 @@ class ViTBlock(nn.Module):
     mlp_dim: int
     mlp_act: str
     norm_eps: float
+    rope_base: float | None = None  # 2-D RoPE over patch (row, col): the navit stem
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     lora: LoraSpec | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, None]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
         x = x + SelfAttention(self.heads, self.heads, self.width // self.heads, causal=False, qkv_bias=True,
-                              out_bias=True, name="attn", lora=self.lora, **kw)(h)
+                              out_bias=True,
+                              rope_base=self.rope_base, rope_kind="2d", name="attn", lora=self.lora,
+                              **kw)(h, positions, segment_ids)
         h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
         x = x + MLP(self.mlp_dim, self.mlp_act, name="mlp", lora=self.lora, **kw)(h)
         return nn.with_logical_constraint(x, axes.BLE), None
@@ -104,15 +135,22 @@ class ViT(nn.Module):
         return layer % (depth + 1)
 
     @nn.compact
-    def __call__(self, tiles: jax.Array) -> jax.Array:
+    def __call__(
+        self, pixels: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Tiles [N, S, S, 3], or for the navit stem packed patches with their positions and segment ids
+        (module docstring)."""
         c = self.config
         if c.stem not in STEMS:
             raise ValueError(f"unknown vision stem {c.stem!r}; choose from {sorted(STEMS)}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = STEMS[c.stem](c, name="stem", **kw)(tiles)
+        packed = () if positions is None else (positions, segment_ids)
+        if (c.stem == "navit") != bool(packed):
+            raise ValueError("patch positions and segment ids go with the navit stem, and only with it")
+        x = STEMS[c.stem](c, name="stem", **kw)(pixels)
         x = nn.with_logical_constraint(x, axes.BLE)
         block = dict(width=c.width, heads=c.heads, mlp_dim=c.mlp_dim, mlp_act=c.mlp_act, norm_eps=c.norm_eps,
-                     lora=self.lora, **kw)
-        x = run_blocks(ViTBlock, block, x, num_layers=self.num_blocks, scan=self.scan_layers,
+                     rope_base=c.get("rope_base"), lora=self.lora, **kw)
+        x = run_blocks(ViTBlock, block, x, *packed, num_layers=self.num_blocks, scan=self.scan_layers,
                        remat_policy=self.remat_policy)
         return x[:, 1:] if c.drop_cls else x
