@@ -1,0 +1,135 @@
+"""Qwen2-VL vision tower + merger and POINTS1.5 checkpoints: `convert.py check` parity on packed images,
+bit-exact torch -> vlm_jax -> torch and vlm_jax -> torch -> vlm_jax round trips, both HF naming generations,
+and the whole POINTS1.5 layout (vision_encoder / vision_projector / CustomLlama LLM)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2VisionTransformerPretrainedModel
+
+from configs.base import get_config
+from tests.helpers import randomize_torch
+from tests.test_interop_points import HEAD_DIM, KV_HEADS, _points_state_dict
+from tests.test_navit import tiny_tower
+from vlm_jax import parallel
+from vlm_jax.data.navit import pack_patches
+from vlm_jax.interop.check import NAVIT_GRIDS, check
+from vlm_jax.interop.hf_export import export_checkpoint
+from vlm_jax.interop.hf_import import META_FILE, Source, import_checkpoint, import_params, model_config
+from vlm_jax.interop.keymap import expand, torch_tensors
+from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
+from vlm_jax.model import VLM
+from vlm_jax.train.checkpoint import restore_params, save_params
+
+BASE = get_config().model
+MESH = parallel.make_mesh(get_config().mesh)
+PARTS = ("connector", "vision")
+
+
+def _restore(path: str, model) -> dict:
+    return flat(restore_params(path, unflat(abstract_params(model, PARTS)), unflat(param_shardings(model, PARTS, MESH))))
+
+
+def test_tower_check_and_round_trips_are_exact(tmp_path):
+    path = tiny_tower(tmp_path)
+    report = check(path, BASE, MESH)
+    assert report["family"] == "qwen2_vl_vision" and set(report) >= {"vision_features", "projector"}
+    assert report["max_abs_diff"] <= 1e-5, report
+
+    # torch -> vlm_jax -> torch: every tensor bit for bit, and the exported directory loads cleanly.
+    import_checkpoint(path, str(tmp_path / "ckpt"), BASE, MESH)
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf", MESH)
+    want, got = load_file(f"{path}/model.safetensors"), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(want) == set(got)
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    _, info = Qwen2VisionTransformerPretrainedModel.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+    # vlm_jax -> torch -> vlm_jax from random params that never came from torch.
+    model = BASE.copy_and_resolve_references()
+    model.update(json.loads((tmp_path / "ckpt" / META_FILE).read_text())["model"])
+    rng = np.random.default_rng(0)
+    params = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in abstract_params(model, PARTS).items()}
+    save_params(str(tmp_path / "native" / "params"), unflat(params))
+    (tmp_path / "native" / META_FILE).write_text(json.dumps(dict(family="native", parts=PARTS, model=model.to_dict())))
+    export_checkpoint(str(tmp_path / "native"), str(tmp_path / "hf"), "hf", MESH)
+    import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "back"), BASE, MESH)
+    back = _restore(str(tmp_path / "back" / "params"), model)
+    assert set(back) == set(params)
+    assert [k for k in params if not np.array_equal(np.asarray(back[k]), params[k])] == []
+
+
+def test_whole_qwen2_vl_checkpoint_vision_part_in_both_generations(tmp_path):
+    config = transformers.Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=32, num_heads=4, mlp_ratio=2),
+        text_config=dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters=dict(rope_type="default", mrope_section=[1, 1, 2], rope_theta=1e4)))
+    hf = transformers.Qwen2VLForConditionalGeneration(config).eval()
+    randomize_torch(hf, seed=1)
+    hf.save_pretrained(str(tmp_path / "legacy"))  # visual.*, model.*, lm_head.*
+    (tmp_path / "new").mkdir()
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "new" / "model.safetensors"))
+    (tmp_path / "new" / "config.json").write_text((tmp_path / "legacy" / "config.json").read_text())
+    assert any(k.startswith("model.visual.") for k in hf.state_dict())  # the >= 4.52 in-memory names
+
+    imported = []
+    for layout in ("legacy", "new"):
+        source = Source(str(tmp_path / layout), "qwen2_vl_vision")
+        model = model_config([source], BASE, "float32")
+        imported.append({k: np.asarray(v) for k, v in import_params([source], model, MESH).items()})
+    assert imported[0].keys() == imported[1].keys()
+    assert all(np.array_equal(imported[0][k], imported[1][k]) for k in imported[0])
+    w = hf.model.visual.patch_embed.proj.weight.detach().numpy()
+    assert np.array_equal(imported[0]["vision/stem/patch_embed/kernel"], w.reshape(w.shape[0], -1).T)
+
+
+def test_points_checkpoint_imports_whole_and_round_trips(tmp_path):
+    tower = Qwen2VisionTransformerPretrainedModel.from_pretrained(tiny_tower(tmp_path), dtype=torch.float32).eval()
+    llm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, rms_norm_eps=1e-5, rope_theta=1e6)).eval()
+    randomize_torch(llm, seed=5)
+    projector = PatchMerger(dim=32, context_dim=64).eval()  # POINTS trains its own, separate from the tower's
+    randomize_torch(projector, seed=6)
+    state = {k: v for k, v in _points_state_dict(llm).items() if not k.startswith("vision_encoder.")}
+    state |= {f"vision_encoder.{k}": v for k, v in tower.state_dict().items()}  # its merger is stored, unused
+    state |= {f"vision_projector.{k}": v for k, v in projector.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        vision_config=tower.config.to_dict(), llm_config=dict(
+            vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=KV_HEADS,
+            ffn_hidden_size=48, layernorm_epsilon=1e-5, rotary_emb_base=1e6))))
+    source = Source(str(tmp_path), "points")
+    model = model_config([source], BASE, "float32")
+    leaves = import_params([source], model, MESH)
+    params = unflat(leaves)
+
+    rng = np.random.default_rng(0)
+    images = [(rng.standard_normal((int(np.prod(g)), 1176)).astype(np.float32), g) for g in NAVIT_GRIDS]
+    row = pack_patches(images, 64)
+    args = [jnp.asarray(row[k][None]) for k in ("patches", "patch_positions", "patch_segment_ids")]
+    got = jax.jit(lambda p, *a: VLM(model).apply({"params": p}, *a, method=VLM.encode_patches))(params, *args)
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    logits = jax.jit(lambda p, t: VLM(model).apply({"params": p}, t, jnp.broadcast_to(jnp.arange(10), (2, 10)),
+                                                   None, method=lambda m, *a: m.decoder(*a)))(params, jnp.asarray(ids))
+    with torch.no_grad():
+        feats = tower(hidden_states=torch.from_numpy(np.concatenate([p for p, _ in images])),
+                      grid_thw=torch.tensor(NAVIT_GRIDS)).last_hidden_state
+        want = projector(feats).numpy()
+        want_logits = llm(input_ids=ids).logits.numpy()
+    n = want.shape[0]
+    np.testing.assert_allclose(np.asarray(got[0, :n]), want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-5, rtol=0)
+
+    # The table writes back every tensor it read, bit for bit (the tower's unused merger aside).
+    tensors, fillers = expand(source.spec.keymap(model), {k: v.shape for k, v in leaves.items()})
+    out = dict(torch_tensors(tensors, fillers, lambda p, i: np.asarray(leaves[p] if i is None else leaves[p][i]),
+                             np.float32))
+    assert set(out) == {k for k in state if not k.startswith("vision_encoder.merger.")}
+    assert [k for k in out if not np.array_equal(out[k], state[k].numpy())] == []
