@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.vision = ml_collections.ConfigDict(dict(
         stem="clip", image_size=224, patch_size=14, width=1024, depth=24, heads=16,
         mlp_dim=4096, mlp_act="quick_gelu", norm_eps=1e-5, pre_norm=True,
-        feature_layer=-2, drop_cls=True))
+        feature_layer=-2, drop_cls=True, qkv_bias="qkv", post_norm=False))
     m.connector = ml_collections.ConfigDict(dict(kind="mlp", in_norm=False, norm_eps=1e-5))
     # LoRA adapters on the Dense layers whose module path fully matches `targets` (rank 0: none).
     m.lora = ml_collections.ConfigDict(dict(

@@ -10,6 +10,7 @@ from jax.typing import DTypeLike
 from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.mlp import MLP
 from vlm_jax.layers.norms import LayerNorm
+from vlm_jax.qformer import QFormer
 
 
 class MLPProjector(nn.Module):
@@ -40,4 +41,4 @@ class MLPProjector(nn.Module):
         return MLP(hidden, "gelu", out_dim=self.out_dim, name="mlp", lora=self.lora, **kw)(x)
 
 
-CONNECTORS: dict[str, type[nn.Module]] = {"mlp": MLPProjector}
+CONNECTORS: dict[str, type[nn.Module]] = {"mlp": MLPProjector, "qformer": QFormer}

@@ -77,14 +77,23 @@ def check(src: str, base_model: ml_collections.ConfigDict, mesh: Mesh, *, family
         if v.stem == "navit":
             stages.update(_navit_stages(ref, model, run, rng))
         elif "vision" in source.spec.parts:
-            tower = ref.model.vision_tower if source.family == "llava" else ref
-            hidden = tower(pixel_values=torch.from_numpy(pixels), output_hidden_states=True).hidden_states
-            want = hidden[v.feature_layer][:, 1:] if v.drop_cls else hidden[v.feature_layer]
+            towers = {"llava": "model.vision_tower", "blip2": "vision_model"}
+            tower = ref.get_submodule(towers[source.family]) if source.family in towers else ref
+            out = tower(pixel_values=torch.from_numpy(pixels), output_hidden_states=True)
+            # BLIP-2's features are last_hidden_state: the last block's output through post_layernorm.
+            want = out.last_hidden_state if v.post_norm else out.hidden_states[v.feature_layer]
+            want = want[:, 1:] if v.drop_cls else want
             feats = run(lambda m, t: m.vision(t), tiles)
             stages["vision_features"] = _diff(feats, want)
-        if source.family == "llava":
+        if source.family in ("llava", "blip2"):
             cfg = ref.config
-            projected = ref.model.multi_modal_projector(want)
+            if source.family == "llava":
+                projected = ref.model.multi_modal_projector(want)
+            else:  # vision -> Q-Former -> language_projection
+                projected = ref.get_image_features(pixel_values=torch.from_numpy(pixels)).pooler_output
+            if cfg.image_token_id is None:
+                # Ziya's own code prepends the queries instead; any id works, its embedding is overwritten.
+                cfg.image_token_id = model.text.vocab_size - 1
             stages["projector"] = _diff(run(lambda m, t: m.connector(m.vision(t)), tiles), projected)
             per_image = projected.shape[1]
             ids = _tokens(rng, model.text.vocab_size, (batch, length + per_image), avoid=cfg.image_token_id)

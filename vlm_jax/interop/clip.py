@@ -55,7 +55,7 @@ def vision_config(hf: dict[str, Any], feature_layer: int = -2, drop_cls: bool = 
     return dict(stem="clip", image_size=hf["image_size"], patch_size=hf["patch_size"], width=hf["hidden_size"],
                 depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
                 mlp_act=hf.get("hidden_act", "quick_gelu"), norm_eps=hf.get("layer_norm_eps", 1e-5),
-                pre_norm=True, feature_layer=feature_layer, drop_cls=drop_cls)
+                pre_norm=True, feature_layer=feature_layer, drop_cls=drop_cls, qkv_bias="qkv", post_norm=False)
 
 
 def hf_config(v: ml_collections.ConfigDict) -> dict[str, Any]:

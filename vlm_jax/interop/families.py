@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from vlm_jax.interop import clip, llama, llava, points, qwen2, qwen2_vl
+from vlm_jax.interop import blip2, clip, llama, llava, points, qwen2, qwen2_vl
 from vlm_jax.interop.keymap import ConversionError, KeyMap
 
 
@@ -30,6 +30,8 @@ FAMILIES: dict[str, Family] = {
                     lambda hf: dict(text=qwen2.text_config(hf)), "Qwen2ForCausalLM"),
     "llava": Family(("vision", "connector", "decoder"), llava.hf_keymap, llava.model_config,
                     "LlavaForConditionalGeneration"),
+    "blip2": Family(("vision", "connector", "decoder"), blip2.keymap, blip2.model_config,
+                    "Blip2ForConditionalGeneration"),
     "llava_original": Family(("connector", "decoder"), llava.original_keymap, llava.original_model_config, None),
     "qwen2_vl_vision": Family(("connector", "vision"), qwen2_vl.vision_keymap, qwen2_vl.model_config,
                               "models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel"),
@@ -39,7 +41,8 @@ FAMILIES: dict[str, Family] = {
 }
 
 _BY_MODEL_TYPE = {"clip_vision_model": "clip", "clip": "clip", "llama": "llama", "qwen2": "qwen2",
-                  "llava": "llava", "llava_llama": "llava_original", "share4v": "llava_original",
+                  "llava": "llava", "blip-2": "blip2", "llava_llama": "llava_original",
+                  "share4v": "llava_original",
                   "qwen2_vl_vision": "qwen2_vl_vision"}
 
 

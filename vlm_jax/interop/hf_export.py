@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vlm_jax.interop import clip, families, llava, peft, qwen2_vl, xverse_v
+from vlm_jax.interop import blip2, clip, families, llava, peft, qwen2_vl, xverse_v
 from vlm_jax.interop.ckpt_dir import load_params
 from vlm_jax.interop.keymap import ConversionError, KeyMap, expand, torch_tensors
 from vlm_jax.interop.model_params import flat, unflat
@@ -54,12 +54,13 @@ def _hf_target(model: ml_collections.ConfigDict, parts: tuple[str, ...], meta: d
         module = llava.TEXT_FAMILIES[name]
         return name, families.get(name).keymap(model), _merge(meta.get("hf_config"), module.hf_config(model.text))
     if parts == ("connector", "decoder", "vision"):
-        stored = meta.get("hf_config") if meta.get("family") == "llava" else None
+        family, module = ("blip2", blip2) if model.connector.kind == "qformer" else ("llava", llava)
+        stored = meta.get("hf_config") if meta.get("family") == family else None
         if image_token_index is None:
-            image_token_index = (stored or {}).get("image_token_index", model.text.vocab_size)
-        config = _merge(stored, llava.hf_config(model, image_token_index))
+            image_token_index = (stored or {}).get("image_token_index") or model.text.vocab_size
+        config = _merge(stored, module.hf_config(model, image_token_index))
         config["text_config"]["vocab_size"] = max(model.text.vocab_size, image_token_index + 1)
-        return "llava", llava.hf_keymap(model), config
+        return family, families.get(family).keymap(model), config
     raise ConversionError(f"parts {list(parts)} do not make an HF model: export a vision tower, a decoder, or "
                           "a whole VLM (import the original LLaVA layout with --vision to get one)")
 

@@ -2,13 +2,18 @@
 
 A key map is data: rows `(torch name, vlm_jax path(s), layout[, fuse])`. A torch name containing `{i}`
 is one tensor per layer; its vlm_jax leaf is the scanned stack, whose leading `layers` axis holds layer
-i. Several vlm_jax paths in one row mean a fused torch tensor whose pieces sit on its dim 0, either as
-blocks (`concat`: `[up; gate]`, `[Wq; Wk; Wv]`) or interleaved per head group (`interleave`: rows viewed
-as `(groups, pieces, ...)`, groups = the head axis of each vlm_jax piece).
+i. `{i*k+j}` names torch layer k*i + j instead, for stacks whose scanned unit holds k torch layers (the
+BLIP-2 Q-Former scans pairs: a layer with cross-attention, then one without). Several vlm_jax paths in one
+row mean a fused torch tensor whose pieces sit on its dim 0, either as blocks (`concat`: `[up; gate]`,
+`[Wq; Wk; Wv]`) or interleaved per head group (`interleave`: rows viewed as `(groups, pieces, ...)`,
+groups = the head axis of each vlm_jax piece). A `None` piece is a slice the model does not hold, shaped
+like the row's first real piece: dropped on import, written as zeros on export (BLIP-2's zero key bias
+inside `qkv.bias`).
 
 Layouts turn one (unfused) torch tensor into one vlm_jax leaf and back, exactly (reshapes and
 transposes only, so a round trip is bit-exact):
-  SAME     identical shape (norms, embeddings, 1-D tensors)
+  SAME     identical shape (norms, embeddings, 1-D tensors); UNSQUEEZE1/2: torch adds 1 or 2 leading
+           size-1 axes (BLIP-2's `position_embedding [1, P, W]`, `class_embedding [1, 1, W]`)
   FLAT     torch [prod] <-> vlm_jax [heads, head_dim] (q/k/v biases)
   LINEAR   nn.Linear [out, in] <-> Dense kernel [in, *out] (transpose, then split the out dim)
   LINEAR2  nn.Linear [out, H*D] <-> Dense kernel [H, D, out] (output projections, two input axes)
@@ -30,10 +35,11 @@ class Layout:
     in_axes: int = 1  # linear: how many leading vlm_jax kernel axes are contracted inputs
     channels: int = 3  # conv: image channels
     frames: int = 0  # conv: the T axis of a Conv3d kernel (0: Conv2d)
+    leading_ones: int = 0  # same: size-1 axes the torch tensor has in front
 
     def torch_shape(self, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
         if self.kind == "same":
-            return tuple(jax_shape)
+            return (1,) * self.leading_ones + tuple(jax_shape)
         if self.kind == "flat":
             return (math.prod(jax_shape),)
         n_in, n_out = math.prod(jax_shape[:self.in_axes]), math.prod(jax_shape[self.in_axes:])
@@ -55,6 +61,8 @@ class Layout:
 
 
 SAME = Layout("same")
+UNSQUEEZE1 = Layout("same", leading_ones=1)
+UNSQUEEZE2 = Layout("same", leading_ones=2)
 FLAT = Layout("flat")
 LINEAR = Layout("linear")
 LINEAR2 = Layout("linear", in_axes=2)
@@ -87,7 +95,7 @@ class KeyMap:
         def jp(p: str) -> str:
             return f"{jax_prefix}/{p}"
 
-        rows = tuple((torch_prefix + r[0], tuple(jp(p) for p in _paths(r[1])), *r[2:]) for r in self.rows)
+        rows = tuple((torch_prefix + r[0], tuple(p and jp(p) for p in _paths(r[1])), *r[2:]) for r in self.rows)
         extras = tuple((torch_prefix + name, jp(like)) for name, like in self.extras)
         ignore = tuple(re.escape(torch_prefix) + pattern for pattern in self.ignore)
         # Renames are anchored at the start of a name (`^...`), so they move under the prefix too.
@@ -103,8 +111,16 @@ class KeyMap:
         return dataclasses.replace(self, renames=renames + self.renames)
 
 
-def _paths(p: str | tuple[str, ...]) -> tuple[str, ...]:
+def _paths(p: str | tuple[str | None, ...]) -> tuple[str | None, ...]:
     return (p,) if isinstance(p, str) else tuple(p)
+
+
+_LAYER_FIELD = re.compile(r"\{i(?:\*(\d+))?(?:\+(\d+))?\}")
+
+
+def layer_name(name: str, i: int) -> str:
+    """A layered torch name for stacked index i: `{i}` -> i, `{i*k+j}` -> k*i + j."""
+    return _LAYER_FIELD.sub(lambda m: str(i * int(m[1] or 1) + int(m[2] or 0)), name)
 
 
 class ConversionError(ValueError):
@@ -116,7 +132,7 @@ class Tensor:
     """One concrete torch tensor: where its pieces live in vlm_jax and how to convert them."""
 
     name: str
-    pieces: tuple[tuple[str, int | None], ...]  # (vlm_jax path, layer index or None)
+    pieces: tuple[tuple[str | None, int | None], ...]  # (vlm_jax path or None for a zero slice, layer index)
     piece_shapes: tuple[tuple[int, ...], ...]  # per-layer vlm_jax shape of each piece
     layout: Layout
     fuse: str
@@ -136,8 +152,11 @@ class Tensor:
             parts = [t]
         return [self.layout.to_jax(p, s) for p, s in zip(parts, self.piece_shapes)]
 
-    def to_torch(self, xs: list[np.ndarray]) -> np.ndarray:
-        parts = [self.layout.to_torch(x, s) for x, s in zip(xs, self.piece_shapes)]
+    def to_torch(self, xs: list[np.ndarray | None]) -> np.ndarray:
+        """Per-layer vlm_jax arrays (None for a zero slice) -> the torch tensor."""
+        dtype = next(x.dtype for x in xs if x is not None)
+        parts = [self.layout.to_torch(np.zeros(s, dtype) if x is None else x, s)
+                 for x, s in zip(xs, self.piece_shapes)]
         if self.fuse == "interleave":
             groups = self.piece_shapes[0][-2]
             grouped = [p.reshape(groups, -1, *p.shape[1:]) for p in parts]
@@ -163,25 +182,26 @@ def expand(keymap: KeyMap, jax_shapes: Mapping[str, tuple[int, ...]]) -> tuple[l
     tensors, fillers, claimed = [], [], {}
     for row in keymap.rows:
         name, paths, layout, fuse = row[0], _paths(row[1]), row[2], (row[3] if len(row) > 3 else "")
-        missing = [p for p in paths if p not in jax_shapes]
+        real = [p for p in paths if p is not None]
+        missing = [p for p in real if p not in jax_shapes]
         if missing:
             raise ConversionError(f"key map row {name!r} names vlm_jax leaves the model lacks: {missing}")
-        for p in paths:
+        for p in real:
             if p in claimed:
                 raise ConversionError(f"vlm_jax leaf {p!r} is claimed by {claimed[p]!r} and {name!r}")
             claimed[p] = name
-        layered = "{i}" in name
-        shapes = [tuple(jax_shapes[p][1:] if layered else jax_shapes[p]) for p in paths]
+        layered = _LAYER_FIELD.search(name) is not None
+        shapes = [tuple(jax_shapes[p or real[0]][1:] if layered else jax_shapes[p or real[0]]) for p in paths]
         torch_shapes = [layout.torch_shape(s) for s in shapes]
         shape = (sum(s[0] for s in torch_shapes), *torch_shapes[0][1:]) if len(paths) > 1 else torch_shapes[0]
-        for i in range(jax_shapes[paths[0]][0] if layered else 1):
+        for i in range(jax_shapes[real[0]][0] if layered else 1):
             index = i if layered else None
-            tensors.append(Tensor(name.format(i=i) if layered else name, tuple((p, index) for p in paths),
+            tensors.append(Tensor(layer_name(name, i) if layered else name, tuple((p, index) for p in paths),
                                   tuple(shapes), layout, fuse, shape))
         if layered:
-            stack = paths[0].rsplit("/layers/", 1)[0] + "/layers"
-            for i in range(jax_shapes[paths[0]][0], hf_layers.get(stack, 0)):
-                fillers.append(Filler(name.format(i=i), shape, _fill_value(paths[0])))
+            stack = real[0].rsplit("/layers/", 1)[0] + "/layers"
+            for i in range(jax_shapes[real[0]][0], hf_layers.get(stack, 0)):
+                fillers.append(Filler(layer_name(name, i), shape, _fill_value(real[0])))
     unclaimed = sorted(set(jax_shapes) - set(claimed))
     if unclaimed:
         raise ConversionError(f"the key map has no row for vlm_jax leaves {unclaimed}")
@@ -236,7 +256,8 @@ def leaf_sources(tensors: list[Tensor]) -> dict[str, list[tuple[Tensor, int]]]:
     out: dict[str, list[tuple[Tensor, int]]] = {}
     for t in tensors:
         for k, (path, _) in enumerate(t.pieces):
-            out.setdefault(path, []).append((t, k))
+            if path is not None:
+                out.setdefault(path, []).append((t, k))
     return out
 
 
@@ -258,6 +279,6 @@ def torch_tensors(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(torch name, array) for every tensor of the torch model, built one at a time from `leaf(path, layer)`."""
     for t in tensors:
-        yield t.name, np.ascontiguousarray(t.to_torch([leaf(p, i) for p, i in t.pieces]))
+        yield t.name, np.ascontiguousarray(t.to_torch([None if p is None else leaf(p, i) for p, i in t.pieces]))
     for f in fillers:
         yield f.name, np.full(f.shape, f.value, dtype)

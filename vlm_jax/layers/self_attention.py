@@ -1,4 +1,5 @@
-"""Multi-head self-attention block (projections, optional RoPE, optional KV cache) for ViTs and decoders.
+"""Multi-head self-attention block (projections, optional RoPE, optional KV cache) for ViTs and decoders,
+also run as cross-attention (keys and values from a `context`, e.g. the BLIP-2 Q-Former's image features).
 
 KV cache ('cache' collection, `key`/`value` [B, cache_len, Hkv, D]): `cache_mode="prefill"` runs the
 prompt as usual and writes its k/v into slots [0, L); `cache_mode="decode"` takes one token per row and
@@ -30,6 +31,9 @@ class SelfAttention(nn.Module):
     head_dim: int
     causal: bool
     qkv_bias: bool = False
+    # False leaves only the key projection without its bias (EVA ViT-g: q and v biases only). A key bias
+    # adds the same q.b to every score of a query, so the output never depends on it.
+    k_bias: bool = True
     out_bias: bool = False
     rope_base: float | None = None  # None: no RoPE
     rope_kind: str = "1d"  # layers/rope.py: 1d, 2d (ViT patch rows/cols) or mrope
@@ -44,17 +48,23 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(
         self, x: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+        context: jax.Array | None = None,
     ) -> jax.Array:
         """x [B, L, E]; positions [B, L] (needed for RoPE and decoding; [B, L, 2] or [B, L, 3] for the 2d and
-        mrope RoPE kinds); segment_ids [B, L] or None."""
+        mrope RoPE kinds); segment_ids [B, L] or None.
+
+        context [B, Lc, Ec]: cross-attention, keys and values projected from it (no mask, RoPE or cache)."""
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"unknown cache_mode {self.cache_mode!r}; choose from {CACHE_MODES}")
+        if context is not None and (self.rope_base is not None or self.cache_mode != "none" or segment_ids is not None):
+            raise ValueError("cross-attention (context) takes no RoPE, KV cache or segment ids")
         dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         q = dense((self.num_heads, self.head_dim), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
                   use_bias=self.qkv_bias, name="q_proj")(x)
         kv_shape, kv_names = (self.num_kv_heads, self.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)
-        k = dense(kv_shape, kv_names, use_bias=self.qkv_bias, name="k_proj")(x)
-        v = dense(kv_shape, kv_names, use_bias=self.qkv_bias, name="v_proj")(x)
+        kv_input = x if context is None else context
+        k = dense(kv_shape, kv_names, use_bias=self.qkv_bias and self.k_bias, name="k_proj")(kv_input)
+        v = dense(kv_shape, kv_names, use_bias=self.qkv_bias, name="v_proj")(kv_input)
         q = nn.with_logical_constraint(q, axes.BLHD)
         k = nn.with_logical_constraint(k, axes.BLKD)
         v = nn.with_logical_constraint(v, axes.BLKD)

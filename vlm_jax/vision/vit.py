@@ -1,11 +1,15 @@
-"""One pre-LN ViT with swappable stems. Implemented stem: `clip` (HF `CLIPVisionModel`).
+"""One pre-LN ViT with swappable stems. Implemented stems: `clip` (HF `CLIPVisionModel`) and `eva` (BLIP-2's
+EVA ViT-g, HF `Blip2VisionModel`: the clip stem with a patch-embedding bias; with the config knobs
+`pre_norm=False`, `qkv_bias="qv"` (no key bias), `mlp_act="gelu"`, `post_norm=True`).
 
 Input tiles [N, S, S, 3] (normalised, HWC) -> visual tokens [N, P, width], P = (S // patch)**2 (+1 with
 the class token when `drop_cls` is off).
 
 Output is HF's `hidden_states[feature_layer]`: hidden_states[0] is the stem output, hidden_states[i] the
-output of block i-1. Only the blocks that feed the chosen layer are built (feature_layer=-2 of a depth-24
-tower builds 23), so the unused last block has no parameters; importers drop its weights.
+output of block i-1; with `post_norm` it then goes through `post_layernorm` (all tokens, class token
+included), which is BLIP-2's `last_hidden_state` at feature_layer=-1. Only the blocks that feed the chosen
+layer are built (feature_layer=-2 of a depth-24 tower builds 23), so the unused last block has no
+parameters; importers drop its weights.
 
 The `navit` stem (Qwen2-VL's vision tower, as POINTS1.5 uses it) takes packed patches instead of tiles:
 patches [B, N, C*T*p*p] of several images per row in the processor's order (vlm_jax/data/navit.py), their
@@ -13,6 +17,9 @@ patches [B, N, C*T*p*p] of several images per row in the processor's order (vlm_
 padding) so attention stays inside each image -> [B, N, width]. It has no class token, positions table or
 final norm (POINTS takes the last block's output: feature_layer=-1).
 """
+
+import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -42,9 +49,11 @@ def patchify(tiles: jax.Array, patch_size: int) -> jax.Array:
 
 
 class ClipStem(nn.Module):
-    """Bias-free patch embedding, class token, learned absolute positions, then `pre_layrnorm` (`pre_norm`)."""
+    """Patch embedding (bias-free in CLIP, with a bias in EVA), class token, learned absolute positions, then
+    `pre_layrnorm` (`pre_norm`) when configured."""
 
     config: ml_collections.ConfigDict
+    patch_bias: bool = False
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -53,8 +62,8 @@ class ClipStem(nn.Module):
         c = self.config
         if tiles.shape[1] != c.image_size or tiles.shape[2] != c.image_size:
             raise ValueError(f"clip stem expects {c.image_size}px tiles, got {tiles.shape[1:3]}")
-        x = Dense(c.width, (axes.PATCH, axes.EMBED), dtype=self.dtype, param_dtype=self.param_dtype,
-                  name="patch_embed")(patchify(tiles, c.patch_size))
+        x = Dense(c.width, (axes.PATCH, axes.EMBED), use_bias=self.patch_bias, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="patch_embed")(patchify(tiles, c.patch_size))
         # Unit scale, matching the fan-in patch embedding, so positions are not drowned by content
         # when training from scratch (imported weights replace these anyway).
         init = nn.initializers.normal(stddev=1.0)
@@ -89,7 +98,10 @@ class NavitStem(nn.Module):
                      name="patch_embed")(patches)
 
 
-STEMS: dict[str, type[nn.Module]] = {"clip": ClipStem, "navit": NavitStem}
+STEMS: dict[str, Callable[..., nn.Module]] = {
+    "clip": ClipStem, "navit": NavitStem, "eva": functools.partial(ClipStem, patch_bias=True)}
+# qkv_bias: "qkv" (CLIP) or "qv" (EVA: the checkpoint's fused bias has a zero key slice).
+QKV_BIAS = ("qkv", "qv")
 
 
 class ViTBlock(nn.Module):
@@ -99,6 +111,7 @@ class ViTBlock(nn.Module):
     mlp_act: str
     norm_eps: float
     rope_base: float | None = None  # 2-D RoPE over patch (row, col): the navit stem
+    qkv_bias: str = "qkv"
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     lora: LoraSpec | None = None
@@ -110,7 +123,7 @@ class ViTBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
         x = x + SelfAttention(self.heads, self.heads, self.width // self.heads, causal=False, qkv_bias=True,
-                              out_bias=True,
+                              k_bias=self.qkv_bias == "qkv", out_bias=True,
                               rope_base=self.rope_base, rope_kind="2d", name="attn", lora=self.lora,
                               **kw)(h, positions, segment_ids)
         h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
@@ -143,6 +156,8 @@ class ViT(nn.Module):
         c = self.config
         if c.stem not in STEMS:
             raise ValueError(f"unknown vision stem {c.stem!r}; choose from {sorted(STEMS)}")
+        if c.qkv_bias not in QKV_BIAS:
+            raise ValueError(f"unknown vision qkv_bias {c.qkv_bias!r}; choose from {QKV_BIAS}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         packed = () if positions is None else (positions, segment_ids)
         if (c.stem == "navit") != bool(packed):
@@ -150,7 +165,9 @@ class ViT(nn.Module):
         x = STEMS[c.stem](c, name="stem", **kw)(pixels)
         x = nn.with_logical_constraint(x, axes.BLE)
         block = dict(width=c.width, heads=c.heads, mlp_dim=c.mlp_dim, mlp_act=c.mlp_act, norm_eps=c.norm_eps,
-                     rope_base=c.get("rope_base"), lora=self.lora, **kw)
+                     qkv_bias=c.qkv_bias, rope_base=c.get("rope_base"), lora=self.lora, **kw)
         x = run_blocks(ViTBlock, block, x, *packed, num_layers=self.num_blocks, scan=self.scan_layers,
                        remat_policy=self.remat_policy)
+        if c.post_norm:
+            x = LayerNorm(c.norm_eps, name="post_norm", **kw)(x)
         return x[:, 1:] if c.drop_cls else x

@@ -1,0 +1,113 @@
+"""BLIP-2 (Ziya-BLIP2 shape: EVA ViT + Q-Former + LLaMA) against transformers' Blip2ForConditionalGeneration:
+fp32 parity of vision features, Q-Former + projection output and logits (<= 1e-5), bit-identical
+HF -> vlm_jax -> HF and vlm_jax -> HF -> vlm_jax round trips."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from configs.base import get_config
+from tests.helpers import randomize_torch, save_torch_model
+from vlm_jax import parallel
+from vlm_jax.interop.check import check
+from vlm_jax.interop.hf_export import export_checkpoint
+from vlm_jax.interop.hf_import import META_FILE, import_checkpoint, read_meta
+from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
+from vlm_jax.train.checkpoint import restore_params, save_params
+
+BASE = get_config().model
+MESH = parallel.make_mesh(get_config().mesh)
+IMAGE_TOKEN = 96
+QKV_BIAS = "vision_model.encoder.layers.{}.self_attn.qkv.bias"
+
+
+def _blip2() -> transformers.Blip2ForConditionalGeneration:
+    """Tiny, with every shape distinct: 6 Q-Former layers in pairs (3 cross-attention layers), Q-Former
+    width 24 != vision width 32 != LLM width 40, GQA LLaMA."""
+    text = transformers.LlamaConfig(vocab_size=97, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-5)
+    vision = transformers.Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, image_size=28, patch_size=14)
+    qformer = transformers.Blip2QFormerConfig(hidden_size=24, num_hidden_layers=6, num_attention_heads=2,
+                                              intermediate_size=40, cross_attention_frequency=2)
+    return transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
+        vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=5,
+        image_token_index=IMAGE_TOKEN))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> str:
+    model = _blip2().eval()
+    # Random everywhere, the key slice of every fused qkv bias included: our ViT has no key bias, and a
+    # key bias never changes attention, so parity must hold even when a checkpoint's slice is not zero.
+    randomize_torch(model, 0)
+    return save_torch_model(model, tmp_path_factory.mktemp("blip2"))
+
+
+@pytest.fixture(scope="module")
+def imported(hf_dir, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("imported") / "ckpt")
+    import_checkpoint(hf_dir, out, BASE, MESH)
+    return out
+
+
+def test_matches_transformers_blip2(hf_dir):
+    report = check(hf_dir, BASE, MESH)
+    assert report["family"] == "blip2"
+    assert {"vision_features", "projector", "logits"} <= set(report), report
+    assert report["max_abs_diff"] <= 1e-5, report
+
+
+def _load(path: str) -> transformers.Blip2ForConditionalGeneration:
+    model, info = transformers.Blip2ForConditionalGeneration.from_pretrained(
+        path, output_loading_info=True, dtype=torch.float32)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+def test_hf_round_trip_is_bit_identical(hf_dir, imported, tmp_path):
+    meta = read_meta(imported)
+    assert meta["family"] == "blip2" and meta["model"]["connector"]["num_queries"] == 5
+    export_checkpoint(imported, str(tmp_path / "out"), "hf", MESH)
+    original, exported = _load(hf_dir), _load(str(tmp_path / "out"))
+    assert exported.config.image_token_id == IMAGE_TOKEN
+    want, got = original.state_dict(), exported.state_dict()
+    assert set(want) == set(got)
+    assert [k for k in want if not torch.equal(want[k], got[k]) and k not in
+            {QKV_BIAS.format(i) for i in range(3)}] == []
+    for i in range(3):  # q and v slices exact, the key slice written as zeros
+        a, b = want[QKV_BIAS.format(i)].view(3, -1), got[QKV_BIAS.format(i)].view(3, -1)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and not b[1].any()
+    ids = torch.cat([torch.tensor([[1, 7]]), torch.full((1, 5), IMAGE_TOKEN), torch.arange(10, 20)[None]], 1)
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = original(input_ids=ids, pixel_values=pixels).logits
+        b = exported(input_ids=ids, pixel_values=pixels).logits
+    assert float((a - b).abs().max()) <= 1e-5  # only the dropped key bias differs
+
+
+def test_jax_torch_jax_round_trip_is_bit_exact(imported, tmp_path):
+    """Random vlm_jax params (not from torch) -> HF BLIP-2 directory -> import: every leaf bit-exact."""
+    model, parts = BASE.copy_and_resolve_references(), ("connector", "decoder", "vision")
+    model.update(read_meta(imported)["model"])
+    rng = np.random.default_rng(0)
+    params = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in abstract_params(model, parts).items()}
+    src = tmp_path / "native"
+    save_params(str(src / "params"), unflat(params))
+    (src / META_FILE).write_text(json.dumps(dict(family="native", parts=list(parts), model=model.to_dict())))
+    export_checkpoint(str(src), str(tmp_path / "hf"), "hf", MESH)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    # A native model has no image token: export adds one row after the vocabulary.
+    assert config["image_token_index"] == 97 and config["text_config"]["vocab_size"] == 98
+    assert config["qformer_config"]["cross_attention_frequency"] == 2
+    _load(str(tmp_path / "hf"))
+    export_checkpoint(str(src), str(tmp_path / "hf96"), "hf", MESH, image_token_index=IMAGE_TOKEN)
+    import_checkpoint(str(tmp_path / "hf96"), str(tmp_path / "back"), BASE, MESH)
+    back = flat(restore_params(str(tmp_path / "back" / "params"), unflat(abstract_params(model, parts)),
+                               unflat(param_shardings(model, parts, MESH))))
+    assert set(back) == set(params)
+    for k in params:
+        assert np.array_equal(np.asarray(back[k]), params[k]), k
