@@ -45,6 +45,8 @@ EXPECTED = {
     "chatml": (MULTI, "Be brief.", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n" + "<image>" * N_IMG
                + "\nWhat color is the star?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
                "<|im_start|>user\nAnd where is it?<|im_end|>\n<|im_start|>assistant\ntop left<|im_end|>\n"),
+    "ziya": (MULTI, "", "<s><human>:" + "<image>" * N_IMG + "\nWhat color is the star?\n<bot>:red</s>\n"
+             "<human>:And where is it?\n<bot>:top left</s>\n"),
 }
 
 

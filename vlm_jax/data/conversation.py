@@ -61,6 +61,11 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("chatml", bos=False, system="<|im_start|>system\n{system}<|im_end|>\n",
              user="<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", answer="{a}",
              end="<|im_end|>", after_end="\n"),
+    # Ziya-LLaMA / Ziya-BLIP2 (ARCHITECTURES.md 3.5): "<human>:{q}\n<bot>:{a}\n" per exchange. Its chat()
+    # history has no end token; training needs one for generation to stop, so the answer ends with eos
+    # ([?] until Ziya's SFT data format is read). Each image is one 32-slot run where its marker stands.
+    Template("ziya", bos=True, system="{system}\n", user="<human>:{q}\n<bot>:", answer="{a}", end=None,
+             after_end="\n"),
 )}
 
 
