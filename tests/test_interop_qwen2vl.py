@@ -133,3 +133,34 @@ def test_points_checkpoint_imports_whole_and_round_trips(tmp_path):
                              np.float32))
     assert set(out) == {k for k in state if not k.startswith("vision_encoder.merger.")}
     assert [k for k in out if not np.array_equal(out[k], state[k].numpy())] == []
+
+
+def _tiny_qwen2_vl(tmp_path) -> str:
+    """A tiny random Qwen2VLForConditionalGeneration (image token inside its vocab) saved by transformers."""
+    config = transformers.Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=32, num_heads=4, mlp_ratio=2),
+        text_config=dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=1, bos_token_id=0,
+                         rope_parameters=dict(rope_type="default", mrope_section=[1, 1, 2], rope_theta=1e4)),
+        image_token_id=90, video_token_id=91, vision_start_token_id=92, vision_end_token_id=93)
+    hf = transformers.Qwen2VLForConditionalGeneration(config).eval()
+    randomize_torch(hf, seed=2)
+    hf.save_pretrained(str(tmp_path / "qwen2vl"))
+    return str(tmp_path / "qwen2vl")
+
+
+def test_whole_qwen2_vl_checks_and_round_trips(tmp_path):
+    path = _tiny_qwen2_vl(tmp_path)
+    report = check(path, BASE, MESH)
+    assert report["family"] == "qwen2_vl" and set(report) >= {"vision_features", "projector", "logits"}
+    assert report["max_abs_diff"] <= 1e-5, report
+    import_checkpoint(path, str(tmp_path / "ckpt"), BASE, MESH)
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf", MESH)
+    want, got = load_file(f"{path}/model.safetensors"), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(want) == set(got)
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    exported, info = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+        str(tmp_path / "out"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert exported.config.text_config.rope_parameters["mrope_section"] == [1, 1, 2]
+    assert exported.config.image_token_id == 90

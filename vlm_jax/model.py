@@ -14,6 +14,13 @@ from vlm_jax.text.decoder import Decoder
 from vlm_jax.vision.vit import ViT
 
 
+def _scatter(x: jax.Array, visual: jax.Array, valid: jax.Array, image_dest: jax.Array) -> jax.Array:
+    """x [B, L, E] with visual [B, V, E] written at image_dest [B, V] where valid [B, V]. Invalid slots go out of
+    range and are dropped, so padding cannot touch the text whatever image_dest holds for it."""
+    dest = jnp.where(valid, image_dest, x.shape[1])
+    return x.at[jnp.arange(x.shape[0])[:, None], dest].set(visual, mode="drop")
+
+
 class VLM(nn.Module):
     config: ml_collections.ConfigDict  # config.model
 
@@ -43,15 +50,32 @@ class VLM(nn.Module):
         """Text embeddings with every real tile's visual tokens written at its `image_dest` positions."""
         x = self.decoder.embed(tokens)
         visual = self.encode_images(tiles).astype(x.dtype)
-        b, length = tokens.shape
         per_tile = visual.shape[1] // tile_mask.shape[1]
         if image_dest.shape[1] != visual.shape[1]:
             raise ValueError(f"image_dest has {image_dest.shape[1]} slots for {visual.shape[1]} visual tokens "
                              f"({per_tile} per tile): reserve data.packing.tokens_per_tile placeholders per tile")
-        # Out-of-range destinations are dropped, so padded tile slots cannot touch the text whatever
-        # image_dest holds for them.
-        dest = jnp.where(jnp.repeat(tile_mask, per_tile, axis=1), image_dest, length)
-        return x.at[jnp.arange(b)[:, None], dest].set(visual, mode="drop")
+        return _scatter(x, visual, jnp.repeat(tile_mask, per_tile, axis=1), image_dest)
+
+    def embed_patches(
+        self, tokens: jax.Array, patches: jax.Array, patch_positions: jax.Array, patch_segment_ids: jax.Array,
+        image_dest: jax.Array,
+    ) -> jax.Array:
+        """NaViT: text embeddings with the visual token of every real merge window written at its `image_dest`
+        position [B, N / merge_size**2] (docs/contracts.md)."""
+        x = self.decoder.embed(tokens)
+        visual = self.encode_patches(patches, patch_positions, patch_segment_ids).astype(x.dtype)
+        if image_dest.shape[1] != visual.shape[1]:
+            raise ValueError(f"image_dest has {image_dest.shape[1]} slots for {visual.shape[1]} merge windows")
+        group = patch_segment_ids.shape[1] // visual.shape[1]
+        return _scatter(x, visual, patch_segment_ids[:, ::group] > 0, image_dest)
+
+    def forward_patches(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+        patches: jax.Array, patch_positions: jax.Array, patch_segment_ids: jax.Array, image_dest: jax.Array,
+    ) -> jax.Array:
+        """Training forward of a NaViT model: fp32 logits [B, L, vocab]; `positions` [B, L, 3] for M-RoPE."""
+        x = self.embed_patches(tokens, patches, patch_positions, patch_segment_ids, image_dest)
+        return self.decoder.logits(self.decoder.hidden_states(x, positions, segment_ids))
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,

@@ -13,6 +13,8 @@ Several images -> `pack_patches` -> one row of `max_patches` slots: the images' 
 `patch_segment_ids` (1, 2, ... per image, 0 = padding). Every image holds a multiple of m*m patches, so with
 max_patches a multiple of m*m each run of m*m slots is one window of one image (or padding), which is what
 the PatchMerger connector groups.
+
+`mrope_positions` gives the Qwen2-VL decoder's 3-axis positions of one example (text runs and image runs).
 """
 
 import math
@@ -102,3 +104,21 @@ def pack_patches(
         out["patch_segment_ids"][start:end] = i + 1
         start = end
     return out
+
+
+def mrope_positions(pieces: list[int | tuple[int, int, int]], merge_size: int = 2) -> np.ndarray:
+    """Qwen2-VL M-RoPE ids, int32 [L, 3] (temporal, row, col), of one example laid out as `pieces`: an int is a
+    run of that many text tokens, a grid (t, h, w) one image's placeholder run of t*h*w / merge_size**2 tokens
+    (HF `get_rope_index`). Text counts on from the running position p on all three axes; the image token at
+    merged (frame, row, col) gets (p + frame, p + row, p + col), and p then moves on by max(h, w) / merge_size."""
+    out, p = [], 0
+    for piece in pieces:
+        if isinstance(piece, int):
+            out.append(np.repeat(np.arange(p, p + piece)[:, None], 3, axis=1))
+            p += piece
+            continue
+        t, h, w = piece[0], piece[1] // merge_size, piece[2] // merge_size
+        grid = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"), axis=-1)
+        out.append(grid.reshape(-1, 3) + p)
+        p += max(h, w)
+    return np.concatenate(out).astype(np.int32) if out else np.zeros((0, 3), np.int32)

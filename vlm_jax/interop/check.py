@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from jax.sharding import Mesh
 
-from vlm_jax.data.navit import pack_patches
+from vlm_jax.data.navit import mrope_positions, pack_patches
 from vlm_jax.interop import families
 from vlm_jax.interop.hf_import import Source, import_params, model_config
 from vlm_jax.interop.keymap import ConversionError
@@ -55,6 +55,26 @@ def _navit_stages(tower: torch.nn.Module, model: ml_collections.ConfigDict, run:
                 projector=_diff(run(lambda m, *a: m.encode_patches(*a), *args)[0], want.pooler_output))
 
 
+def _qwen2_vl_logits(ref: torch.nn.Module, model: ml_collections.ConfigDict, run: Callable,
+                     rng: np.random.Generator, length: int) -> dict[str, float]:
+    """Whole Qwen2-VL: rows of text, one image's placeholder run (same count, different grids, so M-RoPE
+    differs), text; positions from the layout (data/navit.py mrope_positions), images through the tower."""
+    v, merge = model.vision, model.connector.get("merge_size", 1)
+    dim, grids, image_id = 3 * v.temporal_patch_size * v.patch_size ** 2, NAVIT_GRIDS[::2], ref.config.image_token_id
+    n = math.prod(grids[0]) // merge ** 2
+    images = [(rng.standard_normal((math.prod(g), dim)).astype(np.float32), g) for g in grids]
+    ids = _tokens(rng, model.text.vocab_size, (len(grids), length + n), avoid=image_id)
+    ids[:, 2:2 + n] = image_id
+    rows = [pack_patches([im], im[0].shape[0], dim, merge) for im in images]
+    patches = [jnp.asarray(np.stack([r[k] for r in rows])) for k in ("patches", "patch_positions", "patch_segment_ids")]
+    positions = np.stack([mrope_positions([2, g, length - 2], merge) for g in grids])
+    got = run(lambda m, *a: m.forward_patches(*a), jnp.asarray(ids), jnp.asarray(positions),
+              jnp.ones(ids.shape, jnp.int32), *patches, jnp.broadcast_to(jnp.arange(2, 2 + n), (len(grids), n)))
+    want = ref(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(np.concatenate([p for p, _ in images])),
+               image_grid_thw=torch.tensor(grids), mm_token_type_ids=torch.from_numpy((ids == image_id).astype(np.int64)))
+    return _diff(got, want.logits)
+
+
 def check(src: str, base_model: ml_collections.ConfigDict, mesh: Mesh, *, family: str | None = None,
           seed: int = 0, batch: int = 2, length: int = 12) -> dict[str, Any]:
     source = Source(src, family)
@@ -75,7 +95,9 @@ def check(src: str, base_model: ml_collections.ConfigDict, mesh: Mesh, *, family
     stages = {}
     with torch.no_grad():
         if v.stem == "navit":
-            stages.update(_navit_stages(ref, model, run, rng))
+            stages.update(_navit_stages(ref.model.visual if source.family == "qwen2_vl" else ref, model, run, rng))
+            if source.family == "qwen2_vl":
+                stages["logits"] = _qwen2_vl_logits(ref, model, run, rng, length)
         elif "vision" in source.spec.parts:
             towers = {"llava": "model.vision_tower", "blip2": "vision_model"}
             tower = ref.get_submodule(towers[source.family]) if source.family in towers else ref
@@ -104,7 +126,7 @@ def check(src: str, base_model: ml_collections.ConfigDict, mesh: Mesh, *, family
             got = run(lambda m, *a: m(*a), jnp.asarray(ids), positions, jnp.ones(ids.shape, jnp.int32),
                       tiles[:, None], jnp.ones((batch, 1), bool), dest)
             stages["logits"] = _diff(got, logits)
-        elif "decoder" in source.spec.parts:
+        elif "decoder" in source.spec.parts and v.stem != "navit":
             ids = _tokens(rng, model.text.vocab_size, (batch, length))
             logits = ref(input_ids=torch.from_numpy(ids)).logits
             positions = jnp.broadcast_to(jnp.arange(length), ids.shape)

@@ -35,6 +35,8 @@ FAMILIES: dict[str, Family] = {
     "llava_original": Family(("connector", "decoder"), llava.original_keymap, llava.original_model_config, None),
     "qwen2_vl_vision": Family(("connector", "vision"), qwen2_vl.vision_keymap, qwen2_vl.model_config,
                               "models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel"),
+    "qwen2_vl": Family(("connector", "decoder", "vision"), qwen2_vl.whole_keymap, qwen2_vl.whole_model_config,
+                       "Qwen2VLForConditionalGeneration"),
     "points": Family(("connector", "decoder", "vision"), points.keymap, points.model_config, None),
     "points_llm": Family(("decoder",), lambda m: points.KEYMAP.prefixed("", "decoder"),
                          lambda hf: dict(text=points.text_config(hf)), None),
@@ -43,7 +45,7 @@ FAMILIES: dict[str, Family] = {
 _BY_MODEL_TYPE = {"clip_vision_model": "clip", "clip": "clip", "llama": "llama", "qwen2": "qwen2",
                   "llava": "llava", "blip-2": "blip2", "llava_llama": "llava_original",
                   "share4v": "llava_original",
-                  "qwen2_vl_vision": "qwen2_vl_vision"}
+                  "qwen2_vl_vision": "qwen2_vl_vision", "qwen2_vl": "qwen2_vl"}
 
 
 def detect(hf: dict[str, Any], where: str) -> str:

@@ -53,6 +53,10 @@ def _hf_target(model: ml_collections.ConfigDict, parts: tuple[str, ...], meta: d
         name = llava.text_family(model.text)
         module = llava.TEXT_FAMILIES[name]
         return name, families.get(name).keymap(model), _merge(meta.get("hf_config"), module.hf_config(model.text))
+    if parts == ("connector", "decoder", "vision") and model.vision.stem == "navit":
+        stored = meta.get("hf_config") if meta.get("family") == "qwen2_vl" else None
+        token = image_token_index if image_token_index is not None else (stored or {}).get("image_token_id", 151655)
+        return "qwen2_vl", qwen2_vl.whole_keymap(model), _merge(stored, qwen2_vl.whole_hf_config(model, token))
     if parts == ("connector", "decoder", "vision"):
         family, module = ("blip2", blip2) if model.connector.kind == "qformer" else ("llava", llava)
         stored = meta.get("hf_config") if meta.get("family") == family else None

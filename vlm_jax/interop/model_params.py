@@ -19,7 +19,9 @@ def _boxed(model: ml_collections.ConfigDict):
     if model.vision.stem == "navit":
         # A NaViT tower takes packed patches (data/navit.py), not tiles: one merge window of them.
         v, n = model.vision, model.connector.get("merge_size", 1) ** 2
-        text = (jnp.zeros((1, 8), jnp.int32),) * 3
+        mrope = model.text.get("rope_kind", "1d") == "mrope"  # Qwen2-VL: positions [B, L, 3]
+        text = (jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8, 3) if mrope else (1, 8), jnp.int32),
+                jnp.ones((1, 8), jnp.int32))
         patches = (jnp.zeros((1, n, 3 * v.temporal_patch_size * v.patch_size ** 2)), jnp.zeros((1, n, 2), jnp.int32),
                    jnp.ones((1, n), jnp.int32))
         return jax.eval_shape(lambda: VLM(model).init(

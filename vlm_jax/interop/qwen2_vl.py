@@ -1,16 +1,18 @@
 """Qwen2-VL's vision tower (HF `Qwen2VisionTransformerPretrainedModel`) <-> the `vision` ViT with the navit
-stem, and its `merger` <-> the `connector` (MLPProjector with merge_size 2, the PatchMerger).
+stem, and its `merger` <-> the `connector` (MLPProjector with merge_size 2, the PatchMerger); the whole
+`Qwen2VLForConditionalGeneration` adds its Qwen2 decoder with M-RoPE <-> `decoder`.
 
-Names are relative to the tower; a whole `Qwen2VLForConditionalGeneration` holds them under `visual.`
-(transformers <= 4.51, and what `save_pretrained` writes) or `model.visual.` (>= 4.52 in memory). POINTS1.5
-mounts the same blocks under `vision_encoder.` and a separately trained merger as `vision_projector.`
-(interop/points.py).
+Tower names are relative to the tower; a whole model holds them under `visual.` (transformers <= 4.51, and
+what `save_pretrained` writes: with `model.*` and `lm_head.*` for the LLM) or `model.visual.` (>= 4.52 in
+memory: with `model.language_model.*`). POINTS1.5 mounts the same blocks under `vision_encoder.` and a
+separately trained merger as `vision_projector.` (interop/points.py).
 """
 
 from typing import Any
 
 import ml_collections
 
+from vlm_jax.interop import qwen2
 from vlm_jax.interop.keymap import CONV3D, FLAT, LINEAR, LINEAR2, SAME, ConversionError, KeyMap
 
 _B = "blocks.{i}."
@@ -100,3 +102,45 @@ def hf_config(model: ml_collections.ConfigDict) -> dict[str, Any]:
                 mlp_ratio=v.mlp_dim // v.width, num_heads=v.heads, in_channels=3, patch_size=v.patch_size,
                 spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
                 rope_parameters=dict(rope_theta=v.rope_base, rope_type="axial"))
+
+
+# transformers >= 4.52 in-memory names -> the legacy names the rows use.
+NEW_TO_LEGACY = ((r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "model."))
+
+
+def whole_keymap(model: ml_collections.ConfigDict) -> KeyMap:
+    """A whole `Qwen2VLForConditionalGeneration` checkpoint (either naming generation)."""
+    return (tower_keymap(model.vision).prefixed("visual.", "vision")
+            + KeyMap(MERGER_ROWS).prefixed("visual.merger.", "connector")
+            + qwen2.keymap(model.text).prefixed("", "decoder")).with_renames(NEW_TO_LEGACY)
+
+
+def whole_model_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """model.{vision, connector, text} from a Qwen2VLConfig dict: the text fields sit in `text_config`
+    (transformers 5) or at the top level (4.x), the M-RoPE sections in rope_parameters / rope_scaling."""
+    text = dict(hf.get("text_config") or hf)
+    rope = dict(text.pop("rope_parameters", None) or text.pop("rope_scaling", None) or {})
+    sections = rope.get("mrope_section")
+    if not sections:
+        raise ConversionError(f"Qwen2-VL text config has no mrope_section in its RoPE settings {rope}")
+    text["rope_parameters"] = dict(rope_theta=rope.get("rope_theta", text.get("rope_theta", 1e6)))
+    text["tie_word_embeddings"] = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    out = model_config(hf)
+    out["text"] = qwen2.text_config(text) | dict(rope_kind="mrope", mrope_sections=list(sections))
+    return out
+
+
+def whole_hf_config(model: ml_collections.ConfigDict, image_token_id: int) -> dict[str, Any]:
+    """config.json of `Qwen2VLForConditionalGeneration` (transformers 5 layout)."""
+    t = model.text
+    if t.get("rope_kind", "1d") != "mrope":
+        raise ConversionError("Qwen2-VL's decoder uses M-RoPE; this decoder has rope_kind "
+                              f"{t.get('rope_kind', '1d')!r} (a POINTS1.5-style model has no transformers class)")
+    text = qwen2.hf_config(t)
+    for key in ("architectures", "rope_theta", "tie_word_embeddings"):
+        text.pop(key)
+    text.update(model_type="qwen2_vl_text", rope_parameters=dict(
+        rope_type="default", rope_theta=t.rope_base, mrope_section=list(t.mrope_sections)))
+    return dict(model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"],
+                vision_config=hf_config(model), text_config=text, image_token_id=image_token_id,
+                tie_word_embeddings=t.tie_embeddings)

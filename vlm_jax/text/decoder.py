@@ -1,5 +1,9 @@
 """One pre-norm decoder-only LLM covering LLaMA and Qwen2 shapes by config (`model.text`).
 
+`rope_kind` (default "1d") = "mrope" with `mrope_sections` is Qwen2-VL's multimodal RoPE: positions [B, L, 3]
+(temporal, row, col; the three equal on text), layers/rope.py. It trains and scores; KV-cache generation
+needs 1-D positions.
+
 Parameter tree: `embed_tokens/embedding`, `layers` (scanned) or `layers_{i}`, each with `input_norm`,
 `attn/{q,k,v,o}_proj`, `post_attn_norm`, `mlp/{gate,up,down}_proj`; `final_norm`; `lm_head` unless tied.
 """
@@ -29,6 +33,8 @@ class DecoderBlock(nn.Module):
     rms_eps: float
     rope_base: float
     qkv_bias: bool
+    rope_kind: str = "1d"
+    rope_sections: tuple[int, ...] = ()
     cache_mode: str = "none"
     cache_len: int = 0
     dtype: DTypeLike = jnp.float32
@@ -44,7 +50,8 @@ class DecoderBlock(nn.Module):
         lora = dict(lora=self.lora)
         x = x + SelfAttention(
             self.heads, self.kv_heads, self.head_dim, causal=True, qkv_bias=self.qkv_bias,
-            rope_base=self.rope_base, cache_mode=self.cache_mode, cache_len=self.cache_len, name="attn", **kw, **lora,
+            rope_base=self.rope_base, rope_kind=self.rope_kind, rope_sections=self.rope_sections,
+            cache_mode=self.cache_mode, cache_len=self.cache_len, name="attn", **kw, **lora,
         )(h, positions, segment_ids)
         h = RMSNorm(self.rms_eps, name="post_attn_norm", **kw)(x)
         x = x + SwiGLU(self.ffn, name="mlp", **kw, **lora)(h)
@@ -82,9 +89,13 @@ class Decoder(nn.Module):
     ) -> jax.Array:
         """Input embeddings [B, L, hidden] -> final-normed hidden states. See SelfAttention for the cache."""
         c = self.config
+        rope_kind = c.get("rope_kind", "1d")
+        if rope_kind == "mrope" and cache_mode != "none":
+            raise ValueError("the KV cache takes 1-D positions; M-RoPE decoders run without it")
         block = dict(
             hidden=c.hidden, heads=c.heads, kv_heads=c.kv_heads, head_dim=c.head_dim, ffn=c.ffn,
-            rms_eps=c.rms_eps, rope_base=c.rope_base, qkv_bias=c.qkv_bias, cache_mode=cache_mode,
+            rms_eps=c.rms_eps, rope_base=c.rope_base, qkv_bias=c.qkv_bias, rope_kind=rope_kind,
+            rope_sections=tuple(c.get("mrope_sections", ())), cache_mode=cache_mode,
             cache_len=cache_len, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         # Remat only saves memory for a backward pass; generation has none.
         remat = self.remat_policy if cache_mode == "none" else "none"
