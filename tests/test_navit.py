@@ -1,6 +1,6 @@
 """NaViT (Qwen2-VL vision tower as POINTS1.5 uses it): preprocessing equals transformers' processor bit for bit,
-and the packed tower + PatchMerger equal transformers' Qwen2-VL vision model on several images of different
-sizes, packed into padded rows."""
+the packed tower + PatchMerger equal transformers' Qwen2-VL vision model on several images of different
+sizes, packed into padded rows, and the decoder's M-RoPE ids equal HF's get_rope_index."""
 
 import io
 import math
@@ -19,9 +19,10 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 from configs.base import get_config
 from tests.helpers import randomize_torch
 from vlm_jax import parallel
-from vlm_jax.data.navit import navit_patches, pack_patches, patch_positions, smart_resize
+from vlm_jax.data.navit import mrope_positions, navit_patches, pack_patches, patch_positions, smart_resize
 from vlm_jax.interop.hf_import import Source, import_params, model_config
 from vlm_jax.interop.model_params import unflat
+from vlm_jax.layers import rope
 from vlm_jax.model import VLM
 
 SIZES = [(10, 13), (27, 29), (56, 56), (100, 37), (37, 100), (333, 251), (640, 480), (1000, 60), (5, 700),
@@ -132,3 +133,29 @@ def test_packed_tower_and_merger_match_torch(tmp_path):
     solo = jax.jit(lambda p, *a: vlm.apply({"params": p}, *a, method=lambda m, *x: m.vision(*x)))(
         params, *(jnp.asarray(alone[k][None]) for k in ("patches", "patch_positions", "patch_segment_ids")))
     np.testing.assert_allclose(solo[0], feats[1, :n[2]], atol=1e-5, rtol=0)
+
+
+def test_mrope_positions_equal_hf_get_rope_index():
+    """Two images of different grids between text runs, as HF computes M-RoPE ids from mm_token_type_ids."""
+    from transformers import Qwen2VLConfig, Qwen2VLModel
+
+    config = Qwen2VLConfig(vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2),
+                           text_config=dict(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, eos_token_id=1,
+                                            bos_token_id=0, rope_parameters=dict(rope_type="default",
+                                                                                 mrope_section=[2, 3, 3])))
+    pieces = [3, (1, 4, 6), 2, (1, 8, 2), 5]
+    types = np.concatenate([np.zeros(p, np.int64) if isinstance(p, int) else np.ones(math.prod(p) // 4, np.int64)
+                            for p in pieces])
+    want, _ = Qwen2VLModel(config).get_rope_index(
+        torch.zeros((1, len(types)), dtype=torch.long), torch.from_numpy(types)[None],
+        image_grid_thw=torch.tensor([p for p in pieces if not isinstance(p, int)]))
+    np.testing.assert_array_equal(mrope_positions(pieces), want[:, 0].numpy().T)
+
+
+def test_mrope_on_text_equals_1d_rope():
+    positions = jnp.arange(12)[None] + 5
+    one_d = rope.rope_cos_sin(positions, 16, 1e4)
+    m = rope.mrope_cos_sin(jnp.repeat(positions[..., None], 3, axis=-1), 16, 1e4, (2, 3, 3))
+    for a, b in zip(one_d, m):
+        np.testing.assert_array_equal(a, b)
