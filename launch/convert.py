@@ -8,7 +8,9 @@
   python launch/convert.py check  --src HF_DIR [--family NAME] [--seed N]
 
 Families: clip, llama, qwen2, llava (HF LlavaForConditionalGeneration), llava_original (the LLaVA /
-ShareGPT4V state dict; its CLIP tower comes from --vision). An imported CKPT_DIR starts a training run
+ShareGPT4V state dict; its CLIP tower comes from --vision), qwen2_vl_vision (Qwen2-VL's NaViT tower + merger),
+qwen2_vl (Qwen2VLForConditionalGeneration), points (a whole POINTS1.5 checkpoint; no transformers class, so no
+check). An imported CKPT_DIR starts a training run
 with --config.init_params=CKPT_DIR (params only, fresh optimizer).
 `check` prints one JSON line: max_abs_diff, max_rel_diff, and the same per stage.
 A LoRA checkpoint (model.lora.rank > 0) exports merged for hf/original, or as a PEFT adapter directory
