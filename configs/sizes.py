@@ -1,7 +1,7 @@
 """Real model sizes of the LLaVA-family systems: `--config configs/sizes.py:NAME`.
 
 NAME is a system (vision + connector + LLM) or an LLM alone (`text:NAME`, e.g. `text:qwen2_5_7b`).
-Values from shared/reference/ARCHITECTURES.md sections 1, 2.5, 5 and 7.
+Values from shared/reference/ARCHITECTURES.md sections 1, 2.5, 3, 5 and 7.
 """
 
 import ml_collections
@@ -14,6 +14,18 @@ VISION = {
                          feature_layer=-2, drop_cls=True),
 }
 VISION["clip_l14_336"] = VISION["clip_l14_224"] | dict(image_size=336)
+# BLIP-2's EVA ViT-g/14 (HF Blip2VisionConfig defaults): all 39 blocks, post_layernorm over all 257 tokens.
+VISION["eva_vit_g_224"] = dict(stem="eva", image_size=224, patch_size=14, width=1408, depth=39, heads=16,
+                               mlp_dim=6144, mlp_act="gelu", norm_eps=1e-6, pre_norm=False, feature_layer=-1,
+                               drop_cls=False, qkv_bias="qv", post_norm=True)
+
+CONNECTORS = {
+    "mlp": dict(kind="mlp", in_norm=False),
+    "mlp_ln": dict(kind="mlp", in_norm=True),  # XVERSE-V: ln_vision before llama_proj
+    # BLIP-2 Q-Former (Blip2QFormerConfig defaults) + language_projection: 32 tokens per image.
+    "qformer_32": dict(kind="qformer", num_queries=32, width=768, layers=12, heads=12, mlp_dim=3072,
+                       cross_attention_frequency=2, norm_eps=1e-12),
+}
 
 _LLAMA = dict(qkv_bias=False, tie_embeddings=False, rope_base=10000.0)
 TEXT = {
@@ -31,9 +43,10 @@ TEXT = {
 }
 
 SYSTEMS = {
-    "sharegpt4v_7b": ("clip_l14_336", False, "vicuna_7b"),
-    "sharegpt4v_13b": ("clip_l14_336", False, "vicuna_13b"),
-    "xverse_v_13b": ("clip_l14_224", True, "xverse_13b"),  # ln_vision before llama_proj
+    "sharegpt4v_7b": ("clip_l14_336", "mlp", "vicuna_7b"),
+    "sharegpt4v_13b": ("clip_l14_336", "mlp", "vicuna_13b"),
+    "xverse_v_13b": ("clip_l14_224", "mlp_ln", "xverse_13b"),
+    "ziya_blip2_14b": ("eva_vit_g_224", "qformer_32", "ziya_llama_13b"),
 }
 
 
@@ -46,9 +59,9 @@ def get_config(name: str = "sharegpt4v_7b") -> ml_collections.ConfigDict:
     if kind == "text":
         c.model.text.update(TEXT[key])
         return c
-    vision, in_norm, text = SYSTEMS[key]
+    vision, connector, text = SYSTEMS[key]
     c.model.vision.update(VISION[vision])
-    c.model.connector.update(in_norm=in_norm)
+    c.model.connector.update(CONNECTORS[connector])
     c.model.text.update(TEXT[text])
     c.data.tile_size = VISION[vision]["image_size"]
     return c

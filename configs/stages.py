@@ -43,6 +43,8 @@ def make_tiny(c: ml_collections.ConfigDict, image_size: int) -> None:
     c.model.vision.update(image_size=image_size, patch_size=image_size // 2, width=64, depth=4, heads=4,
                           mlp_dim=128)
     c.model.text.update(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128)
+    if c.model.connector.kind == "qformer":  # keeps its query count: the placeholder layout stays the real one
+        c.model.connector.update(width=32, layers=2, heads=2, mlp_dim=64)
     if c.model.lora.rank:
         c.model.lora.update(rank=4, alpha=2.0 * 4)
     # The synthetic source writes multi-turn conversations, which the single-turn `plain` template refuses.

@@ -28,7 +28,8 @@ def _trains(setup, path: tuple, layer: int | None) -> bool:
     return setup.groups.trains(path) and (mask is None or bool(mask[layer]))
 
 
-@pytest.mark.parametrize("system,stage", [(s, t) for s in ("sharegpt4v_7b", "xverse_v_13b", "points15_7b")
+@pytest.mark.parametrize("system,stage", [(s, t) for s in ("sharegpt4v_7b", "xverse_v_13b", "points15_7b",
+                                                           "ziya_blip2_14b")
                                           for t in ("stage1", "stage2")])
 def test_stage_recipe_freezes_and_trains_exactly_its_groups(system, stage):
     config = stage_config(system, stage)

@@ -1,0 +1,57 @@
+"""Ziya-BLIP2-14B: the Q-Former connector's fixed token count reaches the data side, and real sizes from
+jax.eval_shape. Its tiny stage recipes run in tests/test_stage_configs.py."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tests.helpers import ROOT, first_batch
+from vlm_jax.config import load_config
+from vlm_jax.data.pipeline import tokens_per_tile
+from vlm_jax.interop.model_params import abstract_params
+from vlm_jax.qformer import QFormer
+from vlm_jax.train import loop
+
+ONE_DEVICE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "batch_size=2"]
+# PyTorch counts (Blip2VisionConfig / Blip2QFormerConfig defaults, transformers 5.23): our ViT has no key
+# bias, which the HF qkv.bias holds as a zero slice (39 layers x 1408).
+EVA_VIT_G, QFORMER, QUERIES, PROJECTION = 985_952_256, 105_137_664, 32 * 768, 768 * 5120 + 5120
+
+
+def ziya(arg: str, *extra: str):
+    return load_config(os.path.join(ROOT, "configs", f"ziya_blip2_14b.py:{arg}"), list(extra))
+
+
+def test_real_sizes_from_eval_shape():
+    model = ziya("stage1").model
+    count = {part: sum(math.prod(v.shape) for v in abstract_params(model, (part,)).values())
+             for part in ("vision", "connector")}
+    assert count["vision"] + 39 * 1408 == EVA_VIT_G  # about 986 M
+    assert count["connector"] == QFORMER + QUERIES + PROJECTION  # query branch about 105 M
+    groups = {r["group"]: r for r in loop.Setup(ziya("stage2"), jax.devices()[:1]).groups.table()}
+    assert groups["projection"]["params"] == PROJECTION and set(groups) == {"projection", "frozen"}
+
+
+def test_qformer_gives_num_queries_tokens_whatever_the_patch_count():
+    c = ziya("stage1,tiny").model.connector
+    qformer = QFormer(c, out_dim=48)
+    for patches in (5, 17):
+        features = jnp.ones((3, patches, 64))
+        params = jax.eval_shape(qformer.init, jax.random.key(0), features)
+        out = jax.eval_shape(qformer.apply, params, features)
+        assert out.shape == (3, 32, 48)
+    c.layers = 3
+    with pytest.raises(ValueError, match="not a multiple of cross_attention_frequency"):
+        jax.eval_shape(QFormer(c, out_dim=48).init, jax.random.key(0), features)
+
+
+def test_placeholders_are_32_per_image():
+    config = ziya("stage1,tiny", *ONE_DEVICE)
+    assert tokens_per_tile(config) == 32 and config.data.max_tiles == 1
+    batch = first_batch(config)
+    images = batch["tile_mask"].sum()
+    assert images > 0 and batch["image_dest"].shape[1] == config.data.max_tiles_per_row * 32
+    assert (batch["image_dest"] < config.data.seq_len).sum() == 32 * images
