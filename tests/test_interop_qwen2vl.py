@@ -18,6 +18,7 @@ from tests.test_interop_points import HEAD_DIM, KV_HEADS, _points_state_dict
 from tests.test_navit import tiny_tower
 from vlm_jax import parallel
 from vlm_jax.data.navit import pack_patches
+from vlm_jax.interop import qwen2_vl
 from vlm_jax.interop.check import NAVIT_GRIDS, check
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import META_FILE, Source, import_checkpoint, import_params, model_config
@@ -164,3 +165,17 @@ def test_whole_qwen2_vl_checks_and_round_trips(tmp_path):
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert exported.config.text_config.rope_parameters["mrope_section"] == [1, 1, 2]
     assert exported.config.image_token_id == 90
+
+
+def test_real_size_tower_and_merger_have_torch_parameter_counts():
+    """Qwen2-VL-7B's vision config (POINTS1.5's tower): vlm_jax shapes (eval_shape) vs the torch module's."""
+    hf = transformers.Qwen2VLVisionConfig()
+    model = BASE.copy_and_resolve_references()
+    for name, values in qwen2_vl.model_config(hf.to_dict()).items():
+        model[name].update(values)
+    shapes = abstract_params(model, PARTS)
+    with torch.device("meta"):
+        tower = Qwen2VisionTransformerPretrainedModel(hf)
+    count = {part: sum(int(np.prod(v.shape)) for k, v in shapes.items() if k.startswith(part)) for part in PARTS}
+    assert count["connector"] == sum(p.numel() for p in tower.merger.parameters()) == 44_575_744
+    assert count["vision"] == sum(p.numel() for n, p in tower.named_parameters() if not n.startswith("merger."))
