@@ -70,7 +70,9 @@ class SelfAttention(nn.Module):
         v = nn.with_logical_constraint(v, axes.BLKD)
         if self.rope_base is not None:
             cos, sin = cos_sin(self.rope_kind, positions, self.head_dim, self.rope_base, self.rope_sections)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # HF's Qwen2-VL vision tower rotates in fp32 and casts back; the decoders rotate in the activation dtype.
+            dtype = jnp.float32 if self.rope_kind == "2d" else q.dtype
+            q, k = (apply_rope(t.astype(dtype), cos, sin).astype(t.dtype) for t in (q, k))
 
         if self.cache_mode == "decode":
             k, v = self._decode_write(k, v, positions)
