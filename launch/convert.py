@@ -2,6 +2,8 @@
 
   python launch/convert.py import --src HF_OR_STATE_DICT_DIR --dst CKPT_DIR [--vision CLIP_DIR]
                                   [--family NAME] [--param_dtype bfloat16]
+  python launch/convert.py import --src ZIYA_LLAMA_DIR --vision ZIYA_VISUAL_DIR --vision_family blip2_visual
+                                  --dst CKPT_DIR
   python launch/convert.py import --src PEFT_ADAPTER_DIR --base CKPT_DIR|WORKDIR[@STEP] --dst CKPT_DIR
   python launch/convert.py import --family xverse_v --src adapter_and_lora.bin --base CKPT_DIR --dst CKPT_DIR
   python launch/convert.py export --src CKPT_DIR|WORKDIR[@STEP] --dst DIR --format hf|original|peft|xverse_v
@@ -10,7 +12,8 @@
 Families: clip, llama, qwen2, llava (HF LlavaForConditionalGeneration), llava_original (the LLaVA /
 ShareGPT4V state dict; its CLIP tower comes from --vision), qwen2_vl_vision (Qwen2-VL's NaViT tower + merger),
 qwen2_vl (Qwen2VLForConditionalGeneration), points (a whole POINTS1.5 checkpoint; no transformers class, so no
-check). An imported CKPT_DIR starts a training run
+check), blip2 (HF Blip2ForConditionalGeneration with a LLaMA language model: Ziya-BLIP2), blip2_visual (its
+ViT + Q-Former + projection alone, with the LLM from --src). An imported CKPT_DIR starts a training run
 with --config.init_params=CKPT_DIR (params only, fresh optimizer).
 `check` prints one JSON line: max_abs_diff, max_rel_diff, and the same per stage.
 A LoRA checkpoint (model.lora.rank > 0) exports merged for hf/original, or as a PEFT adapter directory
@@ -39,7 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     imp = sub.add_parser("import", help="PyTorch checkpoint -> vlm_jax params checkpoint")
     imp.add_argument("--src", required=True)
     imp.add_argument("--dst", required=True)
-    imp.add_argument("--vision", default=None, help="separate CLIP vision tower directory")
+    imp.add_argument("--vision", default=None, help="separate vision part: a CLIP tower directory, or see "
+                     "--vision_family")
+    imp.add_argument("--vision_family", default="clip", help="how --vision is read: clip, or blip2_visual "
+                     "(Ziya-BLIP2's ViT + Q-Former + projection)")
     imp.add_argument("--family", default=None, help="default: detected from config.json")
     imp.add_argument("--param_dtype", default=None, help="default: the checkpoint's dtype")
     imp.add_argument("--base", default=None, help="PEFT adapter import: the base model's vlm_jax checkpoint")
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             (xverse_v if args.family == "xverse_v" else peft).import_adapter(args.src, args.base, args.dst, mesh)
         elif args.command == "import":
             import_checkpoint(args.src, args.dst, config.model, mesh, family=args.family, vision=args.vision,
-                              param_dtype=args.param_dtype)
+                              vision_family=args.vision_family, param_dtype=args.param_dtype)
         elif args.command == "export":
             export_checkpoint(args.src, args.dst, args.format, mesh, dtype=args.dtype,
                               shard_bytes=int(args.shard_gb * (1 << 30)), image_token_index=args.image_token_index)

@@ -1,13 +1,15 @@
 """BLIP-2 (Ziya-BLIP2 shape: EVA ViT + Q-Former + LLaMA) against transformers' Blip2ForConditionalGeneration:
 fp32 parity of vision features, Q-Former + projection output and logits (<= 1e-5), bit-identical
-HF -> vlm_jax -> HF and vlm_jax -> HF -> vlm_jax round trips."""
+HF -> vlm_jax -> HF and vlm_jax -> HF -> vlm_jax round trips, and Ziya's split layout (visual part + LLaMA)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from configs.base import get_config
 from tests.helpers import randomize_torch, save_torch_model
@@ -111,3 +113,30 @@ def test_jax_torch_jax_round_trip_is_bit_exact(imported, tmp_path):
     assert set(back) == set(params)
     for k in params:
         assert np.array_equal(np.asarray(back[k]), params[k]), k
+
+
+def test_ziya_layout_visual_part_plus_separate_llama(hf_dir, imported, tmp_path):
+    """Ziya-BLIP2 ships the visual part alone (ViT, Q-Former, queries, projection) and its LLM separately:
+    importing the two (--vision_family blip2_visual) gives the same parameters as the whole model."""
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    config = json.loads(open(os.path.join(hf_dir, "config.json")).read())
+    visual, llm = tmp_path / "visual", tmp_path / "llm"
+    visual.mkdir(), llm.mkdir()
+    save_file({k: v for k, v in tensors.items() if not k.startswith("language_model.")},
+              str(visual / "model.safetensors"), metadata={"format": "pt"})
+    (visual / "config.json").write_text(json.dumps(config))
+    prefix = "language_model."
+    save_file({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+              str(llm / "model.safetensors"), metadata={"format": "pt"})
+    (llm / "config.json").write_text(json.dumps(config["text_config"]))
+    model = import_checkpoint(str(llm), str(tmp_path / "ckpt"), BASE, MESH, vision=str(visual),
+                              vision_family="blip2_visual")
+    whole = read_meta(imported)["model"]
+    assert model.to_dict() == whole | {"param_dtype": model.param_dtype}
+    parts = ("connector", "decoder", "vision")
+    abstract, shardings = unflat(abstract_params(model, parts)), unflat(param_shardings(model, parts, MESH))
+    got = flat(restore_params(str(tmp_path / "ckpt" / "params"), abstract, shardings))
+    want = flat(restore_params(os.path.join(imported, "params"), abstract, shardings))
+    assert set(got) == set(want)
+    for k in want:
+        assert np.array_equal(np.asarray(got[k]), np.asarray(want[k])), k

@@ -5,6 +5,9 @@
 key bias: the zero slice is dropped on import and written back as zeros), `query_tokens`, `qformer.*` and
 `language_projection.*` -> `connector`, `language_model.*` -> `decoder`. The Q-Former stack is scanned in
 units of `cross_attention_frequency` layers, so HF layer k*i + j is slot j of unit i (`{i*k+j}` rows).
+Family `blip2_visual` is the same without `language_model.*`: Ziya-BLIP2's released checkpoint holds only the
+visual part, its LLM (Ziya-LLaMA-13B) comes separately (`convert.py import --src LLAMA_DIR --vision VISUAL_DIR
+--vision_family blip2_visual`).
 """
 
 from typing import Any
@@ -70,11 +73,15 @@ def qformer_rows(frequency: int) -> tuple[tuple, ...]:
 IGNORE = (r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\..*", r"qformer\.embeddings\..*")
 
 
-def keymap(model: ml_collections.ConfigDict) -> KeyMap:
+def visual_keymap(model: ml_collections.ConfigDict) -> KeyMap:
+    """ViT, queries, Q-Former and projection (`vision` and `connector`)."""
     _check(model)
     return (KeyMap(VISION, hf_layers=(("layers", model.vision.depth),)).prefixed("", "vision")
-            + KeyMap(qformer_rows(model.connector.cross_attention_frequency), ignore=IGNORE).prefixed("", "connector")
-            + llama.keymap(model.text).prefixed("language_model.", "decoder"))
+            + KeyMap(qformer_rows(model.connector.cross_attention_frequency), ignore=IGNORE).prefixed("", "connector"))
+
+
+def keymap(model: ml_collections.ConfigDict) -> KeyMap:
+    return visual_keymap(model) + llama.keymap(model.text).prefixed("language_model.", "decoder")
 
 
 def _check(model: ml_collections.ConfigDict) -> None:
@@ -84,22 +91,18 @@ def _check(model: ml_collections.ConfigDict) -> None:
                  ("feature_layer", -1), ("drop_cls", False)) if v[k] != want]
     if model.connector.kind != "qformer":
         problems.append(f"connector kind={model.connector.kind!r} (BLIP-2: 'qformer')")
-    if model.text.qkv_bias:
-        problems.append("text qkv_bias=True (BLIP-2 here takes a LLaMA language model)")
     if problems:
         raise ConversionError("this model is not BLIP-2-shaped: " + "; ".join(problems))
 
 
-def model_config(hf: dict[str, Any]) -> dict[str, Any]:
-    """model.{vision,connector,text} from an HF Blip2Config dict (LLaMA text config)."""
-    v, q, text = hf["vision_config"], hf["qformer_config"], hf["text_config"]
+def visual_model_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """model.{vision,connector} from an HF Blip2Config dict."""
+    v, q = hf["vision_config"], hf["qformer_config"]
     if not v.get("qkv_bias", True):
         raise ConversionError("Blip2VisionConfig qkv_bias=False is not supported (EVA ViT-g has q/v biases)")
     for name, act in (("vision", v.get("hidden_act", "gelu")), ("qformer", q.get("hidden_act", "gelu"))):
         if act != "gelu":
             raise ConversionError(f"BLIP-2 {name} hidden_act {act!r}: only exact gelu is supported")
-    if text.get("model_type", "llama") != "llama":
-        raise ConversionError(f"BLIP-2 language model {text.get('model_type')!r}: only LLaMA is supported")
     vision = dict(stem="eva", image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 14),
                   width=v.get("hidden_size", 1408), depth=v.get("num_hidden_layers", 39),
                   heads=v.get("num_attention_heads", 16), mlp_dim=v.get("intermediate_size", 6144), mlp_act="gelu",
@@ -110,10 +113,19 @@ def model_config(hf: dict[str, Any]) -> dict[str, Any]:
                      mlp_dim=q.get("intermediate_size", 3072),
                      cross_attention_frequency=q.get("cross_attention_frequency", 2),
                      norm_eps=q.get("layer_norm_eps", 1e-12))
-    return dict(vision=vision, connector=connector, text=llama.text_config(text))
+    return dict(vision=vision, connector=connector)
+
+
+def model_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """model.{vision,connector,text} from an HF Blip2Config dict (LLaMA text config)."""
+    text = hf["text_config"]
+    if text.get("model_type", "llama") != "llama":
+        raise ConversionError(f"BLIP-2 language model {text.get('model_type')!r}: only LLaMA is supported")
+    return visual_model_config(hf) | dict(text=llama.text_config(text))
 
 
 def hf_config(model: ml_collections.ConfigDict, image_token_index: int) -> dict[str, Any]:
+    """config.json of Blip2ForConditionalGeneration; the LLaMA text config refuses a decoder with qkv bias."""
     _check(model)
     v, q = model.vision, model.connector
     vision = dict(model_type="blip_2_vision_model", hidden_size=v.width, intermediate_size=v.mlp_dim,

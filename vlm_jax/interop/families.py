@@ -32,6 +32,7 @@ FAMILIES: dict[str, Family] = {
                     "LlavaForConditionalGeneration"),
     "blip2": Family(("vision", "connector", "decoder"), blip2.keymap, blip2.model_config,
                     "Blip2ForConditionalGeneration"),
+    "blip2_visual": Family(("vision", "connector"), blip2.visual_keymap, blip2.visual_model_config, None),
     "llava_original": Family(("connector", "decoder"), llava.original_keymap, llava.original_model_config, None),
     "qwen2_vl_vision": Family(("connector", "vision"), qwen2_vl.vision_keymap, qwen2_vl.model_config,
                               "models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel"),

@@ -89,13 +89,14 @@ def import_params(sources: list[Source], model: ml_collections.ConfigDict, mesh:
 
 def import_checkpoint(
     src: str, dst: str, base_model: ml_collections.ConfigDict, mesh: Mesh, *, family: str | None = None,
-    vision: str | None = None, param_dtype: str | None = None,
+    vision: str | None = None, vision_family: str = "clip", param_dtype: str | None = None,
 ) -> ml_collections.ConfigDict:
-    """Writes the vlm_jax checkpoint directory `dst` from `src` (plus a separate CLIP tower `vision`).
+    """Writes the vlm_jax checkpoint directory `dst` from `src` (plus a separate vision part `vision` read as
+    `vision_family`: a CLIP tower, or Ziya-BLIP2's visual checkpoint as `blip2_visual`).
     Nothing is left at `dst` unless the whole import succeeds. Returns the model config."""
     if os.path.exists(dst):
         raise ConversionError(f"{dst} already exists; choose a new destination")
-    sources = ([Source(vision, "clip")] if vision else []) + [Source(src, family)]
+    sources = ([Source(vision, vision_family)] if vision else []) + [Source(src, family)]
     model = model_config(sources, base_model, param_dtype)
     params = import_params(sources, model, mesh)
     parts = sorted({p for s in sources for p in s.spec.parts})
