@@ -179,3 +179,32 @@ def test_real_size_tower_and_merger_have_torch_parameter_counts():
     count = {part: sum(int(np.prod(v.shape)) for k, v in shapes.items() if k.startswith(part)) for part in PARTS}
     assert count["connector"] == sum(p.numel() for p in tower.merger.parameters()) == 44_575_744
     assert count["vision"] == sum(p.numel() for n, p in tower.named_parameters() if not n.startswith("merger."))
+
+
+def test_points_export_import_round_trip(tmp_path):
+    """convert.py export of a POINTS1.5 import writes the POINTS layout back bit for bit, and it re-imports."""
+    src = tmp_path / "points"
+    src.mkdir()
+    tower = Qwen2VisionTransformerPretrainedModel.from_pretrained(tiny_tower(tmp_path), dtype=torch.float32)
+    llm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM))
+    randomize_torch(llm, seed=7)
+    projector = PatchMerger(dim=32, context_dim=64)
+    randomize_torch(projector, seed=8)
+    state = {k: v for k, v in _points_state_dict(llm).items() if not k.startswith("vision_encoder.")}
+    state |= {f"vision_encoder.{k}": v for k, v in tower.state_dict().items() if not k.startswith("merger.")}
+    state |= {f"vision_projector.{k}": v for k, v in projector.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(src / "model.safetensors"))
+    config = dict(architectures=["POINTSV15ChatModel"], vision_config=tower.config.to_dict(), llm_config=dict(
+        vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=KV_HEADS,
+        ffn_hidden_size=48, layernorm_epsilon=1e-5, rotary_emb_base=1e6))
+    (src / "config.json").write_text(json.dumps(config))
+    import_checkpoint(str(src), str(tmp_path / "ckpt"), BASE, MESH, family="points")
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf", MESH)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(got) == set(state)
+    assert [k for k in state if not torch.equal(state[k], got[k])] == []
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["architectures"] == ["POINTSV15ChatModel"] and written["llm_config"]["num_kv_heads"] == KV_HEADS
+    import_checkpoint(str(tmp_path / "out"), str(tmp_path / "back"), BASE, MESH, family="points")

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vlm_jax.interop import blip2, clip, families, llava, peft, qwen2_vl, xverse_v
+from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, xverse_v
 from vlm_jax.interop.ckpt_dir import load_params
 from vlm_jax.interop.keymap import ConversionError, KeyMap, expand, torch_tensors
 from vlm_jax.interop.model_params import flat, unflat
@@ -53,6 +53,10 @@ def _hf_target(model: ml_collections.ConfigDict, parts: tuple[str, ...], meta: d
         name = llava.text_family(model.text)
         module = llava.TEXT_FAMILIES[name]
         return name, families.get(name).keymap(model), _merge(meta.get("hf_config"), module.hf_config(model.text))
+    if parts == ("connector", "decoder", "vision") and model.vision.stem == "navit" and \
+            model.text.get("rope_kind", "1d") == "1d":  # POINTS1.5: NaViT + PatchMerger + a 1-D RoPE LLM
+        stored = meta.get("hf_config") if meta.get("family") == "points" else None
+        return "points", points.keymap(model), points.hf_config(model, stored)
     if parts == ("connector", "decoder", "vision") and model.vision.stem == "navit":
         stored = meta.get("hf_config") if meta.get("family") == "qwen2_vl" else None
         token = image_token_index if image_token_index is not None else (stored or {}).get("image_token_id", 151655)

@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 from vlm_jax.interop import llama, qwen2_vl
-from vlm_jax.interop.keymap import FLAT, LINEAR, LINEAR2, SAME, KeyMap
+from vlm_jax.interop.keymap import FLAT, LINEAR, LINEAR2, SAME, ConversionError, KeyMap
 
 _L = "llm.lm.layers.{i}."
 
@@ -41,6 +41,23 @@ def keymap(model: ml_collections.ConfigDict) -> KeyMap:
     return (qwen2_vl.tower_keymap(model.vision).prefixed("vision_encoder.", "vision")
             + KeyMap(qwen2_vl.MERGER_ROWS).prefixed("vision_projector.", "connector")
             + KeyMap(ROWS, ignore=(r"vision_encoder\.merger\..*",)).prefixed("", "decoder"))
+
+
+def hf_config(model: ml_collections.ConfigDict, stored: dict[str, Any] | None) -> dict[str, Any]:
+    """POINTS' config.json: the source's (class names, remote-code map, other fields) with our `vision_config`
+    and `llm_config` values. The tower's own `merger` is not written (POINTS never runs it)."""
+    t = model.text
+    qwen2_vl.check_exportable(model)
+    if not t.qkv_bias or t.tie_embeddings or t.head_dim * t.heads != t.hidden:
+        raise ConversionError("POINTS' CustomLlama has q/k/v biases, an untied head and head_dim = hidden / heads; "
+                              f"this decoder has qkv_bias={t.qkv_bias} tie_embeddings={t.tie_embeddings} "
+                              f"head_dim={t.head_dim}")
+    out = dict(stored or {})
+    out["vision_config"] = dict(out.get("vision_config") or {}) | qwen2_vl.hf_config(model)
+    out["llm_config"] = dict(out.get("llm_config") or {}) | dict(
+        vocab_size=t.vocab_size, hidden_size=t.hidden, num_layers=t.layers, num_attention_heads=t.heads,
+        num_kv_heads=t.kv_heads, ffn_hidden_size=t.ffn, layernorm_epsilon=t.rms_eps, rotary_emb_base=t.rope_base)
+    return out
 
 
 def model_config(hf: dict[str, Any]) -> dict[str, Any]:
