@@ -6,8 +6,10 @@ Both: vision encoder frozen, batch 32, context 4096, grad-clip 1.0, cosine. Then
 several stage-2 runs: `launch/soup.py --src RUN_A --src RUN_B --dst SOUP`.
 
 The LLM is Qwen2.5-7B at its real size (qkv bias, GQA). POINTS' Qwen2-VL NaViT encoder and PatchMerger
-projector are not implemented yet: this config puts a CLIP ViT-L/14-224 and the MLP projector in their
-place, so the recipe (groups, rates, decay) runs now and the modules swap in when they exist.
+projector exist (`vision.stem="navit"`, connector `merge_size=2`; interop/qwen2_vl.py `model_config` gives
+their real-size values) but the trainer still feeds tiles, not packed patches: until the NaViT packer
+lands this config puts a CLIP ViT-L/14-224 and the MLP projector in their place, so the recipe (groups,
+rates, decay) runs now.
 """
 
 import ml_collections
