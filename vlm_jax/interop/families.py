@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from vlm_jax.interop import blip2, clip, llama, llava, points, qwen2, qwen2_vl
+from vlm_jax.interop import blip2, clip, llama, llava, points, qwen1, qwen2, qwen2_vl
 from vlm_jax.interop.keymap import ConversionError, KeyMap
 
 
@@ -41,12 +41,15 @@ FAMILIES: dict[str, Family] = {
     "points": Family(("connector", "decoder", "vision"), points.keymap, points.model_config, None),
     "points_llm": Family(("decoder",), lambda m: points.KEYMAP.prefixed("", "decoder"),
                          lambda hf: dict(text=points.text_config(hf)), None),
+    # Remote code only (QWenLMHeadModel): compared against Qwen2ForCausalLM in tests/test_interop_qwen1.py.
+    "qwen1": Family(("decoder",), lambda m: qwen1.KEYMAP.prefixed("", "decoder"),
+                    lambda hf: dict(text=qwen1.text_config(hf)), None),
 }
 
 _BY_MODEL_TYPE = {"clip_vision_model": "clip", "clip": "clip", "llama": "llama", "qwen2": "qwen2",
                   "llava": "llava", "blip-2": "blip2", "llava_llama": "llava_original",
                   "share4v": "llava_original",
-                  "qwen2_vl_vision": "qwen2_vl_vision", "qwen2_vl": "qwen2_vl"}
+                  "qwen2_vl_vision": "qwen2_vl_vision", "qwen2_vl": "qwen2_vl", "qwen": "qwen1"}
 
 
 def detect(hf: dict[str, Any], where: str) -> str:
