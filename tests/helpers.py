@@ -49,3 +49,26 @@ def save_torch_model(model, path) -> str:
     """save_pretrained into `path` (a str or pathlib path); returns it as a str."""
     model.save_pretrained(str(path))
     return str(path)
+
+
+def qwen1_state_dict(hf) -> dict:
+    """A Qwen2ForCausalLM with kv heads = heads in Qwen1 (Qwen-7B/14B) names: fused block-layout c_attn,
+    w1 = up, w2 = gate; plus one stray Qwen-VL tower tensor the LLM table must ignore."""
+    import torch
+
+    sd, out = hf.state_dict(), {}
+    for i in range(hf.config.num_hidden_layers):
+        q, h = f"model.layers.{i}.", f"transformer.h.{i}."
+        for kind in ("weight", "bias"):
+            out[h + f"attn.c_attn.{kind}"] = torch.cat([sd[q + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+        out[h + "attn.c_proj.weight"] = sd[q + "self_attn.o_proj.weight"]
+        out[h + "mlp.w1.weight"] = sd[q + "mlp.up_proj.weight"]
+        out[h + "mlp.w2.weight"] = sd[q + "mlp.gate_proj.weight"]
+        out[h + "mlp.c_proj.weight"] = sd[q + "mlp.down_proj.weight"]
+        out[h + "ln_1.weight"] = sd[q + "input_layernorm.weight"]
+        out[h + "ln_2.weight"] = sd[q + "post_attention_layernorm.weight"]
+    out["transformer.wte.weight"] = sd["model.embed_tokens.weight"]
+    out["transformer.ln_f.weight"] = sd["model.norm.weight"]
+    out["lm_head.weight"] = sd["lm_head.weight"]
+    out["transformer.visual.conv1.weight"] = torch.zeros(4, 3, 2, 2)  # the Qwen-VL tower: not this table's
+    return {k: v.contiguous() for k, v in out.items()}

@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import save_file
 
 from configs.base import get_config
-from tests.helpers import randomize_torch
+from tests.helpers import qwen1_state_dict, randomize_torch
 from vlm_jax import parallel
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import Source, import_checkpoint, import_params, model_config
@@ -27,31 +27,12 @@ QWEN1_CONFIG = dict(model_type="qwen", architectures=["QWenLMHeadModel"], vocab_
                     no_bias=True, tie_word_embeddings=False)
 
 
-def _qwen1_state_dict(hf: transformers.Qwen2ForCausalLM) -> dict[str, torch.Tensor]:
-    sd, out = hf.state_dict(), {}
-    for i in range(hf.config.num_hidden_layers):
-        q, h = f"model.layers.{i}.", f"transformer.h.{i}."
-        for kind in ("weight", "bias"):
-            out[h + f"attn.c_attn.{kind}"] = torch.cat([sd[q + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
-        out[h + "attn.c_proj.weight"] = sd[q + "self_attn.o_proj.weight"]
-        out[h + "mlp.w1.weight"] = sd[q + "mlp.up_proj.weight"]
-        out[h + "mlp.w2.weight"] = sd[q + "mlp.gate_proj.weight"]
-        out[h + "mlp.c_proj.weight"] = sd[q + "mlp.down_proj.weight"]
-        out[h + "ln_1.weight"] = sd[q + "input_layernorm.weight"]
-        out[h + "ln_2.weight"] = sd[q + "post_attention_layernorm.weight"]
-    out["transformer.wte.weight"] = sd["model.embed_tokens.weight"]
-    out["transformer.ln_f.weight"] = sd["model.norm.weight"]
-    out["lm_head.weight"] = sd["lm_head.weight"]
-    out["transformer.visual.conv1.weight"] = torch.zeros(4, 3, 2, 2)  # the Qwen-VL tower: not this table's
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 def test_qwen1_layout_matches_qwen2_round_trips_and_exports(tmp_path):
     hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0)).eval()
     randomize_torch(hf, seed=7)
-    state = _qwen1_state_dict(hf)
+    state = qwen1_state_dict(hf)
     src = tmp_path / "qwen1"
     src.mkdir()
     save_file(state, str(src / "model.safetensors"))

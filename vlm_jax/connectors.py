@@ -11,6 +11,7 @@ from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.mlp import MLP
 from vlm_jax.layers.norms import LayerNorm
 from vlm_jax.qformer import QFormer
+from vlm_jax.resampler import Resampler
 
 
 class MLPProjector(nn.Module):
@@ -41,4 +42,4 @@ class MLPProjector(nn.Module):
         return MLP(hidden, "gelu", out_dim=self.out_dim, name="mlp", lora=self.lora, **kw)(x)
 
 
-CONNECTORS: dict[str, type[nn.Module]] = {"mlp": MLPProjector, "qformer": QFormer}
+CONNECTORS: dict[str, type[nn.Module]] = {"mlp": MLPProjector, "qformer": QFormer, "resampler": Resampler}

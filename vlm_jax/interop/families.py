@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from vlm_jax.interop import blip2, clip, llama, llava, points, qwen1, qwen2, qwen2_vl
+from vlm_jax.interop import blip2, clip, llama, llava, points, qwen1, qwen2, qwen2_vl, qwen_vl
 from vlm_jax.interop.keymap import ConversionError, KeyMap
 
 
@@ -44,6 +44,8 @@ FAMILIES: dict[str, Family] = {
     # Remote code only (QWenLMHeadModel): compared against Qwen2ForCausalLM in tests/test_interop_qwen1.py.
     "qwen1": Family(("decoder",), lambda m: qwen1.KEYMAP.prefixed("", "decoder"),
                     lambda hf: dict(text=qwen1.text_config(hf)), None),
+    # Qwen-VL / Belle-VL (remote code): compared against a reference module in tests/test_interop_qwen_vl.py.
+    "qwen_vl": Family(("vision", "connector", "decoder"), qwen_vl.keymap, qwen_vl.model_config, None),
 }
 
 _BY_MODEL_TYPE = {"clip_vision_model": "clip", "clip": "clip", "llama": "llama", "qwen2": "qwen2",
@@ -56,6 +58,8 @@ def detect(hf: dict[str, Any], where: str) -> str:
     """The family of an HF config.json dict."""
     if "mm_projector_type" in hf:  # the original LLaVA repo (and ShareGPT4V) config
         return "llava_original"
+    if hf.get("model_type") == "qwen" and "visual" in hf:  # Qwen-VL / Belle-VL: Qwen1 plus the visual tower
+        return "qwen_vl"
     model_type = hf.get("model_type")
     if model_type not in _BY_MODEL_TYPE:
         raise ConversionError(f"{where}: model_type {model_type!r} is not one of {sorted(_BY_MODEL_TYPE)}; "

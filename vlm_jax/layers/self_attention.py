@@ -40,7 +40,8 @@ class SelfAttention(nn.Module):
     rope_sections: tuple[int, ...] = ()  # mrope only
     cache_mode: str = "none"
     cache_len: int = 0
-    backend: str = "xla"
+    backend: str = "xla"  # layers/attention.py BACKENDS (config model.attention)
+    max_segments: int = 64  # packed segments per row the cudnn backend holds (config model.max_segments)
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     lora: LoraSpec | None = None
@@ -48,12 +49,14 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(
         self, x: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-        context: jax.Array | None = None,
+        context: jax.Array | None = None, key_context: jax.Array | None = None,
     ) -> jax.Array:
         """x [B, L, E]; positions [B, L] (needed for RoPE and decoding; [B, L, 2] or [B, L, 3] for the 2d and
         mrope RoPE kinds); segment_ids [B, L] or None.
 
-        context [B, Lc, Ec]: cross-attention, keys and values projected from it (no mask, RoPE or cache)."""
+        context [B, Lc, Ec]: cross-attention, keys and values projected from it (no mask, RoPE or cache);
+        key_context [B, Lc, Ec]: the keys' input instead of context (Qwen-VL's resampler adds positions to its
+        keys only)."""
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"unknown cache_mode {self.cache_mode!r}; choose from {CACHE_MODES}")
         if context is not None and (self.rope_base is not None or self.cache_mode != "none" or segment_ids is not None):
@@ -62,9 +65,10 @@ class SelfAttention(nn.Module):
         q = dense((self.num_heads, self.head_dim), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
                   use_bias=self.qkv_bias, name="q_proj")(x)
         kv_shape, kv_names = (self.num_kv_heads, self.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)
-        kv_input = x if context is None else context
-        k = dense(kv_shape, kv_names, use_bias=self.qkv_bias and self.k_bias, name="k_proj")(kv_input)
-        v = dense(kv_shape, kv_names, use_bias=self.qkv_bias, name="v_proj")(kv_input)
+        v_input = x if context is None else context
+        k_input = v_input if key_context is None else key_context
+        k = dense(kv_shape, kv_names, use_bias=self.qkv_bias and self.k_bias, name="k_proj")(k_input)
+        v = dense(kv_shape, kv_names, use_bias=self.qkv_bias, name="v_proj")(v_input)
         q = nn.with_logical_constraint(q, axes.BLHD)
         k = nn.with_logical_constraint(k, axes.BLKD)
         v = nn.with_logical_constraint(v, axes.BLKD)
@@ -80,7 +84,7 @@ class SelfAttention(nn.Module):
             out = attention(q, k, v, causal=True, q_positions=positions, kv_positions=slots, backend=self.backend)
         else:
             out = attention(q, k, v, causal=self.causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                            backend=self.backend)
+                            backend=self.backend, max_segments=self.max_segments)
             if self.cache_mode == "prefill":
                 self._prefill_write(k, v)
         out = nn.with_logical_constraint(out, axes.BLHD)

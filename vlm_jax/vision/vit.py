@@ -1,6 +1,7 @@
-"""One pre-LN ViT with swappable stems. Implemented stems: `clip` (HF `CLIPVisionModel`) and `eva` (BLIP-2's
+"""One pre-LN ViT with swappable stems. Implemented stems: `clip` (HF `CLIPVisionModel`), `eva` (BLIP-2's
 EVA ViT-g, HF `Blip2VisionModel`: the clip stem with a patch-embedding bias; with the config knobs
-`pre_norm=False`, `qkv_bias="qv"` (no key bias), `mlp_act="gelu"`, `post_norm=True`).
+`pre_norm=False`, `qkv_bias="qv"` (no key bias), `mlp_act="gelu"`, `post_norm=True`) and `qwenvl` (Qwen-VL's
+ViT-bigG, Belle-VL: no class token, a `pos_grid` x `pos_grid` position table resized to the patch grid).
 
 Input tiles [N, S, S, 3] (normalised, HWC) -> visual tokens [N, P, width], P = (S // patch)**2 (+1 with
 the class token when `drop_cls` is off).
@@ -28,6 +29,7 @@ import ml_collections
 from jax.typing import DTypeLike
 
 from vlm_jax.layers import axes
+from vlm_jax.layers.bicubic import resize_grid
 from vlm_jax.layers.dense import Dense
 from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.mlp import MLP
@@ -78,6 +80,32 @@ class ClipStem(nn.Module):
         return x
 
 
+class QwenVLStem(nn.Module):
+    """Bias-free patch embedding, no class token, a learned `pos_grid` x `pos_grid` position table resized
+    bicubically (as PyTorch does, in fp32) to the tile's patch grid, so one table serves 224 and 448 px
+    tiles; then `ln_pre` (`pre_norm`)."""
+
+    config: ml_collections.ConfigDict
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, tiles: jax.Array) -> jax.Array:
+        c = self.config
+        if c.drop_cls:
+            raise ValueError("the qwenvl stem has no class token: set drop_cls=False")
+        x = Dense(c.width, (axes.PATCH, axes.EMBED), dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="patch_embed")(patchify(tiles, c.patch_size))
+        # Unit scale, as in the clip stem.
+        pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0),
+                                                                   (None, axes.EMBED)),
+                         (c.pos_grid ** 2, c.width), self.param_dtype)
+        x = x + resize_grid(jnp.asarray(pos), c.pos_grid, tiles.shape[1] // c.patch_size).astype(self.dtype)
+        if c.pre_norm:
+            x = LayerNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_norm")(x)
+        return x
+
+
 class NavitStem(nn.Module):
     """Bias-free linear embedding of pre-cut patches: HF Qwen2-VL's Conv3d (stride = kernel) on patches the
     processor already flattened in (C, T, kh, kw) order. Positions enter later, as 2-D RoPE in every block."""
@@ -99,7 +127,8 @@ class NavitStem(nn.Module):
 
 
 STEMS: dict[str, Callable[..., nn.Module]] = {
-    "clip": ClipStem, "navit": NavitStem, "eva": functools.partial(ClipStem, patch_bias=True)}
+    "clip": ClipStem, "navit": NavitStem, "eva": functools.partial(ClipStem, patch_bias=True),
+    "qwenvl": QwenVLStem}
 # qkv_bias: "qkv" (CLIP) or "qv" (EVA: the checkpoint's fused bias has a zero key slice).
 QKV_BIAS = ("qkv", "qv")
 
@@ -112,6 +141,8 @@ class ViTBlock(nn.Module):
     norm_eps: float
     rope_base: float | None = None  # 2-D RoPE over patch (row, col): the navit stem
     qkv_bias: str = "qkv"
+    attention: str = "xla"
+    max_segments: int = 64
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     lora: LoraSpec | None = None
@@ -124,8 +155,8 @@ class ViTBlock(nn.Module):
         h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
         x = x + SelfAttention(self.heads, self.heads, self.width // self.heads, causal=False, qkv_bias=True,
                               k_bias=self.qkv_bias == "qkv", out_bias=True,
-                              rope_base=self.rope_base, rope_kind="2d", name="attn", lora=self.lora,
-                              **kw)(h, positions, segment_ids)
+                              rope_base=self.rope_base, rope_kind="2d", backend=self.attention,
+                              max_segments=self.max_segments, name="attn", lora=self.lora, **kw)(h, positions, segment_ids)
         h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
         x = x + MLP(self.mlp_dim, self.mlp_act, name="mlp", lora=self.lora, **kw)(h)
         return nn.with_logical_constraint(x, axes.BLE), None
@@ -135,6 +166,8 @@ class ViT(nn.Module):
     config: ml_collections.ConfigDict  # model.vision
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention: str = "xla"  # layers/attention.py backend
+    max_segments: int = 64
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     lora: LoraSpec | None = None
@@ -165,7 +198,8 @@ class ViT(nn.Module):
         x = STEMS[c.stem](c, name="stem", **kw)(pixels)
         x = nn.with_logical_constraint(x, axes.BLE)
         block = dict(width=c.width, heads=c.heads, mlp_dim=c.mlp_dim, mlp_act=c.mlp_act, norm_eps=c.norm_eps,
-                     qkv_bias=c.qkv_bias, rope_base=c.get("rope_base"), lora=self.lora, **kw)
+                     qkv_bias=c.qkv_bias, rope_base=c.get("rope_base"), attention=self.attention,
+                     max_segments=self.max_segments, lora=self.lora, **kw)
         x = run_blocks(ViTBlock, block, x, *packed, num_layers=self.num_blocks, scan=self.scan_layers,
                        remat_policy=self.remat_policy)
         if c.post_norm:
