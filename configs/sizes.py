@@ -1,7 +1,7 @@
 """Real model sizes of the LLaVA-family systems: `--config configs/sizes.py:NAME`.
 
 NAME is a system (vision + connector + LLM) or an LLM alone (`text:NAME`, e.g. `text:qwen2_5_7b`).
-Values from shared/reference/ARCHITECTURES.md sections 1, 2.5, 3, 5 and 7.
+Values from shared/reference/ARCHITECTURES.md sections 1, 2.5, 3, 4, 5 and 7.
 """
 
 import ml_collections
@@ -18,6 +18,10 @@ VISION["clip_l14_336"] = VISION["clip_l14_224"] | dict(image_size=336)
 VISION["eva_vit_g_224"] = dict(stem="eva", image_size=224, patch_size=14, width=1408, depth=39, heads=16,
                                mlp_dim=6144, mlp_act="gelu", norm_eps=1e-6, pre_norm=False, feature_layer=-1,
                                drop_cls=False, qkv_bias="qv", post_norm=True)
+# Qwen-VL's ViT-bigG/14 (Belle-VL): 48 blocks, mlp int(1664 * 4.9231), a 16x16 position table; 448 px.
+VISION["qwen_vit_bigg_448"] = dict(stem="qwenvl", image_size=448, patch_size=14, width=1664, depth=48, heads=16,
+                                   mlp_dim=8192, mlp_act="gelu", norm_eps=1e-6, pre_norm=True, feature_layer=-1,
+                                   drop_cls=False, qkv_bias="qkv", post_norm=False, pos_grid=16)
 
 CONNECTORS = {
     "mlp": dict(kind="mlp", in_norm=False),
@@ -25,6 +29,8 @@ CONNECTORS = {
     # BLIP-2 Q-Former (Blip2QFormerConfig defaults) + language_projection: 32 tokens per image.
     "qformer_32": dict(kind="qformer", num_queries=32, width=768, layers=12, heads=12, mlp_dim=3072,
                        cross_attention_frequency=2, norm_eps=1e-12),
+    # Qwen-VL's resampler at Belle-VL's width 5120 (40 heads of 128) + ln_post + proj: 256 tokens per image.
+    "resampler_256": dict(kind="resampler", num_queries=256, heads=40, norm_eps=1e-6),
 }
 
 _LLAMA = dict(qkv_bias=False, tie_embeddings=False, rope_base=10000.0)
@@ -37,6 +43,9 @@ TEXT = {
                                 ffn=13824, rms_eps=1e-6),
     "ziya_llama_13b": _LLAMA | dict(vocab_size=39424, hidden=5120, layers=40, heads=40, kv_heads=40,
                                     head_dim=128, ffn=13824, rms_eps=1e-6),
+    # Qwen-14B (Qwen1; Belle-VL): the Qwen2 computation with kv heads = heads, ffn = intermediate_size / 2.
+    "qwen_14b": dict(vocab_size=152064, hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128, ffn=13696,
+                     rms_eps=1e-6, rope_base=10000.0, qkv_bias=True, tie_embeddings=False),
     # POINTS1.5's LLM (eps from POINTS' config, not Qwen2.5's 1e-6).
     "qwen2_5_7b": dict(vocab_size=152064, hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, ffn=18944,
                        rms_eps=1e-5, rope_base=1e6, qkv_bias=True, tie_embeddings=False),
@@ -47,6 +56,7 @@ SYSTEMS = {
     "sharegpt4v_13b": ("clip_l14_336", "mlp", "vicuna_13b"),
     "xverse_v_13b": ("clip_l14_224", "mlp_ln", "xverse_13b"),
     "ziya_blip2_14b": ("eva_vit_g_224", "qformer_32", "ziya_llama_13b"),
+    "belle_vl": ("qwen_vit_bigg_448", "resampler_256", "qwen_14b"),
 }
 
 

@@ -45,6 +45,10 @@ def make_tiny(c: ml_collections.ConfigDict, image_size: int) -> None:
     c.model.text.update(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128)
     if c.model.connector.kind == "qformer":  # keeps its query count: the placeholder layout stays the real one
         c.model.connector.update(width=32, layers=2, heads=2, mlp_dim=64)
+    if c.model.connector.kind == "resampler":  # 256 queries would not fit a tiny row
+        c.model.connector.update(num_queries=4, heads=2)
+    if c.model.vision.stem == "qwenvl":  # a position table of the tiny patch grid
+        c.model.vision.pos_grid = 2
     if c.model.lora.rank:
         c.model.lora.update(rank=4, alpha=2.0 * 4)
     # The synthetic source writes multi-turn conversations, which the single-turn `plain` template refuses.

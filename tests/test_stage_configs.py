@@ -29,7 +29,7 @@ def _trains(setup, path: tuple, layer: int | None) -> bool:
 
 
 @pytest.mark.parametrize("system,stage", [(s, t) for s in ("sharegpt4v_7b", "xverse_v_13b", "points15_7b",
-                                                           "ziya_blip2_14b")
+                                                           "ziya_blip2_14b", "belle_vl")
                                           for t in ("stage1", "stage2")])
 def test_stage_recipe_freezes_and_trains_exactly_its_groups(system, stage):
     config = stage_config(system, stage)
