@@ -1,7 +1,7 @@
 """Qwen-VL / Belle-VL layout against a PyTorch reference of the published computation (no transformers class:
 tests/qwen_vl_reference.py) with the LLM run by transformers' Qwen2ForCausalLM: the ViT tokens, resampler
 output and VLM logits match at <= 1e-5 (fp32) at the table's own grid and at a larger, interpolated grid;
-the tensors round-trip bit-exactly through the table."""
+the tensors round-trip bit-exactly through the table and through import -> export."""
 
 import json
 
@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from configs.base import get_config
 from tests.helpers import qwen1_state_dict, randomize_torch
 from tests.qwen_vl_reference import VisionTransformer, sincos_2d
 from vlm_jax import parallel
-from vlm_jax.interop.hf_import import Source, import_params, model_config
+from vlm_jax.interop.hf_export import export_checkpoint
+from vlm_jax.interop.hf_import import Source, import_checkpoint, import_params, model_config
 from vlm_jax.interop.keymap import build_leaf, expand, leaf_sources, torch_tensors
 from vlm_jax.interop.model_params import unflat
 from vlm_jax.model import VLM
@@ -94,3 +95,16 @@ def test_table_round_trip_is_bit_exact(belle):
     assert set(back) == set(state)
     for name, t in back.items():
         assert np.array_equal(t, state[name].numpy()), name
+
+
+def test_export_writes_the_qwen_vl_layout(belle, tmp_path):
+    """Import -> export --format hf: the same tensors bit for bit under the same names, and the config's
+    visual block and Qwen1 fields come back."""
+    _, _, state, source, _, _ = belle
+    import_checkpoint(source.path, str(tmp_path / "ckpt"), get_config().model, MESH)
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf", MESH)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(out) == set(state)
+    assert [k for k in state if not torch.equal(out[k], state[k])] == []
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["visual"] == VISUAL and config["model_type"] == "qwen" and config["intermediate_size"] == 96

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, xverse_v
+from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, qwen_vl, xverse_v
 from vlm_jax.interop.ckpt_dir import load_params
 from vlm_jax.interop.keymap import ConversionError, KeyMap, expand, torch_tensors
 from vlm_jax.interop.model_params import flat, unflat
@@ -61,6 +61,9 @@ def _hf_target(model: ml_collections.ConfigDict, parts: tuple[str, ...], meta: d
         stored = meta.get("hf_config") if meta.get("family") == "qwen2_vl" else None
         token = image_token_index if image_token_index is not None else (stored or {}).get("image_token_id", 151655)
         return "qwen2_vl", qwen2_vl.whole_keymap(model), _merge(stored, qwen2_vl.whole_hf_config(model, token))
+    if parts == ("connector", "decoder", "vision") and model.connector.kind == "resampler":  # Qwen-VL layout
+        stored = meta.get("hf_config") if meta.get("family") == "qwen_vl" else None
+        return "qwen_vl", families.get("qwen_vl").keymap(model), _merge(stored, qwen_vl.hf_config(model))
     if parts == ("connector", "decoder", "vision"):
         family, module = ("blip2", blip2) if model.connector.kind == "qformer" else ("llava", llava)
         stored = meta.get("hf_config") if meta.get("family") == family else None

@@ -5,10 +5,12 @@ The computation is Qwen2's with kv heads = heads: q/k/v biases, no o_proj bias, 
 RoPE. Only the names differ: `c_attn` is `[Wq; Wk; Wv]` in block layout (bias likewise), and the MLP is
 `c_proj(w1(x) * silu(w2(x)))`, so w1 = up and w2 = gate. Qwen's inference-only dynamic NTK and logn scaling
 change nothing up to `seq_length` (2048) and are not modelled. Exported, the decoder is a `Qwen2ForCausalLM`
-(`convert.py export --format hf`).
+(`convert.py export --format hf`) and, inside a Qwen-VL / Belle-VL model, in these names (interop/qwen_vl.py).
 """
 
 from typing import Any
+
+import ml_collections
 
 from vlm_jax.interop import llama
 from vlm_jax.interop.keymap import FLAT, LINEAR, LINEAR2, SAME, ConversionError, KeyMap
@@ -47,3 +49,14 @@ def text_config(hf: dict[str, Any]) -> dict[str, Any]:
         intermediate_size=hf["intermediate_size"] // 2, rms_norm_eps=hf.get("layer_norm_epsilon", 1e-6),
         rope_theta=hf.get("rotary_emb_base", 10000.0), attention_bias=True,
         tie_word_embeddings=hf.get("tie_word_embeddings", False)), qkv_bias=True)
+
+
+def hf_config(t: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The Qwen1 config.json fields of a decoder (kv heads = heads, q/k/v biases, untied)."""
+    if t.kv_heads != t.heads or not t.qkv_bias or t.tie_embeddings:
+        raise ConversionError(f"Qwen1 has kv heads = heads, q/k/v biases and an untied head; this decoder has "
+                              f"kv_heads={t.kv_heads}/{t.heads} qkv_bias={t.qkv_bias} tie={t.tie_embeddings}")
+    return dict(model_type="qwen", architectures=["QWenLMHeadModel"], vocab_size=t.vocab_size,
+                hidden_size=t.hidden, num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                kv_channels=t.head_dim, intermediate_size=2 * t.ffn, layer_norm_epsilon=t.rms_eps,
+                rotary_emb_base=t.rope_base, rotary_pct=1.0, no_bias=True, tie_word_embeddings=False)

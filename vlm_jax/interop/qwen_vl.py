@@ -81,3 +81,15 @@ def model_config(hf: dict[str, Any]) -> dict[str, Any]:
     connector = dict(kind="resampler", num_queries=v.get("n_queries", 256), heads=v["output_dim"] // 128,
                      norm_eps=NORM_EPS)
     return dict(vision=vision, connector=connector, text=text)
+
+
+def hf_config(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """config.json of the Qwen-VL layout: the Qwen1 fields plus the `visual` block."""
+    v, c = model.vision, model.connector
+    # Qwen-VL sizes its MLP as int(width * mlp_ratio): a ratio rounded up a little survives the int().
+    ratio = round(v.mlp_dim / v.width + 1e-5, 4)
+    if int(v.width * ratio) != v.mlp_dim:
+        raise ConversionError(f"no 4-digit mlp_ratio gives int({v.width} * ratio) = {v.mlp_dim}")
+    visual = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.depth, heads=v.heads,
+                  mlp_ratio=ratio, output_dim=model.text.hidden, n_queries=c.num_queries)
+    return qwen1.hf_config(model.text) | dict(visual=visual)
