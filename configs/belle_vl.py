@@ -2,8 +2,8 @@
 
 Qwen-VL's ViT-bigG/14 (48 blocks, 16x16 position table) -> cross-attention resampler (256 queries, 2-D
 sin-cos, width 5120, 40 heads) + ln_post + proj -> Qwen-14B (Qwen1 layout, imported as family qwen_vl /
-qwen1). Each image is one view resized straight to the stage's resolution (data.max_tiles=1) and takes 256
-placeholder slots where its `<image>` marker stands.
+qwen1). Each image is one view resized straight to the stage's resolution (data.max_tiles=1) and becomes
+"Picture k: <img>" + 256 placeholder slots + "</img>" where its `<image>` marker stands (template qwen_vl).
 
 stage1 (multimodal pre-training) at 224 px (16x16 patches: the position table as is): the resampler
 (queries, kv_proj, attention, ln_q/ln_kv, ln_post, proj); ViT and LLM frozen.
@@ -27,8 +27,8 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c = stages.system("belle_vl")
     size = 224 if stage == "stage1" else 448
     c.batch_size, c.total_steps = 256, 20_000
-    c.data.update(template="chatml", seq_len=2048, tile_size=size, max_tiles=1, max_tiles_per_row=4,
-                  swap_hw=False)
+    c.data.update(template="qwen_vl", system="You are a helpful assistant.", seq_len=2048, tile_size=size,
+                  max_tiles=1, max_tiles_per_row=4, swap_hw=False)
     c.model.vision.image_size = size
     o = c.optim
     o.schedule, o.final_lr_ratio, o.clip_norm = "cosine", 0.0, 1.0

@@ -45,6 +45,10 @@ EXPECTED = {
     "chatml": (MULTI, "Be brief.", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n" + "<image>" * N_IMG
                + "\nWhat color is the star?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
                "<|im_start|>user\nAnd where is it?<|im_end|>\n<|im_start|>assistant\ntop left<|im_end|>\n"),
+    "qwen_vl": (MULTI, "Be brief.", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nPicture 1: <img>"
+                + "<image>" * N_IMG + "</img>\nWhat color is the star?<|im_end|>\n<|im_start|>assistant\n"
+                "red<|im_end|>\n<|im_start|>user\nAnd where is it?<|im_end|>\n<|im_start|>assistant\n"
+                "top left<|im_end|>\n"),
     "ziya": (MULTI, "", "<s><human>:" + "<image>" * N_IMG + "\nWhat color is the star?\n<bot>:red</s>\n"
              "<human>:And where is it?\n<bot>:top left</s>\n"),
 }
@@ -131,3 +135,15 @@ def test_plain_is_single_turn_and_drops_question():
 def test_unknown_template():
     with pytest.raises(ValueError, match="nope.*chatml"):
         get_template("nope")
+
+
+def test_image_wrappers_number_each_image():
+    """Qwen-VL: every image is "Picture k: <img>" + its slots + "</img>", k counting across turns."""
+    turns = [("human", "<image>\n<image>\nSame?"), ("gpt", "no"), ("human", "<image>\nAnd this?"), ("gpt", "yes")]
+    enc = encoder("qwen_vl").encode(turns, [2, 3, 1], "multi")
+    text = TOK.decode(enc.tokens.tolist())
+    assert ("Picture 1: <img><image><image></img>\nPicture 2: <img><image><image><image></img>\nSame?" in text
+            and "Picture 3: <img><image></img>\nAnd this?" in text)
+    for start, n in zip(enc.image_starts, [2, 3, 1]):
+        assert (enc.tokens[start:start + n] == IDS.image).all() and enc.tokens[start - 1] != IDS.image
+

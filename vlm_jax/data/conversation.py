@@ -32,6 +32,8 @@ class Template:
     after_end: text after the end token (no loss).
     keep_question: False drops the human text and keeps only its image markers (LLaVA "plain").
     single_turn: only one human/gpt exchange allowed.
+    image_before, image_after: text around each image's placeholder run ("{k}" is the image's 1-based number
+        in the conversation), e.g. Qwen-VL's "Picture 1: <img>" ... "</img>".
     """
 
     name: str
@@ -43,6 +45,8 @@ class Template:
     after_end: str = ""
     keep_question: bool = True
     single_turn: bool = False
+    image_before: str = ""
+    image_after: str = ""
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
@@ -66,6 +70,12 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     # ([?] until Ziya's SFT data format is read). Each image is one 32-slot run where its marker stands.
     Template("ziya", bos=True, system="{system}\n", user="<human>:{q}\n<bot>:", answer="{a}", end=None,
              after_end="\n"),
+    # Qwen-VL / Belle-VL (ARCHITECTURES.md 4.4): ChatML, each image "Picture k: <img>" + 256 slots + "</img>"
+    # (the released tokenizer's <img>/</img> specials 151857/151858; the slots stand where its path bytes
+    # and <imgpad> padding were). The released system text is "You are a helpful assistant."
+    Template("qwen_vl", bos=False, system="<|im_start|>system\n{system}<|im_end|>\n",
+             user="<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", answer="{a}",
+             end="<|im_end|>", after_end="\n", image_before="Picture {k}: <img>", image_after="</img>"),
 )}
 
 
@@ -131,8 +141,11 @@ class ConversationEncoder:
         segments = self.template.user.format(q=text).split(IMAGE_MARKER)
         for k, segment in enumerate(segments):
             if k:
+                number = len(starts) + 1
+                out.append((self._ids(self.template.image_before.format(k=number)), False))
                 starts.append(sum(len(ids) for ids, _ in out))
-                out.append(([self.image_id] * image_lengths[len(starts) - 1], False))
+                out.append(([self.image_id] * image_lengths[number - 1], False))
+                out.append((self._ids(self.template.image_after.format(k=number)), False))
             out.append((self._ids(segment), False))
 
     def _assemble(self, turns, image_lengths, answer_last: bool):
