@@ -14,7 +14,8 @@ ShareGPT4V state dict; its CLIP tower comes from --vision), qwen2_vl_vision (Qwe
 qwen2_vl (Qwen2VLForConditionalGeneration), points (a whole POINTS1.5 checkpoint; no transformers class, so no
 check), blip2 (HF Blip2ForConditionalGeneration with a LLaMA language model: Ziya-BLIP2), blip2_visual (its
 ViT + Q-Former + projection alone, with the LLM from --src), qwen1 (Qwen-7B/14B `transformer.h.*`, Belle-VL's LLM;
-exports as Qwen2ForCausalLM). An imported CKPT_DIR starts a training run
+exports as Qwen2ForCausalLM), qwen_vl (a whole Qwen-VL / Belle-VL checkpoint, exported in the same layout; no
+transformers class, so no check). An imported CKPT_DIR starts a training run
 with --config.init_params=CKPT_DIR (params only, fresh optimizer).
 `check` prints one JSON line: max_abs_diff, max_rel_diff, and the same per stage.
 A LoRA checkpoint (model.lora.rank > 0) exports merged for hf/original, or as a PEFT adapter directory
