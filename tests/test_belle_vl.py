@@ -6,11 +6,13 @@ import math
 import os
 
 import jax
+import ml_collections
 
 from tests.helpers import ROOT
+from vlm_jax import parallel
 from vlm_jax.config import load_config
 from vlm_jax.data.pipeline import tokens_per_tile
-from vlm_jax.interop.model_params import abstract_params
+from vlm_jax.interop.model_params import abstract_params, param_shardings
 from vlm_jax.train import loop
 
 # PyTorch counts: tests/qwen_vl_reference.py at Belle-VL's sizes (tower; attn_pool + ln_post + proj, the
@@ -39,3 +41,15 @@ def test_256_slots_per_image_at_224_and_448():
         config = belle(stage)
         assert (config.data.tile_size, config.model.vision.image_size) == (size, size)
         assert tokens_per_tile(config) == 256
+
+
+def test_real_size_tower_and_resampler_shard_over_the_mesh():
+    """On a 4 (fsdp) x 2 (tensor) mesh every kernel of the ViT blocks and the resampler is split 8 ways."""
+    model = belle("stage2").model
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=4, tensor=2)))
+    shapes = {k: v.shape for k, v in abstract_params(model, ("vision", "connector")).items()}
+    shardings = param_shardings(model, ("vision", "connector"), mesh)
+    kernels = [k for k in shapes if k.endswith("kernel") and "/stem/" not in k]
+    assert len(kernels) == 6 + 6  # ViT q/k/v/o, fc1, fc2; resampler q/k/v/o, kv_proj, proj
+    for path in kernels:
+        assert math.prod(shardings[path].shard_shape(shapes[path])) * 8 == math.prod(shapes[path]), path
