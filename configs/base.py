@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.scan_layers = True
     m.remat_policy = "none"
+    # The attention kernel (vlm_jax/layers/attention.py): "xla" builds the segment/causal mask (CPU, tests);
+    # "cudnn" (GPU) and "splash" (TPU) take the packed segments without an L x L mask.
+    m.attention = "xla"
+    m.max_segments = 64  # cudnn: packed segments per row (>= data.max_examples_per_row, data.max_images_per_row)
     m.vision = ml_collections.ConfigDict(dict(
         stem="clip", image_size=224, patch_size=14, width=1024, depth=24, heads=16,
         mlp_dim=4096, mlp_act="quick_gelu", norm_eps=1e-5, pre_norm=True,
@@ -53,6 +57,13 @@ def get_config() -> ml_collections.ConfigDict:
     d.max_tiles = 9
     d.swap_hw = True
     d.max_tiles_per_row = 20
+    d.max_examples_per_row = 64
+    # NaViT models (model.vision.stem="navit"): images at native resolution (smart_resize into
+    # [min_pixels, max_pixels]), every image of a row packed into max_patches_per_row patch slots.
+    d.min_pixels = 56 * 56
+    d.max_pixels = 28 * 28 * 1280
+    d.max_patches_per_row = 4096
+    d.max_images_per_row = 8
     d.num_train = 100000
     d.num_eval = 512
     d.min_image_size = 64

@@ -6,9 +6,9 @@ import numpy as np
 from flax import traverse_util
 
 from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec, has_lora, merge_lora
-from vlm_jax.model import VLM
+from vlm_jax.model import MODEL_INPUTS, VLM
 from vlm_jax.train import loop
-from vlm_jax.train.step import MODEL_INPUTS, make_train_step
+from vlm_jax.train.step import make_train_step
 from tests.helpers import first_batch, tiny_config
 
 LORA = ("model.lora.rank=4", "model.lora.alpha=8.0")

@@ -9,9 +9,11 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import parallel
-from vlm_jax.data.pipeline import make_encoder, make_eval_examples, tokens_per_tile
+from vlm_jax.data.navit import pack_patches
+from vlm_jax.data.packing import Example, NavitExample, check_fits
+from vlm_jax.data.pipeline import make_encoder, make_eval_examples, row_layout
 from vlm_jax.generate import greedy_generate
-from vlm_jax.model import VLM
+from vlm_jax.model import VLM, model_inputs
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -33,25 +35,27 @@ def score(records: list[dict]) -> dict:
 
 
 def pad_prompts(examples: list[dict], config: ml_collections.ConfigDict, rows: int) -> dict:
-    """Right-pads a list of eval examples into one fixed-shape generation batch of `rows` rows."""
-    d = config.data
-    length, t_max = d.seq_len, d.max_tiles_per_row
-    per_tile = tokens_per_tile(config)
-    batch = {"tokens": np.zeros((rows, length), np.int32),
-             "segment_ids": np.zeros((rows, length), np.int32),
-             "tiles": np.zeros((rows, t_max, d.tile_size, d.tile_size, 3), np.float32),
-             "tile_mask": np.zeros((rows, t_max), bool),
-             "image_dest": np.full((rows, t_max * per_tile), length, np.int32)}
+    """Right-pads a list of eval examples into one fixed-shape generation batch of `rows` rows, one example per
+    row, in the batch layout of `config` (tiles, or NaViT patches)."""
+    layout = row_layout(config)
+    batch = layout.empty(rows)
     for row, ex in enumerate(examples):
-        n, k = len(ex["tokens"]), len(ex["tiles"])
-        if n > length or k > t_max:
-            raise ValueError(f"eval example {ex['id']}: prompt of {n} tokens / {k} tiles exceeds "
-                             f"data.seq_len={length} / data.max_tiles_per_row={t_max}")
+        n, navit = len(ex["tokens"]), "images" in ex
+        # The prompt as a packing example (no loss, no starts: image_positions already place it) for the checks.
+        prompt = (NavitExample(ex["id"], ex["tokens"], None, tuple(ex["images"]), None) if navit
+                  else Example(ex["id"], ex["tokens"], None, ex["tiles"], None))
+        problem = check_fits(prompt, layout)
+        if problem:
+            raise ValueError(f"eval {problem}")
         batch["tokens"][row, :n] = ex["tokens"]
         batch["segment_ids"][row, :n] = 1
-        batch["tiles"][row, :k] = ex["tiles"]
-        batch["tile_mask"][row, :k] = True
-        batch["image_dest"][row, :k * per_tile] = ex["image_positions"]
+        if navit:
+            for key, value in pack_patches(ex["images"], layout.max_patches, layout.patch_dim, layout.merge).items():
+                batch[key][row] = value
+        else:
+            batch["tiles"][row, :len(ex["tiles"])] = ex["tiles"]
+            batch["tile_mask"][row, :len(ex["tiles"])] = True
+        batch["image_dest"][row, :len(ex["image_positions"])] = ex["image_positions"]
     return batch
 
 
@@ -64,14 +68,17 @@ def answer_examples(config: ml_collections.ConfigDict, params: Any, tokenizer, e
     dp = parallel.data_parallel_size(mesh)
     if rows % dp:
         raise ValueError(f"eval_batch_size {rows} must divide by the data x fsdp mesh size {dp}")
+    # The image inputs of the model's batch kind: everything the training forward takes after the text.
+    image_keys = model_inputs(config.model)[3:]
     generate = jax.jit(lambda p, b: greedy_generate(
-        model, p, b["tokens"], b["segment_ids"], b["tiles"], b["tile_mask"], b["image_dest"],
+        model, p, b["tokens"], b["segment_ids"], *(b[k] for k in image_keys),
         max_new_tokens=config.max_new_tokens, stop_id=stop_id))
     answers = []
     sharding = parallel.batch_sharding(mesh)
     for start in range(0, len(examples), rows):
         chunk = examples[start:start + rows]
-        batch = jax.device_put(pad_prompts(chunk, config, rows), sharding)
+        batch = pad_prompts(chunk, config, rows)
+        batch = jax.device_put({k: batch[k] for k in ("tokens", "segment_ids", *image_keys)}, sharding)
         with jax.set_mesh(mesh):
             out = np.asarray(jax.device_get(generate(params, batch)))
         for ids in out[:len(chunk)]:

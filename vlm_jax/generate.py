@@ -10,13 +10,14 @@ from vlm_jax.model import VLM
 
 
 def greedy_generate(
-    model: VLM, params: Any, tokens: jax.Array, segment_ids: jax.Array,
-    tiles: jax.Array, tile_mask: jax.Array, image_dest: jax.Array, *,
+    model: VLM, params: Any, tokens: jax.Array, segment_ids: jax.Array, *images: jax.Array,
     max_new_tokens: int, stop_id: int | jax.Array, pad_id: int | jax.Array = 0,
 ) -> jax.Array:
     """Greedy continuation of right-padded prompts -> generated ids [B, max_new_tokens].
 
-    One example per row; its prompt is the tokens where segment_ids > 0. Each row stops after emitting
+    `images`: the prompts' images as the model takes them: (tiles, tile_mask, image_dest), or for a NaViT
+    model (patches, patch_positions, patch_segment_ids, image_dest). One example per row; its prompt is the
+    tokens where segment_ids > 0. Each row stops after emitting
     `stop_id` (kept in the output) and is filled with `pad_id` from then on; the loop ends early once every
     row has stopped. jit with `model` closed over and `max_new_tokens` static; `stop_id`/`pad_id` may be
     traced.
@@ -24,9 +25,10 @@ def greedy_generate(
     b, length = tokens.shape
     lengths = jnp.sum(segment_ids > 0, axis=1).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    prefill = VLM.prefill_patches if model.config.vision.stem == "navit" else VLM.prefill
     logits, state = model.apply(
-        {"params": params}, tokens, positions, segment_ids, tiles, tile_mask, image_dest,
-        length + max_new_tokens, method=VLM.prefill, mutable=["cache"])
+        {"params": params}, tokens, positions, segment_ids, *images, length + max_new_tokens, method=prefill,
+        mutable=["cache"])
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 

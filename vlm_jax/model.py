@@ -21,6 +21,29 @@ def _scatter(x: jax.Array, visual: jax.Array, valid: jax.Array, image_dest: jax.
     return x.at[jnp.arange(x.shape[0])[:, None], dest].set(visual, mode="drop")
 
 
+# The model inputs of a training batch, in the order the forward takes them (docs/contracts.md): tiles, or
+# packed native-resolution patches for a NaViT model.
+MODEL_INPUTS = ("tokens", "positions", "segment_ids", "tiles", "tile_mask", "image_dest")
+NAVIT_INPUTS = ("tokens", "positions", "segment_ids", "patches", "patch_positions", "patch_segment_ids", "image_dest")
+
+
+def model_inputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The batch keys the training forward of `config` (config.model) takes, in order."""
+    return NAVIT_INPUTS if config.vision.stem == "navit" else MODEL_INPUTS
+
+
+def forward_method(config: ml_collections.ConfigDict):
+    """The VLM method that runs a training batch of `config` (config.model): tiles or packed patches."""
+    return VLM.forward_patches if config.vision.stem == "navit" else VLM.__call__
+
+
+def forward(model: "VLM", variables: dict, batch: dict, **kwargs) -> jax.Array:
+    """Training forward of `model` on a batch dict of either contract -> fp32 logits [B, L, vocab]; `kwargs`
+    go to apply (e.g. rngs)."""
+    return model.apply(variables, *(batch[k] for k in model_inputs(model.config)),
+                       method=forward_method(model.config), **kwargs)
+
+
 class VLM(nn.Module):
     config: ml_collections.ConfigDict  # config.model
 
@@ -30,7 +53,9 @@ class VLM(nn.Module):
             raise ValueError(f"unknown connector {c.connector.kind!r}; choose from {sorted(CONNECTORS)}")
         kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
                   lora=LoraSpec.from_config(c.get("lora")))
-        stack = dict(scan_layers=c.scan_layers, remat_policy=c.remat_policy)
+        # Configs saved before model.attention existed ran the xla path.
+        stack = dict(scan_layers=c.scan_layers, remat_policy=c.remat_policy, attention=c.get("attention", "xla"),
+                     max_segments=c.get("max_segments", 64))
         self.vision = ViT(c.vision, **stack, **kw)
         self.connector = CONNECTORS[c.connector.kind](c.connector, c.text.hidden, **kw)
         self.decoder = Decoder(c.text, **stack, **kw)
@@ -92,7 +117,17 @@ class VLM(nn.Module):
         """Runs right-padded prompts (one example per row, prompt = where segment_ids > 0) and fills a KV
         cache of `cache_len` slots; apply with mutable=['cache']. Returns fp32 next-token logits [B, vocab]
         (only at each row's last prompt token: full-prompt logits would be [B, L, vocab])."""
-        x = self.embed(tokens, tiles, tile_mask, image_dest)
+        return self._prefill(self.embed(tokens, tiles, tile_mask, image_dest), positions, segment_ids, cache_len)
+
+    def prefill_patches(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, patches: jax.Array,
+        patch_positions: jax.Array, patch_segment_ids: jax.Array, image_dest: jax.Array, cache_len: int,
+    ) -> jax.Array:
+        """`prefill` for a NaViT model: the prompts' images as packed patches (docs/contracts.md)."""
+        x = self.embed_patches(tokens, patches, patch_positions, patch_segment_ids, image_dest)
+        return self._prefill(x, positions, segment_ids, cache_len)
+
+    def _prefill(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache_len: int) -> jax.Array:
         h = self.decoder.hidden_states(x, positions, segment_ids, cache_mode="prefill", cache_len=cache_len)
         last = jnp.sum(segment_ids > 0, axis=1) - 1
         return self.decoder.logits(h[jnp.arange(h.shape[0]), last][:, None])[:, 0]

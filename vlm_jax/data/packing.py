@@ -1,8 +1,19 @@
-"""Greedy, deterministic packing of examples into fixed-shape rows (docs/contracts.md batch)."""
+"""Greedy, deterministic packing of examples into fixed-shape rows (docs/contracts.md batch).
+
+Two row layouts share the text side (tokens, targets, loss mask, positions and segment ids restarting per
+example) and differ in how a row holds its images: `TiledRows` (tiles of a static size, `max_tiles_per_row`
+slots) and `NavitRows` (native-resolution patches of every image back to back, `max_patches_per_row` slots,
+at most `max_images_per_row` images). Every row holds at most `max_examples_per_row` examples (a static
+segment count, which the cudnn attention backend sizes its packed layout by). Each layout says what an example
+costs against the row's static budgets, so one greedy packer (vlm_jax/data/pipeline.py) fills rows of either kind.
+"""
 
 import dataclasses
+import math
 
 import numpy as np
+
+from vlm_jax.data.navit import pack_patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +36,29 @@ class Example:
         return len(self.tokens)
 
 
+@dataclasses.dataclass(frozen=True)
+class NavitExample:
+    """One tokenised example with native-resolution images (the NaViT batch of docs/contracts.md).
+
+    tokens, loss: as `Example`; images: (patches float32 [t*h*w, D], grid (t, h, w)) per image in order
+    (`navit.navit_patches`); image_starts: int32 [k], where image i's run of t*h*w / merge**2 placeholders
+    starts in tokens.
+    """
+
+    id: str
+    tokens: np.ndarray
+    loss: np.ndarray
+    images: tuple[tuple[np.ndarray, tuple[int, int, int]], ...]
+    image_starts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_patches(self) -> int:
+        return sum(math.prod(grid) for _, grid in self.images)
+
+
 def tokens_per_tile(model, tile_size: int) -> int:
     """Placeholder slots per tile = visual tokens the model writes for one tile (`model` = config.model).
 
@@ -41,22 +75,105 @@ def tokens_per_tile(model, tile_size: int) -> int:
     return (tile_size // v.patch_size) ** 2 + (0 if v.drop_cls else 1)
 
 
-def check_fits(ex: Example, seq_len: int, max_tiles_per_row: int) -> str | None:
-    """Why this example can never fit in a row, or None if it can."""
-    if len(ex) > seq_len:
-        return f"example {ex.id}: {len(ex)} tokens exceed data.seq_len {seq_len}"
-    if len(ex.tiles) > max_tiles_per_row:
-        return f"example {ex.id}: {len(ex.tiles)} tiles exceed data.max_tiles_per_row {max_tiles_per_row}"
-    return None
-
-
-def empty_batch(rows: int, seq_len: int, max_tiles: int, tile_size: int, tokens_per_tile: int) -> dict:
+def text_batch(rows: int, seq_len: int) -> dict:
+    """The zeroed text arrays of a batch."""
     return dict(
         tokens=np.zeros((rows, seq_len), np.int32),
         targets=np.zeros((rows, seq_len), np.int32),
         loss_mask=np.zeros((rows, seq_len), np.float32),
         positions=np.zeros((rows, seq_len), np.int32),
         segment_ids=np.zeros((rows, seq_len), np.int32),
+    )
+
+
+def write_text(batch: dict, row: int, examples: list) -> list[int]:
+    """Writes the examples' text side by side into row `row`; returns where each one starts."""
+    offsets, offset = [], 0
+    for seg, ex in enumerate(examples, start=1):
+        n = len(ex)
+        end = offset + n
+        batch["tokens"][row, offset:end] = ex.tokens
+        # Targets stay inside the example: its last token predicts nothing.
+        batch["targets"][row, offset:end - 1] = ex.tokens[1:]
+        batch["loss_mask"][row, offset:end - 1] = ex.loss[1:]
+        batch["positions"][row, offset:end] = np.arange(n)
+        batch["segment_ids"][row, offset:end] = seg
+        offsets.append(offset)
+        offset = end
+    return offsets
+
+
+class TiledRows:
+    """Rows of the tiled batch: `max_tiles_per_row` tile slots of P placeholder tokens each."""
+
+    def __init__(self, seq_len: int, max_tiles_per_row: int, tile_size: int, tokens_per_tile: int,
+                 max_examples_per_row: int):
+        self.seq_len, self.max_tiles, self.tile_size, self.p = seq_len, max_tiles_per_row, tile_size, tokens_per_tile
+        self.budgets = (("tokens", "data.seq_len", seq_len), ("tiles", "data.max_tiles_per_row", max_tiles_per_row),
+                        ("examples", "data.max_examples_per_row", max_examples_per_row))
+
+    def cost(self, ex: Example) -> tuple[int, ...]:
+        return len(ex), len(ex.tiles), 1
+
+    def empty(self, rows: int) -> dict:
+        return empty_batch(rows, self.seq_len, self.max_tiles, self.tile_size, self.p)
+
+    def write(self, batch: dict, row: int, examples: list[Example]) -> None:
+        write_row(batch, row, examples, self.p)
+
+
+class NavitRows:
+    """Rows of the NaViT batch: `max_patches_per_row` patch slots (a multiple of merge_size**2) holding at most
+    `max_images_per_row` images; merge window j of the row goes to `image_dest[j]`."""
+
+    def __init__(self, seq_len: int, max_patches_per_row: int, max_images_per_row: int, patch_dim: int,
+                 merge_size: int, max_examples_per_row: int):
+        group = merge_size ** 2
+        if max_patches_per_row % group:
+            raise ValueError(f"data.max_patches_per_row {max_patches_per_row} is not a multiple of {group} "
+                             f"(one {merge_size}x{merge_size} merge window)")
+        self.seq_len, self.max_patches, self.patch_dim, self.merge = seq_len, max_patches_per_row, patch_dim, merge_size
+        self.budgets = (("tokens", "data.seq_len", seq_len),
+                        ("patches", "data.max_patches_per_row", max_patches_per_row),
+                        ("images", "data.max_images_per_row", max_images_per_row),
+                        ("examples", "data.max_examples_per_row", max_examples_per_row))
+
+    def cost(self, ex: NavitExample) -> tuple[int, ...]:
+        return len(ex), ex.num_patches, len(ex.images), 1
+
+    def empty(self, rows: int) -> dict:
+        n = self.max_patches
+        return dict(text_batch(rows, self.seq_len),
+                    patches=np.zeros((rows, n, self.patch_dim), np.float32),
+                    patch_positions=np.zeros((rows, n, 2), np.int32),
+                    patch_segment_ids=np.zeros((rows, n), np.int32),
+                    # Padding windows point one past the end, so the model's scatter drops them.
+                    image_dest=np.full((rows, n // self.merge ** 2), self.seq_len, np.int32))
+
+    def write(self, batch: dict, row: int, examples: list[NavitExample]) -> None:
+        offsets = write_text(batch, row, examples)
+        images = [image for ex in examples for image in ex.images]
+        packed = pack_patches(images, self.max_patches, self.patch_dim, self.merge)
+        for key, value in packed.items():
+            batch[key][row] = value
+        dest = [offset + start + np.arange(math.prod(grid) // self.merge ** 2)
+                for ex, offset in zip(examples, offsets) for (_, grid), start in zip(ex.images, ex.image_starts)]
+        if dest:
+            dest = np.concatenate(dest)
+            batch["image_dest"][row, :len(dest)] = dest
+
+
+def check_fits(ex, layout: "TiledRows | NavitRows") -> str | None:
+    """Why this example can never fit in a row of `layout`, or None if it can."""
+    for cost, (unit, key, limit) in zip(layout.cost(ex), layout.budgets):
+        if cost > limit:
+            return f"example {ex.id}: {cost} {unit} exceed {key} {limit}"
+    return None
+
+
+def empty_batch(rows: int, seq_len: int, max_tiles: int, tile_size: int, tokens_per_tile: int) -> dict:
+    return dict(
+        text_batch(rows, seq_len),
         tiles=np.zeros((rows, max_tiles, tile_size, tile_size, 3), np.float32),
         tile_mask=np.zeros((rows, max_tiles), bool),
         # Padded tile slots point one past the end, so the model's scatter drops them.
@@ -66,20 +183,12 @@ def empty_batch(rows: int, seq_len: int, max_tiles: int, tile_size: int, tokens_
 
 def write_row(batch: dict, row: int, examples: list[Example], tokens_per_tile: int) -> None:
     """Writes examples (already known to fit) side by side into batch row `row`."""
-    offset, slot = 0, 0
-    p = tokens_per_tile
-    for seg, ex in enumerate(examples, start=1):
-        n, k = len(ex), len(ex.tiles)
-        end = offset + n
-        batch["tokens"][row, offset:end] = ex.tokens
-        # Targets stay inside the example: its last token predicts nothing.
-        batch["targets"][row, offset:end - 1] = ex.tokens[1:]
-        batch["loss_mask"][row, offset:end - 1] = ex.loss[1:]
-        batch["positions"][row, offset:end] = np.arange(n)
-        batch["segment_ids"][row, offset:end] = seg
+    slot, p = 0, tokens_per_tile
+    for offset, ex in zip(write_text(batch, row, examples), examples):
+        k = len(ex.tiles)
         if k:
             batch["tiles"][row, slot:slot + k] = ex.tiles
             batch["tile_mask"][row, slot:slot + k] = True
             dest = offset + ex.tile_starts[:, None] + np.arange(p)[None, :]
             batch["image_dest"][row, slot * p:(slot + k) * p] = dest.reshape(-1)
-        offset, slot = end, slot + k
+        slot += k

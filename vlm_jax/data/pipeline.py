@@ -1,7 +1,8 @@
 """Data entry points for the trainer: packed training batches and tokenised evaluation prompts.
 
-Record (source) -> Example (tiles + template + tokenizer) -> greedily packed rows of the batch
-contract in docs/contracts.md. The example stream is a grain MapDataset: shuffled, then sliced by
+Record (source) -> Example (tiles + template + tokenizer), or NavitExample (native-resolution patches) when
+model.vision.stem is "navit" -> greedily packed rows of the batch contract in docs/contracts.md (tiled or NaViT).
+The example stream is a grain MapDataset: shuffled, then sliced by
 process. grain's MapDataset reads past its length into later epochs (and reseeds the shuffle per
 epoch), so the stream is infinite and example i is a pure function of i. Packing is greedy over
 that stream, so the iterator's whole state is the index of the next unpacked example.
@@ -10,6 +11,7 @@ that stream, so the iterator's whole state is the index of the next unpacked exa
 import collections
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 
@@ -21,11 +23,17 @@ from vlm_jax.data.conversation import ConversationEncoder, get_template
 from vlm_jax.data.images import tile_image
 from vlm_jax.data.llava_json import LlavaJsonSource
 from vlm_jax.data import packing
-from vlm_jax.data.packing import Example, check_fits, empty_batch, write_row
+from vlm_jax.data.navit import navit_patches
+from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, check_fits
 from vlm_jax.data.synthetic import SyntheticSource
 from vlm_jax.data.tokenizer import special_ids
 
 log = logging.getLogger(__name__)
+
+
+def uses_patches(config) -> bool:
+    """Whether `config` feeds native-resolution patches (the NaViT batch) rather than tiles."""
+    return config.model.vision.stem == "navit"
 
 
 def tokens_per_tile(config) -> int:
@@ -54,6 +62,16 @@ def make_encoder(config, tokenizer) -> ConversationEncoder:
                                config.data.system)
 
 
+def record_image(record: dict) -> Image.Image | None:
+    """The record's image as an RGB PIL image (None for text-only records)."""
+    image = record["image"]
+    if image is None:
+        return None
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 class RecordToExample:
     """Record -> (tiles, encoded conversation); picklable so grain can run it in workers."""
 
@@ -64,14 +82,8 @@ class RecordToExample:
         self.p = tokens_per_tile(config)
 
     def tiles(self, record: dict) -> list[np.ndarray]:
-        image = record["image"]
-        if image is None:
-            return []
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return [tile_image(image, self.tile_size, self.max_tiles, self.swap_hw)]
+        image = record_image(record)
+        return [] if image is None else [tile_image(image, self.tile_size, self.max_tiles, self.swap_hw)]
 
     def tile_starts(self, image_starts, views: list[np.ndarray]) -> np.ndarray:
         starts = [s + np.arange(len(v)) * self.p for s, v in zip(image_starts, views)]
@@ -88,22 +100,57 @@ class RecordToExample:
                        self.tile_starts(enc.image_starts, views))
 
 
+class RecordToNavitExample:
+    """Record -> (native-resolution patches per image, encoded conversation): the NaViT counterpart of
+    RecordToExample. Each image's placeholder run is one token per merge window (t*h*w / merge_size**2)."""
+
+    def __init__(self, config, tokenizer):
+        d, v = config.data, config.model.vision
+        self.encoder = make_encoder(config, tokenizer)
+        self.merge = config.model.connector.merge_size
+        self.patch_args = dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                               merge_size=self.merge, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+
+    def images(self, record: dict) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+        image = record_image(record)
+        return [] if image is None else [navit_patches(image, **self.patch_args)]
+
+    def run_lengths(self, images: list) -> list[int]:
+        return [math.prod(grid) // self.merge ** 2 for _, grid in images]
+
+    def __call__(self, record: dict) -> NavitExample:
+        images = self.images(record)
+        enc = self.encoder.encode(record["conversations"], self.run_lengths(images), record["id"])
+        return NavitExample(record["id"], enc.tokens, enc.loss, tuple(images),
+                            np.asarray(enc.image_starts, np.int32))
+
+
+def row_layout(config) -> TiledRows | NavitRows:
+    """The fixed row shape of `config`'s batches: tiles or NaViT patches (docs/contracts.md)."""
+    d = config.data
+    if uses_patches(config):
+        v = config.model.vision
+        return NavitRows(d.seq_len, d.max_patches_per_row, d.max_images_per_row,
+                         3 * v.temporal_patch_size * v.patch_size ** 2, config.model.connector.merge_size,
+                         d.max_examples_per_row)
+    return TiledRows(d.seq_len, d.max_tiles_per_row, d.tile_size, tokens_per_tile(config), d.max_examples_per_row)
+
+
 class PackedBatchIterator:
     """Yields batch dicts (docs/contracts.md) of `rows` rows; checkpointable via get_state/set_state.
 
-    A row takes consecutive examples while both seq_len and the tile budget allow; the first one
-    that does not fit starts the next row. A background thread builds batches ahead (`prefetch`
+    A row takes consecutive examples while every budget of `layout` (tokens, and tiles or patches and
+    images) allows; the first one that does not fit starts the next row. A background thread builds batches
+    ahead (`prefetch`
     batches) while a pool of `workers` threads preprocesses examples (PIL and numpy release the GIL).
     An example that can never fit raises ValueError naming it, or is skipped with a warning when
     skip_too_long is set.
     """
 
-    def __init__(self, examples: grain.MapDataset, *, rows: int, seq_len: int, max_tiles_per_row: int,
-                 tile_size: int, tokens_per_tile: int, skip_too_long: bool = False, prefetch: int = 2,
-                 workers: int = 2, lookahead: int = 8, shard: tuple[int, int] = (0, 1)):
-        self.examples = examples
-        self.rows, self.seq_len, self.max_tiles = rows, seq_len, max_tiles_per_row
-        self.tile_size, self.p = tile_size, tokens_per_tile
+    def __init__(self, examples: grain.MapDataset, *, rows: int, layout: TiledRows | NavitRows,
+                 skip_too_long: bool = False, prefetch: int = 2, workers: int = 2, lookahead: int = 8,
+                 shard: tuple[int, int] = (0, 1)):
+        self.examples, self.rows, self.layout = examples, rows, layout
         self.skip_too_long = skip_too_long
         self.prefetch, self.workers, self.lookahead = prefetch, workers, lookahead
         self.shard = shard
@@ -165,30 +212,32 @@ class PackedBatchIterator:
             reader = _AheadReader(self.examples, pool, index, self.lookahead)
             try:
                 while not stop.is_set():
-                    batch = empty_batch(self.rows, self.seq_len, self.max_tiles, self.tile_size, self.p)
+                    batch = self.layout.empty(self.rows)
                     for row in range(self.rows):
-                        write_row(batch, row, self._next_row(reader), self.p)
+                        self.layout.write(batch, row, self._next_row(reader))
                     self._put(out, stop, (batch, reader.index))
             except BaseException as e:  # surfaced to the consumer on its next call
                 self._put(out, stop, e)
             finally:
                 reader.cancel()
 
-    def _next_row(self, reader: "_AheadReader") -> list[Example]:
-        packed, length, tiles = [], 0, 0
+    def _next_row(self, reader: "_AheadReader") -> list[Example | NavitExample]:
+        packed, used = [], [0] * len(self.layout.budgets)
+        limits = [limit for _, _, limit in self.layout.budgets]
         while True:
             ex = reader.peek()
-            problem = check_fits(ex, self.seq_len, self.max_tiles)
+            problem = check_fits(ex, self.layout)
             if problem:
                 if not self.skip_too_long:
                     raise ValueError(problem)
                 log.warning("skipping %s", problem)
                 reader.advance()
                 continue
-            if length + len(ex) > self.seq_len or tiles + len(ex.tiles) > self.max_tiles:
+            total = [u + c for u, c in zip(used, self.layout.cost(ex))]
+            if any(t > limit for t, limit in zip(total, limits)):
                 return packed  # `ex` stays unconsumed and starts the next row
             packed.append(ex)
-            length, tiles = length + len(ex), tiles + len(ex.tiles)
+            used = total
             reader.advance()
 
     @staticmethod
@@ -232,7 +281,8 @@ def make_example_dataset(config, tokenizer, process_index: int = 0, process_coun
     if len(source) < process_count:
         raise ValueError(f"training source has {len(source)} examples, fewer than {process_count} processes")
     ds = grain.MapDataset.source(source).shuffle(seed=config.seed % 2**32)
-    return ds[process_index::process_count].map(RecordToExample(config, tokenizer))
+    to_example = RecordToNavitExample if uses_patches(config) else RecordToExample
+    return ds[process_index::process_count].map(to_example(config, tokenizer))
 
 
 def make_train_iterator(config, tokenizer, process_index: int = 0, process_count: int = 1) -> PackedBatchIterator:
@@ -240,7 +290,8 @@ def make_train_iterator(config, tokenizer, process_index: int = 0, process_count
 
     Each batch is a dict of numpy arrays: tokens, targets, positions, segment_ids int32 [B, L];
     loss_mask float32 [B, L]; tiles float32 [B, T, S, S, 3]; tile_mask bool [B, T]; image_dest int32
-    [B, T*P]. The iterator has get_state() -> small JSON-able dict and set_state(dict).
+    [B, T*P] - or for a NaViT model patches, patch_positions, patch_segment_ids and image_dest [B, N/4]
+    (docs/contracts.md). The iterator has get_state() -> small JSON-able dict and set_state(dict).
     Optional config keys: data.skip_too_long (default False: an over-long example is an error),
     data.workers (preprocessing threads, default 2), data.prefetch (batches built ahead, default 2).
     """
@@ -249,35 +300,41 @@ def make_train_iterator(config, tokenizer, process_index: int = 0, process_count
     d = config.data
     return PackedBatchIterator(
         make_example_dataset(config, tokenizer, process_index, process_count),
-        rows=config.batch_size // process_count, seq_len=d.seq_len, max_tiles_per_row=d.max_tiles_per_row,
-        tile_size=d.tile_size, tokens_per_tile=tokens_per_tile(config),
-        skip_too_long=d.skip_too_long, prefetch=d.prefetch, workers=d.workers, shard=(process_index, process_count))
+        rows=config.batch_size // process_count, layout=row_layout(config), skip_too_long=d.skip_too_long,
+        prefetch=d.prefetch, workers=d.workers, shard=(process_index, process_count))
 
 
 def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
     """The first n records of the eval split, tokenised in generation form (unpadded).
 
     Each dict: id (str); tokens int32 [m], the prompt through the assistant prefix (bos included
-    where the template has one); tiles float32 [k, S, S, 3] (k=0 for text-only); image_positions
-    int32 [k*P], the index in `tokens` of each visual token (tile-major, as image_dest wants:
-    add the left-pad offset when padding); question (str) the last human turn without the image marker; answer (str) the reference; qtype (str); image (PIL
-    image or None), the raw image. Generation stops at make_encoder(config, tokenizer).stop_id.
+    where the template has one); tiles float32 [k, S, S, 3] (k=0 for text-only), or for a NaViT model
+    images, a list of (patches, grid) per image (`navit.navit_patches`); image_positions int32 [V], the
+    index in `tokens` of each visual token (tile-major, or one per merge window, as image_dest wants:
+    add the left-pad offset when padding); question (str) the last human turn without the image marker;
+    answer (str) the reference; qtype (str); image (PIL image or None), the raw image. Generation stops at
+    make_encoder(config, tokenizer).stop_id.
     """
     source = make_source(config, "eval")
     if n > len(source):
         raise ValueError(f"asked for {n} eval examples, the eval source has {len(source)}")
-    to_example = RecordToExample(config, tokenizer)
+    navit = uses_patches(config)
+    to_example = (RecordToNavitExample if navit else RecordToExample)(config, tokenizer)
     out = []
     for i in range(n):
         record = source[i]
-        views = to_example.tiles(record)
-        enc, answer = to_example.encoder.encode_prompt(
-            record["conversations"], [len(v) * to_example.p for v in views], record["id"])
-        starts = to_example.tile_starts(enc.image_starts, views)
-        positions = (starts[:, None] + np.arange(to_example.p)[None, :]).reshape(-1).astype(np.int32)
-        tiles = RecordToExample.stack(views, config.data.tile_size)
+        if navit:
+            images = to_example.images(record)
+            lengths = to_example.run_lengths(images)
+        else:
+            views = to_example.tiles(record)
+            lengths = [len(v) * to_example.p for v in views]
+        enc, answer = to_example.encoder.encode_prompt(record["conversations"], lengths, record["id"])
+        positions = np.concatenate([s + np.arange(k) for s, k in zip(enc.image_starts, lengths)]
+                                   or [np.zeros((0,), np.int32)]).astype(np.int32)
+        vision = (dict(images=images) if navit else
+                  dict(tiles=RecordToExample.stack(views, config.data.tile_size)))
         question = record["conversations"][-2][1].replace("<image>", "").strip()
-        out.append(dict(id=record["id"], tokens=enc.tokens, tiles=tiles, image_positions=positions,
-                        question=question, answer=answer, qtype=record["qtype"],
-                        image=record["image"]))
+        out.append(dict(id=record["id"], tokens=enc.tokens, image_positions=positions, question=question,
+                        answer=answer, qtype=record["qtype"], image=record["image"], **vision))
     return out

@@ -40,7 +40,8 @@ class SelfAttention(nn.Module):
     rope_sections: tuple[int, ...] = ()  # mrope only
     cache_mode: str = "none"
     cache_len: int = 0
-    backend: str = "xla"
+    backend: str = "xla"  # layers/attention.py BACKENDS (config model.attention)
+    max_segments: int = 64  # packed segments per row the cudnn backend holds (config model.max_segments)
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     lora: LoraSpec | None = None
@@ -83,7 +84,7 @@ class SelfAttention(nn.Module):
             out = attention(q, k, v, causal=True, q_positions=positions, kv_positions=slots, backend=self.backend)
         else:
             out = attention(q, k, v, causal=self.causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                            backend=self.backend)
+                            backend=self.backend, max_segments=self.max_segments)
             if self.cache_mode == "prefill":
                 self._prefill_write(k, v)
         out = nn.with_logical_constraint(out, axes.BLHD)

@@ -37,6 +37,8 @@ class DecoderBlock(nn.Module):
     rope_sections: tuple[int, ...] = ()
     cache_mode: str = "none"
     cache_len: int = 0
+    attention: str = "xla"
+    max_segments: int = 64
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     lora: LoraSpec | None = None
@@ -51,7 +53,8 @@ class DecoderBlock(nn.Module):
         x = x + SelfAttention(
             self.heads, self.kv_heads, self.head_dim, causal=True, qkv_bias=self.qkv_bias,
             rope_base=self.rope_base, rope_kind=self.rope_kind, rope_sections=self.rope_sections,
-            cache_mode=self.cache_mode, cache_len=self.cache_len, name="attn", **kw, **lora,
+            cache_mode=self.cache_mode, cache_len=self.cache_len, backend=self.attention,
+            max_segments=self.max_segments, name="attn", **kw, **lora,
         )(h, positions, segment_ids)
         h = RMSNorm(self.rms_eps, name="post_attn_norm", **kw)(x)
         x = x + SwiGLU(self.ffn, name="mlp", **kw, **lora)(h)
@@ -62,6 +65,8 @@ class Decoder(nn.Module):
     config: ml_collections.ConfigDict  # model.text
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention: str = "xla"  # layers/attention.py backend
+    max_segments: int = 64
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     lora: LoraSpec | None = None
@@ -96,7 +101,8 @@ class Decoder(nn.Module):
             hidden=c.hidden, heads=c.heads, kv_heads=c.kv_heads, head_dim=c.head_dim, ffn=c.ffn,
             rms_eps=c.rms_eps, rope_base=c.rope_base, qkv_bias=c.qkv_bias, rope_kind=rope_kind,
             rope_sections=tuple(c.get("mrope_sections", ())), cache_mode=cache_mode,
-            cache_len=cache_len, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
+            cache_len=cache_len, attention=self.attention, max_segments=self.max_segments, dtype=self.dtype,
+            param_dtype=self.param_dtype, lora=self.lora)
         # Remat only saves memory for a backward pass; generation has none.
         remat = self.remat_policy if cache_mode == "none" else "none"
         x = run_blocks(DecoderBlock, block, x, positions, segment_ids, num_layers=c.layers,

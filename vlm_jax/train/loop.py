@@ -13,28 +13,21 @@ from flax import traverse_util
 
 from vlm_jax import parallel
 from vlm_jax.config import to_json
-from vlm_jax.data.pipeline import make_train_iterator, tokens_per_tile
+from vlm_jax.data.pipeline import make_train_iterator, row_layout
 from vlm_jax.data.tokenizer import load_tokenizer
-from vlm_jax.model import VLM
+from vlm_jax.model import VLM, forward_method, model_inputs
 from vlm_jax.train.checkpoint import Checkpointer, restore_params
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.param_groups import ParamGroups
-from vlm_jax.train.step import MODEL_INPUTS, TrainState, init_state, make_train_step
+from vlm_jax.train.step import TrainState, init_state, make_train_step
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
-    """Zero arrays with the static shapes of one batch's model inputs (for init and shape checks)."""
-    d = config.data
-    tiles, length = d.max_tiles_per_row, d.seq_len
-    per_tile = tokens_per_tile(config)
-    shapes = {
-        "tokens": ((rows, length), jnp.int32), "positions": ((rows, length), jnp.int32),
-        "segment_ids": ((rows, length), jnp.int32),
-        "tiles": ((rows, tiles, d.tile_size, d.tile_size, 3), jnp.float32),
-        "tile_mask": ((rows, tiles), jnp.bool_), "image_dest": ((rows, tiles * per_tile), jnp.int32),
-    }
-    return tuple(jnp.zeros(*shapes[k]) for k in MODEL_INPUTS)
+    """Zero arrays with the static shapes of one batch's model inputs (for init and shape checks), in the
+    order of `model_inputs(config.model)`."""
+    batch = row_layout(config).empty(rows)
+    return tuple(jnp.asarray(batch[k]) for k in model_inputs(config.model))
 
 
 class Setup:
@@ -45,7 +38,8 @@ class Setup:
         self.mesh = parallel.make_mesh(config.mesh, devices)
         self.model = VLM(config.model)
         rng = jax.random.PRNGKey(config.seed)
-        self._init_params = lambda key: self.model.init(key, *dummy_inputs(config))["params"]
+        self._init_params = lambda key: self.model.init(
+            key, *dummy_inputs(config), method=forward_method(config.model))["params"]
         boxed = jax.eval_shape(self._init_params, rng)
         self.param_shardings = param_shardings = parallel.logical_shardings(boxed, self.mesh)
         self.abstract_params = abstract_params = nn.meta.unbox(boxed)
@@ -135,6 +129,15 @@ def check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
                          f"and the process count {jax.process_count()}")
 
 
+def check_segments(config: ml_collections.ConfigDict) -> None:
+    """The cudnn attention backend holds model.max_segments packed segments per row: rows must not hold more."""
+    d, m = config.data, config.model
+    most = max(d.max_examples_per_row, d.max_images_per_row if m.vision.stem == "navit" else 0)
+    if m.attention == "cudnn" and most > m.max_segments:
+        raise ValueError(f"model.attention='cudnn' holds model.max_segments={m.max_segments} segments per row, "
+                         f"but rows may hold {most} (data.max_examples_per_row / data.max_images_per_row)")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None) -> TrainState:
     """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir` if any.
 
@@ -144,6 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     os.makedirs(workdir, exist_ok=True)
     setup = Setup(config)
     check_batch_size(config, setup.mesh)
+    check_segments(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
     if len(tokenizer) > config.model.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is "

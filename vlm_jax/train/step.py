@@ -10,9 +10,8 @@ import optax
 from jax.sharding import Mesh
 
 from vlm_jax import parallel
+from vlm_jax.model import forward
 from vlm_jax.train.param_groups import ParamGroups, merge_params
-
-MODEL_INPUTS = ("tokens", "positions", "segment_ids", "tiles", "tile_mask", "image_dest")
 
 
 @flax.struct.dataclass
@@ -50,8 +49,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     resumed run draws the same masks."""
 
     def loss_fn(trainable, frozen, batch, dropout_key):
-        logits = model.apply({"params": merge_params(trainable, frozen)},
-                             *(batch[k] for k in MODEL_INPUTS), rngs={"dropout": dropout_key})
+        logits = forward(model, {"params": merge_params(trainable, frozen)}, batch, rngs={"dropout": dropout_key})
         return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
     def step(state: TrainState, batch: dict):

@@ -141,6 +141,8 @@ class ViTBlock(nn.Module):
     norm_eps: float
     rope_base: float | None = None  # 2-D RoPE over patch (row, col): the navit stem
     qkv_bias: str = "qkv"
+    attention: str = "xla"
+    max_segments: int = 64
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     lora: LoraSpec | None = None
@@ -153,7 +155,8 @@ class ViTBlock(nn.Module):
         h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
         x = x + SelfAttention(self.heads, self.heads, self.width // self.heads, causal=False, qkv_bias=True,
                               k_bias=self.qkv_bias == "qkv", out_bias=True,
-                              rope_base=self.rope_base, rope_kind="2d", name="attn", lora=self.lora,
+                              rope_base=self.rope_base, rope_kind="2d", backend=self.attention,
+                              max_segments=self.max_segments, name="attn", lora=self.lora,
                               **kw)(h, positions, segment_ids)
         h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
         x = x + MLP(self.mlp_dim, self.mlp_act, name="mlp", lora=self.lora, **kw)(h)
@@ -164,6 +167,8 @@ class ViT(nn.Module):
     config: ml_collections.ConfigDict  # model.vision
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention: str = "xla"  # layers/attention.py backend
+    max_segments: int = 64
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     lora: LoraSpec | None = None
@@ -194,7 +199,8 @@ class ViT(nn.Module):
         x = STEMS[c.stem](c, name="stem", **kw)(pixels)
         x = nn.with_logical_constraint(x, axes.BLE)
         block = dict(width=c.width, heads=c.heads, mlp_dim=c.mlp_dim, mlp_act=c.mlp_act, norm_eps=c.norm_eps,
-                     qkv_bias=c.qkv_bias, rope_base=c.get("rope_base"), lora=self.lora, **kw)
+                     qkv_bias=c.qkv_bias, rope_base=c.get("rope_base"), attention=self.attention,
+                     max_segments=self.max_segments, lora=self.lora, **kw)
         x = run_blocks(ViTBlock, block, x, *packed, num_layers=self.num_blocks, scan=self.scan_layers,
                        remat_policy=self.remat_policy)
         if c.post_norm:

@@ -1,0 +1,114 @@
+"""Packing is exact: the loss and gradients of a packed batch equal those of the same examples run one per
+row, for the tiled and the NaViT batch; the NaViT iterator keeps the batch contract and resumes exactly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT, TINY, first_batch, tiny_config
+from vlm_jax.config import load_config
+from vlm_jax.data.packing import check_fits
+from vlm_jax.data.pipeline import make_example_dataset, make_train_iterator, row_layout
+from vlm_jax.data.tokenizer import load_tokenizer, special_ids
+from vlm_jax.model import VLM, forward, forward_method
+from vlm_jax.train.loop import dummy_inputs
+from vlm_jax.train.step import masked_cross_entropy
+
+TOK = load_tokenizer("")
+
+
+def navit_config(*extra: str):
+    return load_config(f"{ROOT}/configs/demo_navit.py", TINY + list(extra))
+
+
+def pack(layout, examples, rows: int) -> tuple[dict, list]:
+    """Greedily packs `examples` in order into `rows` rows; returns the batch and the examples it holds."""
+    batch, groups, used = layout.empty(rows), [[]], [0] * len(layout.budgets)
+    for ex in examples:
+        assert check_fits(ex, layout) is None
+        total = [u + c for u, c in zip(used, layout.cost(ex))]
+        if any(t > limit for t, (_, _, limit) in zip(total, layout.budgets)):
+            if len(groups) == rows:
+                break
+            groups.append([])
+            total = list(layout.cost(ex))
+        groups[-1].append(ex)
+        used = total
+    for row, group in enumerate(groups):
+        layout.write(batch, row, group)
+    return batch, [ex for group in groups for ex in group]
+
+
+@pytest.mark.parametrize("make_config", [tiny_config, navit_config], ids=["tiled", "navit"])
+def test_packed_loss_and_grads_equal_one_example_per_row(make_config):
+    config = make_config()
+    layout = row_layout(config)
+    dataset = make_example_dataset(config, TOK)
+    packed, examples = pack(layout, [dataset[i] for i in range(12)], rows=2)
+    per_row = packed["segment_ids"].max(axis=1)
+    assert per_row.min() >= 1 and per_row.max() >= 2, per_row
+    model = VLM(config.model)
+    params = model.init(jax.random.PRNGKey(0), *dummy_inputs(config), method=forward_method(config.model))["params"]
+    total = float(packed["loss_mask"].sum())
+
+    @jax.jit
+    def summed(params, batch):
+        """Sum of the masked token losses over the whole batch, and its gradients (divided by `total`)."""
+        def loss(p):
+            mean, count = masked_cross_entropy(forward(model, {"params": p}, batch), batch["targets"],
+                                               batch["loss_mask"])
+            return mean * count / total
+        return jax.value_and_grad(loss)(params)
+
+    want_loss, want_grads = summed(params, packed)
+    got_loss, got_grads = 0.0, jax.tree.map(jnp.zeros_like, params)
+    for ex in examples:  # each example on its own (in a batch of the same shape: one compilation)
+        alone, _ = pack(layout, [ex], rows=2)
+        loss, grads = summed(params, alone)
+        got_loss, got_grads = got_loss + loss, jax.tree.map(jnp.add, got_grads, grads)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+    flat_want, flat_got = jax.tree.leaves(want_grads), jax.tree.leaves(got_grads)
+    scale = max(float(jnp.abs(g).max()) for g in flat_want)
+    for w, g in zip(flat_want, flat_got):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_navit_batch_contract_and_resume():
+    config = navit_config("batch_size=4")
+    b = first_batch(config, TOK)
+    rows, n = 4, config.data.max_patches_per_row
+    assert b["patches"].shape == (rows, n, 3 * 2 * 8 * 8) and b["image_dest"].shape == (rows, n // 4)
+    image_id = special_ids(TOK).image
+    for r in range(rows):
+        windows = b["patch_segment_ids"][r, ::4]
+        dest = b["image_dest"][r][windows > 0]
+        # Every placeholder gets exactly one merge window, in order; padding windows point past the row.
+        assert dest.tolist() == np.flatnonzero(b["tokens"][r] == image_id).tolist()
+        assert (b["image_dest"][r][windows == 0] == config.data.seq_len).all()
+        # Images never straddle a window; positions restart per image and per example.
+        assert (b["patch_segment_ids"][r].reshape(-1, 4) == windows[:, None]).all()
+        for s in range(1, b["patch_segment_ids"][r].max() + 1):
+            assert b["patch_positions"][r][b["patch_segment_ids"][r] == s].min(axis=0).tolist() == [0, 0]
+        for s in range(1, b["segment_ids"][r].max() + 1):
+            assert b["positions"][r][b["segment_ids"][r] == s][0] == 0
+    it = make_train_iterator(config, TOK)
+    next(it)
+    state = it.get_state()
+    want = next(it)
+    it.close()
+    again = make_train_iterator(config, TOK)
+    again.set_state(state)
+    got = next(again)
+    again.close()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_row_budgets_name_their_config_keys():
+    config = navit_config("data.max_images_per_row=1", "data.max_patches_per_row=8")
+    layout = row_layout(config)
+    ex = make_example_dataset(config, TOK)[0]
+    assert check_fits(ex, layout) == f"example {ex.id}: {ex.num_patches} patches exceed data.max_patches_per_row 8"
+    with pytest.raises(ValueError, match="multiple of 4"):
+        row_layout(navit_config("data.max_patches_per_row=10"))
