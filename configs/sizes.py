@@ -1,7 +1,7 @@
 """Real model sizes of the LLaVA-family systems: `--config configs/sizes.py:NAME`.
 
 NAME is a system (vision + connector + LLM) or an LLM alone (`text:NAME`, e.g. `text:qwen2_5_7b`).
-Values from shared/reference/ARCHITECTURES.md sections 1, 2.5, 3, 4, 5 and 7.
+Values from shared/reference/ARCHITECTURES.md sections 1, 2.2-2.5, 3, 4, 5 and 7.
 """
 
 import ml_collections
@@ -15,6 +15,11 @@ VISION = {
 }
 VISION["clip_l14_336"] = VISION["clip_l14_224"] | dict(image_size=336)
 # BLIP-2's EVA ViT-g/14 (HF Blip2VisionConfig defaults): all 39 blocks, post_layernorm over all 257 tokens.
+# Qwen2-VL-7B's NaViT tower as POINTS1.5 uses it (ARCHITECTURES.md 2.2): packed native-resolution patches, 2-D
+# RoPE, no final norm (the last block's output goes to the PatchMerger).
+VISION["qwen2_vl_navit"] = dict(stem="navit", patch_size=14, temporal_patch_size=2, spatial_merge_size=2, width=1280,
+                                depth=32, heads=16, mlp_dim=5120, mlp_act="quick_gelu", norm_eps=1e-6, rope_base=1e4,
+                                pre_norm=False, post_norm=False, qkv_bias="qkv", feature_layer=-1, drop_cls=False)
 VISION["eva_vit_g_224"] = dict(stem="eva", image_size=224, patch_size=14, width=1408, depth=39, heads=16,
                                mlp_dim=6144, mlp_act="gelu", norm_eps=1e-6, pre_norm=False, feature_layer=-1,
                                drop_cls=False, qkv_bias="qv", post_norm=True)
@@ -26,6 +31,8 @@ VISION["qwen_vit_bigg_448"] = dict(stem="qwenvl", image_size=448, patch_size=14,
 CONNECTORS = {
     "mlp": dict(kind="mlp", in_norm=False),
     "mlp_ln": dict(kind="mlp", in_norm=True),  # XVERSE-V: ln_vision before llama_proj
+    # Qwen2-VL PatchMerger (POINTS1.5's vision_projector, 2.3): ln_q, 2x2 windows concatenated, 5120 -> 5120 -> LLM.
+    "patch_merger": dict(kind="mlp", in_norm=True, norm_eps=1e-6, merge_size=2, hidden_dim=4 * 1280),
     # BLIP-2 Q-Former (Blip2QFormerConfig defaults) + language_projection: 32 tokens per image.
     "qformer_32": dict(kind="qformer", num_queries=32, width=768, layers=12, heads=12, mlp_dim=3072,
                        cross_attention_frequency=2, norm_eps=1e-12),
@@ -56,6 +63,7 @@ SYSTEMS = {
     "sharegpt4v_13b": ("clip_l14_336", "mlp", "vicuna_13b"),
     "xverse_v_13b": ("clip_l14_224", "mlp_ln", "xverse_13b"),
     "ziya_blip2_14b": ("eva_vit_g_224", "qformer_32", "ziya_llama_13b"),
+    "points15_7b": ("qwen2_vl_navit", "patch_merger", "qwen2_5_7b"),
     "belle_vl": ("qwen_vit_bigg_448", "resampler_256", "qwen_14b"),
 }
 
@@ -73,5 +81,5 @@ def get_config(name: str = "sharegpt4v_7b") -> ml_collections.ConfigDict:
     c.model.vision.update(VISION[vision])
     c.model.connector.update(CONNECTORS[connector])
     c.model.text.update(TEXT[text])
-    c.data.tile_size = VISION[vision]["image_size"]
+    c.data.tile_size = VISION[vision].get("image_size", c.data.tile_size)  # a NaViT tower takes no tiles
     return c

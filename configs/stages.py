@@ -49,10 +49,13 @@ def make_tiny(c: ml_collections.ConfigDict, image_size: int) -> None:
         c.model.connector.update(num_queries=4, heads=2)
     if c.model.vision.stem == "qwenvl":  # a position table of the tiny patch grid
         c.model.vision.pos_grid = 2
+    if c.model.vision.stem == "navit":  # the PatchMerger's hidden width follows the tower's
+        c.model.connector.hidden_dim = 4 * c.model.vision.width
     if c.model.lora.rank:
         c.model.lora.update(rank=4, alpha=2.0 * 4)
     # The synthetic source writes multi-turn conversations, which the single-turn `plain` template refuses.
     c.data.update(source="synthetic", tokenizer="", path="", template="vicuna_v1", seq_len=128,
                   tile_size=image_size, max_tiles_per_row=6, min_image_size=image_size,
-                  max_image_size=2 * image_size + 16)
+                  max_image_size=2 * image_size + 16, min_pixels=image_size ** 2,
+                  max_pixels=(2 * image_size + 16) ** 2, max_patches_per_row=192)
     c.optim.warmup_steps = 1

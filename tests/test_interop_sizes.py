@@ -38,3 +38,10 @@ def test_projectors(name, torch_count):
     ("text:ziya_llama_13b", 13_091_886_080), ("text:qwen2_5_7b", 7_615_616_512)])
 def test_llms(name, torch_count):
     assert _count(name, "decoder") == torch_count
+
+
+def test_points15_navit_tower_and_patch_merger():
+    """POINTS1.5's Qwen2-VL tower without its merger (ARCHITECTURES.md 2.2: patch embed 1176 x 1280 + 32 blocks of
+    19,677,440) and its vision_projector PatchMerger (2.3)."""
+    assert _count("points15_7b", "vision") == 1176 * 1280 + 32 * 19_677_440 == 631_183_360
+    assert _count("points15_7b", "connector") == 44_575_744
