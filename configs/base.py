@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     d.swap_hw = True
     d.max_tiles_per_row = 20
     d.max_examples_per_row = 64
+    # 0: rows take consecutive examples; N: the rows of every N examples are planned together (best-fit
+    # decreasing, data/packing.py plan_rows): a few percent padding instead of about half an example a row.
+    d.pack_window = 0
     # NaViT models (model.vision.stem="navit"): images at native resolution (smart_resize into
     # [min_pixels, max_pixels]), every image of a row packed into max_patches_per_row patch slots.
     d.min_pixels = 56 * 56

@@ -25,7 +25,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     # WePOINTS' processor defaults (min 56x56, max 1280 merged tokens an image); patch slots per row sized so a
     # row of image-heavy examples fills its 4096 tokens before its patches (4 patches per image token).
     c.data.update(template="chatml", seq_len=4096, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
-                  max_patches_per_row=12288, max_images_per_row=16)
+                  max_patches_per_row=11776, max_images_per_row=16, pack_window=1024)
     o = c.optim
     o.schedule, o.final_lr_ratio, o.clip_norm = "cosine", 0.0, 1.0
     if stage == "stage1":

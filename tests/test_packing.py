@@ -74,8 +74,9 @@ def test_packed_loss_and_grads_equal_one_example_per_row(make_config):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * scale, rtol=1e-4)
 
 
-def test_navit_batch_contract_and_resume():
-    config = navit_config("batch_size=4")
+@pytest.mark.parametrize("window", [0, 7])
+def test_navit_batch_contract_and_resume(window):
+    config = navit_config("batch_size=4", f"data.pack_window={window}")
     b = first_batch(config, TOK)
     rows, n = 4, config.data.max_patches_per_row
     assert b["patches"].shape == (rows, n, 3 * 2 * 8 * 8) and b["image_dest"].shape == (rows, n // 4)
@@ -95,6 +96,8 @@ def test_navit_batch_contract_and_resume():
     it = make_train_iterator(config, TOK)
     next(it)
     state = it.get_state()
+    if window:  # the restore point falls inside a window
+        assert state["window_rows_done"] > 0
     want = next(it)
     it.close()
     again = make_train_iterator(config, TOK)

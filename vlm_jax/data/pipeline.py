@@ -139,30 +139,33 @@ def row_layout(config) -> TiledRows | NavitRows:
 class PackedBatchIterator:
     """Yields batch dicts (docs/contracts.md) of `rows` rows; checkpointable via get_state/set_state.
 
-    A row takes consecutive examples while every budget of `layout` (tokens, and tiles or patches and
-    images) allows; the first one that does not fit starts the next row. A background thread builds batches
-    ahead (`prefetch`
-    batches) while a pool of `workers` threads preprocesses examples (PIL and numpy release the GIL).
-    An example that can never fit raises ValueError naming it, or is skipped with a warning when
-    skip_too_long is set.
+    With `window` 0 a row takes consecutive examples while every budget of `layout` (tokens, and tiles or
+    patches and images) allows; the first one that does not fit starts the next row. With `window` W the stream
+    is cut into windows of W examples and each window's rows are planned together (packing.plan_rows:
+    best-fit decreasing), which brings padding down to a few percent; the state is then the window's start and
+    the rows of it already yielded. A background thread builds batches ahead (`prefetch` batches) while a pool
+    of `workers` threads preprocesses examples (PIL and numpy release the GIL). An example that can never fit
+    raises ValueError naming it, or is skipped with a warning when skip_too_long is set.
     """
 
     def __init__(self, examples: grain.MapDataset, *, rows: int, layout: TiledRows | NavitRows,
-                 skip_too_long: bool = False, prefetch: int = 2, workers: int = 2, lookahead: int = 8,
-                 shard: tuple[int, int] = (0, 1)):
-        self.examples, self.rows, self.layout = examples, rows, layout
+                 window: int = 0, skip_too_long: bool = False, prefetch: int = 2, workers: int = 2,
+                 lookahead: int = 8, shard: tuple[int, int] = (0, 1)):
+        self.examples, self.rows, self.layout, self.window = examples, rows, layout, window
         self.skip_too_long = skip_too_long
         self.prefetch, self.workers, self.lookahead = prefetch, workers, lookahead
         self.shard = shard
-        self._next_index = 0
+        self._position = (0, 0)  # (stream index, rows of its window already yielded)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
 
     # -- state -------------------------------------------------------------------------------
     def get_state(self) -> dict:
-        """JSON-able state: the stream index of the first example not yet in a yielded batch."""
-        return dict(next_index=self._next_index, process_index=self.shard[0], process_count=self.shard[1])
+        """JSON-able state: the stream index of the first example not yet in a yielded batch (with a window:
+        of the window being yielded, and how many of its rows were)."""
+        return dict(next_index=self._position[0], window_rows_done=self._position[1],
+                    process_index=self.shard[0], process_count=self.shard[1])
 
     def set_state(self, state: dict) -> None:
         shard = (state["process_index"], state["process_count"])
@@ -170,7 +173,7 @@ class PackedBatchIterator:
             raise ValueError(f"data iterator state is for process {shard[0]} of {shard[1]}, this iterator "
                              f"is process {self.shard[0]} of {self.shard[1]}")
         self._shutdown()
-        self._next_index = int(state["next_index"])
+        self._position = (int(state["next_index"]), int(state.get("window_rows_done", 0)))
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self):
@@ -178,21 +181,21 @@ class PackedBatchIterator:
 
     def __next__(self) -> dict:
         if self._thread is None:
-            self._start(self._next_index)
+            self._start(self._position)
         item = self._queue.get()
         if isinstance(item, BaseException):
             self._shutdown()
             raise item
-        batch, self._next_index = item
+        batch, self._position = item
         return batch
 
     def close(self) -> None:
         self._shutdown()
 
-    def _start(self, index: int) -> None:
+    def _start(self, position: tuple[int, int]) -> None:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=max(1, self.prefetch))
-        self._thread = threading.Thread(target=self._produce, args=(index, self._stop, self._queue),
+        self._thread = threading.Thread(target=self._produce, args=(position, self._stop, self._queue),
                                         daemon=True, name="vlm_jax-data")
         self._thread.start()
 
@@ -207,38 +210,63 @@ class PackedBatchIterator:
                 pass
         self._thread = None
 
-    def _produce(self, index: int, stop: threading.Event, out: queue.Queue) -> None:
+    def _produce(self, position: tuple[int, int], stop: threading.Event, out: queue.Queue) -> None:
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            reader = _AheadReader(self.examples, pool, index, self.lookahead)
+            reader = _AheadReader(self.examples, pool, position[0], self.lookahead)
+            rows = self._window_rows(reader, position[1]) if self.window else self._stream_rows(reader)
             try:
                 while not stop.is_set():
                     batch = self.layout.empty(self.rows)
                     for row in range(self.rows):
-                        self.layout.write(batch, row, self._next_row(reader))
-                    self._put(out, stop, (batch, reader.index))
+                        examples, after = next(rows)
+                        self.layout.write(batch, row, examples)
+                    self._put(out, stop, (batch, after))
             except BaseException as e:  # surfaced to the consumer on its next call
                 self._put(out, stop, e)
             finally:
                 reader.cancel()
 
-    def _next_row(self, reader: "_AheadReader") -> list[Example | NavitExample]:
-        packed, used = [], [0] * len(self.layout.budgets)
-        limits = [limit for _, _, limit in self.layout.budgets]
+    def _fitting(self, reader: "_AheadReader") -> Example | NavitExample:
+        """The next example that can fit a row (not consumed); raises or skips those that never can."""
         while True:
             ex = reader.peek()
             problem = check_fits(ex, self.layout)
-            if problem:
-                if not self.skip_too_long:
-                    raise ValueError(problem)
-                log.warning("skipping %s", problem)
-                reader.advance()
-                continue
-            total = [u + c for u, c in zip(used, self.layout.cost(ex))]
-            if any(t > limit for t, limit in zip(total, limits)):
-                return packed  # `ex` stays unconsumed and starts the next row
-            packed.append(ex)
-            used = total
+            if not problem:
+                return ex
+            if not self.skip_too_long:
+                raise ValueError(problem)
+            log.warning("skipping %s", problem)
             reader.advance()
+
+    def _stream_rows(self, reader: "_AheadReader"):
+        """Rows of consecutive examples, each with the position after it."""
+        limits = [limit for _, _, limit in self.layout.budgets]
+        while True:
+            packed, used = [], [0] * len(limits)
+            while True:
+                ex = self._fitting(reader)
+                total = [u + c for u, c in zip(used, self.layout.cost(ex))]
+                if any(t > limit for t, limit in zip(total, limits)):
+                    break  # `ex` stays unconsumed and starts the next row
+                packed.append(ex)
+                used = total
+                reader.advance()
+            yield packed, (reader.index, 0)
+
+    def _window_rows(self, reader: "_AheadReader", skip: int):
+        """Rows planned over windows of `self.window` examples, each with the position after it; the first
+        `skip` rows of the first window were yielded before a restore."""
+        limits = tuple(limit for _, _, limit in self.layout.budgets)
+        while True:
+            start, examples = reader.index, []
+            for _ in range(self.window):
+                examples.append(self._fitting(reader))
+                reader.advance()
+            plan = packing.plan_rows([self.layout.cost(ex) for ex in examples], limits)
+            for k in range(skip, len(plan)):
+                after = (reader.index, 0) if k == len(plan) - 1 else (start, k + 1)
+                yield [examples[i] for i in plan[k]], after
+            skip = 0
 
     @staticmethod
     def _put(out: queue.Queue, stop: threading.Event, item) -> None:
@@ -300,7 +328,8 @@ def make_train_iterator(config, tokenizer, process_index: int = 0, process_count
     d = config.data
     return PackedBatchIterator(
         make_example_dataset(config, tokenizer, process_index, process_count),
-        rows=config.batch_size // process_count, layout=row_layout(config), skip_too_long=d.skip_too_long,
+        rows=config.batch_size // process_count, layout=row_layout(config), window=d.pack_window,
+        skip_too_long=d.skip_too_long,
         prefetch=d.prefetch, workers=d.workers, shard=(process_index, process_count))
 
 
