@@ -61,6 +61,8 @@ class SelfAttention(nn.Module):
             raise ValueError(f"unknown cache_mode {self.cache_mode!r}; choose from {CACHE_MODES}")
         if context is not None and (self.rope_base is not None or self.cache_mode != "none" or segment_ids is not None):
             raise ValueError("cross-attention (context) takes no RoPE, KV cache or segment ids")
+        if key_context is not None and context is None:
+            raise ValueError("key_context goes with context (cross-attention)")
         dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         q = dense((self.num_heads, self.head_dim), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
                   use_bias=self.qkv_bias, name="q_proj")(x)
