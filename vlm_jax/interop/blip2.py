@@ -16,17 +16,13 @@ import ml_collections
 
 from vlm_jax.interop import llama
 from vlm_jax.interop.keymap import (CONV, FLAT, LINEAR, LINEAR2, SAME, UNSQUEEZE1, UNSQUEEZE2, ConversionError,
-                                    KeyMap)
+                                    KeyMap, Layout, norm_rows as _norm)
 
 _V = "vision_model."
 _VL = _V + "encoder.layers.{i}."
 
 
-def _norm(torch_name: str, path: str) -> tuple[tuple, ...]:
-    return ((torch_name + ".weight", path + "/scale", SAME), (torch_name + ".bias", path + "/bias", SAME))
-
-
-def _linear(torch_name: str, path: str, layout=LINEAR, bias=FLAT) -> tuple[tuple, ...]:
+def _linear(torch_name: str, path: str, layout: Layout = LINEAR, bias: Layout = FLAT) -> tuple[tuple, ...]:
     return ((torch_name + ".weight", path + "/kernel", layout), (torch_name + ".bias", path + "/bias", bias))
 
 

@@ -70,6 +70,11 @@ CONV = Layout("conv")
 CONV3D = Layout("conv", frames=2)
 
 
+def norm_rows(torch_name: str, path: str) -> tuple[tuple, ...]:
+    """The rows of a torch LayerNorm (`weight`, `bias`) <-> a vlm_jax LayerNorm (`scale`, `bias`)."""
+    return ((torch_name + ".weight", path + "/scale", SAME), (torch_name + ".bias", path + "/bias", SAME))
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyMap:
     """A family's rows plus how to read other naming generations of the same tensors.

@@ -11,16 +11,12 @@ from typing import Any
 import ml_collections
 
 from vlm_jax.interop import qwen1
-from vlm_jax.interop.keymap import CONV, FLAT, LINEAR, LINEAR2, SAME, ConversionError, KeyMap
+from vlm_jax.interop.keymap import CONV, FLAT, LINEAR, LINEAR2, SAME, ConversionError, KeyMap, norm_rows as _norm
 
 _V = "transformer.visual."
 _VL = _V + "transformer.resblocks.{i}."
 _P = _V + "attn_pool."
 _QKV = ("q", "k", "v")
-
-
-def _norm(torch_name: str, path: str) -> tuple[tuple, ...]:
-    return ((torch_name + ".weight", path + "/scale", SAME), (torch_name + ".bias", path + "/bias", SAME))
 
 
 def _qkv(path: str, leaf: str) -> tuple[str, ...]:
