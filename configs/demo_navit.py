@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     d = c.data
     # Native resolution: the smallest synthetic image (32 px) is 2x2 windows, the largest (80 px) 5x5.
     d.min_pixels, d.max_pixels = 32 * 32, 80 * 80
-    d.max_patches_per_row = 160
+    # Rows planned over windows of 256 examples: about 9 % token and 8 % patch padding on this data, against
+    # 22 % and 29 % filling rows in stream order with 160 patch slots.
+    d.max_patches_per_row = 144
     d.max_images_per_row = 8
+    d.pack_window = 256
     return c
