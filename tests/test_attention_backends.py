@@ -2,15 +2,18 @@
 equals the masked xla path on packed rows; the cudnn backend's packed layout describes exactly the segments;
 the config reaches every self-attention layer of the vision tower and the decoder."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import tiny_config
+from tests.helpers import ROOT, TINY
+from vlm_jax.config import load_config
 from vlm_jax.layers import attention as attention_lib
 from vlm_jax.layers.attention import attention, segment_layout, splash_attention
-from vlm_jax.model import VLM
+from vlm_jax.model import VLM, forward_method
 from vlm_jax.train.loop import dummy_inputs
 
 B, L, H, HKV, D = 2, 128, 4, 2, 16
@@ -61,7 +64,10 @@ def test_config_selects_the_backend_of_every_self_attention(monkeypatch):
         return attention(q, k, v, causal=causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
 
     monkeypatch.setattr(attention_lib, "splash_attention", spy)
-    config = tiny_config("model.attention=splash", "model.scan_layers=False")
-    jax.eval_shape(VLM(config.model).init, jax.random.PRNGKey(0), *dummy_inputs(config))
+    # 128 patch slots and 128 tokens: both sequences are whole splash blocks.
+    config = load_config(f"{ROOT}/configs/demo_navit.py", TINY + [
+        "model.attention=splash", "model.scan_layers=False", "data.max_patches_per_row=128"])
+    jax.eval_shape(functools.partial(VLM(config.model).init, method=forward_method(config.model)),
+                   jax.random.PRNGKey(0), *dummy_inputs(config))
     vision, text = config.model.vision.depth, config.model.text.layers
     assert [c for _, c in calls].count(False) == vision and [c for _, c in calls].count(True) == text

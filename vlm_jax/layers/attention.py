@@ -15,7 +15,8 @@ Backends (config `model.attention`):
           kernel through `jax._src.cudnn.fused_attention_stablehlo` as per-row segment lengths and offsets
           (`segment_layout`), at most `max_segments` per row. Tokens outside every segment (row padding) get 0.
   splash  TPU: the Pallas splash-attention kernel with segment ids (causal or full block masks, never an
-          L x L array), one kernel call per row.
+          L x L array), one kernel call per row. Its blocks are multiples of 128 tokens, so a sequence of another
+          length (a CLIP tile's 257 tokens: a small mask) takes the xla path.
 Both kernels compute what the xla path computes at every token inside a segment. Self-attention only: KV-cache
 decoding (explicit positions, one query per row, mask [B, 1, cache_len]) and cross-attention (no mask) keep
 the xla path.
@@ -84,12 +85,15 @@ def _cudnn_attention(
     return jnp.where((segment_ids > 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
+SPLASH_BLOCKS = (512, 256, 128)  # tried in order: the largest that divides the sequence
+
+
 @functools.cache
 def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-    block = next(b for b in (512, 256, 128, length) if length % b == 0)
+    block = next(b for b in SPLASH_BLOCKS if length % b == 0)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     one = masks.CausalMask((length, length)) if causal else masks.FullMask((length, length))
@@ -142,6 +146,7 @@ def attention(
             raise ValueError(f"the {backend} backend takes self-attention segments (one segment_ids for q and kv)")
         if backend == "cudnn":
             return _cudnn_attention(q, k, v, causal, q_segment_ids, max_segments)
-        return splash_attention(q, k, v, causal, q_segment_ids)
+        if q.shape[1] % SPLASH_BLOCKS[-1] == 0:
+            return splash_attention(q, k, v, causal, q_segment_ids)
     mask = _mask(q.shape[1], k.shape[1], causal, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     return _xla_attention(q, k, v, mask)
