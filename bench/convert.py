@@ -25,7 +25,7 @@ def _write_model(a: argparse.Namespace, path: str) -> int:
 
     from vlm_jax.interop.torch_files import write_safetensors
 
-    d, kv = a.hidden // a.heads, a.kv_heads * (a.hidden // a.heads)
+    kv = a.kv_heads * (a.hidden // a.heads)
     shapes = {"model.embed_tokens.weight": (a.vocab, a.hidden), "model.norm.weight": (a.hidden,),
               "lm_head.weight": (a.vocab, a.hidden)}
     for i in range(a.layers):

@@ -13,7 +13,7 @@ several stage-2 runs: `launch/soup.py --src RUN_A --src RUN_B --dst SOUP`.
 
 import ml_collections
 
-from configs import sizes, stages
+from configs import stages
 
 STAGES = ("stage1", "stage2")
 

@@ -72,3 +72,29 @@ def qwen1_state_dict(hf) -> dict:
     out["lm_head.weight"] = sd["lm_head.weight"]
     out["transformer.visual.conv1.weight"] = torch.zeros(4, 3, 2, 2)  # the Qwen-VL tower: not this table's
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def assert_reimport_bit_exact(export_dir: str, dst: str, base, mesh, model, parts, params: dict) -> None:
+    """Imports `export_dir` to `dst` and checks every parameter equals `params` (flat path -> array) exactly."""
+    import numpy as np
+
+    from vlm_jax.interop.hf_import import import_checkpoint
+    from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
+    from vlm_jax.train.checkpoint import restore_params
+
+    import_checkpoint(export_dir, dst, base, mesh)
+    back = flat(restore_params(os.path.join(dst, "params"), unflat(abstract_params(model, parts)),
+                               unflat(param_shardings(model, parts, mesh))))
+    assert set(back) == set(params)
+    for k in params:
+        assert np.array_equal(np.asarray(back[k]), params[k]), k
+
+
+def assert_same_safetensors(want_path: str, got_path: str) -> None:
+    """Same tensor names, every tensor equal bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    want, got = load_file(want_path), load_file(got_path)
+    assert set(want) == set(got)
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []

@@ -3,7 +3,6 @@ merged HF export, both give the vlm_jax LoRA model's logits; adapters (PEFT, XVE
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

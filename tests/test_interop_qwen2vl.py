@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2VisionTransformerPretrainedModel
 
 from configs.base import get_config
-from tests.helpers import randomize_torch
+from tests.helpers import assert_same_safetensors, randomize_torch
 from tests.test_interop_points import HEAD_DIM, KV_HEADS, _points_state_dict
 from tests.test_navit import tiny_tower
 from vlm_jax import parallel
@@ -45,9 +45,7 @@ def test_tower_check_and_round_trips_are_exact(tmp_path):
     # torch -> vlm_jax -> torch: every tensor bit for bit, and the exported directory loads cleanly.
     import_checkpoint(path, str(tmp_path / "ckpt"), BASE, MESH)
     export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf", MESH)
-    want, got = load_file(f"{path}/model.safetensors"), load_file(str(tmp_path / "out" / "model.safetensors"))
-    assert set(want) == set(got)
-    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    assert_same_safetensors(f"{path}/model.safetensors", str(tmp_path / "out" / "model.safetensors"))
     _, info = Qwen2VisionTransformerPretrainedModel.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
 
@@ -157,9 +155,7 @@ def test_whole_qwen2_vl_checks_and_round_trips(tmp_path):
     assert report["max_abs_diff"] <= 1e-5, report
     import_checkpoint(path, str(tmp_path / "ckpt"), BASE, MESH)
     export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf", MESH)
-    want, got = load_file(f"{path}/model.safetensors"), load_file(str(tmp_path / "out" / "model.safetensors"))
-    assert set(want) == set(got)
-    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    assert_same_safetensors(f"{path}/model.safetensors", str(tmp_path / "out" / "model.safetensors"))
     exported, info = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
         str(tmp_path / "out"), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
