@@ -5,9 +5,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from configs.base import get_config
-from vlm_jax.model import VLM
+from vlm_jax.data import navit
+from vlm_jax.data.packing import tokens_per_tile
+from vlm_jax.model import VLM, windows_first
 
 B, T, L, S = 2, 3, 24, 28
 P = (S // 14) ** 2  # 4 visual tokens per tile
@@ -111,3 +114,22 @@ def test_placeholder_ids_are_overwritten_even_out_of_vocab():
     logits = np.asarray(forward(params, oov))
     assert np.isfinite(logits).all()
     np.testing.assert_array_equal(logits, np.asarray(forward(params, batch)))
+
+
+def test_tile_merge_groups_each_2x2_window_like_navit():
+    """windows_first puts a tile's row-major patch grid into NaViT's window order, so merge_size on tiles
+    concatenates the four patches of each 2x2 window (and tokens_per_tile counts one slot per window)."""
+    g, m = 4, 2
+    grid = np.arange(g * g, dtype=np.float32).reshape(1, g * g, 1)
+    rows, cols = navit.patch_positions((1, g, g), m).T
+    np.testing.assert_array_equal(np.asarray(windows_first(jnp.asarray(grid), m))[0, :, 0], rows * g + cols)
+    with pytest.raises(ValueError, match="square grid"):
+        windows_first(jnp.zeros((1, g * g + 1, 1)), m)
+
+    c = get_config()
+    c.model.vision.update(patch_size=8, drop_cls=True)
+    c.model.connector.merge_size = 2
+    assert tokens_per_tile(c.model, 32) == 4
+    c.model.vision.drop_cls = False
+    with pytest.raises(ValueError, match="drop_cls"):
+        tokens_per_tile(c.model, 32)

@@ -21,6 +21,19 @@ def _scatter(x: jax.Array, visual: jax.Array, valid: jax.Array, image_dest: jax.
     return x.at[jnp.arange(x.shape[0])[:, None], dest].set(visual, mode="drop")
 
 
+def windows_first(features: jax.Array, merge: int) -> jax.Array:
+    """[n, g*g, D] tokens of square patch grids in row-major order -> the same tokens with each merge x merge
+    window contiguous (windows row-major, raster inside), the order the connector's merge concatenates: a
+    tile's features then merge like NaViT's (InternVL's pixel shuffle groups tile tokens the same way)."""
+    n, tokens, d = features.shape
+    g = round(tokens ** 0.5)
+    if g * g != tokens or g % merge:
+        raise ValueError(f"{tokens} tokens per tile are not a square grid of whole {merge}x{merge} windows "
+                         "(merge_size on tiles needs vision.drop_cls and tile_size / patch_size divisible by it)")
+    x = features.reshape(n, g // merge, merge, g // merge, merge, d).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, tokens, d)
+
+
 # The model inputs of a training batch, in the order the forward takes them (docs/contracts.md): tiles, or
 # packed native-resolution patches for a NaViT model.
 MODEL_INPUTS = ("tokens", "positions", "segment_ids", "tiles", "tile_mask", "image_dest")
@@ -63,7 +76,11 @@ class VLM(nn.Module):
     def encode_images(self, tiles: jax.Array) -> jax.Array:
         """tiles [B, T, S, S, 3] -> visual tokens [B, T*P, hidden], tile-major."""
         b, t = tiles.shape[:2]
-        visual = self.connector(self.vision(tiles.reshape(b * t, *tiles.shape[2:])))
+        features = self.vision(tiles.reshape(b * t, *tiles.shape[2:]))
+        merge = self.config.connector.get("merge_size", 1)
+        if merge > 1:
+            features = windows_first(features, merge)
+        visual = self.connector(features)
         return visual.reshape(b, t * visual.shape[1], visual.shape[2])
 
     def encode_patches(self, patches: jax.Array, patch_positions: jax.Array, patch_segment_ids: jax.Array) -> jax.Array:

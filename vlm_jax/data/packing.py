@@ -63,8 +63,8 @@ def tokens_per_tile(model, tile_size: int) -> int:
     """Placeholder slots per tile = visual tokens the model writes for one tile (`model` = config.model).
 
     A connector with a fixed query count (`connector.num_queries`: Q-Former, resampler) emits that many per
-    tile whatever the patch grid; otherwise every ViT output token passes through, one per patch plus the
-    class token when the ViT keeps it.
+    tile whatever the patch grid; a merging connector (`connector.merge_size` m) one per m x m patch window;
+    otherwise every ViT output token passes through, one per patch plus the class token when the ViT keeps it.
     """
     v = model.vision
     if tile_size % v.patch_size:
@@ -72,7 +72,12 @@ def tokens_per_tile(model, tile_size: int) -> int:
     queries = model.connector.get("num_queries", 0)
     if queries:
         return queries
-    return (tile_size // v.patch_size) ** 2 + (0 if v.drop_cls else 1)
+    merge = model.connector.get("merge_size", 1)
+    grid = tile_size // v.patch_size
+    if merge > 1 and (grid % merge or not v.drop_cls):
+        raise ValueError(f"connector.merge_size {merge} on tiles needs vision.drop_cls and a patch grid "
+                         f"({grid} = data.tile_size / patch_size) divisible by it")
+    return grid * grid // merge ** 2 + (0 if v.drop_cls else 1)
 
 
 def text_batch(rows: int, seq_len: int) -> dict:
