@@ -37,7 +37,8 @@ def _write_model(a: argparse.Namespace, path: str) -> int:
                    p + "mlp.down_proj.weight": (a.hidden, a.ffn)}
     rng = np.random.default_rng(0)
     os.makedirs(path)
-    write_safetensors(path, ((n, rng.standard_normal(s, np.float32) * 0.02) for n, s in shapes.items()), 2 << 30)
+    write_safetensors(path, {n: (s, np.float32) for n, s in shapes.items()},
+                      ((n, rng.standard_normal(s, np.float32) * 0.02) for n, s in shapes.items()), 2 << 30)
     config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=a.vocab, hidden_size=a.hidden,
                   intermediate_size=a.ffn, num_hidden_layers=a.layers, num_attention_heads=a.heads,
                   num_key_value_heads=a.kv_heads, rms_norm_eps=1e-5, rope_theta=10000.0, dtype="float32")

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             import_checkpoint(args.src, args.dst, config.model, mesh, family=args.family, vision=args.vision,
                               vision_family=args.vision_family, param_dtype=args.param_dtype)
         elif args.command == "export":
-            export_checkpoint(args.src, args.dst, args.format, mesh, dtype=args.dtype,
+            export_checkpoint(args.src, args.dst, args.format, dtype=args.dtype,
                               shard_bytes=int(args.shard_gb * (1 << 30)), image_token_index=args.image_token_index)
         else:
             print(json.dumps(check(args.src, config.model, mesh, family=args.family, seed=args.seed)), flush=True)

@@ -73,7 +73,7 @@ def _load(path: str) -> transformers.Blip2ForConditionalGeneration:
 def test_hf_round_trip_is_bit_identical(hf_dir, imported, tmp_path):
     meta = read_meta(imported)
     assert meta["family"] == "blip2" and meta["model"]["connector"]["num_queries"] == 5
-    export_checkpoint(imported, str(tmp_path / "out"), "hf", MESH)
+    export_checkpoint(imported, str(tmp_path / "out"), "hf")
     original, exported = _load(hf_dir), _load(str(tmp_path / "out"))
     assert exported.config.image_token_id == IMAGE_TOKEN
     want, got = original.state_dict(), exported.state_dict()
@@ -100,13 +100,13 @@ def test_jax_torch_jax_round_trip_is_bit_exact(imported, tmp_path):
     src = tmp_path / "native"
     save_params(str(src / "params"), unflat(params))
     (src / META_FILE).write_text(json.dumps(dict(family="native", parts=list(parts), model=model.to_dict())))
-    export_checkpoint(str(src), str(tmp_path / "hf"), "hf", MESH)
+    export_checkpoint(str(src), str(tmp_path / "hf"), "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     # A native model has no image token: export adds one row after the vocabulary.
     assert config["image_token_index"] == 97 and config["text_config"]["vocab_size"] == 98
     assert config["qformer_config"]["cross_attention_frequency"] == 2
     _load(str(tmp_path / "hf"))
-    export_checkpoint(str(src), str(tmp_path / "hf96"), "hf", MESH, image_token_index=IMAGE_TOKEN)
+    export_checkpoint(str(src), str(tmp_path / "hf96"), "hf", image_token_index=IMAGE_TOKEN)
     assert_reimport_bit_exact(str(tmp_path / "hf96"), str(tmp_path / "back"), BASE, MESH, model, parts, params)
 
 

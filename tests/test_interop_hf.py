@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from configs.base import get_config
-from tests.helpers import assert_reimport_bit_exact, randomize_torch, save_torch_model
+from tests.helpers import assert_reimport_bit_exact, assert_same_safetensors, randomize_torch, save_torch_model
 from vlm_jax import parallel
 from vlm_jax.interop.check import check
 from vlm_jax.interop.hf_export import export_checkpoint
@@ -19,6 +19,7 @@ from vlm_jax.interop.hf_import import META_FILE, import_checkpoint, read_meta
 from vlm_jax.interop.keymap import ConversionError
 from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
 from vlm_jax.train.checkpoint import restore_params, save_params
+from vlm_jax.train.streaming import stored_arrays
 
 BASE = get_config().model
 MESH = parallel.make_mesh(get_config().mesh)
@@ -97,7 +98,7 @@ def _load(cls: str, path: str):
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_hf_round_trip_is_bit_identical(hf_dirs, imported, tmp_path, name):
     cls = read_meta(imported[name])["hf_config"].get("architectures", ["CLIPVisionModel"])[0]
-    export_checkpoint(imported[name], str(tmp_path / "out"), "hf", MESH, shard_bytes=64 << 10)
+    export_checkpoint(imported[name], str(tmp_path / "out"), "hf", shard_bytes=64 << 10)
     assert os.path.isfile(tmp_path / "out" / "model.safetensors.index.json")  # several shards
     original, exported = _load(cls, hf_dirs[name]), _load(cls, str(tmp_path / "out"))
     want, got = original.state_dict(), exported.state_dict()
@@ -129,17 +130,17 @@ def test_jax_torch_jax_round_trip_is_bit_exact(imported, tmp_path):
     src = tmp_path / "native"
     save_params(str(src / "params"), unflat(params))
     (src / META_FILE).write_text(json.dumps(dict(family="native", parts=list(parts), model=model.to_dict())))
-    export_checkpoint(str(src), str(tmp_path / "hf"), "hf", MESH)
+    export_checkpoint(str(src), str(tmp_path / "hf"), "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["image_token_index"] == 97 and config["text_config"]["vocab_size"] == 98  # row added
-    export_checkpoint(str(src), str(tmp_path / "hf96"), "hf", MESH, image_token_index=96)
+    export_checkpoint(str(src), str(tmp_path / "hf96"), "hf", image_token_index=96)
     assert_reimport_bit_exact(str(tmp_path / "hf96"), str(tmp_path / "back"), BASE, MESH, model, parts, params)
 
 
 def test_original_llava_layout_round_trip(imported, tmp_path):
     """HF LLaVA -> original LLaVA state dict + separate CLIP tower -> import: same params, bit for bit."""
     src = imported["llava_legacy"]
-    export_checkpoint(src, str(tmp_path / "orig"), "original", MESH)
+    export_checkpoint(src, str(tmp_path / "orig"), "original")
     names = set(load_file(str(tmp_path / "orig" / "model.safetensors")))
     assert {"model.mm_projector.0.weight", "model.mm_projector.2.bias", "lm_head.weight"} <= names
     assert not any(n.startswith(("vision", "language_model", "multi_modal")) for n in names)
@@ -196,3 +197,30 @@ def test_import_casts_and_restores_into_a_whole_vlm(hf_dirs, tmp_path):
     with pytest.raises(ValueError, match="decoder/embed_tokens/embedding"):
         restore_params(str(tmp_path / "bf16" / "params"), unflat(abstract_params(model, parts)),
                        unflat(param_shardings(model, parts, MESH)))
+
+
+def test_import_streams_onto_a_sharded_mesh(hf_dirs, imported, tmp_path):
+    """On a data x fsdp x tensor = 2 x 2 x 2 mesh the import writes each shard of each leaf, a layer stack one
+    layer per stored chunk (never a whole stack in memory); it restores to the replicated import's values and
+    exports the same tensors."""
+    config = get_config()
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    mesh = parallel.make_mesh(config.mesh)
+    dst = str(tmp_path / "sharded")
+    import_checkpoint(hf_dirs["llava_legacy"], dst, BASE, mesh)
+    model = BASE.copy_and_resolve_references()
+    model.update(read_meta(dst)["model"])
+    parts = ("connector", "decoder", "vision")
+    stored = stored_arrays(os.path.join(dst, "params"))
+    stacks = [k for k in stored if "/layers/" in k]
+    assert stacks and all(stored[k].chunk_rows == 1 for k in stacks)
+    assert any(any(s.spec) for s in param_shardings(model, parts, mesh).values())  # some leaves really are split
+    got = flat(restore_params(os.path.join(dst, "params"), unflat(abstract_params(model, parts)),
+                              unflat(param_shardings(model, parts, mesh))))
+    want = flat(restore_params(os.path.join(imported["llava_legacy"], "params"),
+                               unflat(abstract_params(model, parts)), unflat(param_shardings(model, parts, MESH))))
+    assert set(got) == set(want) and all(np.array_equal(np.asarray(got[k]), np.asarray(want[k])) for k in want)
+    export_checkpoint(dst, str(tmp_path / "out"), "hf")
+    export_checkpoint(imported["llava_legacy"], str(tmp_path / "out_replicated"), "hf")
+    assert_same_safetensors(str(tmp_path / "out_replicated" / "model.safetensors"),
+                            str(tmp_path / "out" / "model.safetensors"))

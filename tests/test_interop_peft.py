@@ -70,7 +70,7 @@ def test_peft_adapter_and_merged_export_match_vlm_jax_lora_logits(lora_ckpt, tmp
     base_logits = _jax_logits(no_lora, {k: v for k, v in params.items() if "lora" not in k}, ids)
     assert np.max(np.abs(want - base_logits)) > 1e-2  # the adapters change the outputs
 
-    export_checkpoint(src, str(tmp_path / "adapter"), "peft", MESH)
+    export_checkpoint(src, str(tmp_path / "adapter"), "peft")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
     names = set(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
@@ -90,7 +90,7 @@ def test_peft_adapter_and_merged_export_match_vlm_jax_lora_logits(lora_ckpt, tmp
     for k in params:
         np.testing.assert_array_equal(np.asarray(loaded[k]), np.asarray(params[k]), err_msg=k)
 
-    export_checkpoint(src, str(tmp_path / "merged"), "hf", MESH)
+    export_checkpoint(src, str(tmp_path / "merged"), "hf")
     merged = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
     with torch.no_grad():
         got = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
@@ -100,7 +100,7 @@ def test_peft_adapter_and_merged_export_match_vlm_jax_lora_logits(lora_ckpt, tmp
 def test_peft_export_refuses_a_checkpoint_without_adapters(lora_ckpt, tmp_path):
     _, base, _, _, _ = lora_ckpt
     with pytest.raises(ConversionError, match="no adapter"):
-        export_checkpoint(base, str(tmp_path / "adapter"), "peft", MESH)
+        export_checkpoint(base, str(tmp_path / "adapter"), "peft")
     assert not (tmp_path / "adapter").exists()
 
 
@@ -123,7 +123,7 @@ def test_xverse_v_adapter_file_round_trip(tmp_path):
     write_checkpoint_dir(str(tmp_path / "base"), base, dict(family="native", parts=["decoder", "vision"],
                                                             model=base_model.to_dict()))
 
-    export_checkpoint(str(tmp_path / "full"), str(tmp_path / "xv"), "xverse_v", MESH)
+    export_checkpoint(str(tmp_path / "full"), str(tmp_path / "xv"), "xverse_v")
     state = torch.load(str(tmp_path / "xv" / xverse_v.FILE), weights_only=True)
     assert state["llama_proj.0.weight"].shape == (32, 32) and "ln_vision.bias" in state
     assert state["llama_model.base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (32, 4)

@@ -59,7 +59,7 @@ def test_qwen1_layout_matches_qwen2_round_trips_and_exports(tmp_path):
         assert np.array_equal(t, state[name].numpy()), name
 
     import_checkpoint(str(src), str(tmp_path / "ckpt"), get_config().model, MESH)
-    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "qwen2"), "hf", MESH)
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "qwen2"), "hf")
     exported = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "qwen2"), dtype=torch.float32)
     want_sd, got_sd = hf.state_dict(), exported.state_dict()
     assert set(want_sd) == set(got_sd)

@@ -44,7 +44,7 @@ def test_tower_check_and_round_trips_are_exact(tmp_path):
 
     # torch -> vlm_jax -> torch: every tensor bit for bit, and the exported directory loads cleanly.
     import_checkpoint(path, str(tmp_path / "ckpt"), BASE, MESH)
-    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf", MESH)
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf")
     assert_same_safetensors(f"{path}/model.safetensors", str(tmp_path / "out" / "model.safetensors"))
     _, info = Qwen2VisionTransformerPretrainedModel.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
@@ -56,7 +56,7 @@ def test_tower_check_and_round_trips_are_exact(tmp_path):
     params = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in abstract_params(model, PARTS).items()}
     save_params(str(tmp_path / "native" / "params"), unflat(params))
     (tmp_path / "native" / META_FILE).write_text(json.dumps(dict(family="native", parts=PARTS, model=model.to_dict())))
-    export_checkpoint(str(tmp_path / "native"), str(tmp_path / "hf"), "hf", MESH)
+    export_checkpoint(str(tmp_path / "native"), str(tmp_path / "hf"), "hf")
     import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "back"), BASE, MESH)
     back = _restore(str(tmp_path / "back" / "params"), model)
     assert set(back) == set(params)
@@ -154,7 +154,7 @@ def test_whole_qwen2_vl_checks_and_round_trips(tmp_path):
     assert report["family"] == "qwen2_vl" and set(report) >= {"vision_features", "projector", "logits"}
     assert report["max_abs_diff"] <= 1e-5, report
     import_checkpoint(path, str(tmp_path / "ckpt"), BASE, MESH)
-    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf", MESH)
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf")
     assert_same_safetensors(f"{path}/model.safetensors", str(tmp_path / "out" / "model.safetensors"))
     exported, info = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
         str(tmp_path / "out"), output_loading_info=True)
@@ -197,7 +197,7 @@ def test_points_export_import_round_trip(tmp_path):
         ffn_hidden_size=48, layernorm_epsilon=1e-5, rotary_emb_base=1e6))
     (src / "config.json").write_text(json.dumps(config))
     import_checkpoint(str(src), str(tmp_path / "ckpt"), BASE, MESH, family="points")
-    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf", MESH)
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf")
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(got) == set(state)
     assert [k for k in state if not torch.equal(state[k], got[k])] == []

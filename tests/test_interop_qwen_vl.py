@@ -102,7 +102,7 @@ def test_export_writes_the_qwen_vl_layout(belle, tmp_path):
     visual block and Qwen1 fields come back."""
     _, _, state, source, _, _ = belle
     import_checkpoint(source.path, str(tmp_path / "ckpt"), get_config().model, MESH)
-    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf", MESH)
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf")
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(out) == set(state)
     assert [k for k in state if not torch.equal(out[k], state[k])] == []

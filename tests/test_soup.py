@@ -40,9 +40,9 @@ def test_soup_of_itself_is_identity_weighted_soup_averages_and_result_loads_and_
     started = loop.Setup(config).imported_state(config.init_params)
     np.testing.assert_array_equal(np.asarray(started.params["decoder"]["final_norm"]["scale"]),
                                   np.asarray(mix["decoder/final_norm/scale"]))
-    export_checkpoint(str(tmp_path / "mix"), str(tmp_path / "hf"), "hf", MESH)
+    export_checkpoint(str(tmp_path / "mix"), str(tmp_path / "hf"), "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llava"
-    export_checkpoint(run, str(tmp_path / "hf_run"), "hf", MESH)  # a training workdir exports too
+    export_checkpoint(run, str(tmp_path / "hf_run"), "hf")  # a training workdir exports too
     assert (tmp_path / "hf_run" / "model.safetensors").stat().st_size > 0
 
 

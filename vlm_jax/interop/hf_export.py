@@ -3,8 +3,9 @@ HF directory (`config.json`, sharded safetensors, tokenizer files), the original
 adapter (vlm_jax/interop/peft.py), or the XVERSE-V adapter file (vlm_jax/interop/xverse_v.py). LoRA adapters
 are merged into their kernels for `hf` and `original`.
 
-Tensors are produced one at a time from the sharded parameters through the same key maps the import uses,
-and written one shard at a time.
+Streamed: the checkpoint is read in place, one leaf or one layer of a layer stack at a time, and each torch
+tensor is built from it through the same key maps the import uses and written straight into its safetensors
+shard; the model is never whole in memory.
 """
 
 import json
@@ -16,15 +17,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
 from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, qwen_vl, xverse_v
-from vlm_jax.interop.ckpt_dir import load_params
-from vlm_jax.interop.keymap import ConversionError, KeyMap, expand, torch_tensors
-from vlm_jax.interop.model_params import flat, unflat
+from vlm_jax.interop.ckpt_dir import StoredParams, open_params
+from vlm_jax.interop.keymap import ConversionError, KeyMap, Tensor, expand, torch_tensors
 from vlm_jax.interop.torch_files import write_safetensors
-from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec, merge_lora
+from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec, merge_kernel
 
 FORMATS = ("hf", "original", "peft", "xverse_v")
 _RENAMED_KEYS = ("rope_parameters", "rope_scaling", "torch_dtype", "_name_or_path")
@@ -76,68 +74,80 @@ def _hf_target(model: ml_collections.ConfigDict, parts: tuple[str, ...], meta: d
                           "a whole VLM (import the original LLaVA layout with --vision to get one)")
 
 
-def _gather(x: jax.Array) -> np.ndarray:
-    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
-
-
-def _stream(keymap: KeyMap, params: dict[str, jax.Array], dtype: np.dtype,
-            pad_rows: dict[str, int]) -> Iterator[tuple[str, np.ndarray]]:
-    tensors, fillers = expand(keymap, {k: v.shape for k, v in params.items()})
+def _stream(
+    keymap: KeyMap, params: StoredParams, paths: list[str], dtype: np.dtype, lora: LoraSpec | None,
+    pad_rows: dict[str, int],
+) -> tuple[dict[str, tuple[tuple[int, ...], np.dtype]], Iterator[tuple[str, np.ndarray]]]:
+    """(name -> (shape, dtype), (name, array) iterator) of the torch tensors of `keymap` over the leaves `paths`:
+    every shape up front, then each tensor built when the iterator reaches it from one layer of its leaves, with
+    the LoRA adapters beside a kernel merged into it when `lora` is given."""
+    tensors, fillers = expand(keymap, {k: params.shapes[k] for k in paths})
+    shapes = {t.name: (t.shape, dtype) for t in tensors} | {f.name: (f.shape, dtype) for f in fillers}
+    for name, rows in pad_rows.items():
+        if name in shapes and rows > shapes[name][0][0]:
+            shapes[name] = ((rows, *shapes[name][0][1:]), dtype)
 
     def leaf(path: str, layer: int | None) -> np.ndarray:
-        x = params[path]
-        return _gather(x if layer is None else x[layer]).astype(dtype)
+        x = params.get(path, layer)
+        module = path.removesuffix("kernel")
+        if lora is not None and path.endswith("/kernel") and module + LORA_A in params.shapes:
+            x = np.asarray(merge_kernel(x, params.get(module + LORA_A, layer), params.get(module + LORA_B, layer),
+                                        lora.scale))
+        return x.astype(dtype, copy=False)
 
-    for name, t in torch_tensors(tensors, fillers, leaf, dtype):
-        if name in pad_rows and pad_rows[name] > t.shape[0]:
-            # HF LLaVA needs an embedding row for its image token; a native model keeps it out of vocab.
-            t = np.concatenate([t, np.zeros((pad_rows[name] - t.shape[0], *t.shape[1:]), t.dtype)])
-        yield name, t
+    def tensors_in_turn() -> Iterator[Tensor]:
+        for t in tensors:
+            params.keep({p for p, _ in t.pieces if p is not None})  # the cache holds this tensor's leaves only
+            yield t
+
+    def arrays() -> Iterator[tuple[str, np.ndarray]]:
+        for name, t in torch_tensors(tensors_in_turn(), fillers, leaf, dtype):
+            if shapes[name][0] != t.shape:
+                # HF LLaVA needs an embedding row for its image token; a native model keeps it out of vocab.
+                t = np.concatenate([t, np.zeros((shapes[name][0][0] - t.shape[0], *t.shape[1:]), t.dtype)])
+            yield name, t
+
+    return shapes, arrays()
 
 
-def _write(dst: str, keymap: KeyMap, params: dict, dtype: np.dtype, config: dict[str, Any],
-           shard_bytes: int, pad_rows: dict[str, int] | None = None) -> None:
-    stream = _stream(keymap, params, dtype, pad_rows or {})
-    if jax.process_index() != 0:
-        for _ in stream:  # every process takes part in the gathers; process 0 writes
-            pass
-        return
+def _write(dst: str, keymap: KeyMap, params: StoredParams, paths: list[str], dtype: np.dtype, lora: LoraSpec | None,
+           config: dict[str, Any], shard_bytes: int, pad_rows: dict[str, int] | None = None) -> None:
     os.makedirs(dst, exist_ok=True)
-    write_safetensors(dst, stream, shard_bytes)
+    write_safetensors(dst, *_stream(keymap, params, paths, dtype, lora, pad_rows or {}), shard_bytes)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config | {"dtype": str(dtype)}, f, indent=2)
 
 
-def export_checkpoint(src: str, dst: str, fmt: str, mesh: Mesh, *, dtype: str | None = None,
-                      shard_bytes: int = 5 << 30, image_token_index: int | None = None) -> None:
-    """Writes `dst` in `fmt` (see FORMATS); nothing is left at `dst` unless the export succeeds."""
+def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None, shard_bytes: int = 5 << 30,
+                      image_token_index: int | None = None) -> None:
+    """Writes `dst` in `fmt` (see FORMATS); nothing is left at `dst` unless the export succeeds. The checkpoint
+    is read in place, a layer at a time, by process 0, which writes every file; other processes have nothing
+    to do."""
     if fmt not in FORMATS:
         raise ConversionError(f"unknown export format {fmt!r}; choose from {FORMATS}")
     if os.path.exists(dst):
         raise ConversionError(f"{dst} already exists; choose a new destination")
-    params, meta = load_params(src, mesh)
+    if jax.process_index() != 0:
+        return
+    params, meta = open_params(src)
     model, parts = ml_collections.ConfigDict(meta["model"]), tuple(sorted(meta["parts"]))
     np_dtype = np.dtype(dtype or model.param_dtype)
     lora = LoraSpec.from_config(model.get("lora"))
-    if lora is not None and fmt in ("hf", "original"):  # these hold the merged weights
-        params = flat(merge_lora(unflat(params), lora))
+    adapters = [k for k in params.shapes if k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)]
+    weights = [k for k in params.shapes if k not in adapters]  # hf and original merge the adapters into these
     tmp = f"{dst.rstrip('/')}.partial-{os.getpid()}"
     try:
         if fmt == "peft":
             base = (meta.get("hf_config") or {}).get("_name_or_path", "")
-            adapters = {k: _gather(v) for k, v in params.items() if k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)}
-            if jax.process_index() == 0:
-                peft.write_adapter(tmp, model, parts, adapters, np_dtype, base)
+            peft.write_adapter(tmp, model, parts, {k: params.get(k) for k in adapters}, np_dtype, base)
         elif fmt == "xverse_v":
-            adapters = {k: _gather(v) for k, v in params.items()
-                        if k.startswith("connector/") or k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)}
-            if jax.process_index() == 0:
-                xverse_v.export_adapter(tmp, model, adapters, np_dtype)
+            xverse_v.export_adapter(tmp, model, {k: params.get(k) for k in params.shapes
+                                                 if k.startswith("connector/") or k in adapters}, np_dtype)
         elif fmt == "hf":
             family, keymap, config = _hf_target(model, parts, meta, image_token_index)
             vocab = config.get("text_config", {}).get("vocab_size", 0)
             pad = {"language_model.model.embed_tokens.weight": vocab, "language_model.lm_head.weight": vocab}
-            _write(tmp, keymap, params, np_dtype, config, shard_bytes, pad)
+            _write(tmp, keymap, params, weights, np_dtype, lora, config, shard_bytes, pad)
         else:
             if not {"connector", "decoder"} <= set(parts):
                 raise ConversionError(f"the original LLaVA layout needs a connector and a decoder; {src} has {parts}")
@@ -145,19 +155,16 @@ def export_checkpoint(src: str, dst: str, fmt: str, mesh: Mesh, *, dtype: str | 
             if "vision" in parts:
                 tower = os.path.join(os.path.abspath(dst), "vision_tower")
                 _write(os.path.join(tmp, "vision_tower"), families.get("clip").keymap(model),
-                       {k: v for k, v in params.items() if k.startswith("vision/")}, np_dtype,
+                       params, [k for k in weights if k.startswith("vision/")], np_dtype, lora,
                        _merge(meta.get("vision_hf_config"), clip.hf_config(model.vision)), shard_bytes)
-            llm = {k: v for k, v in params.items() if not k.startswith("vision/")}
             stored = meta.get("hf_config") if meta.get("family") == "llava_original" else None
-            _write(tmp, llava.original_keymap(model), llm, np_dtype,
-                   _merge(stored, llava.original_hf_config(model, tower)), shard_bytes)
-        if jax.process_index() == 0:
-            tokenizer = os.path.join(src, "tokenizer")
-            if os.path.isdir(tokenizer):
-                for name in os.listdir(tokenizer):
-                    shutil.copy(os.path.join(tokenizer, name), os.path.join(tmp, name))
-            os.replace(tmp, dst)
+            _write(tmp, llava.original_keymap(model), params, [k for k in weights if not k.startswith("vision/")],
+                   np_dtype, lora, _merge(stored, llava.original_hf_config(model, tower)), shard_bytes)
+        tokenizer = os.path.join(src, "tokenizer")
+        if os.path.isdir(tokenizer):
+            for name in os.listdir(tokenizer):
+                shutil.copy(os.path.join(tokenizer, name), os.path.join(tmp, name))
+        os.replace(tmp, dst)
     finally:
-        if jax.process_index() == 0 and os.path.exists(tmp):
+        if os.path.exists(tmp):
             shutil.rmtree(tmp)
-

@@ -1,5 +1,6 @@
-"""Import: PyTorch checkpoints -> vlm_jax parameters, one tensor at a time, each leaf placed straight into
-its target sharding; then a params-only orbax checkpoint a training run can start from.
+"""Import: PyTorch checkpoints -> a params-only orbax checkpoint a training run can start from, streamed: each
+leaf is read from the torch files as it is written, one layer of a layer stack at a time, and each process reads
+and writes only its own shards of the target sharding. Nothing holds the whole model, or a whole layer stack.
 
 Writes a vlm_jax checkpoint directory (vlm_jax/interop/ckpt_dir.py).
 """
@@ -15,9 +16,10 @@ from jax.sharding import Mesh
 
 from vlm_jax.interop import families
 from vlm_jax.interop.ckpt_dir import META_FILE, read_meta, write_checkpoint_dir  # noqa: F401 (re-exported)
-from vlm_jax.interop.keymap import ConversionError, build_leaf, expand, leaf_sources, match_source
+from vlm_jax.interop.keymap import ConversionError, build_leaf, expand, is_stack, leaf_sources, match_source
 from vlm_jax.interop.model_params import abstract_params, param_shardings
 from vlm_jax.interop.torch_files import TorchFiles
+from vlm_jax.train.streaming import StreamedLeaf
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -61,9 +63,10 @@ def model_config(sources: list[Source], base_model: ml_collections.ConfigDict,
     return model
 
 
-def import_params(sources: list[Source], model: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.Array]:
-    """path -> jax.Array placed by the logical shardings. Every source is checked (missing, unexpected,
-    wrongly shaped tensors) before any tensor is read."""
+def streamed_params(sources: list[Source], model: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, StreamedLeaf]:
+    """path -> StreamedLeaf with its logical sharding: each leaf is read from the torch files when it is written,
+    a layer at a time for a layer stack. Every source is checked (missing, unexpected, wrongly shaped tensors)
+    here, before any tensor is read."""
     plans, seen = [], set()
     for s in sources:
         overlap = seen & set(s.spec.parts)
@@ -75,15 +78,26 @@ def import_params(sources: list[Source], model: ml_collections.ConfigDict, mesh:
         tensors, fillers = expand(keymap, shapes)
         files = TorchFiles(s.path)
         names = match_source(keymap, tensors, fillers, files.shapes(), where=f"{s.path} (family {s.family})")
-        plans.append((s, tensors, files, names))
+        plans.append((s, shapes, tensors, files, names))
     dtype = np.dtype(model.param_dtype)
     out = {}
-    for s, tensors, files, names in plans:
+    for s, shapes, tensors, files, names in plans:
         shardings = param_shardings(model, s.spec.parts, mesh)
         for path, pieces in leaf_sources(tensors).items():
-            host = build_leaf(pieces, lambda name: files.get(names[name]), dtype)
-            out[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda index: host[index])
-            del host
+            def read(start: int, stop: int, pieces=pieces, files=files, names=names) -> np.ndarray:
+                return build_leaf(pieces, lambda name: files.get(names[name]), dtype, slice(start, stop))
+
+            shape = tuple(shapes[path])
+            out[path] = StreamedLeaf(shape, dtype, shardings[path], read, 1 if is_stack(pieces) else shape[0])
+    return out
+
+
+def import_params(sources: list[Source], model: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.Array]:
+    """`streamed_params` held in memory: path -> jax.Array placed by its sharding (the parity check, tests)."""
+    out = {}
+    for path, leaf in streamed_params(sources, model, mesh).items():
+        host = leaf.read(0, leaf.shape[0])
+        out[path] = jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: host[index])
     return out
 
 
@@ -98,7 +112,7 @@ def import_checkpoint(
         raise ConversionError(f"{dst} already exists; choose a new destination")
     sources = ([Source(vision, vision_family)] if vision else []) + [Source(src, family)]
     model = model_config(sources, base_model, param_dtype)
-    params = import_params(sources, model, mesh)
+    params = streamed_params(sources, model, mesh)
     parts = sorted({p for s in sources for p in s.spec.parts})
     meta = dict(family=sources[-1].family, parts=parts, model=model.to_dict(),
                 hf_config=sources[-1].hf_config, vision_hf_config=sources[0].hf_config if vision else None)

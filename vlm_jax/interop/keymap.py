@@ -24,7 +24,7 @@ transposes only, so a round trip is bit-exact):
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -266,23 +266,32 @@ def leaf_sources(tensors: list[Tensor]) -> dict[str, list[tuple[Tensor, int]]]:
     return out
 
 
+def is_stack(sources: list[tuple[Tensor, int]]) -> bool:
+    """Whether a leaf is a layer stack: one torch tensor (piece) per row of its axis 0."""
+    first, k = sources[0]
+    return first.pieces[k][1] is not None
+
+
 def build_leaf(
     sources: list[tuple[Tensor, int]], load: Callable[[str], np.ndarray], dtype: np.dtype,
+    layers: slice = slice(None),
 ) -> np.ndarray:
-    """One vlm_jax leaf from its torch tensor(s), loaded one at a time (a layered leaf is stacked)."""
-    first, k0 = sources[0]
-    if first.pieces[k0][1] is None:
-        return first.to_jax(load(first.name))[k0].astype(dtype)
-    out = np.empty((len(sources), *first.piece_shapes[k0]), dtype)
-    for layer, (t, k) in enumerate(sources):
-        out[layer] = t.to_jax(load(t.name))[k]
+    """One vlm_jax leaf from its torch tensor(s), loaded one at a time; of a layer stack, only the rows `layers`."""
+    if not is_stack(sources):
+        first, k = sources[0]
+        return first.to_jax(load(first.name))[k].astype(dtype)
+    chosen = sources[layers]
+    out = np.empty((len(chosen), *chosen[0][0].piece_shapes[chosen[0][1]]), dtype)
+    for row, (t, k) in enumerate(chosen):
+        out[row] = t.to_jax(load(t.name))[k]
     return out
 
 
 def torch_tensors(
-    tensors: list[Tensor], fillers: list[Filler], leaf: Callable[[str, int | None], np.ndarray], dtype: np.dtype,
+    tensors: Iterable[Tensor], fillers: list[Filler], leaf: Callable[[str, int | None], np.ndarray], dtype: np.dtype,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """(torch name, array) for every tensor of the torch model, built one at a time from `leaf(path, layer)`."""
+    """(torch name, array) for every tensor of the torch model, built one at a time (each when the iterator
+    reaches it) from `leaf(path, layer)`."""
     for t in tensors:
         yield t.name, np.ascontiguousarray(t.to_torch([None if p is None else leaf(p, i) for p, i in t.pieces]))
     for f in fillers:

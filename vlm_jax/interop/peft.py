@@ -103,7 +103,8 @@ def write_adapter(dst: str, model: ml_collections.ConfigDict, parts: tuple[str, 
     tensors = adapter_tensors(model, parts, params, dtype)
     os.makedirs(dst)
     # One file, as PEFT reads it (adapters are small next to the model).
-    write_safetensors(dst, iter(tensors), shard_bytes=1 << 62, prefix=WEIGHTS_FILE.removesuffix(".safetensors"))
+    write_safetensors(dst, {n: (x.shape, x.dtype) for n, x in tensors}, tensors, shard_bytes=1 << 62,
+                      prefix=WEIGHTS_FILE.removesuffix(".safetensors"))
     with open(os.path.join(dst, CONFIG_FILE), "w") as f:
         json.dump(adapter_config(spec, [n for n, _ in tensors], base), f, indent=2)
 

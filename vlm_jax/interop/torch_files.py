@@ -1,18 +1,20 @@
 """PyTorch checkpoint files, read and written one tensor at a time (no model code is ever executed).
 
 Reads `*.safetensors` (preferred when a directory has both) or `*.bin`/`*.pth`/`*.pt` state dicts via
-`torch.load(weights_only=True, mmap=True)`; writes sharded safetensors with an HF index.
+`torch.load(weights_only=True, mmap=True)`; writes sharded safetensors with an HF index, a tensor at a time.
 """
 
 import glob
 import json
+import math
 import os
+import struct
+from collections.abc import Iterable
 
 import ml_dtypes
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vlm_jax.interop.keymap import ConversionError
 
@@ -52,7 +54,8 @@ class TorchFiles:
         self._where: dict[str, tuple[str, object]] = {}
         for f in files:
             if f.endswith(".safetensors"):
-                handle = safe_open(f, framework="pt")
+                # pread, not mmap: a mapped file's pages would stay resident (and count) as the model is read.
+                handle = safe_open(f, framework="pt", backend="pread")
                 names = list(handle.keys())
             else:
                 try:
@@ -86,33 +89,55 @@ def write_state_dict(file: str, tensors) -> None:
     torch.save({name: _to_torch(x) for name, x in tensors}, file)
 
 
-def write_safetensors(dst: str, tensors, shard_bytes: int, prefix: str = "model") -> list[str]:
-    """Writes (name, array) pairs as `prefix.safetensors`, or as numbered shards of at most `shard_bytes`
-    with `prefix.safetensors.index.json`, holding one shard in memory at a time. Returns the file names."""
-    shards: list[list[str]] = []
-    pending, size, total = {}, 0, 0
+# The safetensors header's dtype names.
+_SAFETENSORS_DTYPES = {np.dtype(t): name for t, name in (
+    (np.float64, "F64"), (np.float32, "F32"), (np.float16, "F16"), (ml_dtypes.bfloat16, "BF16"), (np.int64, "I64"),
+    (np.int32, "I32"), (np.int16, "I16"), (np.int8, "I8"), (np.uint8, "U8"), (np.bool_, "BOOL"))}
 
-    def flush() -> None:
-        nonlocal pending, size
-        if pending:
-            shards.append(list(pending))
-            save_file(pending, os.path.join(dst, f"{prefix}.part{len(shards)}"), metadata={"format": "pt"})
-            pending, size = {}, 0
 
-    for name, x in tensors:
-        if size and size + x.nbytes > shard_bytes:
-            flush()
-        pending[name] = _to_torch(x)
-        size += x.nbytes
-        total += x.nbytes
-    flush()
+def write_safetensors(dst: str, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
+                      tensors: Iterable[tuple[str, np.ndarray]], shard_bytes: int, prefix: str = "model") -> list[str]:
+    """Writes the tensors `shapes` announces (name -> (shape, dtype)), which `tensors` yields as (name, array)
+    in the same order, as `prefix.safetensors`, or as numbered shards of at most `shard_bytes` with
+    `prefix.safetensors.index.json`. Each file's header is written from `shapes` before its tensors, so each
+    tensor goes to disk as it arrives and is never held with the others (the safetensors library writes a
+    file from a dict of all its tensors). Returns the file names."""
+    def nbytes(name: str) -> int:
+        shape, dtype = shapes[name]
+        return math.prod(shape) * np.dtype(dtype).itemsize
+
+    shards, size = [[]], 0
+    for name in shapes:
+        if size and size + nbytes(name) > shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += nbytes(name)
     n = len(shards)
     names = ([f"{prefix}.safetensors"] if n == 1 else
              [f"{prefix}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
-    for k, name in enumerate(names):
-        os.replace(os.path.join(dst, f"{prefix}.part{k + 1}"), os.path.join(dst, name))
+    tensors = iter(tensors)
+    for file, shard in zip(names, shards):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in shard:
+            shape, dtype = shapes[name]
+            header[name] = dict(dtype=_SAFETENSORS_DTYPES[np.dtype(dtype)], shape=list(shape),
+                                data_offsets=[offset, offset + nbytes(name)])
+            offset += nbytes(name)
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the format pads its header with spaces to 8-byte alignment
+        with open(os.path.join(dst, file), "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)) + encoded)  # u64 little-endian header size, then the header
+            for want in shard:
+                name, x = next(tensors, (None, None))
+                if name != want or x.shape != tuple(shapes[want][0]) or x.dtype != np.dtype(shapes[want][1]):
+                    got = None if name is None else (name, x.shape, x.dtype)
+                    raise ValueError(f"expected tensor {want} {shapes[want]} next, got {got}")
+                f.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
+    extra = next(tensors, None)
+    if extra is not None:
+        raise ValueError(f"tensor {extra[0]} was not announced in `shapes`")
     if n > 1:
-        index = {"metadata": {"total_size": total},
+        index = {"metadata": {"total_size": sum(nbytes(name) for name in shapes)},
                  "weight_map": {t: names[k] for k, shard in enumerate(shards) for t in shard}}
         with open(os.path.join(dst, f"{prefix}.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)

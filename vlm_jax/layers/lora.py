@@ -54,6 +54,12 @@ def lora_delta(a: np.ndarray, b: np.ndarray, kernel_ndim: int, scale: float):
     return scale * delta.reshape(*a.shape[:-1], *b.shape[1:])
 
 
+def merge_kernel(kernel, a, b, scale: float):
+    """kernel + scale * A @ B, computed in fp32 and stored in the kernel's dtype: a kernel, or one layer of a
+    stacked one with its adapters' matching rows."""
+    return (jnp.asarray(kernel, jnp.float32) + lora_delta(a, b, kernel.ndim, scale)).astype(kernel.dtype)
+
+
 def merge_lora(params, spec: LoraSpec) -> dict:
     """The same model without adapters: every kernel with a `lora_a`/`lora_b` pair becomes
     kernel + scale * A @ B (computed in fp32, stored in the kernel's dtype); the pairs are removed."""
@@ -66,7 +72,7 @@ def merge_lora(params, spec: LoraSpec) -> dict:
             continue
         if path[-1] == "kernel" and path[:-1] + (LORA_A,) in flat:
             a, b = flat[path[:-1] + (LORA_A,)], flat[path[:-1] + (LORA_B,)]
-            leaf = (jnp.asarray(leaf, jnp.float32) + lora_delta(a, b, leaf.ndim, spec.scale)).astype(leaf.dtype)
+            leaf = merge_kernel(leaf, a, b, spec.scale)
         out[path] = leaf
     return traverse_util.unflatten_dict(out)
 

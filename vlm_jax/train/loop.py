@@ -21,6 +21,7 @@ from vlm_jax.train.metrics import MetricsLogger, plot_loss
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.param_groups import ParamGroups
 from vlm_jax.train.step import TrainState, init_state, make_train_step
+from vlm_jax.train.streaming import StoredArray, stored_arrays
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
@@ -83,20 +84,40 @@ class Setup:
                            out_shardings=self.state_shardings)(traverse_util.unflatten_dict(params))
 
 
+def _workdir_step(ckpt: Checkpointer, src: str) -> int:
+    """The step `WORKDIR@STEP` names, or the workdir's latest."""
+    workdir, _, step = src.partition("@")
+    step = int(step) if step else ckpt.latest_step()
+    if step not in ckpt.all_steps():
+        raise ValueError(f"{workdir} has no checkpoint {step} (have {ckpt.all_steps()})")
+    return step
+
+
 def workdir_params(src: str, devices: list | None = None) -> tuple[dict, ml_collections.ConfigDict]:
     """(params, config) of a training workdir's latest checkpoint, or of `WORKDIR@STEP`."""
-    workdir, _, step = src.partition("@")
-    ckpt = Checkpointer(workdir, keep=1 << 30)
+    ckpt = Checkpointer(src.partition("@")[0], keep=1 << 30)
     try:
-        step = int(step) if step else ckpt.latest_step()
-        if step not in ckpt.all_steps():
-            raise ValueError(f"{workdir} has no checkpoint {step} (have {ckpt.all_steps()})")
+        step = _workdir_step(ckpt, src)
         config = ml_collections.ConfigDict(ckpt.read_config(step))
         setup = Setup(config, devices)
         state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
     finally:
         ckpt.close()
     return state.params, config
+
+
+def workdir_stored_params(src: str) -> tuple[dict[str, StoredArray], ml_collections.ConfigDict]:
+    """(flat `a/b` path -> StoredArray, config) of the params in a training workdir's latest checkpoint or
+    `WORKDIR@STEP`, to read in place: nothing is restored, the optimizer state is never touched."""
+    ckpt = Checkpointer(src.partition("@")[0], keep=1 << 30)
+    try:
+        step = _workdir_step(ckpt, src)
+        config = ml_collections.ConfigDict(ckpt.read_config(step))
+        arrays = stored_arrays(ckpt.item_dir(step, "state"))
+    finally:
+        ckpt.close()
+    split = (k.partition("/") for k in arrays)  # TrainState holds the params as its `trainable` and `frozen` subtrees
+    return {rest: arrays[f"{top}/{rest}"] for top, _, rest in split if top in ("trainable", "frozen")}, config
 
 
 def opt_state_shardings(abstract_opt_state, param_shardings, default):
