@@ -31,7 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
         stem="clip", image_size=224, patch_size=14, width=1024, depth=24, heads=16,
         mlp_dim=4096, mlp_act="quick_gelu", norm_eps=1e-5, pre_norm=True,
         feature_layer=-2, drop_cls=True, qkv_bias="qkv", post_norm=False))
-    m.connector = ml_collections.ConfigDict(dict(kind="mlp", in_norm=False, norm_eps=1e-5))
+    # merge_size m > 1: one visual token per m x m patch window (PatchMerger; on tiles, pixel-shuffle-like);
+    # hidden_dim 0: the MLP's hidden width is the LLM width (LLaVA).
+    m.connector = ml_collections.ConfigDict(dict(kind="mlp", in_norm=False, norm_eps=1e-5, merge_size=1,
+                                                 hidden_dim=0))
     # LoRA adapters on the Dense layers whose module path fully matches `targets` (rank 0: none).
     m.lora = ml_collections.ConfigDict(dict(
         rank=0, alpha=16.0, dropout=0.0,
