@@ -25,7 +25,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     # WePOINTS' processor defaults (min 56x56, max 1280 merged tokens an image). 11776 patch slots a row balance
     # token and patch padding on bench/packing.py's LLaVA-665k-like mix (7.2 % / 8.0 % with rows planned over
     # windows of 512 examples); a window holds its examples' float32 patches, ~14 MB an average example.
-    c.data.update(template="chatml", seq_len=4096, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
+    c.data.update(template="qwen2_vl", seq_len=4096, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
                   max_patches_per_row=11776, max_images_per_row=16, pack_window=512)
     o = c.optim
     o.schedule, o.final_lr_ratio, o.clip_norm = "cosine", 0.0, 1.0

@@ -22,7 +22,7 @@ from vlm_jax.data.tokenizer import DEMO_TOKENIZER_DIR  # noqa: E402
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Order fixes the ids: <pad> must be 0 (the batch contract pads with 0).
-SPECIALS = [PAD, BOS, EOS, UNK, IMAGE_MARKER, "<|im_start|>", "<|im_end|>"]
+SPECIALS = [PAD, BOS, EOS, UNK, IMAGE_MARKER, "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
           "helpful, detailed, and polite answers to the user's questions.")
 

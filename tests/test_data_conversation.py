@@ -49,6 +49,9 @@ EXPECTED = {
                 + "<image>" * N_IMG + "</img>\nWhat color is the star?<|im_end|>\n<|im_start|>assistant\n"
                 "red<|im_end|>\n<|im_start|>user\nAnd where is it?<|im_end|>\n<|im_start|>assistant\n"
                 "top left<|im_end|>\n"),
+    "qwen2_vl": (MULTI, "", "<|im_start|>user\n<|vision_start|>" + "<image>" * N_IMG + "<|vision_end|>\nWhat color is "
+                 "the star?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n<|im_start|>user\nAnd where is it?"
+                 "<|im_end|>\n<|im_start|>assistant\ntop left<|im_end|>\n"),
     "ziya": (MULTI, "", "<s><human>:" + "<image>" * N_IMG + "\nWhat color is the star?\n<bot>:red</s>\n"
              "<human>:And where is it?\n<bot>:top left</s>\n"),
 }
@@ -147,3 +150,10 @@ def test_image_wrappers_number_each_image():
     for start, n in zip(enc.image_starts, [2, 3, 1]):
         assert (enc.tokens[start:start + n] == IDS.image).all() and enc.tokens[start - 1] != IDS.image
 
+
+def test_vision_start_end_wrap_each_image_as_single_ids():
+    """Qwen2-VL / POINTS1.5: "<|vision_start|>" slots "<|vision_end|>", each wrapper one special id."""
+    enc = encoder("qwen2_vl").encode([("human", "<image>\nSame?"), ("gpt", "no")], [3], "one")
+    (start,) = enc.image_starts
+    ids = TOK.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
+    assert enc.tokens[start - 1] == ids[0] and enc.tokens[start + 3] == ids[1]

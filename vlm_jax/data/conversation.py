@@ -70,6 +70,12 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     # ([?] until Ziya's SFT data format is read). Each image is one 32-slot run where its marker stands.
     Template("ziya", bos=True, system="{system}\n", user="<human>:{q}\n<bot>:", answer="{a}", end=None,
              after_end="\n"),
+    # Qwen2-VL / POINTS1.5 (ARCHITECTURES.md 2.6): ChatML, each image "<|vision_start|>" + slots + "<|vision_end|>";
+    # the "\n" POINTS writes after it is the one LLaVA-format data already has after its <image> marker. POINTS
+    # has no system message (leave data.system empty); Qwen2-VL's is "You are a helpful assistant."
+    Template("qwen2_vl", bos=False, system="<|im_start|>system\n{system}<|im_end|>\n",
+             user="<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", answer="{a}",
+             end="<|im_end|>", after_end="\n", image_before="<|vision_start|>", image_after="<|vision_end|>"),
     # Qwen-VL / Belle-VL (ARCHITECTURES.md 4.4): ChatML, each image "Picture k: <img>" + 256 slots + "</img>"
     # (the released tokenizer's <img>/</img> specials 151857/151858; the slots stand where its path bytes
     # and <imgpad> padding were). The released system text is "You are a helpful assistant."
