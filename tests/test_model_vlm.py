@@ -41,9 +41,11 @@ def tiny_batch(seed: int = 0) -> dict[str, jax.Array]:
                 tiles=tiles, tile_mask=tile_mask, image_dest=jnp.asarray(dest))
 
 
-def random_params(model: nn.Module, *args, seed: int = 0) -> dict:
-    """O(1)-scale random params with the init's tree, without compiling the (slow on CPU) RNG init."""
-    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *args)["params"])
+def random_params(model: nn.Module, *args, seed: int = 0, method=None) -> dict:
+    """O(1)-scale random params with the init's tree (of `method`, default __call__), without compiling the
+    (slow on CPU) RNG init."""
+    init = functools.partial(model.init, method=method)
+    shapes = nn.meta.unbox(jax.eval_shape(init, jax.random.key(0), *args)["params"])
     rng = np.random.default_rng(seed)
 
     def fill(path, s: jax.ShapeDtypeStruct) -> np.ndarray:

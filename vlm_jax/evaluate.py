@@ -11,7 +11,7 @@ import numpy as np
 from vlm_jax import parallel
 from vlm_jax.data.navit import pack_patches
 from vlm_jax.data.packing import Example, NavitExample, check_fits
-from vlm_jax.data.pipeline import make_encoder, make_eval_examples, row_layout
+from vlm_jax.data.pipeline import empty_rows, make_encoder, make_eval_examples, row_layout
 from vlm_jax.generate import greedy_generate
 from vlm_jax.model import VLM, model_inputs
 
@@ -36,9 +36,10 @@ def score(records: list[dict]) -> dict:
 
 def pad_prompts(examples: list[dict], config: ml_collections.ConfigDict, rows: int) -> dict:
     """Right-pads a list of eval examples into one fixed-shape generation batch of `rows` rows, one example per
-    row, in the batch layout of `config` (tiles, or NaViT patches)."""
+    row, in the batch layout of `config` (tiles, or NaViT patches); `positions` [rows, L, 3] for an M-RoPE
+    decoder."""
     layout = row_layout(config)
-    batch = layout.empty(rows)
+    batch = empty_rows(config, rows)
     for row, ex in enumerate(examples):
         n, navit = len(ex["tokens"]), "images" in ex
         # The prompt as a packing example (no loss, no starts: image_positions already place it) for the checks.
@@ -48,6 +49,7 @@ def pad_prompts(examples: list[dict], config: ml_collections.ConfigDict, rows: i
         if problem:
             raise ValueError(f"eval {problem}")
         batch["tokens"][row, :n] = ex["tokens"]
+        batch["positions"][row, :n] = ex["positions"]
         batch["segment_ids"][row, :n] = 1
         if navit:
             for key, value in pack_patches(ex["images"], layout.max_patches, layout.patch_dim, layout.merge).items():
@@ -71,14 +73,14 @@ def answer_examples(config: ml_collections.ConfigDict, params: Any, tokenizer, e
     # The image inputs of the model's batch kind: everything the training forward takes after the text.
     image_keys = model_inputs(config.model)[3:]
     generate = jax.jit(lambda p, b: greedy_generate(
-        model, p, b["tokens"], b["segment_ids"], *(b[k] for k in image_keys),
+        model, p, b["tokens"], b["segment_ids"], *(b[k] for k in image_keys), positions=b["positions"],
         max_new_tokens=config.max_new_tokens, stop_id=stop_id))
     answers = []
     sharding = parallel.batch_sharding(mesh)
     for start in range(0, len(examples), rows):
         chunk = examples[start:start + rows]
         batch = pad_prompts(chunk, config, rows)
-        batch = jax.device_put({k: batch[k] for k in ("tokens", "segment_ids", *image_keys)}, sharding)
+        batch = jax.device_put({k: batch[k] for k in ("tokens", "positions", "segment_ids", *image_keys)}, sharding)
         with jax.set_mesh(mesh):
             out = np.asarray(jax.device_get(generate(params, batch)))
         for ids in out[:len(chunk)]:

@@ -149,9 +149,17 @@ class VLM(nn.Module):
         last = jnp.sum(segment_ids > 0, axis=1) - 1
         return self.decoder.logits(h[jnp.arange(h.shape[0]), last][:, None])[:, 0]
 
-    def decode_step(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-        """One token per row, tokens/positions [B], against the cache; apply with mutable=['cache'].
-        Returns fp32 next-token logits [B, vocab]."""
+    def decode_step(
+        self, tokens: jax.Array, positions: jax.Array, cache_slots: jax.Array | None = None,
+    ) -> jax.Array:
+        """One token per row, tokens [B], against the cache; apply with mutable=['cache']. positions: its RoPE
+        position [B] ([B, 3] for M-RoPE); cache_slots [B]: the slot it fills and attends up to, by default its
+        1-D position (prompts laid out 0, 1, 2, ...). Returns fp32 next-token logits [B, vocab]."""
+        if cache_slots is None:
+            if positions.ndim != 1:
+                raise ValueError(f"positions {positions.shape} are not cache slots: pass cache_slots [B]")
+            cache_slots = positions
         x = self.decoder.embed(tokens[:, None])
-        h = self.decoder.hidden_states(x, positions[:, None], None, cache_mode="decode")
+        h = self.decoder.hidden_states(x, positions[:, None], None, cache_mode="decode",
+                                       cache_slots=cache_slots[:, None])
         return self.decoder.logits(h)[:, 0]

@@ -14,7 +14,8 @@ Several images -> `pack_patches` -> one row of `max_patches` slots: the images' 
 max_patches a multiple of m*m each run of m*m slots is one window of one image (or padding), which is what
 the PatchMerger connector groups.
 
-`mrope_positions` gives the Qwen2-VL decoder's 3-axis positions of one example (text runs and image runs).
+`mrope_positions` gives the Qwen2-VL decoder's 3-axis positions of one example (text runs and image runs);
+`example_mrope_positions` those of a tokenised example from where its images' placeholder runs start.
 """
 
 import math
@@ -122,3 +123,16 @@ def mrope_positions(pieces: list[int | tuple[int, int, int]], merge_size: int = 
         out.append(grid.reshape(-1, 3) + p)
         p += max(h, w)
     return np.concatenate(out).astype(np.int32) if out else np.zeros((0, 3), np.int32)
+
+
+def example_mrope_positions(
+    length: int, image_starts: list[int] | np.ndarray, grids: list[tuple[int, int, int]], merge_size: int = 2,
+) -> np.ndarray:
+    """`mrope_positions` [length, 3] of `length` tokens in which image i (grid (t, h, w)) has its placeholder run
+    of t*h*w / merge_size**2 tokens at image_starts[i]; every other token is text."""
+    pieces: list[int | tuple[int, int, int]] = []
+    at = 0
+    for start, grid in zip(image_starts, grids, strict=True):
+        pieces += [int(start) - at, tuple(grid)]
+        at = int(start) + math.prod(grid) // merge_size ** 2
+    return mrope_positions(pieces + [length - at], merge_size)

@@ -23,7 +23,7 @@ from vlm_jax.data.conversation import ConversationEncoder, get_template
 from vlm_jax.data.images import tile_image
 from vlm_jax.data.llava_json import LlavaJsonSource
 from vlm_jax.data import packing
-from vlm_jax.data.navit import navit_patches
+from vlm_jax.data.navit import example_mrope_positions, navit_patches
 from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, check_fits
 from vlm_jax.data.synthetic import SyntheticSource
 from vlm_jax.data.tokenizer import special_ids
@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 def uses_patches(config) -> bool:
     """Whether `config` feeds native-resolution patches (the NaViT batch) rather than tiles."""
     return config.model.vision.stem == "navit"
+
+
+def uses_mrope(config) -> bool:
+    """Whether `config`'s decoder takes M-RoPE positions [B, L, 3] (Qwen2-VL) rather than 1-D ones."""
+    return config.model.text.get("rope_kind", "1d") == "mrope"
 
 
 def tokens_per_tile(config) -> int:
@@ -134,6 +139,14 @@ def row_layout(config) -> TiledRows | NavitRows:
                          3 * v.temporal_patch_size * v.patch_size ** 2, config.model.connector.merge_size,
                          d.max_examples_per_row)
     return TiledRows(d.seq_len, d.max_tiles_per_row, d.tile_size, tokens_per_tile(config), d.max_examples_per_row)
+
+
+def empty_rows(config, rows: int) -> dict:
+    """Zeroed arrays of a `rows`-row batch of `config` (row_layout); positions [rows, L, 3] for an M-RoPE decoder."""
+    batch = row_layout(config).empty(rows)
+    if uses_mrope(config):  # the layouts' text arrays hold 1-D positions
+        batch["positions"] = np.zeros((*batch["positions"].shape, 3), np.int32)
+    return batch
 
 
 class PackedBatchIterator:
@@ -340,7 +353,8 @@ def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
     where the template has one); tiles float32 [k, S, S, 3] (k=0 for text-only), or for a NaViT model
     images, a list of (patches, grid) per image (`navit.navit_patches`); image_positions int32 [V], the
     index in `tokens` of each visual token (tile-major, or one per merge window, as image_dest wants:
-    add the left-pad offset when padding); question (str) the last human turn without the image marker;
+    add the left-pad offset when padding); positions int32 [m] (0, 1, 2, ...), or [m, 3] M-RoPE ids for an
+    M-RoPE decoder (`navit.example_mrope_positions`); question (str) the last human turn without the image marker;
     answer (str) the reference; qtype (str); image (PIL image or None), the raw image. Generation stops at
     make_encoder(config, tokenizer).stop_id.
     """
@@ -348,6 +362,8 @@ def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
     if n > len(source):
         raise ValueError(f"asked for {n} eval examples, the eval source has {len(source)}")
     navit = uses_patches(config)
+    if uses_mrope(config) and not navit:
+        raise ValueError("an M-RoPE decoder takes its positions from NaViT image grids (model.vision.stem='navit')")
     to_example = (RecordToNavitExample if navit else RecordToExample)(config, tokenizer)
     out = []
     for i in range(n):
@@ -359,11 +375,16 @@ def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
             views = to_example.tiles(record)
             lengths = [len(v) * to_example.p for v in views]
         enc, answer = to_example.encoder.encode_prompt(record["conversations"], lengths, record["id"])
-        positions = np.concatenate([s + np.arange(k) for s, k in zip(enc.image_starts, lengths)]
-                                   or [np.zeros((0,), np.int32)]).astype(np.int32)
+        image_positions = np.concatenate([s + np.arange(k) for s, k in zip(enc.image_starts, lengths)]
+                                         or [np.zeros((0,), np.int32)]).astype(np.int32)
+        if uses_mrope(config):
+            positions = example_mrope_positions(len(enc.tokens), enc.image_starts, [g for _, g in images],
+                                                to_example.merge)
+        else:
+            positions = np.arange(len(enc.tokens), dtype=np.int32)
         vision = (dict(images=images) if navit else
                   dict(tiles=RecordToExample.stack(views, config.data.tile_size)))
         question = record["conversations"][-2][1].replace("<image>", "").strip()
-        out.append(dict(id=record["id"], tokens=enc.tokens, image_positions=positions, question=question,
-                        answer=answer, qtype=record["qtype"], image=record["image"], **vision))
+        out.append(dict(id=record["id"], tokens=enc.tokens, image_positions=image_positions, positions=positions,
+                        question=question, answer=answer, qtype=record["qtype"], image=record["image"], **vision))
     return out

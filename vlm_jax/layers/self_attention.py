@@ -3,10 +3,11 @@ also run as cross-attention (keys and values from a `context`, e.g. the BLIP-2 Q
 
 KV cache ('cache' collection, `key`/`value` [B, cache_len, Hkv, D]): `cache_mode="prefill"` runs the
 prompt as usual and writes its k/v into slots [0, L); `cache_mode="decode"` takes one token per row and
-writes it at slot = its position, then attends to slots <= that position. Using the position as the
-per-row write index is what lets right-padded prompts of different lengths decode together: each row
-overwrites its own padding as it goes, and padding slots beyond a row's position stay masked. This needs
-one unpacked example per row with positions 0, 1, 2, ... (true for generation prompts).
+writes it at its `cache_slots` entry, then attends to slots <= that one. A per-row write index is what lets
+right-padded prompts of different lengths decode together: each row overwrites its own padding as it goes,
+and padding slots beyond a row's slot stay masked. This needs one unpacked example per row (true for
+generation prompts). The slot is not the RoPE position: with 1-D positions 0, 1, 2, ... the two are equal,
+but M-RoPE positions of a prompt with images run behind its token count (data/navit.py mrope_positions).
 """
 
 import functools
@@ -50,9 +51,10 @@ class SelfAttention(nn.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
         context: jax.Array | None = None, key_context: jax.Array | None = None,
+        cache_slots: jax.Array | None = None,
     ) -> jax.Array:
-        """x [B, L, E]; positions [B, L] (needed for RoPE and decoding; [B, L, 2] or [B, L, 3] for the 2d and
-        mrope RoPE kinds); segment_ids [B, L] or None.
+        """x [B, L, E]; positions [B, L] (needed for RoPE; [B, L, 2] or [B, L, 3] for the 2d and mrope RoPE
+        kinds); segment_ids [B, L] or None; cache_slots [B, 1]: where decode writes each row's token.
 
         context [B, Lc, Ec]: cross-attention, keys and values projected from it (no mask, RoPE or cache);
         key_context [B, Lc, Ec]: the keys' input instead of context (Qwen-VL's resampler adds positions to its
@@ -81,9 +83,10 @@ class SelfAttention(nn.Module):
             q, k = (apply_rope(t.astype(dtype), cos, sin).astype(t.dtype) for t in (q, k))
 
         if self.cache_mode == "decode":
-            k, v = self._decode_write(k, v, positions)
+            k, v = self._decode_write(k, v, cache_slots)
             slots = jnp.arange(k.shape[1])[None]
-            out = attention(q, k, v, causal=True, q_positions=positions, kv_positions=slots, backend=self.backend)
+            out = attention(q, k, v, causal=True, q_positions=cache_slots, kv_positions=slots,
+                            backend=self.backend)
         else:
             out = attention(q, k, v, causal=self.causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                             backend=self.backend, max_segments=self.max_segments)
@@ -102,15 +105,19 @@ class SelfAttention(nn.Module):
             slot.value = nn.with_logical_constraint(
                 jax.lax.dynamic_update_slice_in_dim(slot.value, new, 0, axis=1), axes.BLKD)
 
-    def _decode_write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _decode_write(
+        self, k: jax.Array, v: jax.Array, cache_slots: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array]:
         if k.shape[1] != 1:
             raise ValueError(f"decode takes one token per row, got {k.shape[1]}")
+        if cache_slots is None:
+            raise ValueError("decode needs cache_slots [B, 1], the slot each row's token goes to")
         if not self.has_variable("cache", "key"):
             raise ValueError("decode needs the 'cache' collection filled by a prefill call")
         out = []
         for name, new in (("key", k), ("value", v)):
             slot = self.variable("cache", name)
-            hit = jnp.arange(slot.value.shape[1])[None, :] == positions
+            hit = jnp.arange(slot.value.shape[1])[None, :] == cache_slots
             slot.value = nn.with_logical_constraint(
                 jnp.where(hit[:, :, None, None], new.astype(slot.value.dtype), slot.value), axes.BLKD)
             out.append(slot.value)

@@ -1,8 +1,8 @@
 """One pre-norm decoder-only LLM covering LLaMA and Qwen2 shapes by config (`model.text`).
 
 `rope_kind` (default "1d") = "mrope" with `mrope_sections` is Qwen2-VL's multimodal RoPE: positions [B, L, 3]
-(temporal, row, col; the three equal on text), layers/rope.py. It trains and scores; KV-cache generation
-needs 1-D positions.
+(temporal, row, col; the three equal on text), layers/rope.py. KV-cache decoding takes each token's cache slot
+apart from its positions (layers/self_attention.py).
 
 Parameter tree: `embed_tokens/embedding`, `layers` (scanned) or `layers_{i}`, each with `input_norm`,
 `attn/{q,k,v,o}_proj`, `post_attn_norm`, `mlp/{gate,up,down}_proj`; `final_norm`; `lm_head` unless tied.
@@ -46,6 +46,7 @@ class DecoderBlock(nn.Module):
     @nn.compact
     def __call__(
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+        cache_slots: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(self.rms_eps, name="input_norm", **kw)(x)
@@ -55,7 +56,7 @@ class DecoderBlock(nn.Module):
             rope_base=self.rope_base, rope_kind=self.rope_kind, rope_sections=self.rope_sections,
             cache_mode=self.cache_mode, cache_len=self.cache_len, backend=self.attention,
             max_segments=self.max_segments, name="attn", **kw, **lora,
-        )(h, positions, segment_ids)
+        )(h, positions, segment_ids, cache_slots=cache_slots)
         h = RMSNorm(self.rms_eps, name="post_attn_norm", **kw)(x)
         x = x + SwiGLU(self.ffn, name="mlp", **kw, **lora)(h)
         return nn.with_logical_constraint(x, axes.BLE), None
@@ -90,13 +91,12 @@ class Decoder(nn.Module):
     @nn.compact
     def hidden_states(
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-        cache_mode: str = "none", cache_len: int = 0,
+        cache_mode: str = "none", cache_len: int = 0, cache_slots: jax.Array | None = None,
     ) -> jax.Array:
-        """Input embeddings [B, L, hidden] -> final-normed hidden states. See SelfAttention for the cache."""
+        """Input embeddings [B, L, hidden] -> final-normed hidden states. See SelfAttention for the cache
+        (`cache_slots` [B, 1]: decode only)."""
         c = self.config
         rope_kind = c.get("rope_kind", "1d")
-        if rope_kind == "mrope" and cache_mode != "none":
-            raise ValueError("the KV cache takes 1-D positions; M-RoPE decoders run without it")
         block = dict(
             hidden=c.hidden, heads=c.heads, kv_heads=c.kv_heads, head_dim=c.head_dim, ffn=c.ffn,
             rms_eps=c.rms_eps, rope_base=c.rope_base, qkv_bias=c.qkv_bias, rope_kind=rope_kind,
@@ -105,7 +105,7 @@ class Decoder(nn.Module):
             param_dtype=self.param_dtype, lora=self.lora)
         # Remat only saves memory for a backward pass; generation has none.
         remat = self.remat_policy if cache_mode == "none" else "none"
-        x = run_blocks(DecoderBlock, block, x, positions, segment_ids, num_layers=c.layers,
+        x = run_blocks(DecoderBlock, block, x, positions, segment_ids, cache_slots, num_layers=c.layers,
                        scan=self.scan_layers, remat_policy=remat)
         return self.final_norm(x)
 
