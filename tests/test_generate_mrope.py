@@ -13,7 +13,7 @@ import transformers
 from configs.base import get_config
 from tests.test_interop_qwen2vl import BASE, MESH, _tiny_qwen2_vl
 from tests.test_model_vlm import random_params
-from tests.test_packing import TOK, navit_config
+from tests.test_packing import TOK, navit_mrope_config
 from vlm_jax.data.navit import example_mrope_positions, mrope_positions
 from vlm_jax.data.pipeline import make_eval_examples
 from vlm_jax.evaluate import answer_examples, pad_prompts
@@ -33,11 +33,9 @@ IMAGE_KEYS = ("patches", "patch_positions", "patch_segment_ids", "image_dest")
 
 
 def mrope_config():
-    """demo_navit shrunk, its decoder on M-RoPE (head_dim 32: 16 frequencies in sections of 4, 6, 6)."""
-    config = navit_config(f"data.seq_len={LP}", "data.max_patches_per_row=56", "eval_batch_size=8",
-                          f"max_new_tokens={NEW}")
-    config.model.text.update(dict(rope_kind="mrope", mrope_sections=[4, 6, 6]))
-    return config
+    """demo_navit shrunk, its decoder on M-RoPE, for prompts of up to LP tokens."""
+    return navit_mrope_config(f"data.seq_len={LP}", "data.max_patches_per_row=56", "eval_batch_size=8",
+                              f"max_new_tokens={NEW}")
 
 
 def _examples(pieces_per_row, patch_dim: int, seed: int = 0) -> list[dict]:

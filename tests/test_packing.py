@@ -1,5 +1,8 @@
 """Packing is exact: the loss and gradients of a packed batch equal those of the same examples run one per
-row, for the tiled and the NaViT batch; the NaViT iterator keeps the batch contract and resumes exactly."""
+row, for the tiled and the NaViT batch (1-D and M-RoPE decoder); the NaViT iterator keeps the batch contract and
+resumes exactly; with an M-RoPE decoder its rows hold each example's own ids and train."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,11 +11,12 @@ import pytest
 
 from tests.helpers import ROOT, TINY, first_batch, tiny_config
 from vlm_jax.config import load_config
+from vlm_jax.data.navit import example_mrope_positions
 from vlm_jax.data.packing import check_fits
 from vlm_jax.data.pipeline import make_example_dataset, make_train_iterator, row_layout
 from vlm_jax.data.tokenizer import load_tokenizer, special_ids
 from vlm_jax.model import VLM, forward, forward_method
-from vlm_jax.train.loop import dummy_inputs
+from vlm_jax.train.loop import dummy_inputs, train
 from vlm_jax.train.step import masked_cross_entropy
 
 TOK = load_tokenizer("")
@@ -20,6 +24,13 @@ TOK = load_tokenizer("")
 
 def navit_config(*extra: str):
     return load_config(f"{ROOT}/configs/demo_navit.py", TINY + list(extra))
+
+
+def navit_mrope_config(*extra: str):
+    """navit_config with Qwen2-VL's M-RoPE decoder (head_dim 32: 16 frequencies in sections of 4, 6, 6)."""
+    config = navit_config(*extra)
+    config.model.text.update(dict(rope_kind="mrope", mrope_sections=[4, 6, 6]))
+    return config
 
 
 def pack(layout, examples, rows: int) -> tuple[dict, list]:
@@ -40,7 +51,8 @@ def pack(layout, examples, rows: int) -> tuple[dict, list]:
     return batch, [ex for group in groups for ex in group]
 
 
-@pytest.mark.parametrize("make_config", [tiny_config, navit_config], ids=["tiled", "navit"])
+@pytest.mark.parametrize("make_config", [tiny_config, navit_config, navit_mrope_config],
+                         ids=["tiled", "navit", "navit-mrope"])
 def test_packed_loss_and_grads_equal_one_example_per_row(make_config):
     config = make_config()
     layout = row_layout(config)
@@ -115,3 +127,34 @@ def test_row_budgets_name_their_config_keys():
     assert check_fits(ex, layout) == f"example {ex.id}: {ex.num_patches} patches exceed data.max_patches_per_row 8"
     with pytest.raises(ValueError, match="multiple of 4"):
         row_layout(navit_config("data.max_patches_per_row=10"))
+
+
+def test_mrope_rows_hold_each_examples_own_ids():
+    config = navit_mrope_config("data.pack_window=0")  # rows then take the example stream in order
+    b = first_batch(config, TOK)
+    dataset = make_example_dataset(config, TOK)
+    assert b["positions"].shape == (config.batch_size, config.data.seq_len, 3)
+    index, behind = 0, 0
+    for row in range(config.batch_size):
+        segs = b["segment_ids"][row]
+        for s in range(1, segs.max() + 1):
+            ex = dataset[index]
+            index += 1
+            np.testing.assert_array_equal(b["tokens"][row][segs == s], ex.tokens)
+            want = example_mrope_positions(len(ex), ex.image_starts, [g for _, g in ex.images],
+                                           config.model.connector.merge_size)
+            np.testing.assert_array_equal(b["positions"][row][segs == s], want)
+            behind += int(want.max()) + 1 < len(ex)  # an image puts the ids behind the token count
+        assert (b["positions"][row][segs == 0] == 0).all()
+    assert behind and index > config.batch_size  # non-trivial ids, and rows really hold several examples
+    tiled = tiny_config()
+    tiled.model.text.update(dict(rope_kind="mrope"))
+    with pytest.raises(ValueError, match="NaViT image grids"):
+        row_layout(tiled)
+
+
+def test_mrope_model_trains_from_the_pipeline(tmp_path):
+    train(navit_mrope_config("total_steps=2", "checkpoint_every=2"), str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert len(losses) == 2 and np.isfinite(losses).all()

@@ -11,7 +11,7 @@ import numpy as np
 from vlm_jax import parallel
 from vlm_jax.data.navit import pack_patches
 from vlm_jax.data.packing import Example, NavitExample, check_fits
-from vlm_jax.data.pipeline import empty_rows, make_encoder, make_eval_examples, row_layout
+from vlm_jax.data.pipeline import make_encoder, make_eval_examples, row_layout
 from vlm_jax.generate import greedy_generate
 from vlm_jax.model import VLM, model_inputs
 
@@ -39,7 +39,7 @@ def pad_prompts(examples: list[dict], config: ml_collections.ConfigDict, rows: i
     row, in the batch layout of `config` (tiles, or NaViT patches); `positions` [rows, L, 3] for an M-RoPE
     decoder."""
     layout = row_layout(config)
-    batch = empty_rows(config, rows)
+    batch = layout.empty(rows)
     for row, ex in enumerate(examples):
         n, navit = len(ex["tokens"]), "images" in ex
         # The prompt as a packing example (no loss, no starts: image_positions already place it) for the checks.

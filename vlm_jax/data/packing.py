@@ -1,11 +1,12 @@
 """Greedy, deterministic packing of examples into fixed-shape rows (docs/contracts.md batch).
 
 Two row layouts share the text side (tokens, targets, loss mask, positions and segment ids restarting per
-example) and differ in how a row holds its images: `TiledRows` (tiles of a static size, `max_tiles_per_row`
-slots) and `NavitRows` (native-resolution patches of every image back to back, `max_patches_per_row` slots,
-at most `max_images_per_row` images). Every row holds at most `max_examples_per_row` examples (a static
-segment count, which the cudnn attention backend sizes its packed layout by). Each layout says what an example
-costs against the row's static budgets, so one greedy packer (vlm_jax/data/pipeline.py) fills rows of either kind.
+example; NaViT rows for an M-RoPE decoder hold each example's [n, 3] ids) and differ in how a row holds its
+images: `TiledRows` (tiles of a static size, `max_tiles_per_row` slots) and `NavitRows` (native-resolution
+patches of every image back to back, `max_patches_per_row` slots, at most `max_images_per_row` images). Every
+row holds at most `max_examples_per_row` examples (a static segment count, which the cudnn attention backend
+sizes its packed layout by). Each layout says what an example costs against the row's static budgets, so one
+greedy packer (vlm_jax/data/pipeline.py) fills rows of either kind.
 """
 
 import dataclasses
@@ -13,7 +14,7 @@ import math
 
 import numpy as np
 
-from vlm_jax.data.navit import pack_patches
+from vlm_jax.data.navit import example_mrope_positions, pack_patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,19 +81,21 @@ def tokens_per_tile(model, tile_size: int) -> int:
     return grid * grid // merge ** 2 + (0 if v.drop_cls else 1)
 
 
-def text_batch(rows: int, seq_len: int) -> dict:
-    """The zeroed text arrays of a batch."""
+def text_batch(rows: int, seq_len: int, mrope: bool = False) -> dict:
+    """The zeroed text arrays of a batch; `positions` [rows, seq_len, 3] with `mrope`."""
     return dict(
         tokens=np.zeros((rows, seq_len), np.int32),
         targets=np.zeros((rows, seq_len), np.int32),
         loss_mask=np.zeros((rows, seq_len), np.float32),
-        positions=np.zeros((rows, seq_len), np.int32),
+        positions=np.zeros((rows, seq_len, 3) if mrope else (rows, seq_len), np.int32),
         segment_ids=np.zeros((rows, seq_len), np.int32),
     )
 
 
-def write_text(batch: dict, row: int, examples: list) -> list[int]:
-    """Writes the examples' text side by side into row `row`; returns where each one starts."""
+def write_text(batch: dict, row: int, examples: list, positions: list[np.ndarray] | None = None) -> list[int]:
+    """Writes the examples' text side by side into row `row`; returns where each one starts.
+
+    `positions` holds each example's RoPE ids ([n], or M-RoPE [n, 3]); without it they are 0, 1, 2, ... each."""
     offsets, offset = [], 0
     for seg, ex in enumerate(examples, start=1):
         n = len(ex)
@@ -101,7 +104,7 @@ def write_text(batch: dict, row: int, examples: list) -> list[int]:
         # Targets stay inside the example: its last token predicts nothing.
         batch["targets"][row, offset:end - 1] = ex.tokens[1:]
         batch["loss_mask"][row, offset:end - 1] = ex.loss[1:]
-        batch["positions"][row, offset:end] = np.arange(n)
+        batch["positions"][row, offset:end] = np.arange(n) if positions is None else positions[seg - 1]
         batch["segment_ids"][row, offset:end] = seg
         offsets.append(offset)
         offset = end
@@ -129,15 +132,18 @@ class TiledRows:
 
 class NavitRows:
     """Rows of the NaViT batch: `max_patches_per_row` patch slots (a multiple of merge_size**2) holding at most
-    `max_images_per_row` images; merge window j of the row goes to `image_dest[j]`."""
+    `max_images_per_row` images; merge window j of the row goes to `image_dest[j]`. With `mrope` (a Qwen2-VL
+    decoder) `positions` is [rows, L, 3]: each example's M-RoPE ids, from 0 as if it were alone
+    (`navit.example_mrope_positions`)."""
 
     def __init__(self, seq_len: int, max_patches_per_row: int, max_images_per_row: int, patch_dim: int,
-                 merge_size: int, max_examples_per_row: int):
+                 merge_size: int, max_examples_per_row: int, mrope: bool = False):
         group = merge_size ** 2
         if max_patches_per_row % group:
             raise ValueError(f"data.max_patches_per_row {max_patches_per_row} is not a multiple of {group} "
                              f"(one {merge_size}x{merge_size} merge window)")
         self.seq_len, self.max_patches, self.patch_dim, self.merge = seq_len, max_patches_per_row, patch_dim, merge_size
+        self.mrope = mrope
         self.budgets = (("tokens", "data.seq_len", seq_len),
                         ("patches", "data.max_patches_per_row", max_patches_per_row),
                         ("images", "data.max_images_per_row", max_images_per_row),
@@ -148,7 +154,7 @@ class NavitRows:
 
     def empty(self, rows: int) -> dict:
         n = self.max_patches
-        return dict(text_batch(rows, self.seq_len),
+        return dict(text_batch(rows, self.seq_len, self.mrope),
                     patches=np.zeros((rows, n, self.patch_dim), np.float32),
                     patch_positions=np.zeros((rows, n, 2), np.int32),
                     patch_segment_ids=np.zeros((rows, n), np.int32),
@@ -156,7 +162,9 @@ class NavitRows:
                     image_dest=np.full((rows, n // self.merge ** 2), self.seq_len, np.int32))
 
     def write(self, batch: dict, row: int, examples: list[NavitExample]) -> None:
-        offsets = write_text(batch, row, examples)
+        positions = [example_mrope_positions(len(ex), ex.image_starts, [grid for _, grid in ex.images], self.merge)
+                     for ex in examples] if self.mrope else None
+        offsets = write_text(batch, row, examples, positions)
         images = [image for ex in examples for image in ex.images]
         packed = pack_patches(images, self.max_patches, self.patch_dim, self.merge)
         for key, value in packed.items():

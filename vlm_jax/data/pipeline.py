@@ -37,8 +37,12 @@ def uses_patches(config) -> bool:
 
 
 def uses_mrope(config) -> bool:
-    """Whether `config`'s decoder takes M-RoPE positions [B, L, 3] (Qwen2-VL) rather than 1-D ones."""
-    return config.model.text.get("rope_kind", "1d") == "mrope"
+    """Whether `config`'s decoder takes M-RoPE positions [B, L, 3] (Qwen2-VL) rather than 1-D ones; refuses one
+    on a tiled model, which has no image grids to take the ids from."""
+    mrope = config.model.text.get("rope_kind", "1d") == "mrope"
+    if mrope and not uses_patches(config):
+        raise ValueError("an M-RoPE decoder takes its positions from NaViT image grids (model.vision.stem='navit')")
+    return mrope
 
 
 def tokens_per_tile(config) -> int:
@@ -131,22 +135,16 @@ class RecordToNavitExample:
 
 
 def row_layout(config) -> TiledRows | NavitRows:
-    """The fixed row shape of `config`'s batches: tiles or NaViT patches (docs/contracts.md)."""
+    """The fixed row shape of `config`'s batches: tiles or NaViT patches, M-RoPE positions for an M-RoPE
+    decoder (docs/contracts.md)."""
     d = config.data
+    mrope = uses_mrope(config)
     if uses_patches(config):
         v = config.model.vision
         return NavitRows(d.seq_len, d.max_patches_per_row, d.max_images_per_row,
                          3 * v.temporal_patch_size * v.patch_size ** 2, config.model.connector.merge_size,
-                         d.max_examples_per_row)
+                         d.max_examples_per_row, mrope)
     return TiledRows(d.seq_len, d.max_tiles_per_row, d.tile_size, tokens_per_tile(config), d.max_examples_per_row)
-
-
-def empty_rows(config, rows: int) -> dict:
-    """Zeroed arrays of a `rows`-row batch of `config` (row_layout); positions [rows, L, 3] for an M-RoPE decoder."""
-    batch = row_layout(config).empty(rows)
-    if uses_mrope(config):  # the layouts' text arrays hold 1-D positions
-        batch["positions"] = np.zeros((*batch["positions"].shape, 3), np.int32)
-    return batch
 
 
 class PackedBatchIterator:
@@ -331,8 +329,9 @@ def make_train_iterator(config, tokenizer, process_index: int = 0, process_count
 
     Each batch is a dict of numpy arrays: tokens, targets, positions, segment_ids int32 [B, L];
     loss_mask float32 [B, L]; tiles float32 [B, T, S, S, 3]; tile_mask bool [B, T]; image_dest int32
-    [B, T*P] - or for a NaViT model patches, patch_positions, patch_segment_ids and image_dest [B, N/4]
-    (docs/contracts.md). The iterator has get_state() -> small JSON-able dict and set_state(dict).
+    [B, T*P] - or for a NaViT model patches, patch_positions, patch_segment_ids and image_dest [B, N/4],
+    and positions [B, L, 3] with an M-RoPE decoder (docs/contracts.md). The iterator has get_state() -> small
+    JSON-able dict and set_state(dict).
     Optional config keys: data.skip_too_long (default False: an over-long example is an error),
     data.workers (preprocessing threads, default 2), data.prefetch (batches built ahead, default 2).
     """
@@ -361,9 +360,7 @@ def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
     source = make_source(config, "eval")
     if n > len(source):
         raise ValueError(f"asked for {n} eval examples, the eval source has {len(source)}")
-    navit = uses_patches(config)
-    if uses_mrope(config) and not navit:
-        raise ValueError("an M-RoPE decoder takes its positions from NaViT image grids (model.vision.stem='navit')")
+    navit, mrope = uses_patches(config), uses_mrope(config)
     to_example = (RecordToNavitExample if navit else RecordToExample)(config, tokenizer)
     out = []
     for i in range(n):
@@ -377,7 +374,7 @@ def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
         enc, answer = to_example.encoder.encode_prompt(record["conversations"], lengths, record["id"])
         image_positions = np.concatenate([s + np.arange(k) for s, k in zip(enc.image_starts, lengths)]
                                          or [np.zeros((0,), np.int32)]).astype(np.int32)
-        if uses_mrope(config):
+        if mrope:
             positions = example_mrope_positions(len(enc.tokens), enc.image_starts, [g for _, g in images],
                                                 to_example.merge)
         else:

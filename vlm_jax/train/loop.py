@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from vlm_jax import parallel
 from vlm_jax.config import to_json
-from vlm_jax.data.pipeline import empty_rows, make_train_iterator
+from vlm_jax.data.pipeline import make_train_iterator, row_layout
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.model import VLM, forward_method, model_inputs
 from vlm_jax.train.checkpoint import Checkpointer, restore_params
@@ -27,7 +27,7 @@ from vlm_jax.train.streaming import StoredArray, stored_arrays
 def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
     """Zero arrays with the static shapes of one batch's model inputs (for init and shape checks), in the
     order of `model_inputs(config.model)`."""
-    batch = empty_rows(config, rows)
+    batch = row_layout(config).empty(rows)
     return tuple(jnp.asarray(batch[k]) for k in model_inputs(config.model))
 
 
