@@ -26,16 +26,18 @@ def one_step(config, devices):
 
 def test_one_step_same_on_1_and_8_devices_with_frozen_vision():
     assert jax.device_count() == 8
-    config = tiny_config("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", FREEZE_VISION, NO_WARMUP)
-    m1, before, params1, _ = one_step(
-        tiny_config("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", FREEZE_VISION, NO_WARMUP), jax.devices()[:1])
+    # Plain SGD: the update is linear in the gradient, so the summation order of 8 devices moves parameters by
+    # lr times rounding noise. (Adam's first step is about lr * sign(grad) and flips wherever a gradient is at
+    # noise level, which made any tolerance depend on the batch.)
+    common = (FREEZE_VISION, NO_WARMUP, "optim.optimizer=sgd")
+    config = tiny_config("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", *common)
+    m1, before, params1, _ = one_step(tiny_config("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", *common),
+                                      jax.devices()[:1])
     m8, _, params8, state8 = one_step(config, None)
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(float(m1[key]), float(m8[key]), rtol=1e-5)
-    # Adam's first update is about lr * sign(grad): where a gradient is at rounding-noise level the
-    # summation order of 8 devices can move it by up to lr, so parameters agree to a fraction of lr.
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params1, params8)
-    assert max(jax.tree.leaves(diffs)) < 1e-2 * config.optim.lr
+    assert max(jax.tree.leaves(diffs)) < 1e-4 * config.optim.lr
     # The frozen tower is untouched and has no optimizer state; everything else moved.
     jax.tree.map(np.testing.assert_array_equal, before["vision"], params8["vision"])
     assert "vision" not in state8.trainable and "vision" in state8.frozen
