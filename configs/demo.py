@@ -45,5 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     o.warmup_steps = 30
     o.final_lr_ratio = 0.05
     o.weight_decay = 0.01
-    o.trainable = [(".*", "train")]
+    # Stage 0 stands in for the pretrained CLIP tower a real run imports: trained through the LLM alone, the
+    # ViT learns colour and loses shape (README). The VLM stage then keeps it frozen (the base rules).
+    c.vision_pretrain.update(steps=400, batch_size=64, lr=2e-3)
     return c

@@ -7,6 +7,7 @@ from flax import traverse_util
 
 from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec, has_lora, merge_lora
 from vlm_jax.model import MODEL_INPUTS, VLM
+from vlm_jax import parallel
 from vlm_jax.train import loop
 from vlm_jax.train.step import make_train_step
 from tests.helpers import first_batch, tiny_config
@@ -56,7 +57,7 @@ def test_lora_recipe_trains_only_adapters_and_projector_at_their_rates():
     state = setup.fresh_state()
     before = traverse_util.flatten_dict(jax.device_get(state.params))
     step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
-    batch = loop.global_batch(first_batch(config), setup.mesh)
+    batch = parallel.global_batch(first_batch(config), setup.mesh)
     for _ in range(2):
         state, _ = step(state, batch)
     after = traverse_util.flatten_dict(jax.device_get(state.params))

@@ -5,6 +5,7 @@ import pytest
 from flax import traverse_util
 
 from configs.base import get_config
+from vlm_jax import parallel
 from vlm_jax.train import loop
 from vlm_jax.train.optim import optimizer_state_bytes
 from vlm_jax.train.param_groups import ParamGroups
@@ -29,7 +30,7 @@ def run_steps(config, steps: int):
     state = setup.fresh_state()
     before = traverse_util.flatten_dict(jax.device_get(state.params))
     step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
-    batch = loop.global_batch(first_batch(config), setup.mesh)
+    batch = parallel.global_batch(first_batch(config), setup.mesh)
     for _ in range(steps):
         state, _ = step(state, batch)
     return setup, before, traverse_util.flatten_dict(jax.device_get(state.params)), state, batch

@@ -11,6 +11,7 @@ import pytest
 from flax import traverse_util
 
 from vlm_jax.config import load_config
+from vlm_jax import parallel
 from vlm_jax.train import loop
 from vlm_jax.train.optim import optimizer_state_bytes
 from vlm_jax.train.step import make_train_step
@@ -37,7 +38,7 @@ def test_stage_recipe_freezes_and_trains_exactly_its_groups(system, stage):
     state = setup.fresh_state()
     before = traverse_util.flatten_dict(jax.device_get(state.params))
     step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
-    batch = loop.global_batch(first_batch(config), setup.mesh)
+    batch = parallel.global_batch(first_batch(config), setup.mesh)
     for _ in range(3):  # warmup: step 1 runs at lr 0; LoRA's A only gets gradients once B has moved
         state, _ = step(state, batch)
     after = traverse_util.flatten_dict(jax.device_get(state.params))

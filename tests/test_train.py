@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from vlm_jax import parallel
 from vlm_jax.train import loop
 from vlm_jax.train.param_groups import label_params
 from vlm_jax.train.step import make_train_step
@@ -20,7 +21,7 @@ def one_step(config, devices):
     state = setup.fresh_state()
     before = jax.device_get(state.params)
     step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
-    new_state, metrics = step(state, loop.global_batch(first_batch(config), setup.mesh))
+    new_state, metrics = step(state, parallel.global_batch(first_batch(config), setup.mesh))
     return metrics, before, jax.device_get(new_state.params), new_state
 
 

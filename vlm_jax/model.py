@@ -57,6 +57,19 @@ def forward(model: "VLM", variables: dict, batch: dict, **kwargs) -> jax.Array:
                        method=forward_method(model.config), **kwargs)
 
 
+def module_kwargs(c: ml_collections.ConfigDict) -> dict:
+    """dtype, param_dtype and LoRA of every module built from model config `c`."""
+    return dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+                lora=LoraSpec.from_config(c.get("lora")))
+
+
+def stack_kwargs(c: ml_collections.ConfigDict) -> dict:
+    """How every layer stack built from model config `c` runs: scan, remat, attention backend."""
+    # Configs saved before model.attention existed ran the xla path.
+    return dict(scan_layers=c.scan_layers, remat_policy=c.remat_policy, attention=c.get("attention", "xla"),
+                max_segments=c.get("max_segments", 64))
+
+
 class VLM(nn.Module):
     config: ml_collections.ConfigDict  # config.model
 
@@ -64,14 +77,10 @@ class VLM(nn.Module):
         c = self.config
         if c.connector.kind not in CONNECTORS:
             raise ValueError(f"unknown connector {c.connector.kind!r}; choose from {sorted(CONNECTORS)}")
-        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
-                  lora=LoraSpec.from_config(c.get("lora")))
-        # Configs saved before model.attention existed ran the xla path.
-        stack = dict(scan_layers=c.scan_layers, remat_policy=c.remat_policy, attention=c.get("attention", "xla"),
-                     max_segments=c.get("max_segments", 64))
-        self.vision = ViT(c.vision, **stack, **kw)
+        kw = module_kwargs(c)
+        self.vision = ViT(c.vision, **stack_kwargs(c), **kw)
         self.connector = CONNECTORS[c.connector.kind](c.connector, c.text.hidden, **kw)
-        self.decoder = Decoder(c.text, **stack, **kw)
+        self.decoder = Decoder(c.text, **stack_kwargs(c), **kw)
 
     def encode_images(self, tiles: jax.Array) -> jax.Array:
         """tiles [B, T, S, S, 3] -> visual tokens [B, T*P, hidden], tile-major."""

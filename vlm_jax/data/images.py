@@ -71,6 +71,11 @@ def choose_grid(width: int, height: int, tile_size: int, max_tiles: int) -> tupl
     return k, k
 
 
+def global_view(img: Image.Image, tile_size: int) -> np.ndarray:
+    """The whole image resized to one normalised tile, float32 [S, S, 3]: the first view of `tile_image`."""
+    return normalize(img.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+
+
 def tile_image(img: Image.Image, tile_size: int, max_tiles: int, swap_hw: bool) -> np.ndarray:
     """Normalised XVERSE-V views of one image: float32 [1 + a*b, S, S, 3] = [global, tiles row-major].
 
@@ -81,13 +86,13 @@ def tile_image(img: Image.Image, tile_size: int, max_tiles: int, swap_hw: bool) 
     global view.
     """
     s = tile_size
-    global_view = normalize(img.resize((s, s), Image.Resampling.BICUBIC))
+    view = global_view(img, s)
     a, b = choose_grid(img.width, img.height, s, max_tiles)
     if a == b == 1:
-        return global_view[None]
+        return view[None]
     rows, cols = (a, b) if swap_hw else (b, a)
     grid = normalize(img.resize((s * cols, s * rows), Image.Resampling.BICUBIC))
     # [rows*S, cols*S, 3] -> [rows, cols, S, S, 3]: tile (i, j) is the crop at row i, column j.
     tiles = grid.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, s, s, 3)
-    return np.concatenate([global_view[None], tiles])
+    return np.concatenate([view[None], tiles])
 

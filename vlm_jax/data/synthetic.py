@@ -152,6 +152,31 @@ def sample_scene(seed: int, split: str, index: int, min_size: int, max_size: int
     return Scene(width, height, background, noise, shapes, _questions(rng, shapes, split))
 
 
+# Label sets of the dense per-patch labels (`patch_labels`); class `len(values)` means "no shape here".
+LABEL_SETS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": tuple(COLORS)}
+
+
+def patch_labels(scene: Scene, rows: int, cols: int) -> dict[str, np.ndarray]:
+    """Per-patch class ids [rows * cols] (row-major) of a patch grid laid over the whole image, for each of
+    LABEL_SETS: the shape whose bounding box covers at least half of the patch, or lies at least half inside
+    it (a coarse patch holding a whole shape), else "no shape"."""
+    x0 = np.arange(cols) * scene.width / cols
+    y0 = np.arange(rows) * scene.height / rows
+    pw, ph = scene.width / cols, scene.height / rows
+    labels = {name: np.full((rows, cols), len(values), np.int32) for name, values in LABEL_SETS.items()}
+    best = np.zeros((rows, cols))
+    for s in scene.shapes:
+        ox = np.clip(np.minimum(x0 + pw, s.cx + s.r) - np.maximum(x0, s.cx - s.r), 0, None)
+        oy = np.clip(np.minimum(y0 + ph, s.cy + s.r) - np.maximum(y0, s.cy - s.r), 0, None)
+        overlap = oy[:, None] * ox[None, :]
+        cover = overlap / min(pw * ph, (2 * s.r) ** 2)
+        hit = (cover >= 0.5) & (cover > best)
+        best = np.where(hit, cover, best)
+        labels["shape"][hit] = SHAPES.index(s.shape)
+        labels["color"][hit] = LABEL_SETS["color"].index(s.color)
+    return {name: v.reshape(-1) for name, v in labels.items()}
+
+
 def _polygon(s: Shape) -> list[tuple[float, float]]:
     if s.shape == "triangle":
         angles, radii = np.deg2rad([-90, 30, 150]), [s.r] * 3

@@ -22,6 +22,7 @@ from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.param_groups import ParamGroups
 from vlm_jax.train.step import TrainState, init_state, make_train_step
 from vlm_jax.train.streaming import StoredArray, stored_arrays
+from vlm_jax.train.vision_pretrain import pretrain_vision
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
@@ -138,11 +139,6 @@ def opt_state_shardings(abstract_opt_state, param_shardings, default):
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def global_batch(batch: dict, mesh) -> dict:
-    sharding = parallel.batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
 def check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
     dp = parallel.data_parallel_size(mesh)
     if config.batch_size % dp or config.batch_size % jax.process_count():
@@ -180,7 +176,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = ckpt.latest_step()
     if start is None:
-        state = setup.imported_state(config.init_params) if config.init_params else setup.fresh_state()
+        init_params = config.init_params
+        if config.get("vision_pretrain") and config.vision_pretrain.steps > 0:
+            if init_params:
+                raise ValueError(f"init_params={init_params!r} and vision_pretrain.steps="
+                                 f"{config.vision_pretrain.steps} both set: start from one or the other")
+            init_params = pretrain_vision(config, os.path.join(workdir, "vision_pretrain"))
+        state = setup.imported_state(init_params) if init_params else setup.fresh_state()
         start = 0
     else:
         state, data_state = ckpt.restore(start, setup.abstract_state, setup.state_shardings)
@@ -193,7 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     for step in range(start + 1, end + 1):
         batch = next(data)
         tokens_seen += float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
-        state, metrics = step_fn(state, global_batch(batch, setup.mesh))
+        state, metrics = step_fn(state, parallel.global_batch(batch, setup.mesh))
         logger.advance()
         last = step == end
         saving = last or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0)

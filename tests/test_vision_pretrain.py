@@ -1,0 +1,87 @@
+"""Stage 0 (vision pretraining on dense patch labels): the labels follow the scene geometry, the stage learns
+on a sharded mesh, and the VLM stage starts from its tower, frozen, without rerunning it on resume."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from vlm_jax.data import synthetic
+from vlm_jax.train import loop
+from vlm_jax.train.checkpoint import restore_params
+from vlm_jax.train.vision_pretrain import IGNORE, NONE, LabelledBatches, pretrain_vision
+from tests.helpers import tiny_config
+
+STAGE0 = ["vision_pretrain.steps=40", "vision_pretrain.batch_size=32", "vision_pretrain.eval_images=128",
+          'optim.trainable=[("vision/.*", "frozen"), (".*", "train")]']
+
+
+def test_quadrant_grid_labels_name_each_quadrants_shape():
+    for i in range(50):
+        scene = synthetic.sample_scene(0, "train", i, 32, 80)
+        labels = synthetic.patch_labels(scene, 2, 2)
+        by_quadrant = {s.quadrant: s for s in scene.shapes}
+        for q, name in enumerate(synthetic.QUADRANTS):
+            s = by_quadrant.get(name)
+            assert labels["shape"][q] == (synthetic.SHAPES.index(s.shape) if s else NONE["shape"])
+            assert labels["color"][q] == (list(synthetic.COLORS).index(s.color) if s else NONE["color"])
+
+
+def test_fine_grid_labels_a_shape_where_it_is_and_nothing_elsewhere():
+    scene = synthetic.sample_scene(0, "train", 3, 64, 64)
+    labels = synthetic.patch_labels(scene, 16, 16)["shape"].reshape(16, 16)
+    for s in scene.shapes:
+        assert labels[int(s.cy / 4), int(s.cx / 4)] == synthetic.SHAPES.index(s.shape)
+    covered = np.zeros((16, 16), bool)
+    for s in scene.shapes:
+        ys, xs = np.mgrid[0:16, 0:16] * 4 + 2
+        covered |= (abs(xs - s.cx) <= s.r + 2) & (abs(ys - s.cy) <= s.r + 2)
+    assert np.all(labels[~covered] == NONE["shape"])
+
+
+def test_navit_rows_carry_labels_in_patch_order():
+    config = tiny_config()
+    navit = tiny_config("model.vision.stem=navit", "model.vision.patch_size=8", "model.vision.drop_cls=False",
+                        "model.connector.merge_size=2", "data.max_patches_per_row=144", "data.max_images_per_row=4")
+    navit.model.vision.temporal_patch_size = 2
+    row = LabelledBatches(navit, "train", 100).batch(0, 2)
+    assert row["patches"].shape == (2, 144, 3 * 2 * 8 * 8)
+    for k in ("labels_shape", "labels_color"):
+        np.testing.assert_array_equal(row[k] == IGNORE, row["patch_segment_ids"] == 0)
+    assert np.any(row["labels_shape"] >= 0) and np.any(row["labels_shape"] == NONE["shape"])
+    tiled = LabelledBatches(config, "train", 100).batch(0, 4)
+    assert tiled["pixels"].shape == (4, 32, 32, 3) and tiled["labels_shape"].shape == (4, 4)
+
+
+def test_llava_json_data_has_no_labels_to_pretrain_on():
+    with pytest.raises(ValueError, match="only the synthetic source"):
+        LabelledBatches(tiny_config("data.source=llava_json"), "train", 10)
+
+
+def test_stage0_learns_then_the_vlm_starts_from_its_frozen_tower(tmp_path):
+    config = tiny_config(*STAGE0, "total_steps=1", "checkpoint_every=1")
+    workdir = str(tmp_path / "run")
+    state = loop.train(config, workdir)
+    with open(os.path.join(workdir, "vision_pretrain", "eval.json")) as f:
+        result = json.load(f)
+    # Chance is 1/5 on shape and 1/8 on colour, over patches that hold a shape.
+    assert result["color_accuracy"] > 0.6 and result["shape_accuracy"] > 0.3, result
+    setup = loop.Setup(config)
+    tower = restore_params(os.path.join(workdir, "vision_pretrain", "params"),
+                           {"vision": setup.abstract_params["vision"]}, {"vision": setup.param_shardings["vision"]})
+    trained = traverse_util.flatten_dict(jax.device_get(state.params["vision"]))
+    for path, value in traverse_util.flatten_dict(jax.device_get(tower["vision"])).items():
+        np.testing.assert_array_equal(trained[path], value, err_msg=str(path))
+
+    # Stage 0 only ever runs once in a workdir: a run resumed before its first VLM checkpoint finds its tower.
+    stamp = os.path.getmtime(os.path.join(workdir, "vision_pretrain", "eval.json"))
+    assert pretrain_vision(config, os.path.join(workdir, "vision_pretrain")) == os.path.join(workdir, "vision_pretrain")
+    assert os.path.getmtime(os.path.join(workdir, "vision_pretrain", "eval.json")) == stamp
+
+
+def test_stage0_and_init_params_together_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="both set"):
+        loop.train(tiny_config(*STAGE0, f"init_params={tmp_path}"), str(tmp_path / "run"))
