@@ -17,10 +17,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_params = ""  # a `launch/convert.py import` directory: start from its params (fresh optimizer)
     # Stage 0 (vlm_jax/train/vision_pretrain.py), run first when steps > 0: the vision tower trained alone on the
     # synthetic source's dense patch labels, then loaded into the VLM. A stand-in for the pretrained tower a real
-    # run imports; batch_size is images (tiled stems) or packed rows (navit) per step.
+    # run imports; batch_size is views (tiled stems: the global view, or a tile tile_fraction of the time) or
+    # packed rows (navit) per step.
     c.vision_pretrain = ml_collections.ConfigDict(dict(
         steps=0, batch_size=64, lr=2e-3, warmup_steps=30, final_lr_ratio=0.05, weight_decay=0.01,
-        eval_images=512))
+        tile_fraction=0.0, eval_images=512))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

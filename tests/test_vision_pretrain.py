@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from vlm_jax.data import synthetic
+from vlm_jax.data.images import tile_image
 from vlm_jax.train import loop
 from vlm_jax.train.checkpoint import restore_params
 from vlm_jax.train.vision_pretrain import IGNORE, NONE, LabelledBatches, pretrain_vision
@@ -24,6 +25,7 @@ def test_quadrant_grid_labels_name_each_quadrants_shape():
         scene = synthetic.sample_scene(0, "train", i, 32, 80)
         labels = synthetic.patch_labels(scene, 2, 2)
         by_quadrant = {s.quadrant: s for s in scene.shapes}
+        np.testing.assert_array_equal(labels["quadrant"], np.arange(4))
         for q, name in enumerate(synthetic.QUADRANTS):
             s = by_quadrant.get(name)
             assert labels["shape"][q] == (synthetic.SHAPES.index(s.shape) if s else NONE["shape"])
@@ -40,6 +42,23 @@ def test_fine_grid_labels_a_shape_where_it_is_and_nothing_elsewhere():
         ys, xs = np.mgrid[0:16, 0:16] * 4 + 2
         covered |= (abs(xs - s.cx) <= s.r + 2) & (abs(ys - s.cy) <= s.r + 2)
     assert np.all(labels[~covered] == NONE["shape"])
+
+
+def test_a_tile_is_labelled_over_the_part_of_the_image_it_shows():
+    # 64 px square images and 32 px tiles: a 2x2 grid, so tile k shows exactly quadrant k.
+    config = tiny_config("data.min_image_size=64", "data.max_image_size=64", "vision_pretrain.tile_fraction=1.0")
+    batches = LabelledBatches(config, "train", 1000)
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        index = int(np.random.default_rng(seed).integers(1000))
+        view = batches.view(rng)
+        img, scene = batches.image(index)
+        tiles = tile_image(img, 32, config.data.max_tiles, config.data.swap_hw)[1:]
+        k = next(k for k, t in enumerate(tiles) if np.array_equal(t, view["pixels"]))
+        inside = [s for s in scene.shapes if s.quadrant == synthetic.QUADRANTS[k]]
+        shown = {synthetic.SHAPES.index(s.shape) for s in inside}
+        assert shown <= set(view["labels_shape"]) <= shown | {NONE["shape"]}
+        assert np.all(view["labels_quadrant"] == IGNORE)
 
 
 def test_navit_rows_carry_labels_in_patch_order():

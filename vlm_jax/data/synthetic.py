@@ -152,28 +152,33 @@ def sample_scene(seed: int, split: str, index: int, min_size: int, max_size: int
     return Scene(width, height, background, noise, shapes, _questions(rng, shapes, split))
 
 
-# Label sets of the dense per-patch labels (`patch_labels`); class `len(values)` means "no shape here".
-LABEL_SETS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": tuple(COLORS)}
+# Label sets of the dense per-patch labels (`patch_labels`); class `len(values)` of shape and colour means "no
+# shape here". Quadrant is where the patch centre lies, so the tower's output says where each token is from.
+LABEL_SETS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": tuple(COLORS), "quadrant": QUADRANTS}
 
 
-def patch_labels(scene: Scene, rows: int, cols: int) -> dict[str, np.ndarray]:
-    """Per-patch class ids [rows * cols] (row-major) of a patch grid laid over the whole image, for each of
-    LABEL_SETS: the shape whose bounding box covers at least half of the patch, or lies at least half inside
-    it (a coarse patch holding a whole shape), else "no shape"."""
-    x0 = np.arange(cols) * scene.width / cols
-    y0 = np.arange(rows) * scene.height / rows
-    pw, ph = scene.width / cols, scene.height / rows
-    labels = {name: np.full((rows, cols), len(values), np.int32) for name, values in LABEL_SETS.items()}
+def patch_labels(scene: Scene, rows: int, cols: int,
+                 box: tuple[float, float, float, float] | None = None) -> dict[str, np.ndarray]:
+    """Per-patch class ids [rows * cols] (row-major) of a patch grid laid over `box` = (x0, y0, x1, y1) in image
+    pixels (default: the whole image; a tile's box for a tile), for each of LABEL_SETS. Shape and colour are
+    those of the shape whose bounding box covers at least half of the patch, or lies at least half inside it
+    (a coarse patch holding a whole shape), else "no shape"."""
+    bx0, by0, bx1, by1 = box or (0.0, 0.0, float(scene.width), float(scene.height))
+    pw, ph = (bx1 - bx0) / cols, (by1 - by0) / rows
+    x0, y0 = bx0 + np.arange(cols) * pw, by0 + np.arange(rows) * ph
+    labels = {name: np.full((rows, cols), len(LABEL_SETS[name]), np.int32) for name in ("shape", "color")}
     best = np.zeros((rows, cols))
     for s in scene.shapes:
         ox = np.clip(np.minimum(x0 + pw, s.cx + s.r) - np.maximum(x0, s.cx - s.r), 0, None)
         oy = np.clip(np.minimum(y0 + ph, s.cy + s.r) - np.maximum(y0, s.cy - s.r), 0, None)
-        overlap = oy[:, None] * ox[None, :]
-        cover = overlap / min(pw * ph, (2 * s.r) ** 2)
+        cover = oy[:, None] * ox[None, :] / min(pw * ph, (2 * s.r) ** 2)
         hit = (cover >= 0.5) & (cover > best)
         best = np.where(hit, cover, best)
         labels["shape"][hit] = SHAPES.index(s.shape)
         labels["color"][hit] = LABEL_SETS["color"].index(s.color)
+    right = (x0 + pw / 2 >= scene.width / 2)[None, :]
+    bottom = (y0 + ph / 2 >= scene.height / 2)[:, None]
+    labels["quadrant"] = (2 * bottom + right).astype(np.int32)
     return {name: v.reshape(-1) for name, v in labels.items()}
 
 

@@ -7,8 +7,8 @@ the configured ViT alone, with one linear head per label set on every output pat
 synthetic source derives from its scene geometry (`synthetic.patch_labels`), and saves `{'vision': params}`
 as a params-only checkpoint that the VLM stage starts from (and, by the usual `optim.trainable` rules, freezes).
 
-Tiled stems (clip, qwenvl) learn on the global view: one `data.tile_size` view of the whole image. The navit
-stem learns on native-resolution images packed into `data.max_patches_per_row` slots, as in VLM training.
+Tiled stems (clip, qwenvl) learn on the views the VLM sees: the global view (the whole image in one
+`data.tile_size` tile) and, a `vision_pretrain.tile_fraction` of the time, one of its tiles. The navit stem learns on native-resolution images packed into `data.max_patches_per_row` slots, as in VLM training.
 """
 
 import json
@@ -25,7 +25,7 @@ import optax
 
 from vlm_jax import parallel
 from vlm_jax.data import synthetic
-from vlm_jax.data.images import global_view
+from vlm_jax.data.images import choose_grid, global_view, tile_image
 from vlm_jax.data.navit import navit_patches, pack_patches
 from vlm_jax.layers import axes
 from vlm_jax.layers.dense import Dense
@@ -72,14 +72,34 @@ class LabelledBatches:
     def image(self, index: int):
         return self.source[index]["image"], self.source.scene(index)
 
+    def view(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """One tiled view: the global view, or with probability `vision_pretrain.tile_fraction` one of the
+        image's tiles (any but a 1x1 grid's), labelled over the part of the image it shows."""
+        c = self.config
+        d, grid = c.data, c.model.vision.image_size // c.model.vision.patch_size
+        img, scene = self.image(int(rng.integers(len(self.source))))
+        a, b = choose_grid(img.width, img.height, d.tile_size, d.max_tiles)
+        if a * b == 1 or rng.random() >= c.vision_pretrain.tile_fraction:
+            pixels, box = global_view(img, d.tile_size), None
+        else:
+            k = int(rng.integers(a * b))
+            pixels = tile_image(img, d.tile_size, d.max_tiles, d.swap_hw)[1 + k]
+            # Whatever the grid's orientation (data/images.py), tile k is row-major in the resized image,
+            # which spans the whole original image.
+            rows, cols = (a, b) if d.swap_hw else (b, a)
+            i, j = divmod(k, cols)
+            box = (j * img.width / cols, i * img.height / rows, (j + 1) * img.width / cols,
+                   (i + 1) * img.height / rows)
+        labels = synthetic.patch_labels(scene, grid, grid, box)
+        if box is not None:  # a tile alone cannot tell where in the image it is
+            labels["quadrant"] = np.full_like(labels["quadrant"], IGNORE)
+        return {"pixels": pixels, **{f"labels_{k}": v for k, v in labels.items()}}
+
     def row(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         c = self.config
         v = c.model.vision
         if v.stem != "navit":
-            img, scene = self.image(int(rng.integers(len(self.source))))
-            grid = v.image_size // v.patch_size
-            return {"pixels": global_view(img, c.data.tile_size),
-                    **{f"labels_{k}": a for k, a in synthetic.patch_labels(scene, grid, grid).items()}}
+            return self.view(rng)
         m, cap = c.model.connector.merge_size, c.data.max_patches_per_row
         images, labels, used = [], [], 0
         while len(images) < c.data.max_images_per_row:
