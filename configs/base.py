@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_examples = 256
     c.max_new_tokens = 8
     c.init_params = ""  # a `launch/convert.py import` directory: start from its params (fresh optimizer)
+    c.init_fresh = ""  # regex of parameter paths that keep their fresh init instead (e.g. "connector/.*")
     # Stage 0 (vlm_jax/train/vision_pretrain.py), run first when steps > 0: the vision tower trained alone on the
     # synthetic source's dense patch labels, then loaded into the VLM. A stand-in for the pretrained tower a real
     # run imports; batch_size is views (tiled stems: the global view, or a tile tile_fraction of the time) or
@@ -79,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.max_images_per_row = 8
     d.num_train = 100000
     d.num_eval = 512
+    d.exclude_qtypes = ()  # synthetic: question types its training records never ask (a held-out type)
     d.min_image_size = 64
     d.max_image_size = 448
 

@@ -136,3 +136,15 @@ def test_demo_sizes_and_no_matching_background():
         assert len({(x.color, x.shape) for x in s.shapes}) == len(s.shapes)
         for x in s.shapes:
             assert np.linalg.norm(np.subtract(COLORS[x.color], s.background)) >= 120
+
+
+def test_excluded_question_types_leave_training_but_not_evaluation():
+    held = SyntheticSource("train", 10_000, 0, 48, 160, exclude=("position",))
+    asked = [t for i in range(300) for t, _, _ in held.scene(i).qa]
+    assert "position" not in asked and {"color", "shape", "count", "caption"} <= set(asked)
+    evals = SyntheticSource("eval", 10_000, 0, 48, 160, exclude=("position",))
+    assert "position" in {evals.scene(i).qtype for i in range(100)}
+    with pytest.raises(ValueError, match="exclude_qtypes"):
+        SyntheticSource("train", 10, 0, 48, 160, exclude=("colour",))
+    with pytest.raises(ValueError, match="at least one"):
+        SyntheticSource("train", 10, 0, 48, 160, exclude=("color", "shape", "position", "count"))

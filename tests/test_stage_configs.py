@@ -30,7 +30,7 @@ def _trains(setup, path: tuple, layer: int | None) -> bool:
 
 
 @pytest.mark.parametrize("system,stage", [(s, t) for s in ("sharegpt4v_7b", "xverse_v_13b", "points15_7b",
-                                                           "ziya_blip2_14b", "belle_vl")
+                                                           "ziya_blip2_14b", "belle_vl", "demo_recipe")
                                           for t in ("stage1", "stage2")])
 def test_stage_recipe_freezes_and_trains_exactly_its_groups(system, stage):
     config = stage_config(system, stage)
@@ -68,6 +68,23 @@ def test_stage2_starts_from_the_stage1_run(tmp_path):
                     jax.tree.leaves(jax.device_get(started.params))):
         np.testing.assert_array_equal(a, b)
     assert int(started.step) == 0
+
+
+def test_recipe_stage1_loads_all_but_the_fresh_projector(tmp_path):
+    # Another seed, so the base model's parameters differ from stage 1's own fresh init everywhere.
+    base = stage_config("demo_recipe", "stage1", "total_steps=1", "checkpoint_every=1", "seed=1")
+    trained = loop.train(base, str(tmp_path / "demo"))
+    stage1 = stage_config("demo_recipe", "stage1", f"init_params={tmp_path / 'demo'}")
+    setup = loop.Setup(stage1, jax.devices()[:1])
+    started = traverse_util.flatten_dict(jax.device_get(setup.imported_state(stage1.init_params).params))
+    fresh = traverse_util.flatten_dict(jax.device_get(setup.fresh_state().params))
+    for path, value in traverse_util.flatten_dict(jax.device_get(trained.params)).items():
+        want = fresh[path] if path[0] == "connector" else value
+        np.testing.assert_array_equal(started[path], want, err_msg=str(path))
+        assert path[0] == "connector" or np.any(value != fresh[path]) or np.ptp(value) == 0, path  # constant inits
+    wrong = stage_config("demo_recipe", "stage1", f"init_params={tmp_path / 'demo'}", "init_fresh=projector/.*")
+    with pytest.raises(ValueError, match="init_fresh='projector/.\\*' matches no parameter"):
+        loop.Setup(wrong, jax.devices()[:1]).imported_state(wrong.init_params)
 
 
 def test_stage_argument_errors_name_the_choices():

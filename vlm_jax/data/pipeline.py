@@ -55,7 +55,9 @@ def make_source(config, split: str):
     d = config.data
     if d.source == "synthetic":
         size = d.num_train if split == "train" else d.num_eval
-        return SyntheticSource(split, size, config.seed, d.min_image_size, d.max_image_size)
+        # Held-out question types leave only the training data: evaluation still asks every type.
+        exclude = tuple(d.get("exclude_qtypes", ())) if split == "train" else ()
+        return SyntheticSource(split, size, config.seed, d.min_image_size, d.max_image_size, exclude)
     if d.source == "llava_json":
         path = d.path if split == "train" else d.eval_path
         if not path:

@@ -70,8 +70,8 @@ def caption(shapes: tuple[Shape, ...]) -> str:
     return "; ".join(f"in the {s.quadrant}, {_article(s.color)} {s.color} {s.shape}" for s in shapes) + "."
 
 
-def _questions(rng: np.random.Generator, shapes: tuple[Shape, ...],
-               split: str) -> tuple[tuple[str, str, str], ...]:
+def _questions(rng: np.random.Generator, shapes: tuple[Shape, ...], split: str,
+               exclude: tuple[str, ...] = ()) -> tuple[tuple[str, str, str], ...]:
     """(qtype, q, a) turns this scene can answer unambiguously.
 
     Eval records ask one short-answer question of a uniformly drawn feasible type. Train records
@@ -79,22 +79,28 @@ def _questions(rng: np.random.Generator, shapes: tuple[Shape, ...],
     data: several supervised answers per image teach far more per second than one. No turn may
     give away another's answer, or the model learns to copy from the text and never looks at the
     image; so each shape is the subject of at most one question, a count comes before any of
-    them, and a caption (which names everything) is never mixed with questions.
+    them, and a caption (which names everything) is never mixed with questions. Train records never
+    ask a type in `exclude` (a held-out question type); without exclusions the draws are unchanged.
     """
     subjects = {t: [s for s in shapes if _asks(t, s, shapes)] for t in EVAL_QTYPES}
     if split != "train":
         feasible = [t for t in EVAL_QTYPES if subjects[t]]
         qtype = feasible[rng.integers(len(feasible))]
         return (_question(qtype, subjects[qtype][rng.integers(len(subjects[qtype]))], shapes),)
-    if rng.random() < _CAPTION_FRACTION:
+    if rng.random() < _CAPTION_FRACTION and "caption" not in exclude:
         return (("caption", "Describe the image.", caption(shapes)),)
     turns = []
     for i in rng.permutation(len(shapes))[:rng.integers(1, len(shapes) + 1)]:
-        feasible = [t for t in ("color", "shape", "position") if shapes[i] in subjects[t]]
-        turns.append(_question(feasible[rng.integers(len(feasible))], shapes[i], shapes))
+        feasible = [t for t in ("color", "shape", "position") if shapes[i] in subjects[t] and t not in exclude]
+        if feasible:
+            turns.append(_question(feasible[rng.integers(len(feasible))], shapes[i], shapes))
     # The count comes first: after it, the number of turns would hint at the answer.
     count = [_question("count", shapes[0], shapes)] if rng.random() < _COUNT_FRACTION else []
-    return tuple(count + turns)
+    if "count" in exclude:
+        count = []
+    elif not turns:  # every question this scene allows is of an excluded type
+        count = [_question("count", shapes[0], shapes)]
+    return tuple(count + turns) or (("caption", "Describe the image.", caption(shapes)),)
 
 
 def _asks(qtype: str, s: Shape, shapes: tuple[Shape, ...]) -> bool:
@@ -116,8 +122,10 @@ def _question(qtype: str, s: Shape, shapes: tuple[Shape, ...]) -> tuple[str, str
     return qtype, f"Where is the {s.color} {s.shape}?", s.quadrant
 
 
-def sample_scene(seed: int, split: str, index: int, min_size: int, max_size: int) -> Scene:
-    """The scene (layout, question, answer) of one record, without rendering pixels."""
+def sample_scene(seed: int, split: str, index: int, min_size: int, max_size: int,
+                 exclude: tuple[str, ...] = ()) -> Scene:
+    """The scene (layout, question, answer) of one record, without rendering pixels; train records never ask
+    a question type in `exclude`."""
     if split not in SPLITS:
         raise ValueError(f"synthetic split must be one of {sorted(SPLITS)}, got {split!r}")
     # Split id in the entropy gives train and eval disjoint random streams for the same seed.
@@ -149,7 +157,7 @@ def sample_scene(seed: int, split: str, index: int, min_size: int, max_size: int
         color, shape = colors[pair // len(SHAPES)], SHAPES[pair % len(SHAPES)]
         shapes.append(Shape(color, shape, QUADRANTS[q], cx, cy, r))
     shapes = tuple(shapes)
-    return Scene(width, height, background, noise, shapes, _questions(rng, shapes, split))
+    return Scene(width, height, background, noise, shapes, _questions(rng, shapes, split, exclude))
 
 
 # Label sets of the dense per-patch labels (`patch_labels`); class `len(values)` of shape and colour means "no
@@ -220,9 +228,15 @@ def render(scene: Scene, seed: int, split: str, index: int) -> Image.Image:
 class SyntheticSource:
     """Random-access synthetic source; records are dict(id, image, conversations, qtype)."""
 
-    def __init__(self, split: str, size: int, seed: int, min_image_size: int, max_image_size: int):
+    def __init__(self, split: str, size: int, seed: int, min_image_size: int, max_image_size: int,
+                 exclude: tuple[str, ...] = ()):
         if split not in SPLITS:
             raise ValueError(f"synthetic split must be one of {sorted(SPLITS)}, got {split!r}")
+        unknown = sorted(set(exclude) - set(QTYPES))
+        if unknown or not {"color", "shape", "position", "count"} - set(exclude):
+            raise ValueError(f"data.exclude_qtypes {list(exclude)}: must be question types of {list(QTYPES)} "
+                             "and leave at least one short-answer type")
+        self.exclude = tuple(exclude)
         if not 0 < min_image_size <= max_image_size:
             raise ValueError(f"need 0 < data.min_image_size <= data.max_image_size, got "
                              f"{min_image_size}, {max_image_size}")
@@ -233,7 +247,7 @@ class SyntheticSource:
         return self.size
 
     def scene(self, index: int) -> Scene:
-        return sample_scene(self.seed, self.split, index, self.min_image_size, self.max_image_size)
+        return sample_scene(self.seed, self.split, index, self.min_image_size, self.max_image_size, self.exclude)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:

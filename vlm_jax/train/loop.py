@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -65,7 +66,8 @@ class Setup:
     def imported_state(self, path: str) -> TrainState:
         """A fresh state (new optimizer) whose parameters come from `path` for every leaf it holds, fresh
         init elsewhere: a params-only checkpoint directory (`path/params`, from `launch/convert.py import` or
-        a soup), or a training workdir (`WORKDIR[@STEP]`: a previous stage's run, whatever its optimizer)."""
+        a soup), or a training workdir (`WORKDIR[@STEP]`: a previous stage's run, whatever its optimizer).
+        Leaves whose path matches `config.init_fresh` keep their fresh init."""
         workdir = path.partition("@")[0]
         if os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.path.isdir(os.path.join(path, "params")):
             loaded = traverse_util.flatten_dict(workdir_params(path, list(self.mesh.devices.flat))[0])
@@ -77,6 +79,12 @@ class Setup:
         else:
             loaded = traverse_util.flatten_dict(
                 restore_params(os.path.join(path, "params"), self.abstract_params, self.param_shardings))
+        fresh = self.config.get("init_fresh", "")
+        if fresh:  # e.g. a re-initialised projector (the seeds' stage 1 starts one from scratch)
+            kept = {k: v for k, v in loaded.items() if not re.fullmatch(fresh, "/".join(k))}
+            if len(kept) == len(loaded):
+                raise ValueError(f"init_fresh={fresh!r} matches no parameter that {path} holds")
+            loaded = kept
         params = traverse_util.flatten_dict(self.fresh_state().params)
         params.update({k: v.astype(params[k].dtype) for k, v in loaded.items()})
         logging.info("initialised %d of %d parameter arrays from %s", len(loaded), len(params), path)
