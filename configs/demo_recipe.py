@@ -30,7 +30,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     o.warmup_steps = 20
     if stage == "stage1":
         c.init_fresh = "connector/.*"
-        c.data.exclude_qtypes = ("shape",)
+        c.data.exclude_qtypes = ("shape", "caption")
         o.lr = 1e-3
         o.trainable = [("connector/.*", "connector"), (".*", "frozen")]
     else:
