@@ -35,6 +35,9 @@ _MIN_CONTRAST = 120.0
 _MAX_ASPECT = 2.0
 _CAPTION_FRACTION = 0.2
 _COUNT_FRACTION = 0.5
+# Position answers take two tokens, and the second must find the object again: in the demo it was the slowest type
+# to learn (nearly every error a wrong left/right after the right top/bottom), so it gets twice the turns.
+_TURN_WEIGHTS = {"color": 1.0, "shape": 1.0, "position": 2.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +96,9 @@ def _questions(rng: np.random.Generator, shapes: tuple[Shape, ...], split: str,
     for i in rng.permutation(len(shapes))[:rng.integers(1, len(shapes) + 1)]:
         feasible = [t for t in ("color", "shape", "position") if shapes[i] in subjects[t] and t not in exclude]
         if feasible:
-            turns.append(_question(feasible[rng.integers(len(feasible))], shapes[i], shapes))
+            weights = np.array([_TURN_WEIGHTS[t] for t in feasible])
+            qtype = feasible[rng.choice(len(feasible), p=weights / weights.sum())]
+            turns.append(_question(qtype, shapes[i], shapes))
     # The count comes first: after it, the number of turns would hint at the answer.
     count = [_question("count", shapes[0], shapes)] if rng.random() < _COUNT_FRACTION else []
     if "count" in exclude:
