@@ -9,7 +9,7 @@ from configs import base
 
 def get_config() -> ml_collections.ConfigDict:
     c = base.get_config()
-    c.total_steps = 1700
+    c.total_steps = 1600
     c.batch_size = 16
     c.log_every = 10
     c.checkpoint_every = 500
