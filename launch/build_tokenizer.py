@@ -1,6 +1,7 @@
 """Trains the demo byte-level BPE tokenizer and writes it to vlm_jax/assets/demo_tokenizer/.
 
-The corpus is the synthetic source's questions, answers and captions wrapped in every chat
+The corpus is every question, answer and caption the synthetic scenes allow (not the training mix, so
+a change of mix leaves the asset as it is), wrapped in every chat
 template, so the ~512-token vocabulary spends its merges on the demo's words. The full 256-byte
 initial alphabet means any text still encodes (no unk) and decodes back exactly.
 
@@ -17,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from vlm_jax.data.conversation import IMAGE_MARKER, TEMPLATES  # noqa: E402
-from vlm_jax.data.synthetic import sample_scene  # noqa: E402
+from vlm_jax.data.synthetic import all_questions, sample_scene  # noqa: E402
 from vlm_jax.data.tokenizer import DEMO_TOKENIZER_DIR  # noqa: E402
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -37,7 +38,7 @@ def corpus(n_scenes: int) -> list[str]:
             system = t.system.format(system=SYSTEM) if i % 2 else ""
             lines.append(system + "".join(
                 t.user.format(q=q if t.keep_question else "") + t.answer.format(a=a) + end + t.after_end
-                for _, q, a in s.qa))
+                for _, q, a in all_questions(s)))
     return lines
 
 

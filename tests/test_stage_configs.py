@@ -72,7 +72,8 @@ def test_stage2_starts_from_the_stage1_run(tmp_path):
 
 def test_recipe_stage1_loads_all_but_the_fresh_projector(tmp_path):
     # Another seed, so the base model's parameters differ from stage 1's own fresh init everywhere.
-    base = stage_config("demo_recipe", "stage1", "total_steps=1", "checkpoint_every=1", "seed=1")
+    base = stage_config("demo_recipe", "stage1", "total_steps=1", "checkpoint_every=1", "seed=1", "mesh.data=-1",
+                        "batch_size=8")
     trained = loop.train(base, str(tmp_path / "demo"))
     stage1 = stage_config("demo_recipe", "stage1", f"init_params={tmp_path / 'demo'}")
     setup = loop.Setup(stage1, jax.devices()[:1])

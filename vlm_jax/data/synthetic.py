@@ -110,6 +110,16 @@ def _questions(rng: np.random.Generator, shapes: tuple[Shape, ...], split: str,
     return tuple(count + turns) or (("caption", "Describe the image.", caption(shapes)),)
 
 
+def all_questions(scene: Scene) -> tuple[tuple[str, str, str], ...]:
+    """Every (qtype, q, a) turn the scene can answer, the caption included, whatever the training mix: a
+    corpus (the demo tokenizer's) that must not change when the mix does."""
+    turns = [("caption", "Describe the image.", caption(scene.shapes)),
+             _question("count", scene.shapes[0], scene.shapes)]
+    turns += [_question(t, s, scene.shapes) for s in scene.shapes for t in ("color", "shape", "position")
+              if _asks(t, s, scene.shapes)]
+    return tuple(turns)
+
+
 def _asks(qtype: str, s: Shape, shapes: tuple[Shape, ...]) -> bool:
     """Whether a question of this type about s names it unambiguously."""
     if qtype == "color":
