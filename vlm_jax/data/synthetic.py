@@ -105,9 +105,9 @@ def _questions(rng: np.random.Generator, shapes: tuple[Shape, ...], split: str,
     count = [_question("count", shapes[0], shapes)] if rng.random() < _COUNT_FRACTION else []
     if "count" in exclude:
         count = []
-    elif not turns:  # every question this scene allows is of an excluded type
+    elif not turns:  # every question about a shape is of an excluded type; a count always fits
         count = [_question("count", shapes[0], shapes)]
-    return tuple(count + turns) or (("caption", "Describe the image.", caption(shapes)),)
+    return tuple(count + turns)
 
 
 def all_questions(scene: Scene) -> tuple[tuple[str, str, str], ...]:
@@ -250,9 +250,10 @@ class SyntheticSource:
         if split not in SPLITS:
             raise ValueError(f"synthetic split must be one of {sorted(SPLITS)}, got {split!r}")
         unknown = sorted(set(exclude) - set(QTYPES))
-        if unknown or not {"color", "shape", "position", "count"} - set(exclude):
+        # Position and count questions fit every scene, so keeping one of them leaves every record a question.
+        if unknown or not {"position", "count"} - set(exclude):
             raise ValueError(f"data.exclude_qtypes {list(exclude)}: must be question types of {list(QTYPES)} "
-                             "and leave at least one short-answer type")
+                             "and keep 'position' or 'count'")
         self.exclude = tuple(exclude)
         if not 0 < min_image_size <= max_image_size:
             raise ValueError(f"need 0 < data.min_image_size <= data.max_image_size, got "
