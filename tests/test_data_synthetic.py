@@ -104,7 +104,7 @@ def subject(s, qtype, question):
     elif qtype == "shape":
         (x,) = [x for x in s.shapes if f" {x.color} " in question]
     else:
-        (x,) = [x for x in s.shapes if f" {x.color} {x.shape}?" in question]
+        (x,) = [x for x in s.shapes if f" {x.color} {x.shape}" in question]
     return x
 
 
@@ -121,11 +121,26 @@ def check_answer(s, qtype, question, answer, qh, qw):
         (target,) = [x for x in s.shapes if f"{x.color} {x.shape}" in question]
         vertical = "top" if target.cy < qh else "bottom"
         horizontal = "left" if target.cx < qw else "right"
-        assert answer == f"{vertical} {horizontal}"
+        if question.endswith("on the left or the right?"):
+            assert answer == horizontal
+        elif question.endswith("at the top or the bottom?"):
+            assert answer == vertical
+        else:
+            assert question.endswith(f"Where is the {target.color} {target.shape}?")
+            assert answer == f"{vertical} {horizontal}"
     else:
         assert answer == caption(s.shapes) and answer.count(";") == len(s.shapes) - 1
         for x in s.shapes:
             assert f"in the {x.quadrant}, {'an' if x.color[0] in 'aeiou' else 'a'} {x.color} {x.shape}" in answer
+
+
+def test_position_turns_ask_one_axis_in_training_only():
+    train = [q for i in range(300) for t, q, _ in source("train").scene(i).qa if t == "position"]
+    one_axis = [q for q in train if not q.startswith("Where is")]
+    assert {q.rsplit(" the ", 2)[-2] for q in one_axis} == {"left or", "top or"}
+    assert 0.2 < len(one_axis) / len(train) < 0.45
+    evals = [q for i in range(300) for t, q, _ in source("eval").scene(i).qa if t == "position"]
+    assert evals and all(q.startswith("Where is") for q in evals)
 
 
 def test_demo_sizes_and_no_matching_background():
