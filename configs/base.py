@@ -7,7 +7,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
-    c.batch_size = 8
+    c.batch_size = 8  # rows per optimizer step, over all devices
+    # Gradient accumulation: each step's batch_size rows run as this many equal micro-batches, one after another.
+    c.micro_batches = 1
     c.log_every = 10
     c.checkpoint_every = 500
     c.keep_checkpoints = 2

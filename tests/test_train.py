@@ -7,7 +7,7 @@ import pytest
 from vlm_jax import parallel
 from vlm_jax.train import loop
 from vlm_jax.train.param_groups import label_params
-from vlm_jax.train.step import make_train_step
+from vlm_jax.train.step import make_train_step, split_micro_batches
 from vlm_jax.train.tensorboard import read_scalars
 from tests.helpers import first_batch, tiny_config
 
@@ -16,11 +16,12 @@ FREEZE_VISION = "optim.trainable=[('vision/.*', 'frozen'), ('.*', 'train')]"
 NO_WARMUP = "optim.warmup_steps=0"
 
 
-def one_step(config, devices):
+def one_step(config, devices, micro_batches=1):
     setup = loop.Setup(config, devices)
     state = setup.fresh_state()
     before = jax.device_get(state.params)
-    step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
+    step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings,
+                           micro_batches=micro_batches)
     new_state, metrics = step(state, parallel.global_batch(first_batch(config), setup.mesh))
     return metrics, before, jax.device_get(new_state.params), new_state
 
@@ -47,6 +48,42 @@ def test_one_step_same_on_1_and_8_devices_with_frozen_vision():
     # fsdp x tensor really shards: some parameter is split over several devices.
     assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
                for x in jax.tree.leaves(state8.trainable))
+
+
+def test_micro_batches_give_the_one_pass_loss_and_update():
+    """Gradient accumulation over 2 micro-batches of 8 rows on the 8-device mesh (fsdp x tensor) matches one pass
+    over all 16: the loss is the token-weighted mean over the whole batch, however the tokens fall."""
+    config = tiny_config("batch_size=16", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", FREEZE_VISION, NO_WARMUP,
+                         "optim.optimizer=sgd")
+    m1, before, params1, _ = one_step(config, None)
+    m2, _, params2, _ = one_step(config, None, micro_batches=2)
+    for key in ("loss", "grad_norm", "loss_tokens"):
+        np.testing.assert_allclose(float(m1[key]), float(m2[key]), rtol=1e-5)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), before["decoder"], params1["decoder"])
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params1, params2)
+    assert max(jax.tree.leaves(diffs)) < 1e-4 * config.optim.lr < min(jax.tree.leaves(moved))
+
+
+def test_micro_batch_i_takes_every_nth_row_from_every_device():
+    mesh = loop.Setup(tiny_config(), None).mesh
+    rows = np.arange(16 * 3).reshape(16, 3)
+    batch = parallel.global_batch({"x": rows}, mesh)
+    split = jax.jit(lambda b: split_micro_batches(b, 2, mesh))(batch)["x"]
+    np.testing.assert_array_equal(np.asarray(split), np.stack([rows[0::2], rows[1::2]]))
+    # Each device keeps its rows (2k, 2k + 1 -> column k of both micro-batches): no data moves, and each
+    # micro-batch spans all 8 devices.
+    before = {s.device: s.index[0].start for s in batch["x"].addressable_shards}
+    after = {s.device: s.index for s in split.addressable_shards}
+    assert len(after) == 8 and all(index[0] == slice(None) and index[1] == slice(before[d] // 2, before[d] // 2 + 1)
+                                   for d, index in after.items())
+
+
+def test_micro_batches_must_split_the_batch_over_the_mesh():
+    mesh = loop.Setup(tiny_config(), None).mesh
+    with pytest.raises(ValueError, match="micro_batches=3"):
+        loop.check_batch_size(tiny_config("micro_batches=3"), mesh)
+    with pytest.raises(ValueError, match="micro_batches=2"):  # 8 rows = 2 x 4: not a multiple of 8 devices
+        loop.check_batch_size(tiny_config("micro_batches=2"), mesh)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):

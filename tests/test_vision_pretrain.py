@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from vlm_jax.data import synthetic
 from vlm_jax.data.images import tile_image
+from vlm_jax.data.navit import navit_patches
 from vlm_jax.train import loop
 from vlm_jax.train.checkpoint import restore_params
 from vlm_jax.train.vision_pretrain import IGNORE, NONE, LabelledBatches, pretrain_vision
@@ -61,15 +62,26 @@ def test_a_tile_is_labelled_over_the_part_of_the_image_it_shows():
         assert np.all(view["labels_quadrant"] == IGNORE)
 
 
-def test_navit_rows_carry_labels_in_patch_order():
+def test_navit_rows_carry_one_label_per_merge_window():
     config = tiny_config()
     navit = tiny_config("model.vision.stem=navit", "model.vision.patch_size=8", "model.vision.drop_cls=False",
                         "model.connector.merge_size=2", "data.max_patches_per_row=144", "data.max_images_per_row=4")
     navit.model.vision.temporal_patch_size = 2
-    row = LabelledBatches(navit, "train", 100).batch(0, 2)
+    batches = LabelledBatches(navit, "train", 100)
+    row = batches.batch(0, 2)
     assert row["patches"].shape == (2, 144, 3 * 2 * 8 * 8)
-    for k in ("labels_shape", "labels_color"):
-        np.testing.assert_array_equal(row[k] == IGNORE, row["patch_segment_ids"] == 0)
+    windows = row["patch_segment_ids"][:, ::4]
+    np.testing.assert_array_equal(row["patch_segment_ids"], np.repeat(windows, 4, axis=1))
+    for k in ("labels_shape", "labels_color", "labels_quadrant"):
+        np.testing.assert_array_equal(row[k] == IGNORE, windows == 0)
+    # The first image of row 0, labelled over its 16 px windows in raster order.
+    rng = np.random.default_rng([navit.seed, synthetic.SPLITS["train"], 0, 0])
+    img, scene = batches.image(int(rng.integers(len(batches.source))))
+    h, w = navit_patches(img, patch_size=8, temporal_patch_size=2, merge_size=2, min_pixels=navit.data.min_pixels,
+                         max_pixels=navit.data.max_pixels)[1][1:]
+    expected = synthetic.patch_labels(scene, h // 2, w // 2)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(row[f"labels_{k}"][0, :len(v)], v)
     assert np.any(row["labels_shape"] >= 0) and np.any(row["labels_shape"] == NONE["shape"])
     tiled = LabelledBatches(config, "train", 100).batch(0, 4)
     assert tiled["pixels"].shape == (4, 32, 32, 3) and tiled["labels_shape"].shape == (4, 4)

@@ -152,6 +152,10 @@ def check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
     if config.batch_size % dp or config.batch_size % jax.process_count():
         raise ValueError(f"batch_size {config.batch_size} must divide by the data x fsdp mesh size {dp} "
                          f"and the process count {jax.process_count()}")
+    n = config.micro_batches
+    if n < 1 or config.batch_size % (n * dp):
+        raise ValueError(f"micro_batches={n}: batch_size {config.batch_size} must split into that many micro-batches "
+                         f"of a multiple of the data x fsdp mesh size {dp} rows")
 
 
 def check_segments(config: ml_collections.ConfigDict) -> None:
@@ -196,7 +200,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
         state, data_state = ckpt.restore(start, setup.abstract_state, setup.state_shardings)
         data.set_state(data_state)
         logging.info("resumed from step %d", start)
-    step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed)
+    step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed,
+                              micro_batches=config.micro_batches)
     logger = MetricsLogger(workdir, start, config.total_steps)
     config_json, tokens_seen = to_json(config), 0.0
     end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)

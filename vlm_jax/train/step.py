@@ -26,13 +26,30 @@ class TrainState:
         return merge_params(self.trainable, self.frozen)
 
 
-def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-    """Mean next-token loss over masked positions, and the number of those positions."""
+def masked_nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token loss over masked positions, and the number of those positions."""
     logits = logits.astype(jnp.float32)
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
     mask = mask.astype(jnp.float32)
-    count = mask.sum()
-    return (nll * mask).sum() / jnp.maximum(count, 1.0), count
+    return (nll * mask).sum(), mask.sum()
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token loss over masked positions, and the number of those positions."""
+    total, count = masked_nll_sum(logits, targets, mask)
+    return total / jnp.maximum(count, 1.0), count
+
+
+def split_micro_batches(batch: dict, n: int, mesh: Mesh) -> dict:
+    """[B, ...] -> [n, B / n, ...]: micro-batch i holds rows i, i + n, ..., so each keeps its share of every
+    device's rows (a contiguous split would put whole micro-batches on a few devices)."""
+    spec = parallel.batch_sharding(mesh).spec
+
+    def split(x):
+        x = jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+            None, *spec)))
+    return jax.tree.map(split, batch)
 
 
 def init_state(optimizer: optax.GradientTransformation, groups: ParamGroups, params) -> TrainState:
@@ -42,20 +59,37 @@ def init_state(optimizer: optax.GradientTransformation, groups: ParamGroups, par
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    state_shardings, rules=parallel.LOGICAL_RULES, seed: int = 0) -> Callable:
+                    state_shardings, rules=parallel.LOGICAL_RULES, seed: int = 0, micro_batches: int = 1) -> Callable:
     """Returns jitted `step(state, batch) -> (state, metrics)` that runs unchanged on any mesh.
 
     Each step passes a 'dropout' rng derived from (seed, step), so LoRA dropout is on in training only and a
-    resumed run draws the same masks."""
+    resumed run draws the same masks. With `micro_batches` n > 1 the batch runs as n slices one after another
+    (gradient accumulation), summing the loss and its gradients over all of them before the one optimizer
+    update: the same token-weighted mean loss and gradients as one pass, with 1/n of the activations live."""
 
-    def loss_fn(trainable, frozen, batch, dropout_key):
-        logits = forward(model, {"params": merge_params(trainable, frozen)}, batch, rngs={"dropout": dropout_key})
-        return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    def nll_and_grads(trainable, frozen, batch, dropout_key):
+        def nll_sum(trainable):
+            logits = forward(model, {"params": merge_params(trainable, frozen)}, batch,
+                             rngs={"dropout": dropout_key})
+            return masked_nll_sum(logits, batch["targets"], batch["loss_mask"])
+        (total, count), grads = jax.value_and_grad(nll_sum, has_aux=True)(trainable)
+        return total, count, grads
 
     def step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
         with nn.logical_axis_rules(rules):
-            (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.trainable, state.frozen, batch, jax.random.fold_in(jax.random.key(seed), state.step))
+            if micro_batches == 1:
+                total, count, grads = nll_and_grads(state.trainable, state.frozen, batch, key)
+            else:
+                def accumulate(sums, xs):
+                    i, micro = xs
+                    return jax.tree.map(jnp.add, sums, nll_and_grads(state.trainable, state.frozen, micro,
+                                                                     jax.random.fold_in(key, i))), None
+                zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.trainable))
+                (total, count, grads), _ = jax.lax.scan(
+                    accumulate, zeros, (jnp.arange(micro_batches), split_micro_batches(batch, micro_batches, mesh)))
+        denominator = jnp.maximum(count, 1.0)
+        loss, grads = total / denominator, jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss, "loss_tokens": count, "grad_norm": optax.tree.norm(grads)}

@@ -50,6 +50,10 @@ class DenseLabeler(nn.Module):
         c = self.config
         kw = module_kwargs(c)
         x = ViT(c.vision, **stack_kwargs(c), **kw, name="vision")(*inputs)
+        g = _window(c) ** 2
+        # Labelled per merge window, the unit the PatchMerger hands the LLM: one 8 px patch shows a fragment
+        # of a shape, its window (the heads see the window's patches side by side) most of one.
+        x = x.reshape(*x.shape[:-2], x.shape[-2] // g, g * x.shape[-1])
         return {name: Dense(n, (axes.EMBED, None), use_bias=True, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
                             name=f"{name}_head")(x) for name, n in CLASSES.items()}
 
@@ -101,6 +105,8 @@ class LabelledBatches:
         if v.stem != "navit":
             return self.view(rng)
         m, cap = c.model.connector.merge_size, c.data.max_patches_per_row
+        if cap % (m * m):
+            raise ValueError(f"data.max_patches_per_row={cap} is not a whole number of {m}x{m} merge windows")
         images, labels, used = [], [], 0
         while len(images) < c.data.max_images_per_row:
             img, scene = self.image(int(rng.integers(len(self.source))))
@@ -114,13 +120,12 @@ class LabelledBatches:
             images.append((patches, grid))
             used += len(patches)
             _, h, w = grid
-            # patch_labels is row-major; navit patches come window by window (data/navit.py).
-            labels.append({k: a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).ravel()
-                           for k, a in synthetic.patch_labels(scene, h, w).items()})
+            # One label per merge window; windows come in raster order (data/navit.py).
+            labels.append(synthetic.patch_labels(scene, h // m, w // m))
         row = pack_patches(images, cap, images[0][0].shape[1], m)
         for k in CLASSES:
-            row[f"labels_{k}"] = np.full(cap, IGNORE, np.int32)
-            row[f"labels_{k}"][:used] = np.concatenate([x[k] for x in labels])
+            row[f"labels_{k}"] = np.full(cap // (m * m), IGNORE, np.int32)
+            row[f"labels_{k}"][:used // (m * m)] = np.concatenate([x[k] for x in labels])
         return row
 
     def batch(self, step: int, rows: int, process: int = 0, processes: int = 1) -> dict[str, np.ndarray]:
@@ -129,6 +134,11 @@ class LabelledBatches:
         built = [self.row(np.random.default_rng([self.config.seed, synthetic.SPLITS[self.split], step, r]))
                  for r in range(process * per, (process + 1) * per)]
         return {k: np.stack([b[k] for b in built]) for k in built[0]}
+
+
+def _window(model_config: ml_collections.ConfigDict) -> int:
+    """Side of the window whose tokens get one label: the merge window of a navit tower, else 1 (each token)."""
+    return model_config.connector.merge_size if model_config.vision.stem == "navit" else 1
 
 
 def _logits_and_labels(model: DenseLabeler, params, batch: dict) -> dict[str, tuple[jax.Array, jax.Array]]:
