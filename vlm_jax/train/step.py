@@ -67,29 +67,29 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     (gradient accumulation), summing the loss and its gradients over all of them before the one optimizer
     update: the same token-weighted mean loss and gradients as one pass, with 1/n of the activations live."""
 
-    def nll_and_grads(trainable, frozen, batch, dropout_key):
-        def nll_sum(trainable):
+    def value_and_grads(reduce, trainable, frozen, batch, dropout_key):
+        def value(trainable):
             logits = forward(model, {"params": merge_params(trainable, frozen)}, batch,
                              rngs={"dropout": dropout_key})
-            return masked_nll_sum(logits, batch["targets"], batch["loss_mask"])
-        (total, count), grads = jax.value_and_grad(nll_sum, has_aux=True)(trainable)
+            return reduce(logits, batch["targets"], batch["loss_mask"])
+        (total, count), grads = jax.value_and_grad(value, has_aux=True)(trainable)
         return total, count, grads
 
     def step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         with nn.logical_axis_rules(rules):
-            if micro_batches == 1:
-                total, count, grads = nll_and_grads(state.trainable, state.frozen, batch, key)
+            if micro_batches == 1:  # the mean differentiated directly: one-pass runs replay bit for bit as before
+                loss, count, grads = value_and_grads(masked_cross_entropy, state.trainable, state.frozen, batch, key)
             else:
                 def accumulate(sums, xs):
                     i, micro = xs
-                    return jax.tree.map(jnp.add, sums, nll_and_grads(state.trainable, state.frozen, micro,
-                                                                     jax.random.fold_in(key, i))), None
+                    return jax.tree.map(jnp.add, sums, value_and_grads(
+                        masked_nll_sum, state.trainable, state.frozen, micro, jax.random.fold_in(key, i))), None
                 zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.trainable))
                 (total, count, grads), _ = jax.lax.scan(
                     accumulate, zeros, (jnp.arange(micro_batches), split_micro_batches(batch, micro_batches, mesh)))
-        denominator = jnp.maximum(count, 1.0)
-        loss, grads = total / denominator, jax.tree.map(lambda g: g / denominator, grads)
+                denominator = jnp.maximum(count, 1.0)
+                loss, grads = total / denominator, jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss, "loss_tokens": count, "grad_norm": optax.tree.norm(grads)}
