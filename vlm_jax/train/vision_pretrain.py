@@ -8,7 +8,9 @@ synthetic source derives from its scene geometry (`synthetic.patch_labels`), and
 as a params-only checkpoint that the VLM stage starts from (and, by the usual `optim.trainable` rules, freezes).
 
 Tiled stems (clip, qwenvl) learn on the views the VLM sees: the global view (the whole image in one
-`data.tile_size` tile) and, a `vision_pretrain.tile_fraction` of the time, one of its tiles. The navit stem learns on native-resolution images packed into `data.max_patches_per_row` slots, as in VLM training.
+`data.tile_size` tile) and, a `vision_pretrain.tile_fraction` of the time, one of its tiles. The navit stem learns
+on native-resolution images packed into `data.max_patches_per_row` slots, as in VLM training, with one label per
+merge window (the heads see its patches side by side), the unit the PatchMerger hands the LLM.
 """
 
 import json
