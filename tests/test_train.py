@@ -64,6 +64,20 @@ def test_micro_batches_give_the_one_pass_loss_and_update():
     assert max(jax.tree.leaves(diffs)) < 1e-4 * config.optim.lr < min(jax.tree.leaves(moved))
 
 
+def test_micro_batches_shrink_the_compiled_step_memory():
+    config = tiny_config("batch_size=16", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1")
+    setup = loop.Setup(config, jax.devices()[:1])
+    state, batch = setup.fresh_state(), parallel.global_batch(first_batch(config), setup.mesh)
+
+    def temp_bytes(n):
+        step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, micro_batches=n)
+        with jax.set_mesh(setup.mesh):
+            return step.jitted.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+    one, four = temp_bytes(1), temp_bytes(4)
+    assert four < 0.6 * one, (one, four)
+
+
 def test_micro_batch_i_takes_every_nth_row_from_every_device():
     mesh = loop.Setup(tiny_config(), None).mesh
     rows = np.arange(16 * 3).reshape(16, 3)

@@ -65,7 +65,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     Each step passes a 'dropout' rng derived from (seed, step), so LoRA dropout is on in training only and a
     resumed run draws the same masks. With `micro_batches` n > 1 the batch runs as n slices one after another
     (gradient accumulation), summing the loss and its gradients over all of them before the one optimizer
-    update: the same token-weighted mean loss and gradients as one pass, with 1/n of the activations live."""
+    update: the same token-weighted mean loss and gradients as one pass, with about 1/n of the activations live."""
 
     def value_and_grads(reduce, trainable, frozen, batch, dropout_key):
         def value(trainable):
@@ -102,4 +102,5 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
         with jax.set_mesh(mesh):
             return jitted(state, batch)
 
+    run.jitted = jitted  # for lowering and compiled-memory checks
     return run
