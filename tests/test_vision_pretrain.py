@@ -14,7 +14,7 @@ from vlm_jax.data.images import tile_image
 from vlm_jax.data.navit import navit_patches
 from vlm_jax.train import loop
 from vlm_jax.train.checkpoint import restore_params
-from vlm_jax.train.vision_pretrain import IGNORE, NONE, LabelledBatches, pretrain_vision
+from vlm_jax.train.vision_pretrain import CLASSES, IGNORE, NONE, DenseLabeler, LabelledBatches, pretrain_vision
 from tests.helpers import tiny_config
 
 STAGE0 = ["vision_pretrain.steps=40", "vision_pretrain.batch_size=32", "vision_pretrain.eval_images=128",
@@ -83,6 +83,11 @@ def test_navit_rows_carry_one_label_per_merge_window():
     for k, v in expected.items():
         np.testing.assert_array_equal(row[f"labels_{k}"][0, :len(v)], v)
     assert np.any(row["labels_shape"] >= 0) and np.any(row["labels_shape"] == NONE["shape"])
+    # The heads answer once per window too (the loss would otherwise score the last quarter of the patch tokens).
+    model = DenseLabeler(navit.model)
+    inputs = [jax.numpy.asarray(row[k]) for k in ("patches", "patch_positions", "patch_segment_ids")]
+    logits = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), *inputs)[0])
+    assert {k: v.shape for k, v in logits.items()} == {k: (2, 36, n) for k, n in CLASSES.items()}
     tiled = LabelledBatches(config, "train", 100).batch(0, 4)
     assert tiled["pixels"].shape == (4, 32, 32, 3) and tiled["labels_shape"].shape == (4, 4)
 
