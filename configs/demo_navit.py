@@ -30,5 +30,5 @@ def get_config() -> ml_collections.ConfigDict:
     # Stage 0 on packed rows of native-resolution images: 32 rows of 144 slots hold about 64 images a step.
     c.vision_pretrain.update(batch_size=32, steps=400)
     # The schedule of its measured runs (README), kept when configs/demo.py moved to a longer stage 0 and LR 1e-3.
-    c.total_steps, c.micro_batches, c.optim.lr = 1600, 1, 2e-3
+    c.total_steps, c.optim.lr = 1600, 2e-3
     return c

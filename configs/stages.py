@@ -39,7 +39,6 @@ def make_tiny(c: ml_collections.ConfigDict, image_size: int) -> None:
     """Shrinks the model and data to CPU size, keeping the recipe (rules, groups, LR ratios) as it is.
     `image_size` is the tiny stand-in for the stage's resolution (so a 224 -> 448 change stays a change)."""
     c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 4, 8, 1, 4
-    c.micro_batches = 1  # 8 rows over the tests' 8 devices leave nothing to split
     c.eval_examples, c.eval_batch_size = 8, 8
     c.model.vision.update(image_size=image_size, patch_size=image_size // 2, width=64, depth=4, heads=4,
                           mlp_dim=128)

@@ -8,7 +8,7 @@ from vlm_jax.data.tokenizer import load_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["batch_size=8", "data.seq_len=128", "data.max_tiles=4", "data.max_tiles_per_row=6", "model.text.layers=2",
         "model.vision.depth=2", "model.text.hidden=64", "model.text.ffn=128", "model.vision.width=64",
-        "model.vision.mlp_dim=128", "log_every=1", "vision_pretrain.steps=0", "micro_batches=1",
+        "model.vision.mlp_dim=128", "log_every=1", "vision_pretrain.steps=0",
         'optim.trainable=[(".*", "train")]']
 
 
