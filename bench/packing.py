@@ -1,10 +1,12 @@
 """Padding of packed NaViT batches at 7B-run shapes vs the same examples padded one per row. Prints one JSON line.
 
-  python bench/packing.py [--seq_len 4096 --max_patches 11776 --max_images 16 --window 1024 --examples 20000]
+  python bench/packing.py [--seq_len 4096 --max_patches 11776 --max_images 16 --window 1024 --group 8]
 
 Nothing is downloaded and no pixels are made: example sizes are drawn from documented distributions and run
 through the real preprocessing arithmetic (navit.smart_resize at WePOINTS' pixel range) and the real row
-budgets and planner (data/packing.py NavitRows, plan_rows). Counts padding only; times nothing.
+budgets and planners (data/packing.py NavitRows; plan_groups for `--group` rows sharing their vision rows,
+data.vision_group_rows, with examples carried from window to window as the pipeline does; plan_rows for rows
+that hold their own images). Counts padding only; times nothing.
 
 The mix (per example; one image unless text-only):
   * images: photos 60 % (COCO / LAION-like: long side 480-1024 px, aspect 4:3, 3:4, 16:9, 1:1), documents 20 %
@@ -27,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vlm_jax.data.navit import MAX_PIXELS, MIN_PIXELS, smart_resize  # noqa: E402
-from vlm_jax.data.packing import NavitRows, plan_rows  # noqa: E402
+from vlm_jax.data.packing import NavitRows, plan_groups, plan_rows  # noqa: E402
 
 # (weight, median text tokens, log-normal sigma, has an image)
 TEXT = [(0.55, 110, 0.6, True), (0.30, 330, 0.5, True), (0.06, 200, 0.6, True), (0.09, 800, 0.9, False)]
@@ -82,10 +84,25 @@ def stream_rows(costs: list[tuple[int, ...]], limits: tuple[int, ...]) -> list[l
     return rows
 
 
-def padding(rows: list[list[int]], costs: list[tuple[int, int, int]], seq_len: int, max_patches: int) -> tuple:
+def padding(rows: int, costs: list[tuple[int, int, int]], seq_len: int, max_patches: int) -> tuple:
+    """(LLM, vision) padding fractions of `rows` rows holding every example of `costs`."""
     tokens = sum(c[0] for c in costs)
     patches = sum(c[1] for c in costs)
-    return 1 - tokens / (len(rows) * seq_len), 1 - patches / (len(rows) * max_patches)
+    return 1 - tokens / (rows * seq_len), 1 - patches / (rows * max_patches)
+
+
+def grouped_rows(costs: list[tuple[int, ...]], layout: NavitRows, window: int) -> int:
+    """Rows that plan_groups fills with every example, window after window, each passing on what it could not
+    fit (the pipeline's data.vision_group_rows path); the last window places everything."""
+    groups, carried, start = 0, [], 0
+    while start < len(costs) or carried:
+        indices = carried + list(range(start, min(start + window, len(costs))))
+        start += window
+        planned, left = plan_groups([costs[i][0] for i in indices], [[costs[i][1]] * costs[i][2] for i in indices],
+                                    layout, carried=len(carried), flush=start >= len(costs))
+        groups += len(planned)
+        carried = [indices[i] for i in left]
+    return groups * layout.group
 
 
 def main() -> None:
@@ -95,27 +112,28 @@ def main() -> None:
     p.add_argument("--max_images", type=int, default=16)
     p.add_argument("--max_examples", type=int, default=64)
     p.add_argument("--window", type=int, default=1024, help="examples planned together (data.pack_window)")
+    p.add_argument("--group", type=int, default=8, help="rows sharing their vision rows (data.vision_group_rows)")
     p.add_argument("--examples", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     layout = NavitRows(a.seq_len, a.max_patches, a.max_images, patch_dim=1, merge_size=2,
-                       max_examples_per_row=a.max_examples)
+                       max_examples_per_row=a.max_examples, group=a.group)
     limits = tuple(limit for _, _, limit in layout.budgets)
     costs = [c + (1,) for c in sample_examples(np.random.default_rng(a.seed), a.examples, a.seq_len)]
     fits = [c for c in costs if all(x <= lim for x, lim in zip(c, limits))]
-    rows = []
-    for start in range(0, len(fits), a.window):
-        window = fits[start:start + a.window]
-        rows += [[start + i for i in row] for row in plan_rows(window, limits)]
-    llm, vision = padding(rows, fits, a.seq_len, a.max_patches)
-    llm1, vision1 = padding([[i] for i in range(len(fits))], fits, a.seq_len, a.max_patches)
-    llm0, vision0 = padding(stream_rows(fits, limits), fits, a.seq_len, a.max_patches)
+    rows = grouped_rows(fits, layout, a.window)
+    own = sum(len(plan_rows(fits[start:start + a.window], limits)) for start in range(0, len(fits), a.window))
+    figures = dict(zip(("llm_padding_fraction", "vision_padding_fraction"),
+                       padding(rows, fits, a.seq_len, a.max_patches)))
+    for name, count in (("rows_own_images", own), ("one_per_row", len(fits)),
+                        ("stream_order", len(stream_rows(fits, limits)))):
+        llm, vision = padding(count, fits, a.seq_len, a.max_patches)
+        figures.update({f"{name}_llm_padding_fraction": llm, f"{name}_vision_padding_fraction": vision})
     print(json.dumps(dict(
-        llm_padding_fraction=round(llm, 4), vision_padding_fraction=round(vision, 4),
-        one_per_row_llm_padding_fraction=round(llm1, 4), one_per_row_vision_padding_fraction=round(vision1, 4),
-        stream_order_llm_padding_fraction=round(llm0, 4), stream_order_vision_padding_fraction=round(vision0, 4),
+        {k: round(v, 4) for k, v in figures.items()},
         seq_len=a.seq_len, max_patches_per_row=a.max_patches, max_images_per_row=a.max_images,
-        pack_window=a.window, examples=len(fits), dropped_over_budget=len(costs) - len(fits), rows=len(rows),
+        vision_group_rows=a.group, pack_window=a.window, examples=len(fits),
+        dropped_over_budget=len(costs) - len(fits), rows=rows,
         mean_tokens=round(float(np.mean([c[0] for c in fits])), 1),
         mean_patches=round(float(np.mean([c[1] for c in fits])), 1))), flush=True)
 

@@ -38,7 +38,7 @@ def pad_prompts(examples: list[dict], config: ml_collections.ConfigDict, rows: i
     """Right-pads a list of eval examples into one fixed-shape generation batch of `rows` rows, one example per
     row, in the batch layout of `config` (tiles, or NaViT patches); `positions` [rows, L, 3] for an M-RoPE
     decoder."""
-    layout = row_layout(config)
+    layout = row_layout(config, grouped=False)
     batch = layout.empty(rows)
     for row, ex in enumerate(examples):
         n, navit = len(ex["tokens"]), "images" in ex

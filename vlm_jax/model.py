@@ -112,13 +112,21 @@ class VLM(nn.Module):
         image_dest: jax.Array,
     ) -> jax.Array:
         """NaViT: text embeddings with the visual token of every real merge window written at its `image_dest`
-        position [B, N / merge_size**2] (docs/contracts.md)."""
+        position: [B, N / merge_size**2], or [B / g, g * N / merge_size**2] for groups of g rows sharing their
+        vision rows (docs/contracts.md)."""
         x = self.decoder.embed(tokens)
         visual = self.encode_patches(patches, patch_positions, patch_segment_ids).astype(x.dtype)
-        if image_dest.shape[1] != visual.shape[1]:
-            raise ValueError(f"image_dest has {image_dest.shape[1]} slots for {visual.shape[1]} merge windows")
-        group = patch_segment_ids.shape[1] // visual.shape[1]
-        return _scatter(x, visual, patch_segment_ids[:, ::group] > 0, image_dest)
+        rows, length, width = x.shape
+        groups = image_dest.shape[0]
+        if rows % groups or image_dest.shape[1] * groups != visual.shape[0] * visual.shape[1]:
+            raise ValueError(f"image_dest {image_dest.shape} does not fit {rows} rows of {visual.shape[1]} merge "
+                             "windows: [rows / g, g * windows] for groups of g rows (docs/contracts.md)")
+        window = patch_segment_ids.shape[1] // visual.shape[1]
+        valid = patch_segment_ids[:, ::window] > 0
+        # A group's rows side by side: its vision rows' windows index the group's text rows as one sequence.
+        x = _scatter(x.reshape(groups, -1, width), visual.reshape(groups, -1, width), valid.reshape(groups, -1),
+                     image_dest)
+        return x.reshape(rows, length, width)
 
     def forward_patches(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,

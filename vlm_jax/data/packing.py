@@ -114,6 +114,8 @@ def write_text(batch: dict, row: int, examples: list, positions: list[np.ndarray
 class TiledRows:
     """Rows of the tiled batch: `max_tiles_per_row` tile slots of P placeholder tokens each."""
 
+    group = 1  # every row holds its own tiles (NavitRows.group)
+
     def __init__(self, seq_len: int, max_tiles_per_row: int, tile_size: int, tokens_per_tile: int,
                  max_examples_per_row: int):
         self.seq_len, self.max_tiles, self.tile_size, self.p = seq_len, max_tiles_per_row, tile_size, tokens_per_tile
@@ -132,18 +134,24 @@ class TiledRows:
 
 class NavitRows:
     """Rows of the NaViT batch: `max_patches_per_row` patch slots (a multiple of merge_size**2) holding at most
-    `max_images_per_row` images; merge window j of the row goes to `image_dest[j]`. With `mrope` (a Qwen2-VL
-    decoder) `positions` is [rows, L, 3]: each example's M-RoPE ids, from 0 as if it were alone
-    (`navit.example_mrope_positions`)."""
+    `max_images_per_row` images. With `mrope` (a Qwen2-VL decoder) `positions` is [rows, L, 3]: each example's
+    M-RoPE ids, from 0 as if it were alone (`navit.example_mrope_positions`).
+
+    With `group` g > 1 every g consecutive rows form a group whose g vision rows hold the images of all its
+    examples, wherever their text sits (plan_groups); `image_dest` is then [rows / g, g * N / m**2]: merge window
+    j of the group's vision rows (flat) goes to flat position row * L + position of the group's text rows, and
+    g * L means dropped. With g = 1 that is the per-row layout."""
 
     def __init__(self, seq_len: int, max_patches_per_row: int, max_images_per_row: int, patch_dim: int,
-                 merge_size: int, max_examples_per_row: int, mrope: bool = False):
-        group = merge_size ** 2
-        if max_patches_per_row % group:
-            raise ValueError(f"data.max_patches_per_row {max_patches_per_row} is not a multiple of {group} "
+                 merge_size: int, max_examples_per_row: int, mrope: bool = False, group: int = 1):
+        window = merge_size ** 2
+        if max_patches_per_row % window:
+            raise ValueError(f"data.max_patches_per_row {max_patches_per_row} is not a multiple of {window} "
                              f"(one {merge_size}x{merge_size} merge window)")
+        if group < 1:
+            raise ValueError(f"data.vision_group_rows must be at least 1, not {group}")
         self.seq_len, self.max_patches, self.patch_dim, self.merge = seq_len, max_patches_per_row, patch_dim, merge_size
-        self.mrope = mrope
+        self.mrope, self.group = mrope, group
         self.budgets = (("tokens", "data.seq_len", seq_len),
                         ("patches", "data.max_patches_per_row", max_patches_per_row),
                         ("images", "data.max_images_per_row", max_images_per_row),
@@ -153,27 +161,45 @@ class NavitRows:
         return len(ex), ex.num_patches, len(ex.images), 1
 
     def empty(self, rows: int) -> dict:
-        n = self.max_patches
+        if rows % self.group:
+            raise ValueError(f"{rows} rows do not split into groups of data.vision_group_rows={self.group}")
+        n, g = self.max_patches, self.group
         return dict(text_batch(rows, self.seq_len, self.mrope),
                     patches=np.zeros((rows, n, self.patch_dim), np.float32),
                     patch_positions=np.zeros((rows, n, 2), np.int32),
                     patch_segment_ids=np.zeros((rows, n), np.int32),
                     # Padding windows point one past the end, so the model's scatter drops them.
-                    image_dest=np.full((rows, n // self.merge ** 2), self.seq_len, np.int32))
+                    image_dest=np.full((rows // g, g * n // self.merge ** 2), g * self.seq_len, np.int32))
 
     def write(self, batch: dict, row: int, examples: list[NavitExample]) -> None:
-        positions = [example_mrope_positions(len(ex), ex.image_starts, [grid for _, grid in ex.images], self.merge)
-                     for ex in examples] if self.mrope else None
-        offsets = write_text(batch, row, examples, positions)
-        images = [image for ex in examples for image in ex.images]
-        packed = pack_patches(images, self.max_patches, self.patch_dim, self.merge)
-        for key, value in packed.items():
-            batch[key][row] = value
-        dest = [offset + start + np.arange(math.prod(grid) // self.merge ** 2)
-                for ex, offset in zip(examples, offsets) for (_, grid), start in zip(ex.images, ex.image_starts)]
-        if dest:
-            dest = np.concatenate(dest)
-            batch["image_dest"][row, :len(dest)] = dest
+        """Writes examples (already known to fit) side by side into row `row`, their images into its vision row."""
+        if self.group != 1:
+            raise ValueError(f"rows of data.vision_group_rows={self.group} are written a group at a time")
+        self.write_group(batch, row, examples, PlannedGroup(
+            [list(range(len(examples)))], [[(i, j) for i, ex in enumerate(examples) for j in range(len(ex.images))]]))
+
+    def write_group(self, batch: dict, group: int, examples: list[NavitExample], plan: "PlannedGroup") -> None:
+        """Writes group `group` (rows group*g ... group*g + g - 1) as `plan` lays out `examples` (indices of the
+        plan point into it)."""
+        g, m2 = self.group, self.merge ** 2
+        where = {}  # example -> flat position of its first token among the group's text rows
+        for r, members in enumerate(plan.rows):
+            exs = [examples[i] for i in members]
+            positions = [example_mrope_positions(len(ex), ex.image_starts, [grid for _, grid in ex.images],
+                                                 self.merge) for ex in exs] if self.mrope else None
+            offsets = write_text(batch, group * g + r, exs, positions)
+            where.update({i: r * self.seq_len + offset for i, offset in zip(members, offsets)})
+        per_row = self.max_patches // m2
+        for v, members in enumerate(plan.vision):
+            packed = pack_patches([examples[i].images[j] for i, j in members], self.max_patches, self.patch_dim,
+                                  self.merge)
+            for key, value in packed.items():
+                batch[key][group * g + v] = value
+            dest = [where[i] + examples[i].image_starts[j] + np.arange(math.prod(examples[i].images[j][1]) // m2)
+                    for i, j in members]
+            if dest:
+                dest = np.concatenate(dest)
+                batch["image_dest"][group, v * per_row:v * per_row + len(dest)] = dest
 
 
 def check_fits(ex, layout: "TiledRows | NavitRows") -> str | None:
@@ -234,3 +260,97 @@ def plan_rows(costs: list[tuple[int, ...]], limits: tuple[int, ...]) -> list[lis
             room = np.concatenate([room, (limit - cost)[None]])
     # Each row keeps its examples in stream order.
     return [sorted(r) for r in rows]
+
+
+SNUG = 0.01  # plan_groups: a row left with less than this share of its room counts as closed
+
+
+@dataclasses.dataclass
+class PlannedGroup:
+    """One group of a grouped NaViT batch (`NavitRows.group` rows): `rows[r]` the examples (window indices, in
+    stream order) whose text fills row r; `vision[v]` the (example, image) pairs whose patches fill vision row v.
+    An example's images may sit in any of the group's vision rows."""
+
+    rows: list[list[int]]
+    vision: list[list[tuple[int, int]]]
+
+
+def plan_groups(tokens: list[int], images: list[list[int]], layout: "NavitRows", carried: int = 0,
+                flush: bool = False) -> tuple[list[PlannedGroup], list[int]]:
+    """Plans one window of examples (text length `tokens[i]`, patches of each image `images[i]`) into groups of
+    `layout.group` text rows and as many vision rows; returns the groups and the examples left for the next window.
+
+    Rows of one text and one vision budget each pull apart: a document fills the patch slots and leaves tokens
+    empty. A group shares its vision rows among its text rows, so only the group's totals must match. The window
+    opens as many groups as its totals fill (rounded down) and takes the examples largest first, each into the
+    group where it closes the most rows (text or vision rows left under SNUG empty), then whose free room points
+    most the way the example does (the dot product of the two as fractions), in its fullest rows that fit. What does not fit waits for the next window, as the first `carried` examples did for
+    this one: those, and every example when `flush`, open a group rather than wait again. Deterministic.
+    """
+    g, seq, cap = layout.group, layout.seq_len, layout.max_patches
+    per_row = dict(zip((key for _, key, _ in layout.budgets), (limit for _, _, limit in layout.budgets)))
+    max_examples, max_images = per_row["data.max_examples_per_row"], per_row["data.max_images_per_row"]
+    patches = [sum(p) for p in images]
+    need = max(sum(tokens) / seq, sum(patches) / cap, len(tokens) / max_examples,
+               sum(map(len, images)) / max_images) / g
+    count = max(1, math.ceil(need) if flush else math.floor(need))
+    text_room, text_count = np.full((count, g), seq), np.zeros((count, g), int)
+    vision_room, vision_count = np.full((count, g), cap), np.zeros((count, g), int)
+    groups = [PlannedGroup([[] for _ in range(g)], [[] for _ in range(g)]) for _ in range(count)]
+
+    def place(k: int, i: int) -> bool:
+        """Puts example i into group k's fullest rows that fit, if it fits."""
+        rows = np.flatnonzero((text_room[k] >= tokens[i]) & (text_count[k] < max_examples))
+        if not len(rows):
+            return False
+        room, used, spots = vision_room[k].copy(), vision_count[k].copy(), []
+        for j in sorted(range(len(images[i])), key=lambda j: -images[i][j]):
+            fits = np.flatnonzero((room >= images[i][j]) & (used < max_images))
+            if not len(fits):
+                return False
+            v = fits[np.argmin(room[fits])]
+            room[v] -= images[i][j]
+            used[v] += 1
+            spots.append((v, j))
+        r = rows[np.argmin(text_room[k][rows])]
+        text_room[k, r] -= tokens[i]
+        text_count[k, r] += 1
+        vision_room[k], vision_count[k] = room, used
+        groups[k].rows[r].append(i)
+        for v, j in spots:
+            groups[k].vision[v].append((i, j))
+        return True
+
+    def size(i: int) -> float:
+        return tokens[i] / seq + patches[i] / cap
+
+    order = (sorted(range(carried), key=lambda i: (-size(i), i)) +
+             sorted(range(carried, len(tokens)), key=lambda i: (-size(i), i)))
+    left = []
+    for i in order:
+        free_text = text_room.sum(axis=1) / (g * seq)
+        free_vision = vision_room.sum(axis=1) / (g * cap)
+        score = tokens[i] / seq * free_text + patches[i] / cap * free_vision
+        # Rows the example would all but close (under SNUG of the row left) rank first: the residue of rows is
+        # what remains of the padding once the groups balance (bench/packing.py: 2.7 % vision padding -> 1.9 %).
+        rest = text_room - tokens[i]
+        closes = ((rest >= 0) & (rest < SNUG * seq) & (text_count < max_examples)).any(axis=1).astype(int)
+        if images[i]:
+            rest = vision_room - max(images[i])
+            closes += ((rest >= 0) & (rest < SNUG * cap) & (vision_count < max_images)).any(axis=1)
+        if any(place(k, i) for k in sorted(range(len(groups)), key=lambda k: (-closes[k], -score[k], k))):
+            continue
+        if i >= carried and not flush:
+            left.append(i)
+            continue
+        groups.append(PlannedGroup([[] for _ in range(g)], [[] for _ in range(g)]))
+        text_room = np.concatenate([text_room, np.full((1, g), seq)])
+        text_count = np.concatenate([text_count, np.zeros((1, g), int)])
+        vision_room = np.concatenate([vision_room, np.full((1, g), cap)])
+        vision_count = np.concatenate([vision_count, np.zeros((1, g), int)])
+        if not place(len(groups) - 1, i):
+            raise ValueError(f"example {i} does not fit an empty group: check it with check_fits first")
+    for group in groups:
+        group.rows = [sorted(r) for r in group.rows]
+        group.vision = [sorted(v) for v in group.vision]
+    return [gr for gr in groups if any(gr.rows)], sorted(left)

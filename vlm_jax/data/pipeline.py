@@ -136,16 +136,20 @@ class RecordToNavitExample:
                             np.asarray(enc.image_starts, np.int32))
 
 
-def row_layout(config) -> TiledRows | NavitRows:
+def row_layout(config, grouped: bool = True) -> TiledRows | NavitRows:
     """The fixed row shape of `config`'s batches: tiles or NaViT patches, M-RoPE positions for an M-RoPE
-    decoder (docs/contracts.md)."""
+    decoder, NaViT rows in groups of `data.vision_group_rows` unless not `grouped` (docs/contracts.md)."""
     d = config.data
     mrope = uses_mrope(config)
+    group = d.get("vision_group_rows", 1)
     if uses_patches(config):
         v = config.model.vision
         return NavitRows(d.seq_len, d.max_patches_per_row, d.max_images_per_row,
                          3 * v.temporal_patch_size * v.patch_size ** 2, config.model.connector.merge_size,
-                         d.max_examples_per_row, mrope)
+                         d.max_examples_per_row, mrope, group if grouped else 1)
+    if group != 1:
+        raise ValueError(f"data.vision_group_rows={group} groups NaViT rows; tiled rows (model.vision.stem="
+                         f"{config.model.vision.stem!r}) take 1")
     return TiledRows(d.seq_len, d.max_tiles_per_row, d.tile_size, tokens_per_tile(config), d.max_examples_per_row)
 
 
@@ -156,7 +160,9 @@ class PackedBatchIterator:
     patches and images) allows; the first one that does not fit starts the next row. With `window` W the stream
     is cut into windows of W examples and each window's rows are planned together (packing.plan_rows:
     best-fit decreasing), which brings padding down to a few percent; the state is then the window's start and
-    the rows of it already yielded. A background thread builds batches ahead (`prefetch` batches) while a pool
+    the rows of it already yielded. NaViT rows in groups (`layout.group` > 1, which needs a window) are planned a
+    window at a time too (packing.plan_groups), and a window passes the examples it could not fit to the next: the
+    state then also holds their stream indices. A background thread builds batches ahead (`prefetch` batches) while a pool
     of `workers` threads preprocesses examples (PIL and numpy release the GIL). An example that can never fit
     raises ValueError naming it, or is skipped with a warning when skip_too_long is set.
     """
@@ -168,7 +174,11 @@ class PackedBatchIterator:
         self.skip_too_long = skip_too_long
         self.prefetch, self.workers, self.lookahead = prefetch, workers, lookahead
         self.shard = shard
-        self._position = (0, 0)  # (stream index, rows of its window already yielded)
+        if layout.group > 1 and not window:
+            raise ValueError(f"data.vision_group_rows={layout.group} plans rows a window at a time: set "
+                             "data.pack_window")
+        # (stream index, rows - or groups - of its window already yielded, stream indices carried into the window)
+        self._position: tuple[int, int, tuple[int, ...]] = (0, 0, ())
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -177,8 +187,11 @@ class PackedBatchIterator:
     def get_state(self) -> dict:
         """JSON-able state: the stream index of the first example not yet in a yielded batch (with a window:
         of the window being yielded, and how many of its rows were)."""
-        return dict(next_index=self._position[0], window_rows_done=self._position[1],
-                    process_index=self.shard[0], process_count=self.shard[1])
+        state = dict(next_index=self._position[0], window_rows_done=self._position[1],
+                     process_index=self.shard[0], process_count=self.shard[1])
+        if self.layout.group > 1:
+            state["carried"] = list(self._position[2])
+        return state
 
     def set_state(self, state: dict) -> None:
         shard = (state["process_index"], state["process_count"])
@@ -186,7 +199,8 @@ class PackedBatchIterator:
             raise ValueError(f"data iterator state is for process {shard[0]} of {shard[1]}, this iterator "
                              f"is process {self.shard[0]} of {self.shard[1]}")
         self._shutdown()
-        self._position = (int(state["next_index"]), int(state.get("window_rows_done", 0)))
+        self._position = (int(state["next_index"]), int(state.get("window_rows_done", 0)),
+                          tuple(int(i) for i in state.get("carried", ())))
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self):
@@ -205,7 +219,7 @@ class PackedBatchIterator:
     def close(self) -> None:
         self._shutdown()
 
-    def _start(self, position: tuple[int, int]) -> None:
+    def _start(self, position: tuple[int, int, tuple[int, ...]]) -> None:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=max(1, self.prefetch))
         self._thread = threading.Thread(target=self._produce, args=(position, self._stop, self._queue),
@@ -223,16 +237,24 @@ class PackedBatchIterator:
                 pass
         self._thread = None
 
-    def _produce(self, position: tuple[int, int], stop: threading.Event, out: queue.Queue) -> None:
+    def _produce(self, position: tuple[int, int, tuple[int, ...]], stop: threading.Event, out: queue.Queue) -> None:
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             reader = _AheadReader(self.examples, pool, position[0], self.lookahead)
-            rows = self._window_rows(reader, position[1]) if self.window else self._stream_rows(reader)
+            grouped = self.layout.group > 1
+            if grouped:
+                units = self._window_groups(reader, position[1], position[2])
+            else:
+                units = self._window_rows(reader, position[1]) if self.window else self._stream_rows(reader)
             try:
                 while not stop.is_set():
                     batch = self.layout.empty(self.rows)
-                    for row in range(self.rows):
-                        examples, after = next(rows)
-                        self.layout.write(batch, row, examples)
+                    for unit in range(self.rows // self.layout.group):
+                        if grouped:
+                            examples, plan, after = next(units)
+                            self.layout.write_group(batch, unit, examples, plan)
+                        else:
+                            examples, after = next(units)
+                            self.layout.write(batch, unit, examples)
                     self._put(out, stop, (batch, after))
             except BaseException as e:  # surfaced to the consumer on its next call
                 self._put(out, stop, e)
@@ -264,7 +286,7 @@ class PackedBatchIterator:
                 packed.append(ex)
                 used = total
                 reader.advance()
-            yield packed, (reader.index, 0)
+            yield packed, (reader.index, 0, ())
 
     def _window_rows(self, reader: "_AheadReader", skip: int):
         """Rows planned over windows of `self.window` examples, each with the position after it; the first
@@ -277,9 +299,29 @@ class PackedBatchIterator:
                 reader.advance()
             plan = packing.plan_rows([self.layout.cost(ex) for ex in examples], limits)
             for k in range(skip, len(plan)):
-                after = (reader.index, 0) if k == len(plan) - 1 else (start, k + 1)
+                after = (reader.index, 0, ()) if k == len(plan) - 1 else (start, k + 1, ())
                 yield [examples[i] for i in plan[k]], after
             skip = 0
+
+    def _window_groups(self, reader: "_AheadReader", skip: int, carried: tuple[int, ...]):
+        """Groups planned over the examples carried into each window and `self.window` more, each as (the
+        window's examples, its PlannedGroup, the position after it); the first `skip` groups of the first window
+        were yielded before a restore."""
+        held = [self.examples[i] for i in carried]  # re-read: only their stream indices are in the state
+        while True:
+            start, indices, examples = reader.index, list(carried), list(held)
+            for _ in range(self.window):
+                examples.append(self._fitting(reader))
+                indices.append(reader.index)
+                reader.advance()
+            groups, left = packing.plan_groups([len(ex) for ex in examples],
+                                               [[math.prod(grid) for _, grid in ex.images] for ex in examples],
+                                               self.layout, carried=len(carried))
+            for k in range(skip, len(groups)):
+                last = k == len(groups) - 1
+                after = (reader.index, 0, tuple(indices[i] for i in left)) if last else (start, k + 1, carried)
+                yield examples, groups[k], after
+            skip, carried, held = 0, tuple(indices[i] for i in left), [examples[i] for i in left]
 
     @staticmethod
     def _put(out: queue.Queue, stop: threading.Event, item) -> None:

@@ -28,8 +28,8 @@ from vlm_jax.train.vision_pretrain import pretrain_vision
 
 def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
     """Zero arrays with the static shapes of one batch's model inputs (for init and shape checks), in the
-    order of `model_inputs(config.model)`."""
-    batch = row_layout(config).empty(rows)
+    order of `model_inputs(config.model)`; one row per group: the parameters do not depend on it."""
+    batch = row_layout(config, grouped=False).empty(rows)
     return tuple(jnp.asarray(batch[k]) for k in model_inputs(config.model))
 
 
@@ -156,6 +156,11 @@ def check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
     if n < 1 or config.batch_size % (n * dp):
         raise ValueError(f"micro_batches={n}: batch_size {config.batch_size} must split into that many micro-batches "
                          f"of a multiple of the data x fsdp mesh size {dp} rows")
+    g = config.data.get("vision_group_rows", 1)
+    if g > 1 and config.batch_size % (n * dp * g):
+        raise ValueError(f"data.vision_group_rows={g}: batch_size {config.batch_size} must split into "
+                         f"micro_batches={n} x the data x fsdp mesh size {dp} x groups of {g} rows, so that every "
+                         "group of rows stays on one device")
 
 
 def check_segments(config: ml_collections.ConfigDict) -> None:
