@@ -6,14 +6,19 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test install
 
-$(VENV)/.installed: requirements.txt
+# Training needs no torch: the demo skips its ~750 MB install.
+$(VENV)/.installed-train: requirements-train.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-train.txt
+	touch $@
+
+$(VENV)/.installed: requirements.txt $(VENV)/.installed-train
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
 install: $(VENV)/.installed
 
-demo: install
+demo: $(VENV)/.installed-train
 	$(PY) launch/train.py --config configs/demo.py --workdir $(WORKDIR)
 	$(PY) launch/eval.py --config configs/demo.py --workdir $(WORKDIR)
 

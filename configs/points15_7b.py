@@ -2,8 +2,8 @@
 
 Model at its real size: Qwen2-VL's NaViT tower (native resolution, 2-D RoPE, images packed per row), the
 PatchMerger projector (one token per 2x2 patch window) and Qwen2.5-7B (GQA 28/4, qkv bias, 1-D RoPE).
-Batches are the NaViT contract (docs/contracts.md): per row 4096 tokens and the patches of every image of its
-examples, packed (bench/packing.py measures the padding of these shapes).
+Batches are the NaViT contract (docs/contracts.md): rows of 4096 tokens in groups of 4 sharing their vision rows of
+11672 patch slots, packed (bench/packing.py measures the padding of these shapes).
 
 stage1 (pre-training, ~2 M captions): projector only at 2e-4, weight decay 0.
 stage2 (visual instruction tuning): projector + LLM at 2e-5, weight decay 0.1, from stage 1.
@@ -22,11 +22,12 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     stage, tiny = stages.parse(arg, STAGES)
     c = stages.system("points15_7b")
     c.batch_size, c.total_steps = 32, 2_000_000 // 32
-    # WePOINTS' processor defaults (min 56x56, max 1280 merged tokens an image). 11776 patch slots a row balance
-    # token and patch padding on bench/packing.py's LLaVA-665k-like mix (7.2 % / 8.0 % with rows planned over
-    # windows of 512 examples); a window holds its examples' float32 patches, ~14 MB an average example.
+    # WePOINTS' processor defaults (min 56x56, max 1280 merged tokens an image). 11672 patch slots a row are the
+    # patches per token of bench/packing.py's LLaVA-665k-like mix; groups of 4 rows sharing their vision rows pad
+    # 3.1 % of tokens and patches there (8 rows: 2.0 %; each row its own images: 7.6 %), and need batch_size 32 on
+    # at most 8 devices of the batch axes. A window holds its examples' float32 patches, ~14 MB an average example.
     c.data.update(template="qwen2_vl", seq_len=4096, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
-                  max_patches_per_row=11776, max_images_per_row=16, pack_window=512)
+                  max_patches_per_row=11672, max_images_per_row=16, pack_window=512, vision_group_rows=4)
     o = c.optim
     o.schedule, o.final_lr_ratio, o.clip_norm = "cosine", 0.0, 1.0
     if stage == "stage1":
