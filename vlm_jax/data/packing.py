@@ -284,8 +284,9 @@ def plan_groups(tokens: list[int], images: list[list[int]], layout: "NavitRows",
     empty. A group shares its vision rows among its text rows, so only the group's totals must match. The window
     opens as many groups as its totals fill (rounded down) and takes the examples largest first, each into the
     group where it closes the most rows (text or vision rows left under SNUG empty), then whose free room points
-    most the way the example does (the dot product of the two as fractions), in its fullest rows that fit. What does not fit waits for the next window, as the first `carried` examples did for
-    this one: those, and every example when `flush`, open a group rather than wait again. Deterministic.
+    most the way the example does (the dot product of the two as fractions), in its fullest rows that fit. What
+    does not fit waits for the next window, as the first `carried` examples did for this one: those, and every
+    example when `flush`, open a group rather than wait again. Deterministic.
     """
     g, seq, cap = layout.group, layout.seq_len, layout.max_patches
     per_row = dict(zip((key for _, key, _ in layout.budgets), (limit for _, _, limit in layout.budgets)))

@@ -162,9 +162,9 @@ class PackedBatchIterator:
     best-fit decreasing), which brings padding down to a few percent; the state is then the window's start and
     the rows of it already yielded. NaViT rows in groups (`layout.group` > 1, which needs a window) are planned a
     window at a time too (packing.plan_groups), and a window passes the examples it could not fit to the next: the
-    state then also holds their stream indices. A background thread builds batches ahead (`prefetch` batches) while a pool
-    of `workers` threads preprocesses examples (PIL and numpy release the GIL). An example that can never fit
-    raises ValueError naming it, or is skipped with a warning when skip_too_long is set.
+    state then also holds their stream indices. A background thread builds batches ahead (`prefetch` batches)
+    while a pool of `workers` threads preprocesses examples (PIL and numpy release the GIL). An example that can
+    never fit raises ValueError naming it, or is skipped with a warning when skip_too_long is set.
     """
 
     def __init__(self, examples: grain.MapDataset, *, rows: int, layout: TiledRows | NavitRows,
@@ -186,7 +186,8 @@ class PackedBatchIterator:
     # -- state -------------------------------------------------------------------------------
     def get_state(self) -> dict:
         """JSON-able state: the stream index of the first example not yet in a yielded batch (with a window:
-        of the window being yielded, and how many of its rows were)."""
+        of the window being yielded, and how many of its rows - groups of rows when grouped - were; grouped, also
+        `carried`, the stream indices of the examples an earlier window passed on to it)."""
         state = dict(next_index=self._position[0], window_rows_done=self._position[1],
                      process_index=self.shard[0], process_count=self.shard[1])
         if self.layout.group > 1:
