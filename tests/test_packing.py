@@ -51,15 +51,9 @@ def pack(layout, examples, rows: int) -> tuple[dict, list]:
     return batch, [ex for group in groups for ex in group]
 
 
-@pytest.mark.parametrize("make_config", [tiny_config, navit_config, navit_mrope_config],
-                         ids=["tiled", "navit", "navit-mrope"])
-def test_packed_loss_and_grads_equal_one_example_per_row(make_config):
-    config = make_config()
-    layout = row_layout(config)
-    dataset = make_example_dataset(config, TOK)
-    packed, examples = pack(layout, [dataset[i] for i in range(12)], rows=2)
-    per_row = packed["segment_ids"].max(axis=1)
-    assert per_row.min() >= 1 and per_row.max() >= 2, per_row
+def assert_trains_as_one_example_per_row(config, packed: dict, examples: list, layout) -> None:
+    """The summed token loss of `packed` and its gradients equal the sums over `examples` run one per row (each
+    alone in a 2-row batch of `layout`: one compilation)."""
     model = VLM(config.model)
     params = model.init(jax.random.PRNGKey(0), *dummy_inputs(config), method=forward_method(config.model))["params"]
     total = float(packed["loss_mask"].sum())
@@ -75,7 +69,7 @@ def test_packed_loss_and_grads_equal_one_example_per_row(make_config):
 
     want_loss, want_grads = summed(params, packed)
     got_loss, got_grads = 0.0, jax.tree.map(jnp.zeros_like, params)
-    for ex in examples:  # each example on its own (in a batch of the same shape: one compilation)
+    for ex in examples:
         alone, _ = pack(layout, [ex], rows=2)
         loss, grads = summed(params, alone)
         got_loss, got_grads = got_loss + loss, jax.tree.map(jnp.add, got_grads, grads)
@@ -84,6 +78,18 @@ def test_packed_loss_and_grads_equal_one_example_per_row(make_config):
     scale = max(float(jnp.abs(g).max()) for g in flat_want)
     for w, g in zip(flat_want, flat_got):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make_config", [tiny_config, navit_config, navit_mrope_config],
+                         ids=["tiled", "navit", "navit-mrope"])
+def test_packed_loss_and_grads_equal_one_example_per_row(make_config):
+    config = make_config()
+    layout = row_layout(config)
+    dataset = make_example_dataset(config, TOK)
+    packed, examples = pack(layout, [dataset[i] for i in range(12)], rows=2)
+    per_row = packed["segment_ids"].max(axis=1)
+    assert per_row.min() >= 1 and per_row.max() >= 2, per_row
+    assert_trains_as_one_example_per_row(config, packed, examples, layout)
 
 
 @pytest.mark.parametrize("window", [0, 7])

@@ -6,21 +6,18 @@ micro-batches and eval keep groups whole."""
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests.helpers import first_batch, tiny_config
-from tests.test_packing import TOK, navit_config, navit_mrope_config, pack
+from tests.test_packing import TOK, assert_trains_as_one_example_per_row, navit_config, navit_mrope_config
 from vlm_jax import parallel
 from vlm_jax.data.packing import NavitRows, PlannedGroup, plan_groups
 from vlm_jax.data.pipeline import make_eval_examples, make_example_dataset, make_train_iterator, row_layout
 from vlm_jax.data.tokenizer import special_ids
 from vlm_jax.evaluate import pad_prompts
-from vlm_jax.model import VLM, forward, forward_method
 from vlm_jax.train import loop
-from vlm_jax.train.loop import dummy_inputs
-from vlm_jax.train.step import make_train_step, masked_cross_entropy, split_micro_batches
+from vlm_jax.train.step import make_train_step, split_micro_batches
 
 
 MESH = ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2")  # 4 rows a device: 2 groups of 2, in 2 micro-batches
@@ -91,28 +88,7 @@ def test_images_in_another_rows_vision_row_train_as_one_example_per_row():
     image_id = special_ids(TOK).image
     assert sorted(dest[valid].tolist()) == np.flatnonzero(packed["tokens"].reshape(-1) == image_id).tolist()
 
-    model = VLM(config.model)
-    params = model.init(jax.random.PRNGKey(0), *dummy_inputs(config), method=forward_method(config.model))["params"]
-    total = float(packed["loss_mask"].sum())
-
-    def summed(params, batch):
-        def loss(p):
-            mean, count = masked_cross_entropy(forward(model, {"params": p}, batch), batch["targets"],
-                                               batch["loss_mask"])
-            return mean * count / total
-        return jax.value_and_grad(loss)(params)
-
-    summed = jax.jit(summed)
-    want_loss, want_grads = summed(params, packed)
-    got_loss, got_grads = 0.0, jax.tree.map(jnp.zeros_like, params)
-    for ex in examples:
-        batch, _ = pack(alone, [ex], rows=2)
-        loss, grads = summed(params, batch)
-        got_loss, got_grads = got_loss + loss, jax.tree.map(jnp.add, got_grads, grads)
-    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
-    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads))
-    for w, g in zip(jax.tree.leaves(want_grads), jax.tree.leaves(got_grads)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * scale, rtol=1e-4)
+    assert_trains_as_one_example_per_row(config, packed, examples, alone)
 
 
 def test_grouped_iterator_keeps_the_contract_and_resumes_across_carried_examples():

@@ -28,7 +28,7 @@ from vlm_jax.train.vision_pretrain import pretrain_vision
 
 def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
     """Zero arrays with the static shapes of one batch's model inputs (for init and shape checks), in the
-    order of `model_inputs(config.model)`; one row per group: the parameters do not depend on it."""
+    order of `model_inputs(config.model)`; rows never grouped: the parameters do not depend on the grouping."""
     batch = row_layout(config, grouped=False).empty(rows)
     return tuple(jnp.asarray(batch[k]) for k in model_inputs(config.model))
 
