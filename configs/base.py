@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     # "cudnn" (GPU) and "splash" (TPU) take the packed segments without an L x L mask.
     m.attention = "xla"
     m.max_segments = 64  # cudnn: packed segments per row (>= data.max_examples_per_row, data.max_images_per_row)
+    m.loss_vocab_chunk = 8192  # training loss walks the vocabulary this many logits at a time; 0: all at once
     m.vision = ml_collections.ConfigDict(dict(
         stem="clip", image_size=224, patch_size=14, width=1024, depth=24, heads=16,
         mlp_dim=4096, mlp_act="quick_gelu", norm_eps=1e-5, pre_norm=True,
