@@ -12,13 +12,14 @@ from vlm_jax.config import load_config  # noqa: E402
 
 
 def parse(description: str, argv: list[str] | None = None,
-          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
+          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, workdir: bool = True):
     """Returns (args, config). Every `--config.a.b=v` (or `--config.a.b v`) is applied as an override."""
     parser = argparse.ArgumentParser(description=description)
     if add_arguments:
         add_arguments(parser)
     parser.add_argument("--config", required=True, help="config file, optionally FILE:ARG")
-    parser.add_argument("--workdir", required=True)
+    if workdir:
+        parser.add_argument("--workdir", required=True)
     parser.add_argument("--coordinator_address", default="",
                         help="multi-process runs: host:port of process 0 (also needs the two below)")
     parser.add_argument("--num_processes", type=int, default=1)
