@@ -85,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
     # text and its images need not fill it in the same proportion: on bench/packing.py's mix 8 rows of 4096 tokens
     # pad 1.7 % of tokens and 1.6 % of patches, rows with their own images 7.2 % of both (README).
     d.vision_group_rows = 1
+    # The training stream is cut into this many shards (shard s: examples s, s + shards, ...), each packed on its
+    # own into batch_size / shards rows of every batch, in shard order: a step's batch depends on the config, never
+    # on the process count. A process builds the shards its devices' rows fall on, so the process count divides it.
+    d.shards = 1
     d.num_train = 100000
     d.num_eval = 512
     d.exclude_qtypes = ()  # synthetic: question types its training records never ask (a held-out type)
