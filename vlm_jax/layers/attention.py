@@ -5,7 +5,8 @@ q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> [B, Lq, H, D]. Masking combines
     other (0 = padding, which then only sees padding and stays finite);
   * causality: by explicit positions when given (KV-cache decoding, where the query sits at its own
     position within a long cache), otherwise by array index.
-GQA groups the H query heads into Hkv groups of H // Hkv heads sharing one k/v head (no k/v copies).
+GQA groups the H query heads into Hkv groups of H // Hkv heads sharing one k/v head (no k/v copies; see the
+mesh wrapper below for the one exception).
 
 Backends (config `model.attention`):
   xla     the explicit [B, Lq, Lk] mask above: CPU and tests.
@@ -15,17 +16,35 @@ Backends (config `model.attention`):
           kernel through `jax._src.cudnn.fused_attention_stablehlo` as per-row segment lengths and offsets
           (`segment_layout`), at most `max_segments` per row. Tokens outside every segment (row padding) get 0.
   splash  TPU: the Pallas splash-attention kernel with segment ids (causal or full block masks, never an
-          L x L array), one kernel call per row. Its blocks are multiples of 128 tokens, so a sequence of another
-          length (a CLIP tile's 257 tokens: a small mask) takes the xla path.
-Both kernels compute what the xla path computes at every token inside a segment. Self-attention only: KV-cache
-decoding (explicit positions, one query per row, mask [B, 1, cache_len]) and cross-attention (no mask) keep
-the xla path.
+          L x L array), one kernel call per row, at any length: the wrapper pads the sequence to a multiple of
+          128 tokens (blocks of 512, 256 or 128, the largest that divides; NaViT's 11672 patch slots run as
+          11776 in blocks of 512, a CLIP tile's 577 tokens as 640 in blocks of 128) with segment id 0, which no
+          real token has (real tokens are >= 1; a row without segment ids is all segment 1), and slices the
+          output back. Head dims off the 128 lanes (64, 80, 88, 104) compile as they are. `pallas_interpreter()`
+          runs the kernel's Pallas interpreter instead (CPU tests), chosen explicitly and never from the default
+          backend, since TPU programs are also compiled ahead of time on CPU hosts.
+Both kernels compute what the xla path computes at every token inside a segment, and both run through one
+wrapper (`_sharded`): with a mesh in context (`jax.set_mesh`) a kernel cannot be partitioned by the compiler, so
+it runs under `jax.shard_map`, each device on its own rows and heads. The mesh axes come from the active flax
+logical rules for act_batch and act_heads, each kept where it divides the dimension (else that dimension stays
+whole on every device); the length is never split. The kv heads follow the q heads' split so every device holds
+whole GQA groups, repeated where the head shards do not divide them (`_sharded`). With no mesh the kernel is
+called directly. Self-attention only: KV-cache decoding (explicit positions, one query per row, mask
+[B, 1, cache_len]) and cross-attention (queries and keys of different lengths) keep the xla path with any backend.
 """
 
+import contextlib
 import functools
+import math
+from collections.abc import Callable, Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from vlm_jax import parallel
+from vlm_jax.layers import axes
 
 
 def _mask(
@@ -72,7 +91,7 @@ def segment_layout(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array
 
 
 def _cudnn_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, segment_ids: jax.Array | None, max_segments: int,
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, causal: bool, max_segments: int,
 ) -> jax.Array:
     if segment_ids is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
@@ -85,10 +104,57 @@ def _cudnn_attention(
     return jnp.where((segment_ids > 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
-SPLASH_BLOCKS = (512, 256, 128)  # tried in order: the largest that divides the sequence
+def _sharded(
+    kernel: Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array],
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+) -> jax.Array:
+    """Runs a one-device kernel `(q, k, v, segment_ids) -> out` on each batch x head shard of the mesh in
+    context (module docstring); with no mesh, calls it directly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, segment_ids)
+    # Whole rows per device (the kernel attends along the full length), so act_length's rule is not consulted.
+    logical = nn.logical_to_mesh_axes((axes.ACT_BATCH, None, axes.ACT_HEADS, None))
+    spec = parallel._fit_spec(logical, q.shape, mesh)
+    head_axes = (spec[2],) if isinstance(spec[2], str) else spec[2] or ()
+    shards = math.prod(mesh.shape[a] for a in head_axes)
+    # The kernel pairs local q head i with local kv head i // (q heads per kv head), so every shard must hold
+    # whole GQA groups: the kv heads split over the q heads' axes, whatever act_kv_heads maps to (that rule
+    # only decides how they arrive). Where those shards do not divide the kv heads, each kv head is repeated
+    # to lcm(Hkv, shards) heads so that they do; replicating the kv heads instead would give a shard kv heads
+    # that belong to other shards' q heads, in the wrong place.
+    repeats = shards // math.gcd(k.shape[2], shards)
+    if repeats > 1:
+        k, v = jnp.repeat(k, repeats, axis=2), jnp.repeat(v, repeats, axis=2)
+    # check_vma=False: Pallas kernels do not declare how their outputs vary over the mesh axes. jit: called
+    # eagerly, a shard_map runs its body op by op, which the kernel's Pallas interpreter does not survive.
+    shard = functools.partial(jax.shard_map, mesh=mesh, out_specs=spec, check_vma=False)
+    if segment_ids is None:
+        return jax.jit(shard(lambda q, k, v: kernel(q, k, v, None), in_specs=(spec,) * 3))(q, k, v)
+    return jax.jit(shard(kernel, in_specs=(spec,) * 3 + (P(spec[0]),)))(q, k, v, segment_ids)
 
 
-@functools.cache
+SPLASH_BLOCKS = (512, 256, 128)  # tried in order: the largest that divides the padded sequence
+
+_interpret = False
+
+
+@contextlib.contextmanager
+def pallas_interpreter() -> Iterator[None]:
+    """Runs the splash kernel through its Pallas interpreter while tracing inside this context (CPU tests).
+    An explicit switch, never inferred from `jax.default_backend()`: TPU programs are also compiled ahead of
+    time on a CPU host, and there the real kernel must be lowered."""
+    global _interpret
+    previous, _interpret = _interpret, True
+    try:
+        yield
+    finally:
+        _interpret = previous
+
+
+# Not cached: the kernel holds its block tables as jax arrays, made in the trace that builds it (cached, they
+# would leak that trace's tracers into later ones). The block tables themselves are computed once (the splash
+# mask_info module keeps them in an lru_cache).
 def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
@@ -102,20 +168,31 @@ def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
     return kernel, splash.SegmentIds
 
 
-def splash_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, segment_ids: jax.Array | None,
-    interpret: bool = False,
+def _splash_local(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, causal: bool,
 ) -> jax.Array:
-    """The splash backend (module docstring); `interpret` runs the kernel's Pallas interpreter (CPU tests)."""
     b, length, h, d = q.shape
-    if segment_ids is None:
-        segment_ids = jnp.ones((b, length), jnp.int32)
-    kernel, segments = _splash_kernel(length, h, causal, interpret)
-    # The kernel takes [heads, L, D] per row and does not scale the scores.
-    heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+    # Padding takes segment 0, which real tokens never have (a row without segment ids is all segment 1);
+    # padded keys are thus invisible to real queries, and every padded query sees at least itself.
+    padded = -(-length // SPLASH_BLOCKS[-1]) * SPLASH_BLOCKS[-1]
+    segment_ids = jnp.ones((b, length), jnp.int32) if segment_ids is None else segment_ids
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - length)))
+    kernel, segments = _splash_kernel(padded, h, causal, _interpret)
+
+    def heads_first(t: jax.Array) -> jax.Array:  # the kernel takes [heads, L, D] per row
+        return jnp.swapaxes(jnp.pad(t, ((0, 0), (0, padded - length), (0, 0), (0, 0))), 1, 2)
+
+    # The kernel does not scale the scores.
     out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=segments(q=s, kv=s)))(
         heads_first(q * jnp.asarray(d ** -0.5, q.dtype)), heads_first(k), heads_first(v), segment_ids)
-    return heads_first(out).astype(q.dtype)
+    return jnp.swapaxes(out, 1, 2)[:, :length].astype(q.dtype)
+
+
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, segment_ids: jax.Array | None,
+) -> jax.Array:
+    """The splash backend (module docstring), at any sequence length, on any mesh."""
+    return _sharded(functools.partial(_splash_local, causal=causal), q, k, v, segment_ids)
 
 
 BACKENDS = ("xla", "cudnn", "splash")
@@ -145,8 +222,8 @@ def attention(
         if q_segment_ids is not None and q_segment_ids is not kv_segment_ids:
             raise ValueError(f"the {backend} backend takes self-attention segments (one segment_ids for q and kv)")
         if backend == "cudnn":
-            return _cudnn_attention(q, k, v, causal, q_segment_ids, max_segments)
-        if q.shape[1] % SPLASH_BLOCKS[-1] == 0:
-            return splash_attention(q, k, v, causal, q_segment_ids)
+            return _sharded(functools.partial(_cudnn_attention, causal=causal, max_segments=max_segments),
+                            q, k, v, q_segment_ids)
+        return splash_attention(q, k, v, causal, q_segment_ids)
     mask = _mask(q.shape[1], k.shape[1], causal, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     return _xla_attention(q, k, v, mask)
