@@ -12,7 +12,7 @@ $(VENV)/.installed-train: requirements-train.txt
 	$(PY) -m pip install -q -r requirements-train.txt
 	touch $@
 
-$(VENV)/.installed: requirements.txt $(VENV)/.installed-train
+$(VENV)/.installed: requirements.txt requirements-plan.txt $(VENV)/.installed-train
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 

@@ -1,7 +1,9 @@
 """The only place that knows about meshes: mesh construction, logical-axis rules, shardings."""
 
+import importlib.util
 import logging
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -99,3 +101,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def topology_devices(name: str) -> list:
+    """The devices of a named target for ahead-of-time compilation: `cpu:N` (this host's CPU devices, N of them:
+    the process must have been started with at least N, e.g. XLA_FLAGS=--xla_force_host_platform_device_count=N)
+    or a TPU topology such as `v5p:2x2x2`, `v5e:4x4`, `v6e:4x4` (abstract TPU devices described by libtpu; no TPU
+    needed)."""
+    kind, sep, shape = name.partition(":")
+    if not sep or not shape:
+        raise ValueError(f"topology {name!r}: expected cpu:N or a TPU topology such as v5p:2x2x2 or v5e:4x4")
+    if kind == "cpu":
+        if not shape.isdigit() or int(shape) < 1:
+            raise ValueError(f"topology {name!r}: cpu:N takes a device count N >= 1")
+        devices = jax.devices("cpu")
+        if len(devices) < int(shape):
+            raise ValueError(f"topology {name!r}: this process has {len(devices)} CPU devices; start it with "
+                             f"XLA_FLAGS=--xla_force_host_platform_device_count={shape}")
+        return devices[:int(shape)]
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(f"topology {name!r} needs libtpu: pip install -r requirements-plan.txt")
+    from jax.experimental import topologies
+
+    # libtpu only describes the topology here: no cloud metadata to ask, no TPU to lock against other processes.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except Exception as e:  # libtpu's own message says what is wrong with the name (JaxRuntimeError)
+        raise ValueError(f"topology {name!r}: {str(e).splitlines()[0]}") from None
