@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.scan_layers = True
     m.remat_policy = "none"
     # The attention kernel (vlm_jax/layers/attention.py): "xla" builds the segment/causal mask (CPU, tests);
-    # "cudnn" (GPU) and "splash" (TPU) take the packed segments without an L x L mask.
+    # "cudnn" (GPU) and "splash" (TPU) take the packed segments without an L x L mask; "auto" picks the kernel of
+    # the platform the step is compiled for (the real stage configs).
     m.attention = "xla"
     m.max_segments = 64  # cudnn: packed segments per row (>= data.max_examples_per_row, data.max_images_per_row)
     m.loss_vocab_chunk = 8192  # training loss walks the vocabulary this many logits at a time; 0: all at once

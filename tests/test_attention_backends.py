@@ -173,3 +173,14 @@ def test_config_selects_the_backend_of_every_self_attention(monkeypatch):
                    jax.random.PRNGKey(0), *dummy_inputs(config))
     vision, text = config.model.vision.depth, config.model.text.layers
     assert [c for _, c in calls].count(False) == vision and [c for _, c in calls].count(True) == text
+
+
+def test_auto_backend_is_the_platforms_kernel():
+    assert [attention_lib.resolve_backend("auto", p) for p in ("tpu", "gpu", "cpu", "rocm")] == [
+        "splash", "cudnn", "xla", "xla"]
+    assert attention_lib.resolve_backend("splash", "cpu") == "splash"  # a named kernel is never second-guessed
+    q, k, v = _qkv()
+    seg = jnp.asarray(SEGMENTS)
+    np.testing.assert_array_equal(  # this host is a CPU: auto is the masked path
+        attention(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg, backend="auto"),
+        attention(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg))

@@ -8,7 +8,7 @@ q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> [B, Lq, H, D]. Masking combines
 GQA groups the H query heads into Hkv groups of H // Hkv heads sharing one k/v head (no k/v copies; see the
 mesh wrapper below for the one exception).
 
-Backends (config `model.attention`):
+Backends (config `model.attention`; `auto` picks the platform's kernel, `resolve_backend`):
   xla     the explicit [B, Lq, Lk] mask above: CPU and tests.
   cudnn   GPU (Hopper or later, bf16/fp16): the cuDNN flash kernel behind `jax.nn.dot_product_attention(
           implementation="cudnn")` in its packed form. jax 0.10.2's public signature takes one sequence length
@@ -196,6 +196,16 @@ def splash_attention(
 
 
 BACKENDS = ("xla", "cudnn", "splash")
+# `auto`: the kernel of the platform the program is compiled for; ROCm and CPU take the masked path.
+PLATFORM_BACKENDS = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+    """`backend`, or for "auto" the kernel of `platform` (a jax platform name; default: the default backend's).
+    A program compiled ahead of time for other devices than this host's must name their platform."""
+    if backend != "auto":
+        return backend
+    return PLATFORM_BACKENDS.get(platform or jax.default_backend(), "xla")
 
 
 def attention(
@@ -216,8 +226,9 @@ def attention(
         raise ValueError("pass both q_positions and kv_positions, or neither")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads do not divide into {k.shape[2]} kv heads")
+    backend = resolve_backend(backend)
     if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose from {list(BACKENDS)}")
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {list(BACKENDS) + ['auto']}")
     if backend != "xla" and q_positions is None and q.shape[1] == k.shape[1]:
         if q_segment_ids is not None and q_segment_ids is not kv_segment_ids:
             raise ValueError(f"the {backend} backend takes self-attention segments (one segment_ids for q and kv)")
