@@ -4,11 +4,39 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vlm_jax.config import load_config  # noqa: E402
+
+
+def _count(environ: Mapping[str, str], key: str) -> int:
+    try:
+        return int(environ.get(key, "1"))
+    except ValueError:
+        raise ValueError(f"environment variable {key}={environ[key]!r} is not a count") from None
+
+
+def cluster_description(environ: Mapping[str, str]) -> str | None:
+    """The multi-process job this process is one of, as `jax.distributed.initialize()` with no arguments finds it
+    from `environ` (the variables jax/_src/clusters reads, checked in its order: the first job kind present
+    decides), or None when there is no such job or it has one process: an Open MPI job, a SLURM step, a TPU
+    slice whose hosts are listed (GKE), or TPU slices joined by Multislice. A GCE TPU VM lists its hosts only in
+    the metadata server, which jax queries and this check does not: there pass the explicit flags (or set
+    TPU_WORKER_HOSTNAMES and TPU_WORKER_ID)."""
+    if "OMPI_MCA_orte_hnp_uri" in environ:
+        n = _count(environ, "OMPI_COMM_WORLD_SIZE")
+        return f"Open MPI job of {n} processes" if n > 1 else None
+    if all(k in environ for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                                  "SLURM_LOCALID")):
+        n = _count(environ, "SLURM_NTASKS")
+        return f"SLURM job {environ['SLURM_JOB_ID']} of {n} tasks" if n > 1 else None
+    hosts = environ.get("TPU_PROCESS_ADDRESSES", environ.get("TPU_WORKER_HOSTNAMES", ""))
+    slices = _count(environ, "MEGASCALE_NUM_SLICES")
+    if hosts.count(",") or slices > 1:
+        return f"TPU job of {slices} slice(s), {hosts.count(',') + 1} host(s) each"
+    return None
 
 
 def parse(description: str, argv: list[str] | None = None,
@@ -21,7 +49,8 @@ def parse(description: str, argv: list[str] | None = None,
     if workdir:
         parser.add_argument("--workdir", required=True)
     parser.add_argument("--coordinator_address", default="",
-                        help="multi-process runs: host:port of process 0 (also needs the two below)")
+                        help="multi-process runs: host:port of process 0 (also needs the two below); without it a "
+                             "SLURM, Open MPI or TPU job of several processes sets itself up from its environment")
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--process_id", type=int, default=0)
     args, rest = parser.parse_known_args(argv)
@@ -45,4 +74,15 @@ def parse(description: str, argv: list[str] | None = None,
     if args.coordinator_address:
         import jax
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        return args, config
+    if (args.num_processes, args.process_id) != (1, 0):
+        parser.error("--num_processes and --process_id need --coordinator_address")
+    try:
+        cluster = cluster_description(os.environ)
+    except ValueError as e:
+        parser.error(str(e))
+    if cluster:  # jax's own detection reads the same variables and fills in every argument
+        import jax
+        logging.info("multi-process run: %s", cluster)
+        jax.distributed.initialize()
     return args, config
