@@ -94,7 +94,7 @@ def test_rows_follow_the_example_stream_exactly():
             assert sorted(dest.tolist()) == np.flatnonzero(b["tokens"][row] == IMAGE_ID).tolist()
             assert (b["image_dest"][row, slot * P:] == L).all()
             assert not b["loss_mask"][row][np.isin(np.arange(L), dest)].any()
-    assert it.get_state()["next_index"] == index
+    assert it.get_state()["states"]["0"]["next_index"] == index
     it.close()
 
 
@@ -126,8 +126,8 @@ def test_state_restore_gives_identical_batches():
     # Rewinding the same iterator mid-prefetch works too.
     it.set_state(state)
     np.testing.assert_array_equal(next(it)["tokens"], after[0]["tokens"])
-    with pytest.raises(ValueError, match="process 0 of 1"):
-        make_train_iterator(c, TOK, 1, 2).set_state(state)
+    with pytest.raises(ValueError, match="data.shards=1, this run has data.shards=2"):
+        make_train_iterator(small_config(shards=2), TOK).set_state(state)
     it.close()
     fresh.close()
 
@@ -142,8 +142,8 @@ def test_process_shards_are_disjoint_and_epochs_reshuffle():
     epoch2 = [[shards[p][i].id for i in range(20, 40)] for p in range(2)]
     assert not set(epoch2[0]) & set(epoch2[1]) and len(set(epoch2[0]) | set(epoch2[1])) == 40
     assert epoch2[0] != ids[0]
-    with pytest.raises(ValueError, match="divisible"):
-        make_train_iterator(c, TOK, 0, 3)
+    with pytest.raises(ValueError, match="data.shards=3 must divide batch_size 4"):
+        make_train_iterator(small_config(num_train=40, shards=3), TOK)
 
 
 def test_over_long_example_is_an_error_naming_it():

@@ -2,10 +2,11 @@
 
 Record (source) -> Example (tiles + template + tokenizer), or NavitExample (native-resolution patches) when
 model.vision.stem is "navit" -> greedily packed rows of the batch contract in docs/contracts.md (tiled or NaViT).
-The example stream is a grain MapDataset: shuffled, then sliced by
-process. grain's MapDataset reads past its length into later epochs (and reseeds the shuffle per
-epoch), so the stream is infinite and example i is a pure function of i. Packing is greedy over
-that stream, so the iterator's whole state is the index of the next unpacked example.
+The example stream is a grain MapDataset: shuffled, then cut into `data.shards` data shards (shard s holds
+examples s, s + shards, ...). grain's MapDataset reads past its length into later epochs (and reseeds the shuffle
+per epoch), so each shard's stream is infinite and its example i is a pure function of i. Each shard packs its own
+rows of every batch, greedily or a window at a time, so a shard's state is the index of its next unpacked example
+(and its window's progress); the batch is every shard's rows in shard order, whichever process builds which shard.
 """
 
 import collections
@@ -169,11 +170,10 @@ class PackedBatchIterator:
 
     def __init__(self, examples: grain.MapDataset, *, rows: int, layout: TiledRows | NavitRows,
                  window: int = 0, skip_too_long: bool = False, prefetch: int = 2, workers: int = 2,
-                 lookahead: int = 8, shard: tuple[int, int] = (0, 1)):
+                 lookahead: int = 8):
         self.examples, self.rows, self.layout, self.window = examples, rows, layout, window
         self.skip_too_long = skip_too_long
         self.prefetch, self.workers, self.lookahead = prefetch, workers, lookahead
-        self.shard = shard
         if layout.group > 1 and not window:
             raise ValueError(f"data.vision_group_rows={layout.group} plans rows a window at a time: set "
                              "data.pack_window")
@@ -188,17 +188,12 @@ class PackedBatchIterator:
         """JSON-able state: the stream index of the first example not yet in a yielded batch (with a window:
         of the window being yielded, and how many of its rows - groups of rows when grouped - were; grouped, also
         `carried`, the stream indices of the examples an earlier window passed on to it)."""
-        state = dict(next_index=self._position[0], window_rows_done=self._position[1],
-                     process_index=self.shard[0], process_count=self.shard[1])
+        state = dict(next_index=self._position[0], window_rows_done=self._position[1])
         if self.layout.group > 1:
             state["carried"] = list(self._position[2])
         return state
 
     def set_state(self, state: dict) -> None:
-        shard = (state["process_index"], state["process_count"])
-        if shard != self.shard:
-            raise ValueError(f"data iterator state is for process {shard[0]} of {shard[1]}, this iterator "
-                             f"is process {self.shard[0]} of {self.shard[1]}")
         self._shutdown()
         self._position = (int(state["next_index"]), int(state.get("window_rows_done", 0)),
                           tuple(int(i) for i in state.get("carried", ())))
@@ -359,18 +354,103 @@ class _AheadReader:
             f.cancel()
 
 
-def make_example_dataset(config, tokenizer, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """Shuffled, process-sharded, infinite stream of training Examples (index past len = next epoch)."""
+class ShardedBatchIterator:
+    """Yields the rows of some of the data shards of every batch, in shard order: one PackedBatchIterator per
+    shard, each packing its own stream (`make_example_dataset`) into its own rows. The batch of all `shards`
+    shards is the same however they are divided between processes. get_state() holds each of its shards' states
+    under its shard index; `merge_shard_states` joins those of several processes into the state of every shard,
+    which set_state takes whichever shards an iterator has."""
+
+    def __init__(self, iterators: dict[int, PackedBatchIterator], shards: int):
+        self.iterators, self.shards = dict(sorted(iterators.items())), shards
+
+    def get_state(self) -> dict:
+        """JSON-able: {"shards": data.shards, "states": {str(shard): PackedBatchIterator state}} of its shards."""
+        return dict(shards=self.shards, states={str(s): it.get_state() for s, it in self.iterators.items()})
+
+    def set_state(self, state: dict) -> None:
+        if "shards" not in state:  # saved before data shards existed: one process's stream is shard 0 of 1
+            if state["process_count"] != 1:
+                raise ValueError(f"data iterator state of a {state['process_count']}-process run from before "
+                                 "data.shards: its stream depended on the process count and cannot be continued")
+            state = dict(shards=1, states={"0": state})
+        if state["shards"] != self.shards:
+            raise ValueError(f"data iterator state is for data.shards={state['shards']}, this run has data.shards="
+                             f"{self.shards}: a run continues its stream with the same data.shards")
+        missing = [s for s in self.iterators if str(s) not in state["states"]]
+        if missing:
+            raise ValueError(f"data iterator state has no state for data shards {missing}")
+        for s, it in self.iterators.items():
+            it.set_state(state["states"][str(s)])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batches = [next(it) for it in self.iterators.values()]
+        if len(batches) == 1:
+            return batches[0]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def close(self) -> None:
+        for it in self.iterators.values():
+            it.close()
+
+
+def merge_shard_states(states: list[dict]) -> dict:
+    """One ShardedBatchIterator state holding every shard, from the states of iterators that together hold them
+    all (one per process; a shard held by several is the same in each)."""
+    shards = {s["shards"] for s in states}
+    if len(shards) != 1:
+        raise ValueError(f"data iterator states disagree on data.shards: {sorted(shards)}")
+    merged = {k: v for s in states for k, v in s["states"].items()}
+    (n,) = shards
+    missing = [s for s in range(n) if str(s) not in merged]
+    if missing:
+        raise ValueError(f"no data iterator holds data shards {missing} of data.shards={n}")
+    return dict(shards=n, states={str(s): merged[str(s)] for s in range(n)})
+
+
+def shard_rows(config) -> int:
+    """Rows of every batch that each data shard packs: batch_size / data.shards, whole groups of
+    data.vision_group_rows."""
+    shards, group = config.data.get("shards", 1), config.data.get("vision_group_rows", 1)
+    if shards < 1 or config.batch_size % shards:
+        raise ValueError(f"data.shards={shards} must divide batch_size {config.batch_size}")
+    if (config.batch_size // shards) % group:
+        raise ValueError(f"data.shards={shards} cuts batch_size {config.batch_size} into shards of "
+                         f"{config.batch_size // shards} rows, not whole groups of data.vision_group_rows={group}")
+    return config.batch_size // shards
+
+
+def shards_holding(config, rows: list[tuple[int, int]], holder: str = "this process") -> list[int]:
+    """The data shards that rows [start, stop) of the batch (of a process's devices) make up; one error naming
+    data.shards unless they are whole shards."""
+    n, shards = shard_rows(config), config.data.get("shards", 1)
+    held = set().union(*(range(a, b) for a, b in rows))
+    whole = [s for s in range(shards) if set(range(s * n, (s + 1) * n)) <= held]
+    if held != set().union(*(range(s * n, (s + 1) * n) for s in whole)) or not whole:
+        spans = ", ".join(f"{a}-{b - 1}" for a, b in sorted(set(rows)))
+        raise ValueError(f"data.shards={shards} cuts the batch of {config.batch_size} rows into shards of {n}, but "
+                         f"{holder} holds rows {spans}, not whole shards: data.shards must be a multiple of the "
+                         "process count")
+    return whole
+
+
+def make_example_dataset(config, tokenizer, shard: int = 0, shards: int = 1) -> grain.MapDataset:
+    """Shuffled, infinite stream of training Examples of data shard `shard` of `shards` (index past len = next
+    epoch): examples shard, shard + shards, ... of the shuffled source."""
     source = make_source(config, "train")
-    if len(source) < process_count:
-        raise ValueError(f"training source has {len(source)} examples, fewer than {process_count} processes")
+    if len(source) < shards:
+        raise ValueError(f"training source has {len(source)} examples, fewer than data.shards={shards}")
     ds = grain.MapDataset.source(source).shuffle(seed=config.seed % 2**32)
     to_example = RecordToNavitExample if uses_patches(config) else RecordToExample
-    return ds[process_index::process_count].map(to_example(config, tokenizer))
+    return ds[shard::shards].map(to_example(config, tokenizer))
 
 
-def make_train_iterator(config, tokenizer, process_index: int = 0, process_count: int = 1) -> PackedBatchIterator:
-    """Per-process training batches of config.batch_size // process_count rows (docs/contracts.md).
+def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> ShardedBatchIterator:
+    """Training batches of the data shards `shards` (default: all of data.shards, the whole batch of
+    config.batch_size rows), batch_size / data.shards rows each, in shard order (docs/contracts.md).
 
     Each batch is a dict of numpy arrays: tokens, targets, positions, segment_ids int32 [B, L];
     loss_mask float32 [B, L]; tiles float32 [B, T, S, S, 3]; tile_mask bool [B, T]; image_dest int32
@@ -378,16 +458,17 @@ def make_train_iterator(config, tokenizer, process_index: int = 0, process_count
     and positions [B, L, 3] with an M-RoPE decoder (docs/contracts.md). The iterator has get_state() -> small
     JSON-able dict and set_state(dict).
     Optional config keys: data.skip_too_long (default False: an over-long example is an error),
-    data.workers (preprocessing threads, default 2), data.prefetch (batches built ahead, default 2).
+    data.workers (preprocessing threads per shard, default 2), data.prefetch (batches built ahead, default 2).
     """
-    if config.batch_size % process_count:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by {process_count} processes")
-    d = config.data
-    return PackedBatchIterator(
-        make_example_dataset(config, tokenizer, process_index, process_count),
-        rows=config.batch_size // process_count, layout=row_layout(config), window=d.pack_window,
-        skip_too_long=d.skip_too_long,
-        prefetch=d.prefetch, workers=d.workers, shard=(process_index, process_count))
+    d, rows = config.data, shard_rows(config)
+    count = d.get("shards", 1)
+    shards = list(range(count)) if shards is None else sorted(shards)
+    if not shards or not set(shards) <= set(range(count)):
+        raise ValueError(f"data shards {shards}: data.shards={count} numbers them 0 to {count - 1}")
+    layout = row_layout(config)
+    return ShardedBatchIterator({s: PackedBatchIterator(
+        make_example_dataset(config, tokenizer, s, count), rows=rows, layout=layout, window=d.pack_window,
+        skip_too_long=d.skip_too_long, prefetch=d.prefetch, workers=d.workers) for s in shards}, count)
 
 
 def make_eval_examples(config, tokenizer, n: int) -> list[dict]:

@@ -1,5 +1,6 @@
 """The trainer: build mesh and state, restore or init, iterate batches, step, log, checkpoint."""
 
+import json
 import logging
 import math
 import os
@@ -11,10 +12,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from vlm_jax import parallel
 from vlm_jax.config import to_json
-from vlm_jax.data.pipeline import make_train_iterator, row_layout
+from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, row_layout, shards_holding
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.model import VLM, forward_method, model_inputs
 from vlm_jax.train.checkpoint import Checkpointer, restore_params
@@ -172,11 +174,32 @@ def check_segments(config: ml_collections.ConfigDict) -> None:
                          f"but rows may hold {most} (data.max_examples_per_row / data.max_images_per_row)")
 
 
+def process_shards(config: ml_collections.ConfigDict, mesh) -> list[int]:
+    """The data shards that make up the rows of the batch this process's devices hold (`shards_holding`)."""
+    index = parallel.batch_sharding(mesh).devices_indices_map((config.batch_size,))
+    rows = [i[0].indices(config.batch_size)[:2] for d, i in index.items() if d.process_index == jax.process_index()]
+    return shards_holding(config, rows, f"process {jax.process_index()} of {jax.process_count()}")
+
+
+def allgather_json(value) -> list:
+    """Every process's JSON-able `value`, in process order (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return [value]
+    blob = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([blob.size])).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    blobs = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(b[:n])) for b, n in zip(blobs, sizes)]
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None) -> TrainState:
     """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir` if any.
 
     `stop_at` ends the run early (after checkpointing that step) as a preemption would, without
-    changing the schedule, which depends on total_steps.
+    changing the schedule, which depends on total_steps. With several processes each builds only the data shards
+    of its devices' rows (the batch is the same at any process count), every checkpoint holds every shard's
+    iterator state, and process 0 alone writes the metrics, TensorBoard events, loss plot and param_groups.json.
     """
     os.makedirs(workdir, exist_ok=True)
     setup = Setup(config)
@@ -189,7 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     if jax.process_index() == 0:
         print(setup.groups.format_table(), flush=True)
         setup.groups.write_table(workdir)
-    data = make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
+    data = make_train_iterator(config, tokenizer, process_shards(config, setup.mesh))
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = ckpt.latest_step()
     if start is None:
@@ -208,16 +231,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed,
                               micro_batches=config.micro_batches)
     logger = MetricsLogger(workdir, start, config.total_steps)
-    config_json, tokens_seen = to_json(config), 0.0
+    config_json, tokens_seen, token_counts = to_json(config), 0, []
     end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
     for step in range(start + 1, end + 1):
-        batch = next(data)
-        tokens_seen += float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
-        state, metrics = step_fn(state, parallel.global_batch(batch, setup.mesh))
+        batch = parallel.global_batch(next(data), setup.mesh)
+        token_counts.append(jnp.count_nonzero(batch["segment_ids"]))  # of the global batch, read when logged
+        state, metrics = step_fn(state, batch)
         logger.advance()
         last = step == end
         saving = last or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
         if saving or step % config.log_every == 0:
+            tokens_seen += sum(int(n) for n in jax.device_get(token_counts))
+            token_counts = []
             # Checked before every save, so a checkpoint never holds parameters a NaN has reached.
             record = logger.log(step, jax.device_get(metrics), tokens_seen)
             if not math.isfinite(record["loss"]):
@@ -225,8 +250,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
                 raise FloatingPointError(f"loss is {record['loss']} at step {step}; the last good "
                                          f"checkpoint is step {ckpt.latest_step()} in {workdir}")
         if saving:
-            ckpt.save(step, state, data.get_state(), config_json)
+            ckpt.save(step, state, merge_shard_states(allgather_json(data.get_state())), config_json)
     ckpt.close()
+    data.close()
     logger.close()
     if jax.process_index() == 0 and os.path.exists(logger.path):
         plot_loss(workdir, os.path.join(workdir, "loss.png"))

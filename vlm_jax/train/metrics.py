@@ -4,20 +4,25 @@ import json
 import os
 import time
 
+import jax
 from tqdm import tqdm
 
 from vlm_jax.train.tensorboard import SummaryWriter
 
 
 class MetricsLogger:
-    """One JSON object per logged step in WORKDIR/metrics.jsonl (appended across resumes)."""
+    """One JSON object per logged step in WORKDIR/metrics.jsonl (appended across resumes). Of several processes
+    only process 0 writes the file, the TensorBoard events and the progress bar; every process's `log` returns
+    the record (the metrics are the same global values in each)."""
 
     def __init__(self, workdir: str, start_step: int, total_steps: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._trim_after(start_step)
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.writes = jax.process_index() == 0
+        if self.writes:
+            self._trim_after(start_step)
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.writes else None
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        mininterval=1.0)
+                        mininterval=1.0, disable=not self.writes)
         self._last = (time.perf_counter(), start_step, 0.0)
 
     def _trim_after(self, step: int) -> None:
@@ -37,6 +42,8 @@ class MetricsLogger:
             record["tokens_per_s"] = (tokens - tok0) / (now - t0)
             record["steps_per_s"] = (step - s0) / (now - t0)
         self._last = (now, step, tokens)
+        if not self.writes:
+            return record
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
@@ -49,7 +56,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.bar.close()
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:
