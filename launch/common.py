@@ -18,13 +18,13 @@ def _count(environ: Mapping[str, str], key: str) -> int:
         raise ValueError(f"environment variable {key}={environ[key]!r} is not a count") from None
 
 
-def cluster_description(environ: Mapping[str, str]) -> str | None:
+def cluster_description(environ: Mapping[str, str], tpu_vm: bool = False) -> str | None:
     """The multi-process job this process is one of, as `jax.distributed.initialize()` with no arguments finds it
     from `environ` (the variables jax/_src/clusters reads, checked in its order: the first job kind present
     decides), or None when there is no such job or it has one process: an Open MPI job, a SLURM step, a TPU
-    slice whose hosts are listed (GKE), or TPU slices joined by Multislice. A GCE TPU VM lists its hosts only in
-    the metadata server, which jax queries and this check does not: there pass the explicit flags (or set
-    TPU_WORKER_HOSTNAMES and TPU_WORKER_ID)."""
+    slice whose hosts are listed (GKE), or TPU slices joined by Multislice. On a Cloud TPU VM (`tpu_vm`: TPU chips
+    on this host) the hosts of the slice are in its metadata server, which jax asks: every TPU VM initializes
+    (one host makes a job of one process)."""
     if "OMPI_MCA_orte_hnp_uri" in environ:
         n = _count(environ, "OMPI_COMM_WORLD_SIZE")
         return f"Open MPI job of {n} processes" if n > 1 else None
@@ -36,7 +36,14 @@ def cluster_description(environ: Mapping[str, str]) -> str | None:
     slices = _count(environ, "MEGASCALE_NUM_SLICES")
     if hosts.count(",") or slices > 1:
         return f"TPU job of {slices} slice(s), {hosts.count(',') + 1} host(s) each"
-    return None
+    return "Cloud TPU VM (its hosts from the metadata server)" if tpu_vm else None
+
+
+def tpu_chips_here() -> int:
+    """TPU chips attached to this host (PCI devices), as jax's own TPU VM detection counts them."""
+    from jax._src import hardware_utils  # jax's PCI scan; no public name in jax 0.10
+
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0]
 
 
 def parse(description: str, argv: list[str] | None = None,
@@ -78,7 +85,7 @@ def parse(description: str, argv: list[str] | None = None,
     if (args.num_processes, args.process_id) != (1, 0):
         parser.error("--num_processes and --process_id need --coordinator_address")
     try:
-        cluster = cluster_description(os.environ)
+        cluster = cluster_description(os.environ, tpu_vm=tpu_chips_here() > 0)
     except ValueError as e:
         parser.error(str(e))
     if cluster:  # jax's own detection reads the same variables and fills in every argument
