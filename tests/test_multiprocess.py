@@ -224,7 +224,7 @@ SLURM = dict(SLURM_JOB_ID="77", SLURM_STEP_NODELIST="node[001-004]", SLURM_NTASK
 def test_the_environment_decides_whether_to_initialize(environ, want):
     assert common.cluster_description(environ) == want
     # A Cloud TPU VM finds its hosts in the metadata server (jax asks it): it always initializes.
-    assert common.cluster_description(environ, tpu_vm=True) == want or "Cloud TPU VM (its hosts from the metadata server)"
+    assert common.cluster_description(environ, tpu_vm=True) == (want or "Cloud TPU VM (its hosts from the metadata server)")
     assert common.tpu_chips_here() == 0  # this test host has no TPU
 
 
