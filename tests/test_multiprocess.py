@@ -223,8 +223,12 @@ SLURM = dict(SLURM_JOB_ID="77", SLURM_STEP_NODELIST="node[001-004]", SLURM_NTASK
 ])
 def test_the_environment_decides_whether_to_initialize(environ, want):
     assert common.cluster_description(environ) == want
-    # A Cloud TPU VM finds its hosts in the metadata server (jax asks it): it always initializes.
-    assert common.cluster_description(environ, tpu_vm=True) == (want or "Cloud TPU VM (its hosts from the metadata server)")
+
+
+def test_a_cloud_tpu_vm_initializes_from_its_metadata_server():
+    # jax asks the metadata server for the slice's hosts; a job described by its variables still decides first.
+    assert common.cluster_description({}, tpu_vm=True) == "Cloud TPU VM (its hosts from the metadata server)"
+    assert common.cluster_description(SLURM, tpu_vm=True) == "SLURM job 77 of 4 tasks"
     assert common.tpu_chips_here() == 0  # this test host has no TPU
 
 
