@@ -18,6 +18,7 @@ from vlm_jax import parallel
 from vlm_jax.config import to_json
 from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, row_layout, shards_holding
 from vlm_jax.data.tokenizer import load_tokenizer
+from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.model import VLM, forward_method, model_inputs
 from vlm_jax.train.checkpoint import Checkpointer, restore_params
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
@@ -169,7 +170,7 @@ def check_segments(config: ml_collections.ConfigDict) -> None:
     """The cudnn attention backend holds model.max_segments packed segments per row: rows must not hold more."""
     d, m = config.data, config.model
     most = max(d.max_examples_per_row, d.max_images_per_row if m.vision.stem == "navit" else 0)
-    if m.attention == "cudnn" and most > m.max_segments:
+    if resolve_backend(m.attention) == "cudnn" and most > m.max_segments:
         raise ValueError(f"model.attention='cudnn' holds model.max_segments={m.max_segments} segments per row, "
                          f"but rows may hold {most} (data.max_examples_per_row / data.max_images_per_row)")
 

@@ -23,7 +23,7 @@ from flax import traverse_util
 from vlm_jax import parallel
 from vlm_jax.data.pipeline import row_layout, tokens_per_tile, uses_patches
 from vlm_jax.layers.attention import resolve_backend
-from vlm_jax.train.loop import Setup, check_batch_size
+from vlm_jax.train.loop import Setup, check_batch_size, check_segments
 from vlm_jax.train.step import make_train_step
 
 
@@ -125,6 +125,7 @@ def plan(config: ml_collections.ConfigDict, devices: list) -> dict[str, Any]:
     config = config.copy_and_resolve_references()
     # The host compiling is not the target: `auto` must mean the target's kernel, not this CPU's.
     config.model.attention = resolve_backend(config.model.attention, devices[0].platform)
+    check_segments(config)
     setup = Setup(config, devices)
     check_batch_size(config, setup.mesh)
     step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed,
