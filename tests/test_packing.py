@@ -15,9 +15,9 @@ from vlm_jax.data.navit import example_mrope_positions
 from vlm_jax.data.packing import check_fits
 from vlm_jax.data.pipeline import make_example_dataset, make_train_iterator, row_layout
 from vlm_jax.data.tokenizer import load_tokenizer, special_ids
-from vlm_jax.model import VLM, forward, forward_method
+from vlm_jax.model import VLM, forward_method, forward_nll
 from vlm_jax.train.loop import dummy_inputs, train
-from vlm_jax.train.step import masked_cross_entropy
+from vlm_jax.train.loss import masked_mean
 
 TOK = load_tokenizer("")
 
@@ -62,8 +62,7 @@ def assert_trains_as_one_example_per_row(config, packed: dict, examples: list, l
     def summed(params, batch):
         """Sum of the masked token losses over the whole batch, and its gradients (divided by `total`)."""
         def loss(p):
-            mean, count = masked_cross_entropy(forward(model, {"params": p}, batch), batch["targets"],
-                                               batch["loss_mask"])
+            mean, count = masked_mean(forward_nll(model, {"params": p}, batch), batch["loss_mask"])
             return mean * count / total
         return jax.value_and_grad(loss)(params)
 

@@ -10,7 +10,8 @@ from vlm_jax.train import loop
 from vlm_jax.train.optim import optimizer_state_bytes
 from vlm_jax.train.param_groups import ParamGroups
 from vlm_jax.model import MODEL_INPUTS
-from vlm_jax.train.step import make_train_step, masked_cross_entropy
+from vlm_jax.train.loss import masked_cross_entropy
+from vlm_jax.train.step import make_train_step
 from tests.helpers import first_batch, tiny_config
 
 ONE_DEVICE = ("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "batch_size=2")

@@ -46,15 +46,15 @@ def model_inputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def forward_method(config: ml_collections.ConfigDict):
-    """The VLM method that runs a training batch of `config` (config.model): tiles or packed patches."""
+    """The VLM method that runs a batch of `config` (config.model) to logits: tiles or packed patches."""
     return VLM.forward_patches if config.vision.stem == "navit" else VLM.__call__
 
 
-def forward(model: "VLM", variables: dict, batch: dict, **kwargs) -> jax.Array:
-    """Training forward of `model` on a batch dict of either contract -> fp32 logits [B, L, vocab]; `kwargs`
-    go to apply (e.g. rngs)."""
-    return model.apply(variables, *(batch[k] for k in model_inputs(model.config)),
-                       method=forward_method(model.config), **kwargs)
+def forward_nll(model: "VLM", variables: dict, batch: dict, **kwargs) -> jax.Array:
+    """Training forward of `model` on a batch dict of either contract -> per-token fp32 NLL [B, L] of
+    batch["targets"] (`VLM.token_nll`); `kwargs` go to apply (e.g. rngs)."""
+    return model.apply(variables, batch["targets"], *(batch[k] for k in model_inputs(model.config)),
+                       method=VLM.token_nll, **kwargs)
 
 
 def module_kwargs(c: ml_collections.ConfigDict) -> dict:
@@ -128,21 +128,43 @@ class VLM(nn.Module):
                      image_dest)
         return x.reshape(rows, length, width)
 
+    def hidden_states_patches(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+        patches: jax.Array, patch_positions: jax.Array, patch_segment_ids: jax.Array, image_dest: jax.Array,
+    ) -> jax.Array:
+        """NaViT model: final hidden states [B, L, hidden]; `positions` [B, L, 3] for M-RoPE."""
+        x = self.embed_patches(tokens, patches, patch_positions, patch_segment_ids, image_dest)
+        return self.decoder.hidden_states(x, positions, segment_ids)
+
+    def hidden_states(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+        tiles: jax.Array, tile_mask: jax.Array, image_dest: jax.Array,
+    ) -> jax.Array:
+        """Final hidden states [B, L, hidden]."""
+        return self.decoder.hidden_states(self.embed(tokens, tiles, tile_mask, image_dest), positions, segment_ids)
+
     def forward_patches(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
         patches: jax.Array, patch_positions: jax.Array, patch_segment_ids: jax.Array, image_dest: jax.Array,
     ) -> jax.Array:
-        """Training forward of a NaViT model: fp32 logits [B, L, vocab]; `positions` [B, L, 3] for M-RoPE."""
-        x = self.embed_patches(tokens, patches, patch_positions, patch_segment_ids, image_dest)
-        return self.decoder.logits(self.decoder.hidden_states(x, positions, segment_ids))
+        """Full forward of a NaViT model: fp32 logits [B, L, vocab]; `positions` [B, L, 3] for M-RoPE."""
+        return self.decoder.logits(self.hidden_states_patches(
+            tokens, positions, segment_ids, patches, patch_positions, patch_segment_ids, image_dest))
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
         tiles: jax.Array, tile_mask: jax.Array, image_dest: jax.Array,
     ) -> jax.Array:
-        """Training forward: fp32 logits [B, L, vocab]."""
-        x = self.embed(tokens, tiles, tile_mask, image_dest)
-        return self.decoder.logits(self.decoder.hidden_states(x, positions, segment_ids))
+        """Full forward: fp32 logits [B, L, vocab]."""
+        return self.decoder.logits(self.hidden_states(tokens, positions, segment_ids, tiles, tile_mask, image_dest))
+
+    def token_nll(self, targets: jax.Array, *inputs: jax.Array) -> jax.Array:
+        """Training forward: target ids [B, L] and the batch's `model_inputs` (either contract) -> per-token
+        fp32 NLL [B, L], the vocabulary walked model.loss_vocab_chunk logits at a time, so no fp32 logits
+        [B, L, vocab] are made when the vocabulary is larger (Decoder.token_nll)."""
+        hidden = self.hidden_states_patches if self.config.vision.stem == "navit" else self.hidden_states
+        # Configs saved before model.loss_vocab_chunk existed computed the logits at once.
+        return self.decoder.token_nll(hidden(*inputs), targets, self.config.get("loss_vocab_chunk", 0))
 
     def prefill(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,

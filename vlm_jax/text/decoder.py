@@ -17,11 +17,12 @@ from jax.typing import DTypeLike
 from vlm_jax.layers import axes
 from vlm_jax.layers.dense import Dense
 from vlm_jax.layers.embed import Embed
-from vlm_jax.layers.lora import LoraSpec
+from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec
 from vlm_jax.layers.mlp import SwiGLU
 from vlm_jax.layers.norms import RMSNorm
 from vlm_jax.layers.scan import run_blocks
 from vlm_jax.layers.self_attention import SelfAttention
+from vlm_jax.train import loss
 
 
 class DecoderBlock(nn.Module):
@@ -87,6 +88,51 @@ class Decoder(nn.Module):
         """Final hidden states [B, L, hidden] -> fp32 logits [B, L, vocab]."""
         out = self.embed_tokens.attend(h) if self.config.tie_embeddings else self.lm_head(h)
         return nn.with_logical_constraint(out.astype(jnp.float32), axes.BLV)
+
+    def token_nll(self, h: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+        """Final hidden states [B, L, hidden] and target ids [B, L] -> per-token fp32 NLL [B, L], the vocabulary
+        walked `chunk` logits at a time (train/loss.py); 0, or a chunk that covers the vocabulary: `logits`
+        at once. The chunks compute what `logits` does, column by column: lm_head (with its LoRA adapter, whose
+        dropout mask is drawn here rather than in the Dense) or the tied embedding."""
+        vocab = self.config.vocab_size
+        if chunk < 0:
+            raise ValueError(f"model.loss_vocab_chunk must be >= 0 (0: the whole vocabulary at once), got {chunk}")
+        if not chunk or chunk >= vocab:
+            return loss.token_nll(self.logits(h), targets)
+        x = h.astype(self.dtype)
+        if self.config.tie_embeddings:
+            table = jnp.asarray(self.embed_tokens.embedding, self.dtype)
+            chunks = {"table": nn.with_logical_constraint(loss.vocab_chunks(table, 0, chunk),
+                                                          (None, axes.VOCAB, axes.EMBED))}
+
+            def project(w):
+                return jnp.einsum("...e,ve->...v", x, w["table"])
+        else:
+            params = nn.unbox(self.lm_head.variables["params"])
+            kernel = jnp.asarray(params["kernel"], self.dtype)
+            chunks = {"kernel": nn.with_logical_constraint(loss.vocab_chunks(kernel, 1, chunk),
+                                                           (None, axes.EMBED, axes.VOCAB))}
+            lora = self.lora is not None and self.lora.applies_to("/".join(self.lm_head.path))
+            if lora:
+                # The adapter's x @ A is one [B, L, rank] product; only B's columns go by chunk.
+                dropped = h
+                if self.lora.dropout and self.has_rng("dropout"):
+                    dropped = nn.Dropout(self.lora.dropout, deterministic=False, parent=None).apply(
+                        {}, h, rngs={"dropout": self.make_rng("dropout")})
+                xa = jnp.einsum("...e,er->...r", dropped.astype(self.dtype), jnp.asarray(params[LORA_A], self.dtype))
+                lora_b = jnp.asarray(params[LORA_B], self.dtype)
+                chunks["lora_b"] = nn.with_logical_constraint(loss.vocab_chunks(lora_b, 1, chunk),
+                                                              (None, None, axes.VOCAB))
+
+            def project(w):
+                y = jnp.einsum("...e,ev->...v", x, w["kernel"])
+                if lora:
+                    y = y + (self.lora.scale * jnp.einsum("...r,rv->...v", xa, w["lora_b"])).astype(self.dtype)
+                return y
+
+        def column_logits(w):
+            return nn.with_logical_constraint(project(w).astype(jnp.float32), axes.BLV)
+        return loss.chunked_token_nll(column_logits, chunks, targets, vocab)
 
     @nn.compact
     def hidden_states(

@@ -1,4 +1,4 @@
-"""Train state, loss and the jitted train step with shardings from the logical rules."""
+"""Train state and the jitted train step (loss: train/loss.py) with shardings from the logical rules."""
 
 from typing import Any, Callable
 
@@ -10,7 +10,8 @@ import optax
 from jax.sharding import Mesh
 
 from vlm_jax import parallel
-from vlm_jax.model import forward
+from vlm_jax.model import forward_nll
+from vlm_jax.train.loss import masked_mean, masked_sum
 from vlm_jax.train.param_groups import ParamGroups, merge_params
 
 
@@ -24,20 +25,6 @@ class TrainState:
     @property
     def params(self):
         return merge_params(self.trainable, self.frozen)
-
-
-def masked_nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token loss over masked positions, and the number of those positions."""
-    logits = logits.astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    mask = mask.astype(jnp.float32)
-    return (nll * mask).sum(), mask.sum()
-
-
-def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token loss over masked positions, and the number of those positions."""
-    total, count = masked_nll_sum(logits, targets, mask)
-    return total / jnp.maximum(count, 1.0), count
 
 
 def split_micro_batches(batch: dict, n: int, mesh: Mesh) -> dict:
@@ -74,9 +61,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
 
     def value_and_grads(reduce, trainable, frozen, batch, dropout_key):
         def value(trainable):
-            logits = forward(model, {"params": merge_params(trainable, frozen)}, batch,
-                             rngs={"dropout": dropout_key})
-            return reduce(logits, batch["targets"], batch["loss_mask"])
+            nll = forward_nll(model, {"params": merge_params(trainable, frozen)}, batch, rngs={"dropout": dropout_key})
+            return reduce(nll, batch["loss_mask"])
         (total, count), grads = jax.value_and_grad(value, has_aux=True)(trainable)
         return total, count, grads
 
@@ -84,12 +70,12 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         with nn.logical_axis_rules(rules):
             if micro_batches == 1:  # the mean differentiated directly: one-pass runs replay bit for bit as before
-                loss, count, grads = value_and_grads(masked_cross_entropy, state.trainable, state.frozen, batch, key)
+                loss, count, grads = value_and_grads(masked_mean, state.trainable, state.frozen, batch, key)
             else:
                 def accumulate(sums, xs):
                     i, micro = xs
                     return jax.tree.map(jnp.add, sums, value_and_grads(
-                        masked_nll_sum, state.trainable, state.frozen, micro, jax.random.fold_in(key, i))), None
+                        masked_sum, state.trainable, state.frozen, micro, jax.random.fold_in(key, i))), None
                 zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.trainable))
                 (total, count, grads), _ = jax.lax.scan(
                     accumulate, zeros, (jnp.arange(micro_batches), split_micro_batches(batch, micro_batches, mesh)))

@@ -1,0 +1,140 @@
+"""The vocabulary-chunked loss (model.loss_vocab_chunk): the same per-token NLL and gradients as the logits over
+the whole vocabulary, for lm_head, lm_head with LoRA and tied embeddings, chunks that divide the vocabulary and
+ones that do not, bf16 compute; the same train step on the 8-device mesh; and a compiled step that never holds
+fp32 [B, L, vocab]."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from tests.helpers import first_batch, tiny_config
+from vlm_jax import parallel
+from vlm_jax.layers.lora import LoraSpec
+from vlm_jax.model import forward_nll, model_inputs
+from vlm_jax.text.decoder import Decoder
+from vlm_jax.train import loop
+from vlm_jax.train.loss import masked_cross_entropy, masked_mean
+from vlm_jax.train.step import make_train_step
+
+VOCAB, HIDDEN, ROWS, LENGTH = 1000, 32, 2, 16
+
+
+def head(kind: str, dtype=jnp.float32) -> tuple[Decoder, dict, jax.Array, jax.Array, jax.Array]:
+    """A decoder with output head `kind` (lm_head | lora | tied), its params (a LoRA's B nonzero, so both
+    adapters get gradients), hidden states, targets and a loss mask."""
+    text = ml_collections.ConfigDict(dict(vocab_size=VOCAB, hidden=HIDDEN, layers=1, heads=2, kv_heads=2,
+                                          head_dim=16, ffn=64, rms_eps=1e-5, rope_base=1e4, qkv_bias=False,
+                                          tie_embeddings=kind == "tied"))
+    lora = LoraSpec(rank=4, alpha=8.0, dropout=0.0, targets="lm_head") if kind == "lora" else None
+    decoder = Decoder(text, dtype=dtype, lora=lora)
+    keys = jax.random.split(jax.random.key(0), 5)
+    h = jax.random.normal(keys[0], (ROWS, LENGTH, HIDDEN))
+    params = nn.unbox(decoder.init(keys[1], h, method=Decoder.logits)["params"])
+    if kind == "lora":
+        params["lm_head"]["lora_b"] = 0.1 * jax.random.normal(keys[2], params["lm_head"]["lora_b"].shape)
+    targets = jax.random.randint(keys[3], (ROWS, LENGTH), 0, VOCAB)
+    mask = jax.random.bernoulli(keys[4], 0.7, (ROWS, LENGTH))
+    return decoder, params, h, targets, mask
+
+
+def nll_and_grads(decoder: Decoder, params: dict, h: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int):
+    """Per-token NLL, and the gradients of its masked mean w.r.t. (params, hidden states)."""
+    def nll(p, x):
+        return decoder.apply({"params": p}, x, targets, chunk, method=Decoder.token_nll)
+
+    grads = jax.jit(jax.grad(lambda p, x: masked_mean(nll(p, x), mask)[0], (0, 1)))(params, h)
+    return jax.jit(nll)(params, h), grads
+
+
+@pytest.mark.parametrize("chunk", [250, 300], ids=["divides", "pads"])
+@pytest.mark.parametrize("kind", ["lm_head", "lora", "tied"])
+def test_chunked_nll_and_grads_equal_the_plain_ones(kind, chunk):
+    decoder, params, h, targets, mask = head(kind)
+    want_nll, want_grads = nll_and_grads(decoder, params, h, targets, mask, 0)
+    got_nll, got_grads = nll_and_grads(decoder, params, h, targets, mask, chunk)
+    np.testing.assert_allclose(got_nll, want_nll, rtol=1e-6)
+    flat_want, flat_got = jax.tree.leaves_with_path(want_grads), jax.tree.leaves(got_grads)
+    assert len(flat_want) == {"lm_head": 2, "lora": 4, "tied": 2}[kind]
+    for (path, want), got in zip(flat_want, flat_got):
+        assert float(jnp.abs(want).max()) > 0, path
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_chunked_nll_in_bf16_accumulates_in_fp32():
+    """bf16 logits, each chunk's the same values the whole head gives; their sums run in fp32 either way."""
+    decoder, params, h, targets, mask = head("lm_head", jnp.bfloat16)
+    want, _ = nll_and_grads(decoder, params, h, targets, mask, 0)
+    got, _ = nll_and_grads(decoder, params, h, targets, mask, 300)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_negative_chunk_is_an_error():
+    decoder, params, h, targets, _ = head("lm_head")
+    with pytest.raises(ValueError, match="model.loss_vocab_chunk must be >= 0"):
+        decoder.apply({"params": params}, h, targets, -1, method=Decoder.token_nll)
+
+
+def test_vocab_in_one_chunk_is_the_logits_loss_bit_for_bit():
+    """The demo's vocabulary of 512 under the default chunk: the loss and gradients of the logits over the whole
+    vocabulary, bit for bit (its committed accuracy figures depend on it)."""
+    config = tiny_config("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "batch_size=2", "model.text.layers=1",
+                         "model.vision.depth=1")
+    assert config.model.text.vocab_size <= config.model.loss_vocab_chunk
+    setup = loop.Setup(config, jax.devices()[:1])
+    params, batch = setup.fresh_state().params, first_batch(config)
+
+    def logits_loss(p):
+        logits = setup.model.apply({"params": p}, *(batch[k] for k in model_inputs(config.model)))
+        return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
+
+    def nll_loss(p):
+        return masked_mean(forward_nll(setup.model, {"params": p}, batch), batch["loss_mask"])[0]
+
+    want, got = (jax.jit(jax.value_and_grad(f))(params) for f in (logits_loss, nll_loss))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_train_step_with_chunked_loss_matches_the_plain_one():
+    """One step on the fsdp x tensor mesh of 8 devices with a vocabulary of 3000 in 6 chunks of 512 (72 padding
+    columns), as one pass and as 2 micro-batches."""
+    metrics = {}
+    for chunk in (0, 512):
+        config = tiny_config("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "model.text.layers=1",
+                             "model.vision.depth=1", "model.text.vocab_size=3000", f"model.loss_vocab_chunk={chunk}")
+        setup = loop.Setup(config, None)
+        state, batch = setup.fresh_state(), parallel.global_batch(first_batch(config), setup.mesh)
+        for micro_batches in (1, 2):
+            step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings,
+                                   micro_batches=micro_batches)
+            # The step donates its state: each call gets a copy.
+            _, out = step(jax.tree.map(jnp.copy, state), batch)
+            metrics[chunk, micro_batches] = {k: float(v) for k, v in out.items()}
+    for micro_batches in (1, 2):
+        plain, chunked = metrics[0, micro_batches], metrics[512, micro_batches]
+        assert chunked["loss_tokens"] == plain["loss_tokens"] > 0
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(chunked[key], plain[key], rtol=1e-6, err_msg=f"{key}, {micro_batches}")
+
+
+def test_chunked_step_never_holds_the_fp32_logits():
+    rows, length, vocab = 4, 256, 32768
+    logits_bytes = rows * length * vocab * 4
+
+    def temp_bytes(chunk: int) -> int:
+        config = tiny_config("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", f"batch_size={rows}",
+                             f"data.seq_len={length}", f"model.text.vocab_size={vocab}",
+                             f"model.loss_vocab_chunk={chunk}")
+        setup = loop.Setup(config, jax.devices()[:1])
+        state, batch = setup.fresh_state(), parallel.global_batch(first_batch(config), setup.mesh)
+        step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
+        with jax.set_mesh(setup.mesh):
+            return step.jitted.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+    plain, chunked = temp_bytes(0), temp_bytes(1024)
+    assert plain > 2 * logits_bytes, (plain, logits_bytes)  # the logits and their gradient
+    assert chunked < plain / 3 and chunked < logits_bytes, (chunked, plain, logits_bytes)
