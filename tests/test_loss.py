@@ -16,7 +16,7 @@ from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.model import forward_nll, model_inputs
 from vlm_jax.text.decoder import Decoder
 from vlm_jax.train import loop
-from vlm_jax.train.loss import masked_cross_entropy, masked_mean
+from vlm_jax.layers.loss import masked_cross_entropy, masked_mean
 from vlm_jax.train.step import make_train_step
 
 VOCAB, HIDDEN, ROWS, LENGTH = 1000, 32, 2, 16

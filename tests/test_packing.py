@@ -17,7 +17,7 @@ from vlm_jax.data.pipeline import make_example_dataset, make_train_iterator, row
 from vlm_jax.data.tokenizer import load_tokenizer, special_ids
 from vlm_jax.model import VLM, forward_method, forward_nll
 from vlm_jax.train.loop import dummy_inputs, train
-from vlm_jax.train.loss import masked_mean
+from vlm_jax.layers.loss import masked_mean
 
 TOK = load_tokenizer("")
 

@@ -10,7 +10,7 @@ from vlm_jax.train import loop
 from vlm_jax.train.optim import optimizer_state_bytes
 from vlm_jax.train.param_groups import ParamGroups
 from vlm_jax.model import MODEL_INPUTS
-from vlm_jax.train.loss import masked_cross_entropy
+from vlm_jax.layers.loss import masked_cross_entropy
 from vlm_jax.train.step import make_train_step
 from tests.helpers import first_batch, tiny_config
 

@@ -22,7 +22,7 @@ from vlm_jax.layers.mlp import SwiGLU
 from vlm_jax.layers.norms import RMSNorm
 from vlm_jax.layers.scan import run_blocks
 from vlm_jax.layers.self_attention import SelfAttention
-from vlm_jax.train import loss
+from vlm_jax.layers import loss
 
 
 class DecoderBlock(nn.Module):
@@ -91,7 +91,7 @@ class Decoder(nn.Module):
 
     def token_nll(self, h: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
         """Final hidden states [B, L, hidden] and target ids [B, L] -> per-token fp32 NLL [B, L], the vocabulary
-        walked `chunk` logits at a time (train/loss.py); 0, or a chunk that covers the vocabulary: `logits`
+        walked `chunk` logits at a time (layers/loss.py); 0, or a chunk that covers the vocabulary: `logits`
         at once. The chunks compute what `logits` does, column by column: lm_head (with its LoRA adapter, whose
         dropout mask is drawn here rather than in the Dense) or the tied embedding."""
         vocab = self.config.vocab_size

@@ -1,4 +1,4 @@
-"""Train state and the jitted train step (loss: train/loss.py) with shardings from the logical rules."""
+"""Train state and the jitted train step (loss: layers/loss.py) with shardings from the logical rules."""
 
 from typing import Any, Callable
 
@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from vlm_jax import parallel
 from vlm_jax.model import forward_nll
-from vlm_jax.train.loss import masked_mean, masked_sum
+from vlm_jax.layers.loss import masked_mean, masked_sum
 from vlm_jax.train.param_groups import ParamGroups, merge_params
 
 
