@@ -61,7 +61,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = Non
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     """Drops mesh axes that do not divide a dimension (tiny test models, GQA with few kv heads)."""
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -81,7 +81,7 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_RULES):
     specs = nn.get_partition_spec(abstract_tree)
     mesh_specs = nn.logical_to_mesh(specs, rules)
     shapes = jax.tree.map(lambda x: x.shape, nn.meta.unbox(abstract_tree))
-    return jax.tree.map(lambda spec, shape: NamedSharding(mesh, _fit_spec(spec, shape, mesh)),
+    return jax.tree.map(lambda spec, shape: NamedSharding(mesh, fit_spec(spec, shape, mesh)),
                         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 

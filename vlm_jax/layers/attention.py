@@ -115,7 +115,7 @@ def _sharded(
         return kernel(q, k, v, segment_ids)
     # Whole rows per device (the kernel attends along the full length), so act_length's rule is not consulted.
     logical = nn.logical_to_mesh_axes((axes.ACT_BATCH, None, axes.ACT_HEADS, None))
-    spec = parallel._fit_spec(logical, q.shape, mesh)
+    spec = parallel.fit_spec(logical, q.shape, mesh)
     head_axes = (spec[2],) if isinstance(spec[2], str) else spec[2] or ()
     shards = math.prod(mesh.shape[a] for a in head_axes)
     # The kernel pairs local q head i with local kv head i // (q heads per kv head), so every shard must hold
