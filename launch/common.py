@@ -47,19 +47,23 @@ def tpu_chips_here() -> int:
 
 
 def parse(description: str, argv: list[str] | None = None,
-          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, workdir: bool = True):
-    """Returns (args, config). Every `--config.a.b=v` (or `--config.a.b v`) is applied as an override."""
+          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, workdir: bool = True,
+          distributed: bool = True):
+    """Returns (args, config). Every `--config.a.b=v` (or `--config.a.b v`) is applied as an override. With
+    `distributed` (launchers that run on devices) the multi-process flags are taken and jax.distributed set up;
+    without, jax is not imported (plan.py chooses its devices first)."""
     parser = argparse.ArgumentParser(description=description)
     if add_arguments:
         add_arguments(parser)
     parser.add_argument("--config", required=True, help="config file, optionally FILE:ARG")
     if workdir:
         parser.add_argument("--workdir", required=True)
-    parser.add_argument("--coordinator_address", default="",
-                        help="multi-process runs: host:port of process 0 (also needs the two below); without it a "
-                             "SLURM, Open MPI or TPU job of several processes sets itself up from its environment")
-    parser.add_argument("--num_processes", type=int, default=1)
-    parser.add_argument("--process_id", type=int, default=0)
+    if distributed:
+        parser.add_argument("--coordinator_address", default="",
+                            help="multi-process runs: host:port of process 0 (also needs the two below); without it "
+                                 "a SLURM, Open MPI or TPU job of several processes sets itself up from its environment")
+        parser.add_argument("--num_processes", type=int, default=1)
+        parser.add_argument("--process_id", type=int, default=0)
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -78,6 +82,8 @@ def parse(description: str, argv: list[str] | None = None,
     except (KeyError, ValueError, FileNotFoundError) as e:
         parser.error(str(e).strip("\"'"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not distributed:
+        return args, config
     if args.coordinator_address:
         import jax
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)

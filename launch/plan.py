@@ -14,7 +14,7 @@ from common import parse
 
 
 def main() -> None:
-    args, config = parse(__doc__.splitlines()[0], workdir=False, add_arguments=lambda p: p.add_argument(
+    args, config = parse(__doc__.splitlines()[0], workdir=False, distributed=False, add_arguments=lambda p: p.add_argument(
         "--topology", required=True, help="cpu:N, or a TPU topology: v5p:2x2x2, v5e:4x4, v6e:4x4, v4:2x2x1, ..."))
     kind, _, count = args.topology.partition(":")
     if "jax" in sys.modules:
