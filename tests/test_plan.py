@@ -82,3 +82,22 @@ def test_plan_command_prints_one_json_line():
     bad = subprocess.run([sys.executable, "launch/plan.py", "--config", "configs/demo.py", "--topology", "cpu:2",
                           "--config.mesh.fsdp=4"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("plan.py: mesh")
+
+
+def test_a_step_refused_for_want_of_hbm_reports_what_it_needs():
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from vlm_jax.train.plan import refused_memory
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("fsdp",))
+    args = [jax.ShapeDtypeStruct((1024, 256), np.float32, sharding=NamedSharding(mesh, P("fsdp"))),
+            jax.ShapeDtypeStruct((8,), np.int32, sharding=NamedSharding(mesh, P()))]
+    error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                         "temporaries (15.95G) exceeds available HBM (15.75G).")
+    used = refused_memory(error, args)
+    assert used["temp_bytes_per_chip"] == int(15.95 * 2 ** 30)
+    assert used["argument_bytes_per_chip"] == 1024 * 256 * 4 // 4 + 8 * 4
+    assert used["peak_bytes_per_chip"] == used["argument_bytes_per_chip"] + used["temp_bytes_per_chip"]
+    assert refused_memory(RuntimeError("INVALID_ARGUMENT: something else"), args) is None

@@ -13,6 +13,7 @@ over whole rows (packed examples counted as one sequence) or tiles. The embeddin
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any
 
@@ -119,6 +120,22 @@ def memory(compiled) -> dict[str, int]:
     return out
 
 
+# libtpu refuses a step whose temporaries exceed HBM, naming what they would need (binary units).
+_EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED: .*HLO temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def refused_memory(error: Exception, arguments: list[jax.ShapeDtypeStruct]) -> dict[str, int] | None:
+    """The memory of a step the compiler refused for want of HBM: its temporaries as the error names them, its
+    arguments' per-device bytes from their shardings (outputs are donated into them); None for another error."""
+    found = _EXHAUSTED.search(str(error))
+    if not found:
+        return None
+    temp = int(float(found.group(1)) * 1024 ** (" KMGT".index(found.group(2))))
+    args = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in arguments)
+    return dict(argument_bytes_per_chip=args, output_bytes_per_chip=None, temp_bytes_per_chip=temp,
+                peak_bytes_per_chip=args + temp)
+
+
 def plan(config: ml_collections.ConfigDict, devices: list) -> dict[str, Any]:
     """Compiles `config`'s train step for `devices` ahead of time and reports shapes, memory and FLOPs (one
     dict, the fields launch/plan.py prints)."""
@@ -135,7 +152,13 @@ def plan(config: ml_collections.ConfigDict, devices: list) -> dict[str, Any]:
     batch = abstract_batch(config, parallel.batch_sharding(setup.mesh))
     start = time.perf_counter()
     with jax.set_mesh(setup.mesh):
-        compiled = step.jitted.lower(state, batch).compile()
+        lowered = step.jitted.lower(state, batch)
+        try:
+            used = memory(lowered.compile())
+        except jax.errors.JaxRuntimeError as e:
+            used = refused_memory(e, jax.tree.leaves((state, batch)))
+            if used is None:
+                raise
     compile_s = time.perf_counter() - start
     kind = devices[0].device_kind
     chip = CHIPS.get(kind)
@@ -147,7 +170,7 @@ def plan(config: ml_collections.ConfigDict, devices: list) -> dict[str, Any]:
         trainable_params=sum(t for _, t in counts.values()),
         batch_size=config.batch_size, micro_batches=config.micro_batches,
         tokens_per_step=config.batch_size * config.data.seq_len,
-        **memory(compiled))
+        **used)
     # Memory is per device; on a chip of several devices each holds its share of the chip's HBM.
     hbm = chip.hbm_bytes // chip.devices_per_chip if chip else None
     flops = model_flops(config, setup)
