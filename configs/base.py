@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     m = c.model = ml_collections.ConfigDict()
     m.dtype = "float32"
     m.param_dtype = "float32"
+    # Storage of the parameters that do not train ("": param_dtype); "bfloat16" halves them (exact for weights
+    # released in bf16; fp16-released ones lose 3 mantissa bits).
+    m.frozen_param_dtype = ""
     m.scan_layers = True
     m.remat_policy = "none"
     # The attention kernel (vlm_jax/layers/attention.py): "xla" builds the segment/causal mask (CPU, tests);

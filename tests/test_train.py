@@ -132,3 +132,20 @@ def test_label_rules_refuse_unmatched_parameter_and_unused_rule():
         label_params(params, [("projector/.*", "frozen"), (".*", "train")])
     assert set(label_params(params, [("vision/.*", "frozen"), (".*", "train")]).values()) == {
         "frozen", "train"}
+
+
+def test_frozen_parameters_stored_in_bf16_train_like_their_bf16_values():
+    common = (FREEZE_VISION, NO_WARMUP)
+    metrics, before, after, state = one_step(tiny_config("model.frozen_param_dtype=bfloat16", *common), None)
+    assert {x.dtype for x in jax.tree.leaves(state.frozen)} == {np.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {np.dtype("float32")}
+    for a, b in zip(jax.tree.leaves(before["vision"]), jax.tree.leaves(after["vision"])):
+        np.testing.assert_array_equal(a, b)
+    # The same step from fp32 frozen weights that hold the same (bf16-rounded) values: the same loss.
+    config = tiny_config(*common)
+    setup = loop.Setup(config)
+    rounded = jax.tree.map(lambda x: x.astype("bfloat16").astype("float32"), setup.fresh_state().frozen)
+    fp32 = setup.fresh_state().replace(frozen=jax.device_put(rounded, setup.state_shardings.frozen))
+    step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
+    _, want = step(fp32, parallel.global_batch(first_batch(config), setup.mesh))
+    np.testing.assert_allclose(float(metrics["loss"]), float(want["loss"]), rtol=1e-6)

@@ -1,5 +1,6 @@
 """The trainer: build mesh and state, restore or init, iterate batches, step, log, checkpoint."""
 
+import functools
 import json
 import logging
 import math
@@ -51,8 +52,10 @@ class Setup:
         self.abstract_params = abstract_params = nn.meta.unbox(boxed)
         self.groups = ParamGroups(abstract_params, config.optim)
         self.optimizer = make_optimizer(config.optim, self.groups, config.total_steps)
-        self.abstract_state = jax.eval_shape(
-            lambda p: init_state(self.optimizer, self.groups, p), abstract_params)
+        # Configs saved before model.frozen_param_dtype existed stored everything as param_dtype.
+        frozen_dtype = config.model.get("frozen_param_dtype", "") or config.model.param_dtype
+        self.init_state = functools.partial(init_state, self.optimizer, self.groups, frozen_dtype=jnp.dtype(frozen_dtype))
+        self.abstract_state = jax.eval_shape(self.init_state, abstract_params)
         train_sh, frozen_sh = self.groups.split(param_shardings)
         rep = parallel.replicated(self.mesh)
         self.state_shardings = TrainState(
@@ -62,7 +65,7 @@ class Setup:
 
     def fresh_state(self) -> TrainState:
         def build(key):
-            return init_state(self.optimizer, self.groups, nn.meta.unbox(self._init_params(key)))
+            return self.init_state(nn.meta.unbox(self._init_params(key)))
         with jax.set_mesh(self.mesh):
             return jax.jit(build, out_shardings=self.state_shardings)(self.rng)
 
@@ -92,7 +95,7 @@ class Setup:
         params.update({k: v.astype(params[k].dtype) for k, v in loaded.items()})
         logging.info("initialised %d of %d parameter arrays from %s", len(loaded), len(params), path)
         with jax.set_mesh(self.mesh):
-            return jax.jit(lambda p: init_state(self.optimizer, self.groups, p),
+            return jax.jit(self.init_state,
                            out_shardings=self.state_shardings)(traverse_util.unflatten_dict(params))
 
 

@@ -44,8 +44,13 @@ def split_micro_batches(batch: dict, n: int, mesh: Mesh) -> dict:
     return jax.tree.map(split, batch)
 
 
-def init_state(optimizer: optax.GradientTransformation, groups: ParamGroups, params) -> TrainState:
+def init_state(optimizer: optax.GradientTransformation, groups: ParamGroups, params,
+               frozen_dtype: jnp.dtype | None = None) -> TrainState:
+    """Step 0 of `params`; the frozen ones stored as `frozen_dtype` when given (they are only read, in the
+    compute dtype: a bf16 copy of bf16-released weights loses nothing and halves their memory)."""
     trainable, frozen = groups.split(params)
+    if frozen_dtype is not None:
+        frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                       opt_state=optimizer.init(trainable))
 
