@@ -25,9 +25,15 @@ def parse(arg: str, stages: tuple[str, ...]) -> tuple[str, bool]:
 
 def system(name: str) -> ml_collections.ConfigDict:
     """base config with the system's real vision / connector / LLM sizes (configs/sizes.py), reading LLaVA
-    json (`data.path`, `data.image_folder`, `data.tokenizer` are the user's to set)."""
+    json (`data.path`, `data.image_folder`, `data.tokenizer` are the user's to set), at scale: bf16 compute on
+    fp32 master weights for what trains, bf16 storage for what does not (its matmuls read it in bf16 anyway),
+    every parameter and its optimizer state sharded over all chips (FSDP), each block's activations recomputed in
+    the backward pass, and the fast attention kernel of the platform it runs on."""
     c = sizes.get_config(name)
     c.data.source = "llava_json"
+    c.model.update(dtype="bfloat16", param_dtype="float32", frozen_param_dtype="bfloat16", remat_policy="full",
+                   attention="auto")
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
     return c
 
 
@@ -39,6 +45,10 @@ def make_tiny(c: ml_collections.ConfigDict, image_size: int) -> None:
     """Shrinks the model and data to CPU size, keeping the recipe (rules, groups, LR ratios) as it is.
     `image_size` is the tiny stand-in for the stage's resolution (so a 224 -> 448 change stays a change)."""
     c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 4, 8, 1, 4
+    # CPU settings: fp32 for exact comparisons, one pass, data parallel over the test's fake devices.
+    c.micro_batches = 1
+    c.model.update(dtype="float32", frozen_param_dtype="", remat_policy="none", attention="xla")
+    c.mesh.update(data=-1, fsdp=1, tensor=1)
     c.eval_examples, c.eval_batch_size = 8, 8
     c.model.vision.update(image_size=image_size, patch_size=image_size // 2, width=64, depth=4, heads=4,
                           mlp_dim=128)

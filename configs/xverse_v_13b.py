@@ -21,6 +21,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     stage, tiny = stages.parse(arg, STAGES)
     c = stages.system("xverse_v_13b")
     c.batch_size, c.total_steps = 256, 10_000
+    c.micro_batches = 16  # 16 GiB v5e chips: one 4096-token row per chip at a time (docs/scale.md)
     c.data.update(template="xverse", seq_len=4096, tile_size=224, max_tiles=9, max_tiles_per_row=15,
                   swap_hw=True)
     o = c.optim
