@@ -149,3 +149,13 @@ def test_frozen_parameters_stored_in_bf16_train_like_their_bf16_values():
     step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
     _, want = step(fp32, parallel.global_batch(first_batch(config), setup.mesh))
     np.testing.assert_allclose(float(metrics["loss"]), float(want["loss"]), rtol=1e-6)
+
+
+def test_bf16_compute_trains_fp32_master_weights_from_bf16_gradients():
+    metrics, before, after, state = one_step(tiny_config("model.dtype=bfloat16", FREEZE_VISION, NO_WARMUP), None)
+    assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {np.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {np.dtype("float32")}
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["decoder"]),
+                                                        jax.tree.leaves(after["decoder"]))]
+    assert all(moved)  # Adam's first step moves every parameter of a trained group

@@ -62,11 +62,22 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     Each step passes a 'dropout' rng derived from (seed, step), so LoRA dropout is on in training only and a
     resumed run draws the same masks. With `micro_batches` n > 1 the batch runs as n slices one after another
     (gradient accumulation), summing the loss and its gradients over all of them before the one optimizer
-    update: the same token-weighted mean loss and gradients as one pass, with about 1/n of the activations live."""
+    update: the same token-weighted mean loss and gradients as one pass, with about 1/n of the activations live.
+
+    Mixed precision: the trainable parameters enter the forward in the model's compute dtype, cast on each device's
+    own shard, so FSDP gathers them and reduce-scatters their gradients in that dtype (bf16, as DeepSpeed and
+    FSDP mixed precision do), and the fp32 master weights and the update stay fp32. The layers cast their weights
+    to it anyway (LayerNorm now reads its scale and bias rounded to it); cast after the gather, the compiler keeps
+    fp32 copies and gradients of whole layers (POINTS1.5 stage 2: 3 GiB a chip, launch/plan.py)."""
+    compute = jnp.dtype(model.config.dtype)
+
+    def to_compute(x: jax.Array) -> jax.Array:
+        return x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
     def value_and_grads(reduce, trainable, frozen, batch, dropout_key):
         def value(trainable):
-            nll = forward_nll(model, {"params": merge_params(trainable, frozen)}, batch, rngs={"dropout": dropout_key})
+            params = merge_params(jax.tree.map(to_compute, trainable), frozen)
+            nll = forward_nll(model, {"params": params}, batch, rngs={"dropout": dropout_key})
             return reduce(nll, batch["loss_mask"])
         (total, count), grads = jax.value_and_grad(value, has_aux=True)(trainable)
         return total, count, grads
