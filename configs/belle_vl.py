@@ -13,7 +13,7 @@ The sin-cos table `connector/pos_embed` is fixed in both. Learning rates, batch 
 published: the values are Qwen-VL's own (pre-training 2e-4, instruction tuning 1e-5, weight decay 0.05 / 0.1,
 cosine), unverified for Belle-VL, to be tuned.
 Scale (docs/scale.md): v5p:2x2x2 (8 chips), FSDP 8, 2 micro-batches; per-chip peak 32.6 GiB (stage 1) and
-87.6 GiB (stage 2) of 95.
+81.6 GiB (stage 2) of 95.
 """
 
 import ml_collections

@@ -10,7 +10,7 @@ stage2 (visual instruction tuning): projector + LLM at 2e-5, weight decay 0.1, f
 Both: vision encoder frozen, batch 32, context 4096, grad-clip 1.0, cosine. Then a uniform model soup of
 several stage-2 runs: `launch/soup.py --src RUN_A --src RUN_B --dst SOUP`.
 Scale (docs/scale.md): v5p:2x2x2 (8 chips), FSDP 8, one group of 4 rows a chip; per-chip peak 11.8 GiB
-(stage 1) and 30.6 GiB (stage 2) of 95.
+(stage 1) and 27.6 GiB (stage 2) of 95.
 """
 
 import ml_collections

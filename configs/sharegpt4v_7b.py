@@ -5,8 +5,8 @@ the entire LLM at 2e-5; ViT embeddings, pre-norm and layers 0-11 frozen. Global 
 stage2 (instruction tuning, 665k mix, vicuna_v1 template): projector + LLM at 2e-5, vision tower frozen,
 starting from stage 1 (`--config.init_params=STAGE1_WORKDIR`). Global batch 128, 1 epoch.
 Both: warmup 3 %, cosine to 0, weight decay 0, max length 2048, 336 px, one image (no tiling).
-Scale (docs/scale.md): v5p:2x2x2 (8 chips), FSDP 8, one pass a step; per-chip peak 64.5 GiB (stage 1) and
-38.5 GiB (stage 2) of 95.
+Scale (docs/scale.md): v5p:2x2x2 (8 chips), FSDP 8, one pass a step; per-chip peak 62.0 GiB (stage 1) and
+35.2 GiB (stage 2) of 95.
 """
 
 import ml_collections

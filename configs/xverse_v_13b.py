@@ -8,7 +8,7 @@ Learning rates, batch and steps are not published: the values here are LLaVA-sty
 projector alone, 2e-5 projector / 2e-4 LoRA), to be tuned. HD tiles: 224 px, global view + up to 9 tiles,
 (1 + 9) * 256 = 2560 visual tokens, so rows are 4096 long.
 Scale (docs/scale.md): v5e:4x4 (16 chips of 16 GiB), FSDP 16, 16 micro-batches (one row a chip at a time);
-per-chip peak 7.6 GiB (stage 1) and 15.7 GiB (stage 2).
+per-chip peak 7.6 GiB (stage 1) and 14.5 GiB (stage 2).
 """
 
 import ml_collections
