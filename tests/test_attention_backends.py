@@ -117,14 +117,10 @@ def test_each_device_runs_the_kernel_on_its_rows_and_whole_gqa_groups(monkeypatc
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-6)
 
 
-def test_the_real_splash_kernel_compiles_for_a_multi_chip_tpu_mesh(monkeypatch):
+def test_the_real_splash_kernel_compiles_for_a_multi_chip_tpu_mesh():
     """Ahead of time from this CPU host: the Mosaic kernel (not its interpreter) inside the shard_map, forward and
     backward, at a length off the block grid and a head dim (80) off the 128 lanes."""
-    pytest.importorskip("libtpu", reason="the TPU topology needs libtpu (requirements-plan.txt)")
-    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices
+    devices = parallel.topology_devices("v5p:2x2x2")  # libtpu is a test requirement (requirements-plan.txt)
     mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 2, 4), parallel.MESH_AXES,
                              axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
