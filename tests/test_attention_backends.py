@@ -180,3 +180,31 @@ def test_auto_backend_is_the_platforms_kernel():
     np.testing.assert_array_equal(  # this host is a CPU: auto is the masked path
         attention(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg, backend="auto"),
         attention(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg))
+
+
+def _poisoned_cudnn(q, k, v, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale, mask_type):
+    """Stands in for the packed cuDNN kernel on CPU: the masked path on the segments that lengths and offsets
+    describe, with what the real kernel leaves undefined (outputs and gradients of tokens outside every segment)
+    made NaN; refuses lengths off its block grid as the real one refuses some."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    assert q.shape[1] % attention_lib.CUDNN_BLOCK == 0, q.shape
+    pos = jnp.arange(q.shape[1])[None, :, None]
+    inside = (pos >= q_offsets[:, None, :-1]) & (pos < q_offsets[:, None, :-1] + q_seqlen[:, None, :])
+    seg = jnp.sum(jnp.where(inside, jnp.arange(1, q_seqlen.shape[1] + 1), 0), axis=-1)
+    out = attention(q, k, v, causal=mask_type == cudnn.MaskType.PADDING_CAUSAL, q_segment_ids=seg,
+                    kv_segment_ids=seg)
+    return out + jnp.where(seg == 0, jnp.nan, 0)[:, :, None, None] * q
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_wrapper_pads_the_length_and_keeps_padding_out_of_the_gradients(monkeypatch, causal):
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "dot_product_attention", _poisoned_cudnn)
+    q, k, v, seg = _packed_case(4, 177, 2, True)  # 177: odd, off the kernel's block grid
+    real, want, want_grads = _loss_and_grads("xla", q, k, v, seg, causal)
+    _, got, got_grads = _loss_and_grads("cudnn", q, k, v, seg, causal)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, err_msg=f"d loss / d {name}")

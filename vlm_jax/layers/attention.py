@@ -14,7 +14,8 @@ Backends (config `model.attention`; `auto` picks the platform's kernel, `resolve
           implementation="cudnn")` in its packed form. jax 0.10.2's public signature takes one sequence length
           per row (`query_seq_lengths` [B]), not several examples per row, so the packed segments go to the same
           kernel through `jax._src.cudnn.fused_attention_stablehlo` as per-row segment lengths and offsets
-          (`segment_layout`), at most `max_segments` per row. Tokens outside every segment (row padding) get 0.
+          (`segment_layout`), at most `max_segments` per row, each row padded to a multiple of CUDNN_BLOCK
+          tokens. Tokens outside every segment (row padding) get 0, and so do their gradients.
   splash  TPU: the Pallas splash-attention kernel with segment ids (causal or full block masks, never an
           L x L array), one kernel call per row, at any length: the wrapper pads the sequence to a multiple of
           128 tokens (blocks of 512, 256 or 128, the largest that divides; NaViT's 11672 patch slots run as
@@ -90,18 +91,29 @@ def segment_layout(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array
     return lengths, jnp.pad(offsets, ((0, 0), (0, 1)), constant_values=-1)
 
 
+CUDNN_BLOCK = 64  # the cudnn backend pads rows to a multiple of this many tokens
+
+
 def _cudnn_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, causal: bool, max_segments: int,
 ) -> jax.Array:
-    if segment_ids is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     from jax._src.cudnn import fused_attention_stablehlo as cudnn  # the packed form (module docstring)
 
-    lengths, offsets = segment_layout(segment_ids, max_segments)
+    b, length = q.shape[:2]
+    segment_ids = jnp.ones((b, length), jnp.int32) if segment_ids is None else segment_ids
+    real = (segment_ids > 0)[:, :, None, None]
+    # The kernel leaves the gradients of tokens outside every segment undefined (NaN on an H100), and a NaN there
+    # would reach the weights through the projections' backward: `where` passes 0 to those tokens instead.
+    q, k, v = (jnp.where(real, t, 0) for t in (q, k, v))
+    # Training refuses some lengths (odd ones, e.g. a CLIP tile's 577 tokens): pad to CUDNN_BLOCK with segment 0.
+    padded = -(-length // CUDNN_BLOCK) * CUDNN_BLOCK
+    pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    lengths, offsets = segment_layout(jnp.pad(segment_ids, ((0, 0), (0, padded - length))), max_segments)
     mask = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
-    out = cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-                                      kv_offsets=offsets, scale=q.shape[-1] ** -0.5, mask_type=mask)
-    return jnp.where((segment_ids > 0)[:, :, None, None], out, 0).astype(q.dtype)
+    out = cudnn.dot_product_attention(*(jnp.pad(t, pad) for t in (q, k, v)), q_seqlen=lengths, kv_seqlen=lengths,
+                                      q_offsets=offsets, kv_offsets=offsets, scale=q.shape[-1] ** -0.5,
+                                      mask_type=mask)
+    return jnp.where(real, out[:, :length], 0).astype(q.dtype)
 
 
 def _sharded(
