@@ -86,8 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
     d.max_patches_per_row = 4096
     d.max_images_per_row = 8
     # g > 1: every g rows share their g vision rows (data/packing.py plan_groups; needs pack_window), so a row's
-    # text and its images need not fill it in the same proportion: on bench/packing.py's mix 8 rows of 4096 tokens
-    # pad 1.7 % of tokens and 1.6 % of patches, rows with their own images 7.2 % of both (README).
+    # text and its images need not fill it in the same proportion: on a mix of large and small images it leaves
+    # far less padding than rows that hold their own images (bench/packing.py, docs/experiments.md 3).
     d.vision_group_rows = 1
     # The training stream is cut into this many shards (shard s: examples s, s + shards, ...), each packed on its
     # own into batch_size / shards rows of every batch, in shard order: a step's batch depends on the config, never

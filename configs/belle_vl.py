@@ -1,4 +1,4 @@
-"""Belle-VL (ARCHITECTURES.md 4): `--config configs/belle_vl.py:stage1` or `:stage2[,tiny]`.
+"""Belle-VL (docs/architectures.md 4): `--config configs/belle_vl.py:stage1` or `:stage2[,tiny]`.
 
 Qwen-VL's ViT-bigG/14 (48 blocks, 16x16 position table) -> cross-attention resampler (256 queries, 2-D
 sin-cos, width 5120, 40 heads) + ln_post + proj -> Qwen-14B (Qwen1 layout, imported as family qwen_vl /
@@ -12,8 +12,7 @@ positions are re-interpolated bicubically at run time): resampler + LLM; ViT fro
 The sin-cos table `connector/pos_embed` is fixed in both. Learning rates, batch and steps are not
 published: the values are Qwen-VL's own (pre-training 2e-4, instruction tuning 1e-5, weight decay 0.05 / 0.1,
 cosine), unverified for Belle-VL, to be tuned.
-Scale (docs/scale.md): v5p:2x2x2 (8 chips), FSDP 8, 2 micro-batches; per-chip peak 32.6 GiB (stage 1) and
-81.6 GiB (stage 2) of 95.
+Scale: v5p:2x2x2 (8 chips), FSDP 8, 2 micro-batches; each stage's per-chip peak is in docs/scale.md.
 """
 
 import ml_collections

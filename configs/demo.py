@@ -31,12 +31,12 @@ def get_config() -> ml_collections.ConfigDict:
     d.seq_len = 128
     d.tile_size = 32
     # The global view alone: on 32-80 px images every 32 px tile cuts each shape into fragments, and with the
-    # four tiles in (max_tiles=4) colour questions fell from 0.91 to 0.67 at 1200 steps, each step also slower
-    # (README). The tiling path is the same code at any max_tiles (XVERSE-V's configs use 9).
+    # four tiles in (max_tiles=4) colour answers get worse and each step slower (docs/experiments.md 1).
+    # The tiling path is the same code at any max_tiles (XVERSE-V's configs use 9).
     d.max_tiles = 1
     d.swap_hw = False  # the release's W/H swap only matters for parity with XVERSE-V weights
     # Rows are text-bound at about 3.4 examples; 8 tile slots leave room and halve the ViT's padding work.
-    # The planning window cuts row padding (~38% in stream order).
+    # The planning window cuts the row padding that filling rows in stream order leaves.
     d.max_tiles_per_row = 8
     d.pack_window = 256
     d.min_image_size = 32
@@ -46,13 +46,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     o = c.optim
     # At 2e-3 the colour lookup (find the object by its shape) formed late or never on some seeds; at 4e-3 no
-    # lookup formed at all (README, "Seeds").
+    # lookup formed at all (docs/experiments.md 1, "Seeds").
     o.lr = 1e-3
     o.warmup_steps = 30
     o.final_lr_ratio = 0.05
     o.weight_decay = 0.01
     # Stage 0 stands in for the pretrained CLIP tower a real run imports: trained through the LLM alone, the
-    # ViT learns colour and loses shape (README). The VLM stage then keeps it frozen (the base rules). Past 400
+    # ViT learns colour and loses shape (docs/experiments.md 1). The VLM stage keeps it frozen (base rules). Past 400
     # steps the patch accuracies barely move, but shape's share of the output tokens' variance keeps growing, and
     # with it how fast the LLM learns to find an object by its shape.
     c.vision_pretrain.update(steps=1000, batch_size=64, lr=2e-3)

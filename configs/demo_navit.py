@@ -22,14 +22,14 @@ def get_config() -> ml_collections.ConfigDict:
     d = c.data
     # Native resolution: the smallest synthetic image (32 px) is 2x2 windows, the largest (80 px) 5x5.
     d.min_pixels, d.max_pixels = 32 * 32, 80 * 80
-    # Rows planned over windows of 256 examples: about 9 % token and 8 % patch padding on this data, against
-    # 22 % and 29 % filling rows in stream order with 160 patch slots.
+    # Rows planned over windows of 256 examples leave far fewer token and patch slots empty than rows filled in
+    # stream order (docs/experiments.md 2).
     d.max_patches_per_row = 144
     d.max_images_per_row = 8
     d.pack_window = 256
-    # Stage 0 on packed rows of native-resolution images: 32 rows of 144 slots hold about 64 images a step. At
-    # 400 steps the tower's shape accuracy was 0.78 and the VLM's colour and shape answers stayed near 0.6; at 1000
-    # steps (0.97) they reach the tiled demo's bars, best at the tiled demo's LR 1e-3 (README).
+    # Stage 0 on packed rows of native-resolution images: 32 rows of 144 slots hold about 64 images a step. A
+    # shape spans several merge windows here, so the tower needs the long stage 0 before the VLM's colour and
+    # shape answers (both find an object by its shape) can rely on it (docs/experiments.md 2).
     c.vision_pretrain.update(batch_size=32, steps=1000)
     c.total_steps = 1600
     return c

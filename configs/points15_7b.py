@@ -1,4 +1,4 @@
-"""POINTS1.5-7B (ARCHITECTURES.md 2): `--config configs/points15_7b.py:stage1` or `:stage2[,tiny]`.
+"""POINTS1.5-7B (docs/architectures.md 2): `--config configs/points15_7b.py:stage1` or `:stage2[,tiny]`.
 
 Model at its real size: Qwen2-VL's NaViT tower (native resolution, 2-D RoPE, images packed per row), the
 PatchMerger projector (one token per 2x2 patch window) and Qwen2.5-7B (GQA 28/4, qkv bias, 1-D RoPE).
@@ -9,8 +9,7 @@ stage1 (pre-training, ~2 M captions): projector only at 2e-4, weight decay 0.
 stage2 (visual instruction tuning): projector + LLM at 2e-5, weight decay 0.1, from stage 1.
 Both: vision encoder frozen, batch 32, context 4096, grad-clip 1.0, cosine. Then a uniform model soup of
 several stage-2 runs: `launch/soup.py --src RUN_A --src RUN_B --dst SOUP`.
-Scale (docs/scale.md): v5p:2x2x2 (8 chips), FSDP 8, one group of 4 rows a chip; per-chip peak 11.8 GiB
-(stage 1) and 27.6 GiB (stage 2) of 95.
+Scale: v5p:2x2x2 (8 chips), FSDP 8, one group of 4 rows a chip; each stage's per-chip peak is in docs/scale.md.
 """
 
 import ml_collections
@@ -26,7 +25,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c.batch_size, c.total_steps = 32, 2_000_000 // 32
     # WePOINTS' processor defaults (min 56x56, max 1280 merged tokens an image). 11672 patch slots a row are the
     # patches per token of bench/packing.py's LLaVA-665k-like mix; groups of 4 rows sharing their vision rows pad
-    # 3.1 % of tokens and patches there (8 rows: 2.0 %; each row its own images: 7.6 %), and need batch_size 32 on
+    # far less there than rows with their own images (docs/experiments.md 3), and need batch_size 32 on
     # at most 8 devices of the batch axes. A window holds its examples' float32 patches, ~14 MB an average example.
     c.data.update(template="qwen2_vl", seq_len=4096, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
                   max_patches_per_row=11672, max_images_per_row=16, pack_window=512, vision_group_rows=4)

@@ -1,7 +1,6 @@
 """ShareGPT4V-13B: the 7B recipe (configs/sharegpt4v_7b.py) with Vicuna-13B; `:stage1` or `:stage2[,tiny]`.
 
-Scale (docs/scale.md): v5p:2x2x4 (16 chips), FSDP 16, one pass a step; per-chip peak 46.9 GiB (stage 1, the full
-fine-tune) and 29.7 GiB (stage 2) of 95.
+Scale: v5p:2x2x4 (16 chips), FSDP 16, one pass a step; each stage's per-chip peak is in docs/scale.md.
 """
 
 import ml_collections

@@ -1,12 +1,11 @@
-"""ShareGPT4V-7B (ARCHITECTURES.md 5.5): `--config configs/sharegpt4v_7b.py:stage1` or `:stage2[,tiny]`.
+"""ShareGPT4V-7B (docs/architectures.md 5.5): `--config configs/sharegpt4v_7b.py:stage1` or `:stage2[,tiny]`.
 
 stage1 ("feature alignment", 1.2 M ShareCaptioner captions, plain template): CLIP layers 12-23 + projector +
 the entire LLM at 2e-5; ViT embeddings, pre-norm and layers 0-11 frozen. Global batch 256, 1 epoch.
 stage2 (instruction tuning, 665k mix, vicuna_v1 template): projector + LLM at 2e-5, vision tower frozen,
 starting from stage 1 (`--config.init_params=STAGE1_WORKDIR`). Global batch 128, 1 epoch.
 Both: warmup 3 %, cosine to 0, weight decay 0, max length 2048, 336 px, one image (no tiling).
-Scale (docs/scale.md): v5p:2x2x2 (8 chips), FSDP 8, one pass a step; per-chip peak 62.0 GiB (stage 1) and
-35.2 GiB (stage 2) of 95.
+Scale: v5p:2x2x2 (8 chips), FSDP 8, one pass a step; each stage's per-chip peak is in docs/scale.md.
 """
 
 import ml_collections

@@ -1,7 +1,7 @@
 """Real model sizes of the LLaVA-family systems: `--config configs/sizes.py:NAME`.
 
 NAME is a system (vision + connector + LLM) or an LLM alone (`text:NAME`, e.g. `text:qwen2_5_7b`).
-Values from shared/reference/ARCHITECTURES.md sections 1, 2.2-2.5, 3, 4, 5 and 7.
+Values from docs/architectures.md sections 1, 2.2-2.5, 3, 4, 5 and 7.
 """
 
 import ml_collections
@@ -15,7 +15,7 @@ VISION = {
 }
 VISION["clip_l14_336"] = VISION["clip_l14_224"] | dict(image_size=336)
 # BLIP-2's EVA ViT-g/14 (HF Blip2VisionConfig defaults): all 39 blocks, post_layernorm over all 257 tokens.
-# Qwen2-VL-7B's NaViT tower as POINTS1.5 uses it (ARCHITECTURES.md 2.2): packed native-resolution patches, 2-D
+# Qwen2-VL-7B's NaViT tower as POINTS1.5 uses it (docs/architectures.md 2.2): packed native-resolution patches, 2-D
 # RoPE, no final norm (the last block's output goes to the PatchMerger).
 VISION["qwen2_vl_navit"] = dict(stem="navit", patch_size=14, temporal_patch_size=2, spatial_merge_size=2, width=1280,
                                 depth=32, heads=16, mlp_dim=5120, mlp_act="quick_gelu", norm_eps=1e-6, rope_base=1e4,

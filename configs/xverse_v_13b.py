@@ -1,4 +1,4 @@
-"""XVERSE-V-13B (ARCHITECTURES.md 1.7): `--config configs/xverse_v_13b.py:stage1` or `:stage2[,tiny]`.
+"""XVERSE-V-13B (docs/architectures.md 1.7): `--config configs/xverse_v_13b.py:stage1` or `:stage2[,tiny]`.
 
 stage1 (pre-training on image-text pairs): the projector (`llama_proj`) only; CLIP, `ln_vision` (the
 connector's input LayerNorm) and the LLM frozen.
@@ -7,8 +7,8 @@ layers; r=128, alpha=256, dropout 0.05) with different learning rates for the tw
 Learning rates, batch and steps are not published: the values here are LLaVA-style defaults (1e-3 for a
 projector alone, 2e-5 projector / 2e-4 LoRA), to be tuned. HD tiles: 224 px, global view + up to 9 tiles,
 (1 + 9) * 256 = 2560 visual tokens, so rows are 4096 long.
-Scale (docs/scale.md): v5e:4x4 (16 chips of 16 GiB), FSDP 16, 16 micro-batches (one row a chip at a time);
-per-chip peak 7.6 GiB (stage 1) and 14.5 GiB (stage 2).
+Scale: v5e:4x4 (16 chips of 16 GiB), FSDP 16, 16 micro-batches (one row a chip at a time); each stage's
+per-chip peak is in docs/scale.md.
 """
 
 import ml_collections

@@ -1,4 +1,4 @@
-"""Ziya-BLIP2-14B-Visual-v1 (ARCHITECTURES.md 3): `--config configs/ziya_blip2_14b.py:stage1` or `:stage2[,tiny]`.
+"""Ziya-BLIP2-14B-Visual-v1 (docs/architectures.md 3): `--config configs/ziya_blip2_14b.py:stage1` or `:stage2[,tiny]`.
 
 EVA ViT-g/14 (39 blocks, post_layernorm over all 257 tokens) -> BLIP-2 Q-Former (32 queries, 12 layers,
 cross-attention every second layer) -> `language_projection` Linear(768, 5120) -> Ziya-LLaMA-13B-v1.
@@ -11,7 +11,7 @@ Learning rates, batch and steps are not published: the values here follow BLIP-2
 pre-training (1e-4 cosine to 1e-5, weight decay 0.05) for stage 1 and a tenth of that for stage 2, to be tuned.
 Import the weights with `launch/convert.py import` (HF Blip2ForConditionalGeneration layout) and start from
 them with `--config.init_params=CKPT_DIR`.
-Scale (docs/scale.md): v5p:2x2x1 (a v5p-8: 4 chips), FSDP 4, 4 micro-batches; per-chip peak 34.0 GiB of 95.
+Scale: v5p:2x2x1 (a v5p-8: 4 chips), FSDP 4, 4 micro-batches; the per-chip peak is in docs/scale.md.
 """
 
 import ml_collections

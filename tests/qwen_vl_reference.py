@@ -1,5 +1,5 @@
 """Test-only PyTorch reference of Qwen-VL's visual tower (no transformers class exists), written from
-ARCHITECTURES.md 4.2 after Qwen-VL's visual.py: conv1 without bias, a 16x16 position table resized bicubically
+docs/architectures.md 4.2 after Qwen-VL's visual.py: conv1 without bias, a 16x16 position table resized bicubically
 (fp32, align_corners=False) to the patch grid, ln_pre, pre-LN blocks with a per-head interleaved in_proj,
 then the resampler (nn.MultiheadAttention over ln_kv(kv_proj(x)), keys + resized sin-cos table), ln_post,
 x @ proj. Parameter names are the checkpoint's (under `transformer.visual.`)."""

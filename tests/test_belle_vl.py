@@ -16,7 +16,7 @@ from vlm_jax.interop.model_params import abstract_params, param_shardings
 from vlm_jax.train import loop
 
 # PyTorch counts: tests/qwen_vl_reference.py at Belle-VL's sizes (tower; attn_pool + ln_post + proj, the
-# fixed 256 x 5120 sin-cos table included) and Qwen-14B (ARCHITECTURES.md 4.3, about 14.2 B).
+# fixed 256 x 5120 sin-cos table included) and Qwen-14B (docs/architectures.md 4.3, about 14.2 B).
 TOWER, RESAMPLER, SINCOS, QWEN_14B = 1_842_770_688, 142_264_320, 256 * 5120, 14_167_290_880
 
 

@@ -143,6 +143,6 @@ def test_load_image(tmp_path):
 
 
 def test_token_budget_of_seed_examples():
-    # ARCHITECTURES.md 1.5: 448x448 -> 1280 tokens, 448x672 -> 1792 tokens at 256 tokens per view.
+    # docs/architectures.md 1.5: 448x448 -> 1280 tokens, 448x672 -> 1792 tokens at 256 tokens per view.
     assert tile_image(noise_image(448, 448), S, 9, True).shape[0] * 256 == 1280
     assert tile_image(noise_image(448, 672), S, 9, True).shape[0] * 256 == 1792

@@ -1,4 +1,4 @@
-"""POINTS "CustomLlama" layout: a tiny Qwen2 rewritten by the spec's relation (ARCHITECTURES.md 2.5)
+"""POINTS "CustomLlama" layout: a tiny Qwen2 rewritten by the relation of docs/architectures.md 2.5
 imports to the same logits, and the fused tensors round-trip bit-exactly through the table."""
 
 import json

@@ -1,4 +1,4 @@
-"""Qwen1 layout (Belle-VL's Qwen-14B, ARCHITECTURES.md 4.3): a tiny Qwen2ForCausalLM with kv heads = heads,
+"""Qwen1 layout (Belle-VL's Qwen-14B, docs/architectures.md 4.3): a tiny Qwen2ForCausalLM with kv heads = heads,
 rewritten in Qwen1 names (fused block-layout c_attn, w1 = up, w2 = gate), imports to the same logits
 (<= 1e-5), its tensors round-trip bit-exactly through the table, and it exports as a Qwen2ForCausalLM
 that loads with every tensor equal to the original."""

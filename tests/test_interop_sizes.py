@@ -15,7 +15,7 @@ def _count(name: str, part: str, **vision) -> int:
     return sum(math.prod(v.shape) for v in abstract_params(model, (part,)).values())
 
 
-# PyTorch counts: CLIP (ARCHITECTURES.md 1.2 / 5.2, incl. the last block and post_layernorm that our ViT
+# PyTorch counts: CLIP (docs/architectures.md 1.2 / 5.2, incl. the last block and post_layernorm that our ViT
 # does not build: one block = 12,596,224, post_layernorm = 2,048); projectors (5.2); LLMs as published
 # (Vicuna-7B 6,738,415,616, Qwen2.5-7B 7,615,616,512) or from the 7.3 shapes.
 CLIP_BLOCK, POST_LN = 12_596_224, 2_048
@@ -41,7 +41,7 @@ def test_llms(name, torch_count):
 
 
 def test_points15_navit_tower_and_patch_merger():
-    """POINTS1.5's Qwen2-VL tower without its merger (ARCHITECTURES.md 2.2: patch embed 1176 x 1280 + 32 blocks of
+    """POINTS1.5's Qwen2-VL tower without its merger (docs/architectures.md 2.2: patch embed 1176 x 1280 + 32 blocks of
     19,677,440) and its vision_projector PatchMerger (2.3)."""
     assert _count("points15_7b", "vision") == 1176 * 1280 + 32 * 19_677_440 == 631_183_360
     assert _count("points15_7b", "connector") == 44_575_744

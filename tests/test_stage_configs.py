@@ -94,7 +94,7 @@ def test_stage_argument_errors_name_the_choices():
 
 
 def test_real_size_group_table():
-    """eval_shape only: XVERSE-V stage 2's LoRA is the 500,695,040 parameters of ARCHITECTURES.md 1.4, and
+    """eval_shape only: XVERSE-V stage 2's LoRA is the 500,695,040 parameters of docs/architectures.md 1.4, and
     ShareGPT4V stage 1 trains ViT blocks 12-22 (block 23 feeds no feature at layer -2)."""
     def table(arg: str) -> dict:
         setup = loop.Setup(load_config(os.path.join(ROOT, "configs", arg)), jax.devices()[:1])

@@ -4,7 +4,7 @@
 the queries, cross-attention to the image features in every `cross_attention_frequency`-th layer starting
 with the first, query FFN; each sub-block adds its residual, then LayerNorm) -> Linear to the LLM width.
 Computes what HF `Blip2ForConditionalGeneration.get_image_features` computes for query-only input (no text
-branch, dropout off). ARCHITECTURES.md 3.3.
+branch, dropout off). docs/architectures.md 3.3.
 
 Config (`model.connector`): num_queries, width, layers, heads, mlp_dim, cross_attention_frequency, norm_eps.
 Every image (tile) becomes exactly `num_queries` visual tokens, whatever its patch count.

@@ -1,5 +1,5 @@
 """Qwen-VL's cross-attention resampler (`attn_pool`) + `ln_post` + `proj`: connector kind `resampler`
-(Belle-VL; ARCHITECTURES.md 4.2).
+(Belle-VL; docs/architectures.md 4.2).
 
 `num_queries` (a square grid) learned queries attend once to the image tokens: keys/values are
 `ln_kv(kv_proj(x))`, queries `ln_q(query) + pos_embed`, and the keys also get `pos_embed` resized to the

@@ -50,7 +50,7 @@ class Template:
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
-    # LLaVA stage 1: bos + image + caption + "\n" (ARCHITECTURES.md 5.4).
+    # LLaVA stage 1: bos + image + caption + "\n" (docs/architectures.md 5.4).
     Template("plain", bos=True, system="", user="{q}", answer="{a}", end="\n",
              keep_question=False, single_turn=True),
     # LLaVA-1.5 / ShareGPT4V conv_vicuna_v1 (5.4); the released system text is "A chat between a curious
@@ -65,18 +65,18 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("chatml", bos=False, system="<|im_start|>system\n{system}<|im_end|>\n",
              user="<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", answer="{a}",
              end="<|im_end|>", after_end="\n"),
-    # Ziya-LLaMA / Ziya-BLIP2 (ARCHITECTURES.md 3.5): "<human>:{q}\n<bot>:{a}\n" per exchange. Its chat()
+    # Ziya-LLaMA / Ziya-BLIP2 (docs/architectures.md 3.5): "<human>:{q}\n<bot>:{a}\n" per exchange. Its chat()
     # history has no end token; training needs one for generation to stop, so the answer ends with eos
-    # ([?] until Ziya's SFT data format is read). Each image is one 32-slot run where its marker stands.
+    # (unverified until Ziya's SFT data format is read). Each image is one 32-slot run where its marker stands.
     Template("ziya", bos=True, system="{system}\n", user="<human>:{q}\n<bot>:", answer="{a}", end=None,
              after_end="\n"),
-    # Qwen2-VL / POINTS1.5 (ARCHITECTURES.md 2.6): ChatML, each image "<|vision_start|>" + slots + "<|vision_end|>";
+    # Qwen2-VL / POINTS1.5 (docs/architectures.md 2.6): ChatML, images "<|vision_start|>" + slots + "<|vision_end|>";
     # the "\n" POINTS writes after it is the one LLaVA-format data already has after its <image> marker. POINTS
     # has no system message (leave data.system empty); Qwen2-VL's is "You are a helpful assistant."
     Template("qwen2_vl", bos=False, system="<|im_start|>system\n{system}<|im_end|>\n",
              user="<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", answer="{a}",
              end="<|im_end|>", after_end="\n", image_before="<|vision_start|>", image_after="<|vision_end|>"),
-    # Qwen-VL / Belle-VL (ARCHITECTURES.md 4.4): ChatML, each image "Picture k: <img>" + 256 slots + "</img>"
+    # Qwen-VL / Belle-VL (docs/architectures.md 4.4): ChatML, each image "Picture k: <img>" + 256 slots + "</img>"
     # (the released tokenizer's <img>/</img> specials 151857/151858; the slots stand where its path bytes
     # and <imgpad> padding were). The released system text is "You are a helpful assistant."
     Template("qwen_vl", bos=False, system="<|im_start|>system\n{system}<|im_end|>\n",

@@ -1,4 +1,4 @@
-"""Image loading, CLIP normalisation and XVERSE-V any-resolution tiling (ARCHITECTURES.md 1.5)."""
+"""Image loading, CLIP normalisation and XVERSE-V any-resolution tiling (docs/architectures.md 1.5)."""
 
 import math
 import os

@@ -1,4 +1,4 @@
-"""NaViT inputs (Qwen2-VL vision tower, as POINTS1.5 uses it; ARCHITECTURES.md 2.2 and 2.4): smart_resize,
+"""NaViT inputs (Qwen2-VL vision tower, as POINTS1.5 uses it; docs/architectures.md 2.2 and 2.4): smart_resize,
 patches in the processor's order, their 2-D positions, and images packed into one fixed-length row.
 
 One image -> `navit_patches` -> patches [N, C*T*p*p] float32 and grid (t, h, w) in patches, N = t*h*w. The

@@ -333,8 +333,7 @@ def plan_groups(tokens: list[int], images: list[list[int]], layout: "NavitRows",
         free_vision = vision_room.sum(axis=1) / (g * cap)
         score = tokens[i] / seq * free_text + patches[i] / cap * free_vision
         # Rows the example would all but close (under SNUG of the row left) rank first: the residue of rows is
-        # what remains of the padding once the groups balance (bench/packing.py, groups of 8 rows of 4096 tokens
-        # and 11776 patch slots: LLM padding 1.9 % -> 1.1 %, vision 2.7 % -> 2.0 %).
+        # what remains of the padding once the groups balance (bench/packing.py, docs/experiments.md 3).
         rest = text_room - tokens[i]
         closes = ((rest >= 0) & (rest < SNUG * seq) & (text_count < max_examples)).any(axis=1).astype(int)
         if images[i]:

@@ -37,12 +37,11 @@ _CAPTION_FRACTION = 0.2
 _COUNT_FRACTION = 0.5
 # Questions that must find an object by its shape (colour) or by colour and shape (position, whose second answer
 # token must find it again) are learned slowest; finding it by colour (shape questions) is learned fast, so shape
-# questions get the fewest turns. With equal turns the demo ended at position 0.70, with twice the position turns
-# at colour 0.88.
+# questions get the fewest turns; the weights trade colour against position (docs/experiments.md 1).
 _TURN_WEIGHTS = {"color": 2.0, "shape": 1.0, "position": 3.0}
 # A third of the position turns ask one axis ("Is the red circle on the left or the right?"): the row and the
-# column lookups are then also taught as a one-word answer. Teacher-forced on held-out questions, the first answer
-# token of "top left" went from 93 to 100 right in 100 with them (README).
+# column lookups are then also taught as a one-word answer, which is what gets the first answer token of
+# "top left" right (docs/experiments.md 1).
 _ONE_AXIS_FRACTION = 1 / 3
 
 
@@ -179,7 +178,7 @@ def sample_scene(seed: int, split: str, index: int, min_size: int, max_size: int
     shapes = []
     for q, pair in zip(quadrants, pairs):
         # Large in its quadrant: the demo's 32 px global view gives a quadrant one 16 px patch, and at
-        # the old 0.28-0.38 even an MLP on that patch's pixels told the five shapes apart only ~70% of the time.
+        # a smaller shape leaves too few of that patch's pixels to tell the five shapes apart (docs/experiments.md 1).
         r = float(rng.uniform(0.38, 0.44)) * min(qw, qh)
         margin = 0.03 * min(qw, qh)
         x0, y0 = (q % 2) * qw, (q // 2) * qh

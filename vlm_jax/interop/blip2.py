@@ -1,5 +1,5 @@
 """BLIP-2 / Ziya-BLIP2: HF `Blip2ForConditionalGeneration` with a LLaMA language model <-> the VLM with the
-`eva` ViT, the `qformer` connector and the decoder (ARCHITECTURES.md 3).
+`eva` ViT, the `qformer` connector and the decoder (docs/architectures.md 3).
 
 `vision_model.*` -> `vision` (fused `qkv` in block layout; its bias is `[q_bias; 0; v_bias]` and our ViT has no
 key bias: the zero slice is dropped on import and written back as zeros), `query_tokens`, `qformer.*` and

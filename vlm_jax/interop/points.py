@@ -1,4 +1,4 @@
-"""POINTS1.5 checkpoints: the LLM in the WeLM "CustomLlama" layout (Qwen2.5 weights, ARCHITECTURES.md 2.5)
+"""POINTS1.5 checkpoints: the LLM in the WeLM "CustomLlama" layout (Qwen2.5 weights, docs/architectures.md 2.5)
 <-> `decoder`, and (family `points`) the whole model: `vision_encoder.*` = Qwen2-VL's vision blocks (its
 `merger`, if stored, is unused) <-> `vision`, `vision_projector.*` = a PatchMerger <-> `connector`
 (interop/qwen2_vl.py).
@@ -61,13 +61,13 @@ def hf_config(model: ml_collections.ConfigDict, stored: dict[str, Any] | None) -
 
 
 def model_config(hf: dict[str, Any]) -> dict[str, Any]:
-    """model.{vision, connector, text} from POINTS' config.json: `vision_config` (a Qwen2VLVisionConfig dict [?]
+    """model.{vision, connector, text} from POINTS' config.json: `vision_config` (a Qwen2VLVisionConfig dict, unverified
     until read from the released file) and `llm_config`. The projector maps to the LLM width."""
     return qwen2_vl.model_config(hf["vision_config"]) | dict(text=text_config(hf))
 
 
 def text_config(hf: dict[str, Any]) -> dict[str, Any]:
-    """model.text from POINTS' `llm_config` (WeLM field names; [?] in ARCHITECTURES.md until read from the
+    """model.text from POINTS' `llm_config` (WeLM field names, docs/architectures.md 2.5; unverified until read from the
     released config: num_kv_heads, rotary_emb_base)."""
     c = hf.get("llm_config", hf)
     heads = c["num_attention_heads"]

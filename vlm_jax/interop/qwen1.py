@@ -1,4 +1,4 @@
-"""Qwen1 decoders (Qwen-7B/14B remote code `QWenLMHeadModel`, Belle-VL's Qwen-14B; ARCHITECTURES.md 4.3) <->
+"""Qwen1 decoders (Qwen-7B/14B remote code `QWenLMHeadModel`, Belle-VL's Qwen-14B; docs/architectures.md 4.3) <->
 `decoder`.
 
 The computation is Qwen2's with kv heads = heads: q/k/v biases, no o_proj bias, SwiGLU, RMSNorm, rotate_half

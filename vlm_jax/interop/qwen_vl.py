@@ -1,4 +1,4 @@
-"""Qwen-VL / Belle-VL checkpoints (remote code, `model_type "qwen"` with a `visual` block; ARCHITECTURES.md 4)
+"""Qwen-VL / Belle-VL checkpoints (remote code, `model_type "qwen"` with a `visual` block; docs/architectures.md 4)
 <-> the VLM with the `qwenvl` ViT, the `resampler` connector and the Qwen1 decoder (interop/qwen1.py).
 
 `transformer.visual.*`: `attn.in_proj` of the ViT blocks is per-head interleaved (rows viewed as

@@ -1,8 +1,8 @@
-"""The XVERSE-V adapter file (`adapter_and_lora.bin`, ARCHITECTURES.md 1.3-1.4): the connector
+"""The XVERSE-V adapter file (`adapter_and_lora.bin`, docs/architectures.md 1.3-1.4): the connector
 (`ln_vision.*`, `llama_proj.{0,2}.*`) and the LLM's LoRA adapters, PEFT-named under the vxverse module's
 `llama_model.` (`llama_model.base_model.model.model.layers.N.self_attn.q_proj.lora_A.default.weight`).
 
-Open items the released file settles (ARCHITECTURES.md section 8): whether it holds `ln_vision.*` (if not,
+Open items the released file settles (docs/architectures.md section 8): whether it holds `ln_vision.*` (if not,
 the LayerNorm keeps weight 1 / bias 0, as in vxverse) and the exact LoRA prefix (names are also read without
 `llama_model.` or `.default`). The file carries no alpha: it defaults to 2 x rank (XVERSE-V: r=128, alpha=256).
 """

@@ -68,7 +68,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     own shard, so FSDP gathers them and reduce-scatters their gradients in that dtype (bf16, as DeepSpeed and
     FSDP mixed precision do), and the fp32 master weights and the update stay fp32. The layers cast their weights
     to it anyway (LayerNorm now reads its scale and bias rounded to it); cast after the gather, the compiler keeps
-    fp32 copies and gradients of whole layers (POINTS1.5 stage 2: 3 GiB a chip, launch/plan.py)."""
+    fp32 copies and gradients of whole layers (launch/plan.py shows the cost; docs/experiments.md 4)."""
     compute = jnp.dtype(model.config.dtype)
 
     def to_compute(x: jax.Array) -> jax.Array:

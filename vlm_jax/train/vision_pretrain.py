@@ -2,7 +2,7 @@
 
 Every real system starts from a pretrained tower (CLIP, EVA, Qwen-VL: `launch/convert.py import`). The demo
 has none, and a ViT trained from scratch through the LLM loss alone learns colour but loses the shape
-information it starts with (README, "why stage 0"). This stage stands in for the pretrained tower: it trains
+information it starts with (docs/experiments.md 1). This stage stands in for the pretrained tower: it trains
 the configured ViT alone, with one linear head per label set on every output patch token, on labels the
 synthetic source derives from its scene geometry (`synthetic.patch_labels`), and saves `{'vision': params}`
 as a params-only checkpoint that the VLM stage starts from (and, by the usual `optim.trainable` rules, freezes).
