@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine; each installs what it needs into ./.venv first.
+# Two entry points for a fresh machine; each installs what it needs into ./.venv first, the vlm_jax package
+# (editable, with its vlm-* commands) included.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,20 +8,20 @@ WORKDIR ?= runs/demo
 .PHONY: demo test install
 
 # Training needs no torch: the demo skips its ~750 MB install.
-$(VENV)/.installed-train: requirements-train.txt
+$(VENV)/.installed-train: requirements-train.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements-train.txt
+	$(PY) -m pip install -q -r requirements-train.txt -e .
 	touch $@
 
-$(VENV)/.installed: requirements.txt requirements-plan.txt $(VENV)/.installed-train
+$(VENV)/.installed: requirements.txt requirements-plan.txt requirements-convert.txt $(VENV)/.installed-train
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed-train
-	$(PY) launch/train.py --config configs/demo.py --workdir $(WORKDIR)
-	$(PY) launch/eval.py --config configs/demo.py --workdir $(WORKDIR)
+	$(VENV)/bin/vlm-train --config configs/demo.py --workdir $(WORKDIR)
+	$(VENV)/bin/vlm-eval --config configs/demo.py --workdir $(WORKDIR)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -16,8 +16,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _write_model(a: argparse.Namespace, path: str) -> int:
     """A random LLaMA as HF safetensors shards, generated one tensor at a time."""

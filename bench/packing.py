@@ -21,15 +21,11 @@ The mix (per example; one image unless text-only):
 import argparse
 import json
 import math
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from vlm_jax.data.navit import MAX_PIXELS, MIN_PIXELS, smart_resize  # noqa: E402
-from vlm_jax.data.packing import NavitRows, plan_groups, plan_rows  # noqa: E402
+from vlm_jax.data.navit import MAX_PIXELS, MIN_PIXELS, smart_resize
+from vlm_jax.data.packing import NavitRows, plan_groups, plan_rows
 
 # (weight, median text tokens, log-normal sigma, has an image)
 TEXT = [(0.55, 110, 0.6, True), (0.30, 330, 0.5, True), (0.06, 200, 0.6, True), (0.09, 800, 0.9, False)]

@@ -13,9 +13,6 @@ The xla backend at the NaViT shape may not fit the chip at all; then its entry i
 import argparse
 import json
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (batch, length, heads, kv heads, head dim, causal, segment ids)
 SHAPES = {

@@ -10,16 +10,13 @@ initial alphabet means any text still encodes (no unk) and decodes back exactly.
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-
-from vlm_jax.data.conversation import IMAGE_MARKER, TEMPLATES  # noqa: E402
-from vlm_jax.data.synthetic import all_questions, sample_scene  # noqa: E402
-from vlm_jax.data.tokenizer import DEMO_TOKENIZER_DIR  # noqa: E402
+from vlm_jax.data.conversation import IMAGE_MARKER, TEMPLATES
+from vlm_jax.data.synthetic import all_questions, sample_scene
+from vlm_jax.data.tokenizer import DEMO_TOKENIZER_DIR
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Order fixes the ids: <pad> must be 0 (the batch contract pads with 0).

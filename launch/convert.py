@@ -1,90 +1,9 @@
-"""PyTorch <-> vlm_jax checkpoints, and a parity check between them.
+"""PyTorch <-> vlm_jax checkpoints (the vlm-convert command): python launch/convert.py import|export|check ...
 
-  python launch/convert.py import --src HF_OR_STATE_DICT_DIR --dst CKPT_DIR [--vision CLIP_DIR]
-                                  [--family NAME] [--param_dtype bfloat16]
-  python launch/convert.py import --src ZIYA_LLAMA_DIR --vision ZIYA_VISUAL_DIR --vision_family blip2_visual
-                                  --dst CKPT_DIR
-  python launch/convert.py import --src PEFT_ADAPTER_DIR --base CKPT_DIR|WORKDIR[@STEP] --dst CKPT_DIR
-  python launch/convert.py import --family xverse_v --src adapter_and_lora.bin --base CKPT_DIR --dst CKPT_DIR
-  python launch/convert.py export --src CKPT_DIR|WORKDIR[@STEP] --dst DIR --format hf|original|peft|xverse_v
-  python launch/convert.py check  --src HF_DIR [--family NAME] [--seed N]
+The command lives in vlm_jax/cli/convert.py (`--help` lists its flags); it needs the package installed
+(`pip install -e .`)."""
 
-Families: clip, llama, qwen2, llava (HF LlavaForConditionalGeneration), llava_original (the LLaVA /
-ShareGPT4V state dict; its CLIP tower comes from --vision), qwen2_vl_vision (Qwen2-VL's NaViT tower + merger),
-qwen2_vl (Qwen2VLForConditionalGeneration), points (a whole POINTS1.5 checkpoint; no transformers class, so no
-check), blip2 (HF Blip2ForConditionalGeneration with a LLaMA language model: Ziya-BLIP2), blip2_visual (its
-ViT + Q-Former + projection alone, with the LLM from --src), qwen1 (Qwen-7B/14B `transformer.h.*`, Belle-VL's LLM;
-exports as Qwen2ForCausalLM), qwen_vl (a whole Qwen-VL / Belle-VL checkpoint, exported in the same layout; no
-transformers class, so no check). An imported CKPT_DIR starts a training run
-with --config.init_params=CKPT_DIR (params only, fresh optimizer).
-`check` prints one JSON line: max_abs_diff, max_rel_diff, and the same per stage.
-A LoRA checkpoint (model.lora.rank > 0) exports merged for hf/original, or as a PEFT adapter directory
-(adapter_config.json + adapter_model.safetensors) for peft.
-"""
-
-import argparse
-import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.base import get_config  # noqa: E402
-from vlm_jax import parallel  # noqa: E402
-from vlm_jax.interop import peft, xverse_v  # noqa: E402
-from vlm_jax.interop.check import check  # noqa: E402
-from vlm_jax.interop.hf_export import FORMATS, export_checkpoint  # noqa: E402
-from vlm_jax.interop.hf_import import import_checkpoint  # noqa: E402
-from vlm_jax.interop.keymap import ConversionError  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="PyTorch checkpoint -> vlm_jax params checkpoint")
-    imp.add_argument("--src", required=True)
-    imp.add_argument("--dst", required=True)
-    imp.add_argument("--vision", default=None, help="separate vision part: a CLIP tower directory, or see "
-                     "--vision_family")
-    imp.add_argument("--vision_family", default="clip", help="how --vision is read: clip, or blip2_visual "
-                     "(Ziya-BLIP2's ViT + Q-Former + projection)")
-    imp.add_argument("--family", default=None, help="default: detected from config.json")
-    imp.add_argument("--param_dtype", default=None, help="default: the checkpoint's dtype")
-    imp.add_argument("--base", default=None, help="PEFT adapter import: the base model's vlm_jax checkpoint")
-    exp = sub.add_parser("export", help="vlm_jax params checkpoint -> PyTorch checkpoint")
-    exp.add_argument("--src", required=True)
-    exp.add_argument("--dst", required=True)
-    exp.add_argument("--format", choices=FORMATS, default="hf")
-    exp.add_argument("--dtype", default=None, help="default: the checkpoint's param dtype")
-    exp.add_argument("--shard_gb", type=float, default=5.0)
-    exp.add_argument("--image_token_index", type=int, default=None,
-                     help="LLaVA export: default the source's, else a new row after the vocab")
-    chk = sub.add_parser("check", help="PyTorch vs vlm_jax outputs on random inputs (one JSON line)")
-    chk.add_argument("--src", required=True)
-    chk.add_argument("--family", default=None)
-    chk.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    config = get_config()
-    mesh = parallel.make_mesh(config.mesh)
-    try:
-        adapter = args.command == "import" and (args.family == "xverse_v" or
-                                                os.path.isfile(os.path.join(args.src, peft.CONFIG_FILE)))
-        if adapter and not args.base:
-            raise ConversionError(f"{args.src} is an adapter: pass --base, the base model's checkpoint")
-        if adapter:
-            (xverse_v if args.family == "xverse_v" else peft).import_adapter(args.src, args.base, args.dst, mesh)
-        elif args.command == "import":
-            import_checkpoint(args.src, args.dst, config.model, mesh, family=args.family, vision=args.vision,
-                              vision_family=args.vision_family, param_dtype=args.param_dtype)
-        elif args.command == "export":
-            export_checkpoint(args.src, args.dst, args.format, dtype=args.dtype,
-                              shard_bytes=int(args.shard_gb * (1 << 30)), image_token_index=args.image_token_index)
-        else:
-            print(json.dumps(check(args.src, config.model, mesh, family=args.family, seed=args.seed)), flush=True)
-    except ConversionError as e:
-        raise SystemExit(f"error: {e}")
-
+from vlm_jax.cli.convert import main
 
 if __name__ == "__main__":
     main()

@@ -1,49 +1,9 @@
-"""Evaluate the latest checkpoint on held-out questions:
-python launch/eval.py --config configs/demo.py --workdir W [--step N | --params CKPT_DIR]
+"""Evaluate a checkpoint (the vlm-eval command): python launch/eval.py --config configs/demo.py --workdir W
 
---params evaluates a checkpoint directory (an import or a soup) instead of W's checkpoints.
+The command lives in vlm_jax/cli/eval.py (`--help` lists its flags); it needs the package installed
+(`pip install -e .`)."""
 
-Prints one JSON line with `accuracy` and `accuracy_by_type`; writes W/eval_predictions.jsonl and
-W/eval_examples.png.
-"""
-
-import json
-import os
-
-from common import parse
-
-from vlm_jax.data.tokenizer import load_tokenizer
-from vlm_jax.evaluate import evaluate, plot_examples
-from vlm_jax.train.checkpoint import Checkpointer
-from vlm_jax.train.loop import Setup
-
-
-def main() -> None:
-    def add_arguments(p):
-        p.add_argument("--step", type=int, default=None, help="checkpoint step to evaluate (default: the latest)")
-        p.add_argument("--params", default=None, help="evaluate this checkpoint directory instead")
-
-    args, config = parse(__doc__.splitlines()[0], add_arguments=add_arguments)
-    setup = Setup(config)
-    if args.params:
-        state, step = setup.imported_state(args.params), args.params
-    else:
-        ckpt = Checkpointer(args.workdir, config.keep_checkpoints)
-        step = ckpt.latest_step() if args.step is None else args.step
-        if step not in ckpt.all_steps():
-            raise SystemExit(f"no checkpoint {'' if step is None else step} in "
-                             f"{os.path.join(args.workdir, 'checkpoints')} (have {ckpt.all_steps()})")
-        state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
-        ckpt.close()
-    os.makedirs(args.workdir, exist_ok=True)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    scores, records = evaluate(config, state.params, tokenizer, setup.mesh)
-    with open(os.path.join(args.workdir, "eval_predictions.jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps({k: v for k, v in r.items() if k != "image"}) + "\n")
-    plot_examples(records, os.path.join(args.workdir, "eval_examples.png"))
-    print(json.dumps({"step": step, **scores}), flush=True)
-
+from vlm_jax.cli.eval import main
 
 if __name__ == "__main__":
     main()

@@ -1,17 +1,9 @@
-"""Train a VLM: python launch/train.py --config configs/demo.py --workdir W [--config.KEY=VALUE ...]
+"""Train a VLM (the vlm-train command): python launch/train.py --config configs/demo.py --workdir W
 
-Rerunning the same command in the same workdir resumes from its latest checkpoint.
-"""
+The command lives in vlm_jax/cli/train.py (`--help` lists its flags); it needs the package installed
+(`pip install -e .`)."""
 
-from common import parse
-
-from vlm_jax.train.loop import train
-
-
-def main() -> None:
-    args, config = parse(__doc__.splitlines()[0])
-    train(config, args.workdir)
-
+from vlm_jax.cli.train import main
 
 if __name__ == "__main__":
     main()

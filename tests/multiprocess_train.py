@@ -1,25 +1,22 @@
-"""One process of a multi-process training run for tests/test_multiprocess.py: launch/train.py's command line
-(--config, --workdir, --coordinator_address, --num_processes, --process_id, --config.KEY=VALUE). Process 0 also
-writes a digest of every step's global batch to WORKDIR/batch_digests.json and the parameters the run ended with,
-gathered from every process, to WORKDIR/final_params.npz."""
+"""One process of a multi-process training run for tests/test_multiprocess.py (`python -m tests.multiprocess_train`
+from the repository root): vlm-train's command line (--config, --workdir, --coordinator_address, --num_processes,
+--process_id, --config.KEY=VALUE). Process 0 also writes a digest of every step's global batch to
+WORKDIR/batch_digests.json and the parameters the run ended with, gathered from every process, to
+WORKDIR/final_params.npz."""
 
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Callable
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch"))
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.experimental import multihost_utils
 
-from common import parse  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import traverse_util  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-
-from vlm_jax import parallel  # noqa: E402
-from vlm_jax.train.loop import train  # noqa: E402
+from vlm_jax import parallel
+from vlm_jax.cli.args import parse
+from vlm_jax.train.loop import train
 
 
 def batch_digest(batch: dict) -> str:

@@ -1,7 +1,7 @@
-"""configs/demo_navit.py, shrunk: launch/train.py pretrains its NaViT tower (stage 0, on packed labelled rows),
-then trains the VLM a few steps on packed native-resolution batches, and
-launch/eval.py answers held-out questions with it (generation on NaViT prompts), through the same loop as the
-tiled demo."""
+"""configs/demo_navit.py, shrunk: launch/train.py (the vlm-train command) pretrains its NaViT tower (stage 0, on
+packed labelled rows) through the demo's module, then trains the VLM a few steps on packed native-resolution
+batches, and launch/eval.py answers held-out questions with it (generation on NaViT prompts), through the same
+loop as the tiled demo."""
 
 import json
 import os
@@ -21,7 +21,6 @@ SMALL = TINY + ["total_steps=3", "checkpoint_every=3", "eval_examples=8", "eval_
 def _launch(script: str, workdir: str, monkeypatch) -> None:
     argv = [script, "--config", os.path.join(ROOT, "configs/demo_navit.py"), "--workdir", workdir]
     monkeypatch.setattr(sys, "argv", argv + [f"--config.{o}" for o in SMALL])
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "launch"))  # the scripts import their sibling common.py
     runpy.run_path(os.path.join(ROOT, "launch", script), run_name="__main__")
 
 

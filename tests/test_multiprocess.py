@@ -3,7 +3,7 @@
 Two processes of four CPU devices each (spawned on localhost) train the tiny demo step for step as one process of
 eight does, write each output once, and leave checkpoints that restore on one process, on another mesh, and
 resume there with the same data stream. Without spawning: the shards' rows make up the batch however processes
-split them, and launch/common.py's decision to call `jax.distributed.initialize()` from the environment."""
+split them. (Whether a command calls `jax.distributed.initialize()`: tests/test_cli.py.)"""
 
 import json
 import os
@@ -18,7 +18,6 @@ import pytest
 from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache
 
-from launch import common
 from tests.helpers import ROOT, TINY, tiny_config
 from tests.multiprocess_train import recording_global_batch
 from tests.test_packing import TOK, navit_config
@@ -40,9 +39,10 @@ def free_port() -> int:
 
 
 def start_two_processes(workdir: str) -> list[tuple[subprocess.Popen, str]]:
-    """tests/multiprocess_train.py as 2 processes x 4 CPU devices: (process, log path) of each."""
+    """tests/multiprocess_train.py as 2 processes x 4 CPU devices: (process, log path) of each. Run as a module
+    from the repository root, it imports this checkout's vlm_jax whether or not the package is installed."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, os.path.join(ROOT, "tests/multiprocess_train.py"), "--config",
+    command = [sys.executable, "-m", "tests.multiprocess_train", "--config",
                os.path.join(ROOT, "configs/demo.py"), "--workdir", workdir, "--coordinator_address",
                f"localhost:{free_port()}", "--num_processes", "2"] + [f"--config.{o}" for o in TINY + list(RUN)]
     started = []
@@ -202,50 +202,3 @@ def test_a_process_builds_the_whole_shards_of_its_rows_or_names_data_shards():
     # 4 processes of 2 rows each cannot hold whole shards of 4 rows.
     with pytest.raises(ValueError, match="data.shards=2 cuts the batch of 8 rows into shards of 4, .* rows 2-3"):
         shards_holding(tiny_config("data.shards=2"), [(2, 4)])
-
-
-SLURM = dict(SLURM_JOB_ID="77", SLURM_STEP_NODELIST="node[001-004]", SLURM_NTASKS="4", SLURM_PROCID="2",
-             SLURM_LOCALID="0")
-
-
-@pytest.mark.parametrize("environ, want", [
-    ({}, None),
-    ({"PATH": "/bin", "HOSTNAME": "node001"}, None),
-    (SLURM, "SLURM job 77 of 4 tasks"),
-    ({**SLURM, "SLURM_NTASKS": "1"}, None),
-    ({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}, None),  # sbatch outside srun: jax finds none
-    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI job of 2 processes"),
-    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "1", **SLURM}, None),  # jax's order
-    ({"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3", "TPU_WORKER_ID": "1"}, "TPU job of 1 slice(s), 4 host(s) each"),
-    ({"TPU_WORKER_HOSTNAMES": "t-0", "TPU_WORKER_ID": "0"}, None),
-    ({"TPU_PROCESS_ADDRESSES": "a:1,b:1", "TPU_WORKER_HOSTNAMES": "t-0"}, "TPU job of 1 slice(s), 2 host(s) each"),
-    ({"MEGASCALE_NUM_SLICES": "2", "MEGASCALE_COORDINATOR_ADDRESS": "t-0"}, "TPU job of 2 slice(s), 1 host(s) each"),
-])
-def test_the_environment_decides_whether_to_initialize(environ, want):
-    assert common.cluster_description(environ) == want
-
-
-def test_a_cloud_tpu_vm_initializes_from_its_metadata_server():
-    # jax asks the metadata server for the slice's hosts; a job described by its variables still decides first.
-    assert common.cluster_description({}, tpu_vm=True) == "Cloud TPU VM (its hosts from the metadata server)"
-    assert common.cluster_description(SLURM, tpu_vm=True) == "SLURM job 77 of 4 tasks"
-    assert common.tpu_chips_here() == 0  # this test host has no TPU
-
-
-def test_parse_initializes_a_described_job_and_refuses_half_flags(monkeypatch):
-    calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *args: calls.append(args))
-    argv = ["--config", os.path.join(ROOT, "configs/demo.py"), "--workdir", "w"]
-    for k, v in SLURM.items():
-        monkeypatch.setenv(k, v)
-    common.parse("t", argv)
-    common.parse("t", argv + ["--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "1"])
-    assert calls == [(), ("h:1", 2, 1)]  # flags win over the environment
-    monkeypatch.setenv("SLURM_NTASKS", "four")
-    with pytest.raises(SystemExit):
-        common.parse("t", argv)
-    monkeypatch.delenv("SLURM_JOB_ID")
-    with pytest.raises(SystemExit):
-        common.parse("t", argv + ["--num_processes", "2"])
-    common.parse("t", argv)
-    assert len(calls) == 2

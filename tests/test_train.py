@@ -1,19 +1,39 @@
 import json
+import struct
 
 import jax
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
 
 from vlm_jax import parallel
 from vlm_jax.train import loop
 from vlm_jax.train.param_groups import label_params
 from vlm_jax.train.step import make_train_step, split_micro_batches
-from vlm_jax.train.tensorboard import read_scalars
 from tests.helpers import first_batch, tiny_config
 
 
 FREEZE_VISION = "optim.trainable=[('vision/.*', 'frozen'), ('.*', 'train')]"
 NO_WARMUP = "optim.warmup_steps=0"
+
+
+def read_scalars(path) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in a TensorBoard event file: records of a length, its masked CRC32C, an
+    Event proto and its masked CRC32C, every CRC checked."""
+    with open(path, "rb") as f:
+        data = f.read()
+    out, pos = [], 0
+    while pos < len(data):
+        header = data[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        record = data[pos + 12:pos + 12 + length]
+        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked_crc32c(header), f"{path}: byte {pos}"
+        assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == masked_crc32c(record), pos
+        event = event_pb2.Event.FromString(record)
+        out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+        pos += 16 + length
+    return out
 
 
 def one_step(config, devices, micro_batches=1):
@@ -112,8 +132,13 @@ def test_resume_matches_uninterrupted_run(tmp_path):
               for w in ("full", "resumed")]
     assert losses[0] == losses[1] and len(losses[0]) == 6
     (events,) = (tmp_path / "full" / "tensorboard").iterdir()
-    tb_losses = [v for _, tag, v in read_scalars(str(events)) if tag == "loss"]
+    tb_losses = [v for _, tag, v in read_scalars(events) if tag == "loss"]
     np.testing.assert_allclose(tb_losses, losses[0], rtol=1e-6)
+    # The resumed run's writer adds to the interrupted one's events (the same process, maybe the same second).
+    resumed = sorted((step, v) for events in (tmp_path / "resumed" / "tensorboard").iterdir()
+                     for step, tag, v in read_scalars(events) if tag == "loss")
+    assert [step for step, _ in resumed] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([v for _, v in resumed], losses[1], rtol=1e-6)
     assert (tmp_path / "full" / "loss.png").stat().st_size > 0
     (table,) = json.load(open(tmp_path / "full" / "param_groups.json"))
     assert table["group"] == "train" and table["params"] > 0 and table["lr"] == full.optim.lr

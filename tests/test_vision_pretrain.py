@@ -3,6 +3,7 @@ on a sharded mesh, and the VLM stage starts from its tower, frozen, without reru
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -12,9 +13,10 @@ from flax import traverse_util
 from vlm_jax.data import synthetic
 from vlm_jax.data.images import tile_image
 from vlm_jax.data.navit import navit_patches
+from vlm_jax.demo.stages import train_demo
+from vlm_jax.demo.vision_pretrain import CLASSES, IGNORE, NONE, DenseLabeler, LabelledBatches, pretrain_vision
 from vlm_jax.train import loop
 from vlm_jax.train.checkpoint import restore_params
-from vlm_jax.train.vision_pretrain import CLASSES, IGNORE, NONE, DenseLabeler, LabelledBatches, pretrain_vision
 from tests.helpers import tiny_config
 
 STAGE0 = ["vision_pretrain.steps=40", "vision_pretrain.batch_size=32", "vision_pretrain.eval_images=128",
@@ -100,7 +102,7 @@ def test_llava_json_data_has_no_labels_to_pretrain_on():
 def test_stage0_learns_then_the_vlm_starts_from_its_frozen_tower(tmp_path):
     config = tiny_config(*STAGE0, "total_steps=1", "checkpoint_every=1")
     workdir = str(tmp_path / "run")
-    state = loop.train(config, workdir)
+    state = train_demo(config, workdir)
     with open(os.path.join(workdir, "vision_pretrain", "eval.json")) as f:
         result = json.load(f)
     # Chance is 1/5 on shape and 1/8 on colour, over patches that hold a shape.
@@ -116,8 +118,12 @@ def test_stage0_learns_then_the_vlm_starts_from_its_frozen_tower(tmp_path):
     stamp = os.path.getmtime(os.path.join(workdir, "vision_pretrain", "eval.json"))
     assert pretrain_vision(config, os.path.join(workdir, "vision_pretrain")) == os.path.join(workdir, "vision_pretrain")
     assert os.path.getmtime(os.path.join(workdir, "vision_pretrain", "eval.json")) == stamp
+    # Nor once the VLM stage has a checkpoint: the resumed run needs no tower, even a deleted one.
+    shutil.rmtree(os.path.join(workdir, "vision_pretrain"))
+    resumed = train_demo(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "vision_pretrain")) and int(resumed.step) == 1
 
 
 def test_stage0_and_init_params_together_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="both set"):
-        loop.train(tiny_config(*STAGE0, f"init_params={tmp_path}"), str(tmp_path / "run"))
+        train_demo(tiny_config(*STAGE0, f"init_params={tmp_path}"), str(tmp_path / "run"))

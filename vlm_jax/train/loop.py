@@ -27,7 +27,6 @@ from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.param_groups import ParamGroups
 from vlm_jax.train.step import TrainState, init_state, make_train_step
 from vlm_jax.train.streaming import StoredArray, stored_arrays
-from vlm_jax.train.vision_pretrain import pretrain_vision
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
@@ -220,13 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = ckpt.latest_step()
     if start is None:
-        init_params = config.init_params
-        if config.get("vision_pretrain") and config.vision_pretrain.steps > 0:
-            if init_params:
-                raise ValueError(f"init_params={init_params!r} and vision_pretrain.steps="
-                                 f"{config.vision_pretrain.steps} both set: start from one or the other")
-            init_params = pretrain_vision(config, os.path.join(workdir, "vision_pretrain"))
-        state = setup.imported_state(init_params) if init_params else setup.fresh_state()
+        state = setup.imported_state(config.init_params) if config.init_params else setup.fresh_state()
         start = 0
     else:
         state, data_state = ckpt.restore(start, setup.abstract_state, setup.state_shardings)

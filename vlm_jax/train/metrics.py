@@ -5,9 +5,8 @@ import os
 import time
 
 import jax
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
-
-from vlm_jax.train.tensorboard import SummaryWriter
 
 
 class MetricsLogger:
@@ -20,7 +19,11 @@ class MetricsLogger:
         self.writes = jax.process_index() == 0
         if self.writes:
             self._trim_after(start_step)
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.writes else None
+        # tensorboardX names a file by the second and host and overwrites it: a run resumed within the same second
+        # would erase the events before its checkpoint, so the name also says which process started at which step.
+        # A live TensorBoard sees logged steps within seconds (tensorboardX's default waits two minutes).
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=5,
+                                filename_suffix=f".{os.getpid()}.{start_step}") if self.writes else None
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         mininterval=1.0, disable=not self.writes)
         self._last = (time.perf_counter(), start_step, 0.0)
@@ -46,7 +49,9 @@ class MetricsLogger:
             return record
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
+        for k, v in record.items():
+            if k != "step":
+                self.tb.add_scalar(k, v, step)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}",
                              tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
         return record

@@ -1,6 +1,6 @@
 """Stage 0: supervised pretraining of the vision tower on dense per-patch labels.
 
-Every real system starts from a pretrained tower (CLIP, EVA, Qwen-VL: `launch/convert.py import`). The demo
+Every real system starts from a pretrained tower (CLIP, EVA, Qwen-VL: `vlm-convert import`). The demo
 has none, and a ViT trained from scratch through the LLM loss alone learns colour but loses the shape
 information it starts with (docs/experiments.md 1). This stage stands in for the pretrained tower: it trains
 the configured ViT alone, with one linear head per label set on every output patch token, on labels the
@@ -69,7 +69,7 @@ class LabelledBatches:
         if d.source != "synthetic":
             raise ValueError(f"vision_pretrain needs dense patch labels, which only the synthetic source has "
                              f"(data.source={d.source!r}); real runs start from an imported tower instead "
-                             "(launch/convert.py import, then --config.init_params)")
+                             "(vlm-convert import, then --config.init_params)")
         if v.stem not in INPUTS:
             raise ValueError(f"vision_pretrain supports the stems {sorted(INPUTS)}, not {v.stem!r}")
         self.config, self.split = config, split

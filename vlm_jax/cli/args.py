@@ -1,14 +1,15 @@
-"""Command-line handling shared by the launch scripts: --config FILE, --workdir, --config.KEY=VALUE."""
+"""The command line every vlm_jax command shares: --config FILE[:ARG], --config.KEY=VALUE overrides, --workdir,
+and the multi-process flags of the commands that run on devices."""
 
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Callable, Mapping
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ml_collections
 
-from vlm_jax.config import load_config  # noqa: E402
+from configs import base
+from vlm_jax.config import load_config
 
 
 def _count(environ: Mapping[str, str], key: str) -> int:
@@ -46,16 +47,15 @@ def tpu_chips_here() -> int:
     return hardware_utils.num_available_tpu_chips_and_device_id()[0]
 
 
-def parse(description: str, argv: list[str] | None = None,
-          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, workdir: bool = True,
-          distributed: bool = True):
-    """Returns (args, config). Every `--config.a.b=v` (or `--config.a.b v`) is applied as an override. With
-    `distributed` (launchers that run on devices) the multi-process flags are taken and jax.distributed set up;
-    without, jax is not imported (plan.py chooses its devices first)."""
-    parser = argparse.ArgumentParser(description=description)
-    if add_arguments:
-        add_arguments(parser)
-    parser.add_argument("--config", required=True, help="config file, optionally FILE:ARG")
+Arguments = Callable[[argparse.ArgumentParser], None]
+
+
+def _add_shared(parser: argparse.ArgumentParser, workdir: bool, distributed: bool, config_optional: bool) -> None:
+    if config_optional:  # a command that needs only a mesh and the model defaults runs with configs/base.py
+        parser.add_argument("--config", default=base.__file__,
+                            help="config file, optionally FILE:ARG (default: configs/base.py)")
+    else:
+        parser.add_argument("--config", required=True, help="config file, optionally FILE:ARG")
     if workdir:
         parser.add_argument("--workdir", required=True)
     if distributed:
@@ -64,6 +64,30 @@ def parse(description: str, argv: list[str] | None = None,
                                  "a SLURM, Open MPI or TPU job of several processes sets itself up from its environment")
         parser.add_argument("--num_processes", type=int, default=1)
         parser.add_argument("--process_id", type=int, default=0)
+
+
+def parse(description: str, argv: list[str] | None = None, add_arguments: Arguments | None = None, *,
+          workdir: bool = True, distributed: bool = True, config_optional: bool = False,
+          commands: Mapping[str, tuple[str, Arguments]] | None = None,
+          ) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
+    """Returns (args, config). Every `--config.a.b=v` (or `--config.a.b v`) is applied as an override.
+
+    `config_optional` makes --config default to configs/base.py (commands that need only a mesh and model
+    defaults). `commands` (name -> (help, add_arguments)) makes one subcommand each, with the shared flags after
+    its name; `args.command` is the one chosen. With `distributed` (commands that run on devices) the
+    multi-process flags are taken and jax.distributed set up; without, jax is not imported (plan chooses its
+    devices first)."""
+    parser = argparse.ArgumentParser(description=description)
+    if add_arguments:
+        add_arguments(parser)
+    if commands:
+        sub = parser.add_subparsers(dest="command", required=True)
+        for name, (help_text, add) in commands.items():
+            command = sub.add_parser(name, help=help_text, description=help_text)
+            add(command)
+            _add_shared(command, workdir, distributed, config_optional)
+    else:
+        _add_shared(parser, workdir, distributed, config_optional)
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
