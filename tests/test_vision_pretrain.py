@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from vlm_jax.checkpoints.params_only import restore_params
 from vlm_jax.data import synthetic
 from vlm_jax.data.images import tile_image
 from vlm_jax.data.navit import navit_patches
 from vlm_jax.train import loop
-from vlm_jax.train.checkpoint import restore_params
 from vlm_jax.train.vision_pretrain import CLASSES, IGNORE, NONE, DenseLabeler, LabelledBatches, pretrain_vision
 from tests.helpers import tiny_config
 
