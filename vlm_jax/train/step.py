@@ -10,8 +10,8 @@ import optax
 from jax.sharding import Mesh
 
 from vlm_jax import parallel
-from vlm_jax.layers.loss import masked_mean, masked_sum
 from vlm_jax.model import forward_nll
+from vlm_jax.layers.loss import masked_mean, masked_sum
 from vlm_jax.train.param_groups import ParamGroups, merge_params
 
 
