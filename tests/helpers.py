@@ -79,9 +79,9 @@ def assert_reimport_bit_exact(export_dir: str, dst: str, base, mesh, model, part
     """Imports `export_dir` to `dst` and checks every parameter equals `params` (flat path -> array) exactly."""
     import numpy as np
 
+    from vlm_jax.checkpoints.params_only import restore_params
     from vlm_jax.interop.hf_import import import_checkpoint
-    from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
-    from vlm_jax.train.checkpoint import restore_params
+    from vlm_jax.params import abstract_params, flat, param_shardings, unflat
 
     import_checkpoint(export_dir, dst, base, mesh)
     back = flat(restore_params(os.path.join(dst, "params"), unflat(abstract_params(model, parts)),

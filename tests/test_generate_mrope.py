@@ -19,8 +19,8 @@ from vlm_jax.data.pipeline import make_eval_examples
 from vlm_jax.evaluate import answer_examples, pad_prompts
 from vlm_jax.generate import greedy_generate
 from vlm_jax.interop.hf_import import Source, import_params, model_config
-from vlm_jax.interop.model_params import unflat
 from vlm_jax.model import VLM, model_inputs
+from vlm_jax.params import unflat
 from vlm_jax.train.loop import dummy_inputs
 
 NEW = 6

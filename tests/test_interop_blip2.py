@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from configs.base import get_config
 from tests.helpers import assert_reimport_bit_exact, randomize_torch, save_torch_model
 from vlm_jax import parallel
+from vlm_jax.checkpoints.params_only import restore_params, save_params
 from vlm_jax.interop.check import check
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import META_FILE, import_checkpoint, read_meta
-from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
-from vlm_jax.train.checkpoint import restore_params, save_params
+from vlm_jax.params import abstract_params, flat, param_shardings, unflat
 
 BASE = get_config().model
 MESH = parallel.make_mesh(get_config().mesh)

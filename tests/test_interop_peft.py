@@ -13,15 +13,15 @@ from safetensors.torch import load_file
 from configs.base import get_config
 from tests.helpers import randomize_torch, save_torch_model
 from vlm_jax import parallel
-from vlm_jax.interop.ckpt_dir import load_params, read_meta, write_checkpoint_dir
+from vlm_jax.checkpoints.directory import load_params, read_meta, write_checkpoint_dir
+from vlm_jax.checkpoints.params_only import restore_params
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import import_checkpoint
 from vlm_jax.interop.keymap import ConversionError
-from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
 from vlm_jax.interop import xverse_v
 from vlm_jax.interop.peft import import_adapter
 from vlm_jax.model import VLM
-from vlm_jax.train.checkpoint import restore_params
+from vlm_jax.params import abstract_params, flat, param_shardings, unflat
 
 peft = pytest.importorskip("peft")
 

@@ -15,7 +15,7 @@ from vlm_jax import parallel
 from vlm_jax.interop import points
 from vlm_jax.interop.hf_import import Source, import_params, model_config
 from vlm_jax.interop.keymap import build_leaf, expand, leaf_sources, torch_tensors
-from vlm_jax.interop.model_params import unflat
+from vlm_jax.params import unflat
 from vlm_jax.text.decoder import Decoder
 
 KV_HEADS, HEAD_DIM = 2, 8

@@ -17,7 +17,7 @@ from vlm_jax import parallel
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import Source, import_checkpoint, import_params, model_config
 from vlm_jax.interop.keymap import build_leaf, expand, leaf_sources, torch_tensors
-from vlm_jax.interop.model_params import unflat
+from vlm_jax.params import unflat
 from vlm_jax.text.decoder import Decoder
 
 MESH = parallel.make_mesh(get_config().mesh)

@@ -17,15 +17,15 @@ from tests.helpers import assert_same_safetensors, randomize_torch
 from tests.test_interop_points import HEAD_DIM, KV_HEADS, _points_state_dict
 from tests.test_navit import tiny_tower
 from vlm_jax import parallel
+from vlm_jax.checkpoints.params_only import restore_params, save_params
 from vlm_jax.data.navit import pack_patches
 from vlm_jax.interop import qwen2_vl
 from vlm_jax.interop.check import NAVIT_GRIDS, check
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import META_FILE, Source, import_checkpoint, import_params, model_config
 from vlm_jax.interop.keymap import expand, torch_tensors
-from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
 from vlm_jax.model import VLM
-from vlm_jax.train.checkpoint import restore_params, save_params
+from vlm_jax.params import abstract_params, flat, param_shardings, unflat
 
 BASE = get_config().model
 MESH = parallel.make_mesh(get_config().mesh)

@@ -20,8 +20,8 @@ from vlm_jax import parallel
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import Source, import_checkpoint, import_params, model_config
 from vlm_jax.interop.keymap import build_leaf, expand, leaf_sources, torch_tensors
-from vlm_jax.interop.model_params import unflat
 from vlm_jax.model import VLM
+from vlm_jax.params import unflat
 from vlm_jax.resampler import sincos_2d as our_sincos_2d
 
 MESH = parallel.make_mesh(get_config().mesh)

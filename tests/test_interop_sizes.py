@@ -5,7 +5,7 @@ import math
 import pytest
 
 from configs.sizes import get_config
-from vlm_jax.interop.model_params import abstract_params
+from vlm_jax.params import abstract_params
 
 
 

@@ -11,7 +11,7 @@ from configs.base import get_config
 from tests.helpers import randomize_torch, save_torch_model
 from vlm_jax import parallel
 from vlm_jax.interop.hf_import import Source, import_params, model_config
-from vlm_jax.interop.model_params import unflat
+from vlm_jax.params import unflat
 from vlm_jax.text.decoder import Decoder
 from vlm_jax.vision.vit import ViT
 

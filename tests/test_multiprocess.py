@@ -22,9 +22,9 @@ from tests.helpers import ROOT, TINY, tiny_config
 from tests.multiprocess_train import recording_global_batch
 from tests.test_packing import TOK, navit_config
 from vlm_jax import parallel
+from vlm_jax.checkpoints.train_state import Checkpointer
 from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, shards_holding
 from vlm_jax.train import loop
-from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.metrics import read_metrics
 
 # 2 rows a device on fsdp 4 x tensor 2: process 0 holds rows 0-3 (shards 0, 1), process 1 rows 4-7 (shards 2, 3).
@@ -122,7 +122,7 @@ def restored_params(workdir: str, step: int, *mesh: str) -> tuple[dict, dict]:
     setup = loop.Setup(tiny_config(*RUN, *mesh))
     ckpt = Checkpointer(workdir, keep=10)
     try:
-        state, data_state = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
+        state, data_state = setup.restored_state(ckpt, step)
     finally:
         ckpt.close()
     return traverse_util.flatten_dict(jax.device_get(state.params), sep="/"), data_state

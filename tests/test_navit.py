@@ -21,9 +21,9 @@ from tests.helpers import randomize_torch
 from vlm_jax import parallel
 from vlm_jax.data.navit import mrope_positions, navit_patches, pack_patches, patch_positions, smart_resize
 from vlm_jax.interop.hf_import import Source, import_params, model_config
-from vlm_jax.interop.model_params import unflat
 from vlm_jax.layers import rope
 from vlm_jax.model import VLM
+from vlm_jax.params import unflat
 
 SIZES = [(10, 13), (27, 29), (56, 56), (100, 37), (37, 100), (333, 251), (640, 480), (1000, 60), (5, 700),
          (224, 224), (57, 85), (29, 1000)]

@@ -6,7 +6,7 @@ import pytest
 
 from configs.base import get_config
 from vlm_jax import parallel
-from vlm_jax.interop.ckpt_dir import write_checkpoint_dir
+from vlm_jax.checkpoints.directory import write_checkpoint_dir
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.soup import check_compatible, load_params, soup
 from vlm_jax.train import loop

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from vlm_jax.checkpoints.params_only import restore_params
 from vlm_jax.data import synthetic
 from vlm_jax.data.images import tile_image
 from vlm_jax.data.navit import navit_patches
 from vlm_jax.demo.stages import train_demo
 from vlm_jax.demo.vision_pretrain import CLASSES, IGNORE, NONE, DenseLabeler, LabelledBatches, pretrain_vision
 from vlm_jax.train import loop
-from vlm_jax.train.checkpoint import restore_params
 from tests.helpers import tiny_config
 
 STAGE0 = ["vision_pretrain.steps=40", "vision_pretrain.batch_size=32", "vision_pretrain.eval_images=128",

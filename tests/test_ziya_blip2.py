@@ -13,7 +13,7 @@ from tests.helpers import ROOT, first_batch
 from vlm_jax import parallel
 from vlm_jax.config import load_config
 from vlm_jax.data.pipeline import tokens_per_tile
-from vlm_jax.interop.model_params import abstract_params, param_shardings
+from vlm_jax.params import abstract_params, param_shardings
 from vlm_jax.qformer import QFormer
 from vlm_jax.train import loop
 

@@ -1,5 +1,5 @@
 """Model soup (POINTS1.5, `wepoints.utils.model_soup`): the element-wise weighted average of several
-checkpoints of one model, written as a checkpoint directory (vlm_jax/interop/ckpt_dir.py) that a run starts
+checkpoints of one model, written as a checkpoint directory (vlm_jax/checkpoints/directory.py) that a run starts
 from (`--config.init_params`), `launch/eval.py --params` evaluates and `launch/convert.py export` exports.
 
 Sources are training workdirs (their latest checkpoint, or `WORKDIR@STEP`) or checkpoint directories.
@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.interop.ckpt_dir import load_params, write_checkpoint_dir
+from vlm_jax.checkpoints.directory import load_params, write_checkpoint_dir
 
 
 def check_compatible(first: dict[str, jax.Array], other: dict[str, jax.Array], where: str) -> None:

@@ -10,10 +10,10 @@ W/eval_examples.png.
 import json
 import os
 
+from vlm_jax.checkpoints.train_state import Checkpointer
 from vlm_jax.cli.args import parse
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.evaluate import evaluate, plot_examples
-from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.loop import Setup
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         if step not in ckpt.all_steps():
             raise SystemExit(f"no checkpoint {'' if step is None else step} in "
                              f"{os.path.join(args.workdir, 'checkpoints')} (have {ckpt.all_steps()})")
-        state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
+        state, _ = setup.restored_state(ckpt, step)
         ckpt.close()
     os.makedirs(args.workdir, exist_ok=True)
     tokenizer = load_tokenizer(config.data.tokenizer)

@@ -5,8 +5,8 @@ import os
 
 import ml_collections
 
+from vlm_jax.checkpoints.train_state import Checkpointer
 from vlm_jax.demo.vision_pretrain import pretrain_vision
-from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.loop import train
 from vlm_jax.train.step import TrainState
 

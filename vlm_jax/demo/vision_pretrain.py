@@ -26,13 +26,13 @@ import numpy as np
 import optax
 
 from vlm_jax import parallel
+from vlm_jax.checkpoints.params_only import save_params
 from vlm_jax.data import synthetic
 from vlm_jax.data.images import choose_grid, global_view, tile_image
 from vlm_jax.data.navit import navit_patches, pack_patches
 from vlm_jax.layers import axes
 from vlm_jax.layers.dense import Dense
 from vlm_jax.model import module_kwargs, stack_kwargs
-from vlm_jax.train.checkpoint import save_params
 from vlm_jax.train.metrics import MetricsLogger
 from vlm_jax.vision.vit import ViT
 

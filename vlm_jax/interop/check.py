@@ -21,8 +21,8 @@ from vlm_jax.data.navit import mrope_positions, pack_patches
 from vlm_jax.interop import families
 from vlm_jax.interop.hf_import import Source, import_params, model_config
 from vlm_jax.interop.keymap import ConversionError
-from vlm_jax.interop.model_params import unflat
 from vlm_jax.model import VLM
+from vlm_jax.params import unflat
 
 
 def _diff(got: jax.Array, want: torch.Tensor) -> dict[str, float]:

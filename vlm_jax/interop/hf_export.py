@@ -1,4 +1,4 @@
-"""Export: a vlm_jax checkpoint directory (vlm_jax/interop/ckpt_dir.py) or a training workdir[@step] -> an
+"""Export: a vlm_jax checkpoint directory (vlm_jax/checkpoints/directory.py) or a training workdir[@step] -> an
 HF directory (`config.json`, sharded safetensors, tokenizer files), the original LLaVA layout, or a PEFT
 adapter (vlm_jax/interop/peft.py), or the XVERSE-V adapter file (vlm_jax/interop/xverse_v.py). LoRA adapters
 are merged into their kernels for `hf` and `original`.
@@ -18,8 +18,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from vlm_jax.checkpoints.directory import StoredParams, open_params
+from vlm_jax.checkpoints.saved_config import saved_model_config
 from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, qwen_vl, xverse_v
-from vlm_jax.interop.ckpt_dir import StoredParams, open_params
 from vlm_jax.interop.keymap import ConversionError, KeyMap, Tensor, expand, torch_tensors
 from vlm_jax.interop.torch_files import write_safetensors
 from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec, merge_kernel
@@ -130,7 +131,7 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
     if jax.process_index() != 0:
         return
     params, meta = open_params(src)
-    model, parts = ml_collections.ConfigDict(meta["model"]), tuple(sorted(meta["parts"]))
+    model, parts = saved_model_config(meta["model"]), tuple(sorted(meta["parts"]))
     np_dtype = np.dtype(dtype or model.param_dtype)
     lora = LoraSpec.from_config(model.get("lora"))
     adapters = [k for k in params.shapes if k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)]

@@ -2,7 +2,7 @@
 leaf is read from the torch files as it is written, one layer of a layer stack at a time, and each process reads
 and writes only its own shards of the target sharding. Nothing holds the whole model, or a whole layer stack.
 
-Writes a vlm_jax checkpoint directory (vlm_jax/interop/ckpt_dir.py).
+Writes a vlm_jax checkpoint directory (vlm_jax/checkpoints/directory.py).
 """
 
 import json
@@ -14,12 +14,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from vlm_jax.checkpoints.directory import META_FILE, read_meta, write_checkpoint_dir  # noqa: F401 (re-exported)
+from vlm_jax.checkpoints.streaming import StreamedLeaf
 from vlm_jax.interop import families
-from vlm_jax.interop.ckpt_dir import META_FILE, read_meta, write_checkpoint_dir  # noqa: F401 (re-exported)
 from vlm_jax.interop.keymap import ConversionError, build_leaf, expand, is_stack, leaf_sources, match_source
-from vlm_jax.interop.model_params import abstract_params, param_shardings
 from vlm_jax.interop.torch_files import TorchFiles
-from vlm_jax.train.streaming import StreamedLeaf
+from vlm_jax.params import abstract_params, param_shardings
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from vlm_jax.checkpoints.errors import ConversionError
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -126,10 +128,6 @@ _LAYER_FIELD = re.compile(r"\{i(?:\*(\d+))?(?:\+(\d+))?\}")
 def layer_name(name: str, i: int) -> str:
     """A layered torch name for stacked index i: `{i}` -> i, `{i*k+j}` -> k*i + j."""
     return _LAYER_FIELD.sub(lambda m: str(i * int(m[1] or 1) + int(m[2] or 0)), name)
-
-
-class ConversionError(ValueError):
-    """Bad input: the message names every offending file, key and shape."""
 
 
 @dataclasses.dataclass(frozen=True)

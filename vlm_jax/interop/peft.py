@@ -20,13 +20,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from vlm_jax.checkpoints.directory import load_params, write_checkpoint_dir
+from vlm_jax.checkpoints.saved_config import saved_model_config
 from vlm_jax.interop import families, llava
-from vlm_jax.interop.ckpt_dir import load_params, write_checkpoint_dir
 from vlm_jax.interop.keymap import (LINEAR, ConversionError, KeyMap, build_leaf, expand, leaf_sources, match_source,
                                     torch_tensors)
-from vlm_jax.interop.model_params import abstract_params, param_shardings
 from vlm_jax.interop.torch_files import TorchFiles, write_safetensors
 from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec
+from vlm_jax.params import abstract_params, param_shardings
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -152,7 +153,7 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
     at `src`, with model.lora set from adapter_config.json. Returns the model config."""
     config = read_adapter_config(src)
     params, meta = load_params(base, mesh)
-    model, parts = ml_collections.ConfigDict(meta["model"]), tuple(sorted(meta["parts"]))
+    model, parts = saved_model_config(meta["model"]), tuple(sorted(meta["parts"]))
     if LoraSpec.from_config(model.get("lora")) is not None:
         raise ConversionError(f"{base} already has LoRA adapters; import onto a base model")
     files = TorchFiles(src)

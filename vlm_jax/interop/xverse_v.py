@@ -15,13 +15,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from vlm_jax.checkpoints.directory import load_params, write_checkpoint_dir
+from vlm_jax.checkpoints.saved_config import saved_model_config
 from vlm_jax.interop import peft
-from vlm_jax.interop.ckpt_dir import load_params, write_checkpoint_dir
 from vlm_jax.interop.keymap import (LINEAR, SAME, ConversionError, KeyMap, build_leaf, expand, leaf_sources,
                                     match_source, torch_tensors)
-from vlm_jax.interop.model_params import abstract_params, param_shardings
 from vlm_jax.interop.torch_files import TorchFiles, write_state_dict
 from vlm_jax.layers.lora import LORA_A, LORA_B
+from vlm_jax.params import abstract_params, param_shardings
 
 FILE = "adapter_and_lora.bin"
 LORA_PREFIX = "llama_model."
@@ -73,7 +74,7 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
     files = TorchFiles(src)
     shapes = files.shapes()
     params, meta = load_params(base, mesh)
-    model = ml_collections.ConfigDict(meta["model"])
+    model = saved_model_config(meta["model"])
     parts = tuple(sorted(set(meta["parts"]) | {"connector"}))
     canonical = {re.sub(RENAMES[0][0], RENAMES[0][1], n) for n in shapes}
     ranks = {s[0] for n, s in shapes.items() if re.search(r"\.lora_A\.", n)}

@@ -16,17 +16,18 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from vlm_jax import parallel
+from vlm_jax.checkpoints.params_only import restore_params
+from vlm_jax.checkpoints.train_state import Checkpointer
+from vlm_jax.checkpoints.workdir import is_workdir, restore_workdir_params
 from vlm_jax.config import to_json
 from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, row_layout, shards_holding
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.model import VLM, forward_method, model_inputs
-from vlm_jax.train.checkpoint import Checkpointer, restore_params
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.param_groups import ParamGroups
 from vlm_jax.train.step import TrainState, init_state, make_train_step
-from vlm_jax.train.streaming import StoredArray, stored_arrays
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
@@ -73,17 +74,11 @@ class Setup:
         init elsewhere: a params-only checkpoint directory (`path/params`, from `launch/convert.py import` or
         a soup), or a training workdir (`WORKDIR[@STEP]`: a previous stage's run, whatever its optimizer).
         Leaves whose path matches `config.init_fresh` keep their fresh init."""
-        workdir = path.partition("@")[0]
-        if os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.path.isdir(os.path.join(path, "params")):
-            loaded = traverse_util.flatten_dict(workdir_params(path, list(self.mesh.devices.flat))[0])
-            want = traverse_util.flatten_dict(self.abstract_params)
-            wrong = [f"{'/'.join(k)}: {tuple(v.shape)}, model " + (str(want[k].shape) if k in want else "has none")
-                     for k, v in loaded.items() if k not in want or tuple(v.shape) != tuple(want[k].shape)]
-            if wrong:
-                raise ValueError(f"{path} does not fit the model:\n  " + "\n  ".join(wrong))
+        if is_workdir(path) and not os.path.isdir(os.path.join(path, "params")):
+            loaded = restore_workdir_params(path, self.abstract_params, self.param_shardings)
         else:
-            loaded = traverse_util.flatten_dict(
-                restore_params(os.path.join(path, "params"), self.abstract_params, self.param_shardings))
+            loaded = restore_params(os.path.join(path, "params"), self.abstract_params, self.param_shardings)
+        loaded = traverse_util.flatten_dict(loaded)
         fresh = self.config.get("init_fresh", "")
         if fresh:  # e.g. a re-initialised projector (the seeds' stage 1 starts one from scratch)
             kept = {k: v for k, v in loaded.items() if not re.fullmatch(fresh, "/".join(k))}
@@ -98,40 +93,10 @@ class Setup:
                            out_shardings=self.state_shardings)(traverse_util.unflatten_dict(params))
 
 
-def _workdir_step(ckpt: Checkpointer, src: str) -> int:
-    """The step `WORKDIR@STEP` names, or the workdir's latest."""
-    workdir, _, step = src.partition("@")
-    step = int(step) if step else ckpt.latest_step()
-    if step not in ckpt.all_steps():
-        raise ValueError(f"{workdir} has no checkpoint {step} (have {ckpt.all_steps()})")
-    return step
-
-
-def workdir_params(src: str, devices: list | None = None) -> tuple[dict, ml_collections.ConfigDict]:
-    """(params, config) of a training workdir's latest checkpoint, or of `WORKDIR@STEP`."""
-    ckpt = Checkpointer(src.partition("@")[0], keep=1 << 30)
-    try:
-        step = _workdir_step(ckpt, src)
-        config = ml_collections.ConfigDict(ckpt.read_config(step))
-        setup = Setup(config, devices)
-        state, _ = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
-    finally:
-        ckpt.close()
-    return state.params, config
-
-
-def workdir_stored_params(src: str) -> tuple[dict[str, StoredArray], ml_collections.ConfigDict]:
-    """(flat `a/b` path -> StoredArray, config) of the params in a training workdir's latest checkpoint or
-    `WORKDIR@STEP`, to read in place: nothing is restored, the optimizer state is never touched."""
-    ckpt = Checkpointer(src.partition("@")[0], keep=1 << 30)
-    try:
-        step = _workdir_step(ckpt, src)
-        config = ml_collections.ConfigDict(ckpt.read_config(step))
-        arrays = stored_arrays(ckpt.item_dir(step, "state"))
-    finally:
-        ckpt.close()
-    split = (k.partition("/") for k in arrays)  # TrainState holds the params as its `trainable` and `frozen` subtrees
-    return {rest: arrays[f"{top}/{rest}"] for top, _, rest in split if top in ("trainable", "frozen")}, config
+    def restored_state(self, ckpt: Checkpointer, step: int) -> tuple[TrainState, dict]:
+        """(state, data-iterator state) of `ckpt`'s step-`step` checkpoint, placed on this mesh."""
+        saved, data_state = ckpt.restore(step, self.abstract_state.saved(), self.state_shardings.saved())
+        return TrainState.from_saved(saved, self.groups), data_state
 
 
 def opt_state_shardings(abstract_opt_state, param_shardings, default):
@@ -222,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
         state = setup.imported_state(config.init_params) if config.init_params else setup.fresh_state()
         start = 0
     else:
-        state, data_state = ckpt.restore(start, setup.abstract_state, setup.state_shardings)
+        state, data_state = setup.restored_state(ckpt, start)
         data.set_state(data_state)
         logging.info("resumed from step %d", start)
     step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed,
@@ -247,7 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
                 raise FloatingPointError(f"loss is {record['loss']} at step {step}; the last good "
                                          f"checkpoint is step {ckpt.latest_step()} in {workdir}")
         if saving:
-            ckpt.save(step, state, merge_shard_states(allgather_json(data.get_state())), config_json)
+            ckpt.save(step, state.saved(), merge_shard_states(allgather_json(data.get_state())), config_json)
     ckpt.close()
     data.close()
     logger.close()

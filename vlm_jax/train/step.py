@@ -17,6 +17,9 @@ from vlm_jax.train.param_groups import ParamGroups, merge_params
 
 @flax.struct.dataclass
 class TrainState:
+    """The parameters split as the step takes them (gradients of `trainable` only), and the optimizer state of
+    those. The same dataclass holds the abstract state and the state's shardings."""
+
     step: jax.Array
     trainable: Any
     frozen: Any
@@ -25,6 +28,16 @@ class TrainState:
     @property
     def params(self):
         return merge_params(self.trainable, self.frozen)
+
+    def saved(self) -> dict:
+        """What a checkpoint holds (vlm_jax/checkpoints/train_state.py): the parameters whole, so reading them
+        back needs no freeze rules. The leaves are the state's own: nothing is copied or cast."""
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+
+    @classmethod
+    def from_saved(cls, saved: dict, groups: ParamGroups) -> "TrainState":
+        trainable, frozen = groups.split(saved["params"])
+        return cls(step=saved["step"], trainable=trainable, frozen=frozen, opt_state=saved["opt_state"])
 
 
 def split_micro_batches(batch: dict, n: int, mesh: Mesh) -> dict:

@@ -8,8 +8,8 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from vlm_jax import parallel
+from vlm_jax.checkpoints.errors import ConversionError
 from vlm_jax.data.packing import tokens_per_tile
-from vlm_jax.interop.keymap import ConversionError
 from vlm_jax.model import VLM
 
 

@@ -14,11 +14,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vlm_jax.interop.keymap import ConversionError
-from vlm_jax.interop.model_params import abstract_params, flat, param_shardings, unflat
-from vlm_jax.train.checkpoint import fit_params, restore_params, save_params
-from vlm_jax.train.loop import workdir_params, workdir_stored_params
-from vlm_jax.train.streaming import StoredArray, StreamedLeaf, stored_arrays
+from vlm_jax.checkpoints.errors import ConversionError
+from vlm_jax.checkpoints.params_only import fit_params, restore_params, save_params
+from vlm_jax.checkpoints.saved_config import saved_model_config
+from vlm_jax.checkpoints.streaming import StoredArray, StreamedLeaf, stored_arrays
+from vlm_jax.checkpoints.workdir import is_workdir, workdir_params, workdir_stored_params
+from vlm_jax.params import abstract_params, flat, param_shardings, unflat
 
 META_FILE = "vlm_jax.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -66,7 +67,7 @@ def _is_workdir(src: str) -> bool:
     """Whether `src` is a training `WORKDIR[@STEP]` rather than a checkpoint directory (else an error)."""
     if os.path.isfile(os.path.join(src, META_FILE)):
         return False
-    if not os.path.isdir(os.path.join(src.partition("@")[0], "checkpoints")):
+    if not is_workdir(src):
         raise ConversionError(f"{src} is neither a checkpoint directory (no {META_FILE}) nor a training "
                               "workdir (no checkpoints/)")
     return True
@@ -80,12 +81,11 @@ def load_params(src: str, mesh: Mesh) -> tuple[dict[str, jax.Array], dict[str, A
     """(flat path -> array, checkpoint-directory meta) of a checkpoint directory or `WORKDIR[@STEP]`."""
     if not _is_workdir(src):
         meta = read_meta(src)
-        model, parts = ml_collections.ConfigDict(meta["model"]), tuple(sorted(meta["parts"]))
+        model, parts = saved_model_config(meta["model"]), tuple(sorted(meta["parts"]))
         params = restore_params(os.path.join(src, "params"), unflat(abstract_params(model, parts)),
                                 unflat(param_shardings(model, parts, mesh)))
         return flat(params), meta
-    params, config = workdir_params(src, list(mesh.devices.flat))
-    params = flat(params)
+    params, config = workdir_params(src, mesh)
     return params, _workdir_meta(src, {k.split("/", 1)[0] for k in params}, config)
 
 
@@ -126,7 +126,7 @@ def open_params(src: str) -> tuple[StoredParams, dict[str, Any]]:
     else:
         meta = read_meta(src)
         arrays = stored_arrays(os.path.join(src, "params"))
-    model, parts = ml_collections.ConfigDict(meta["model"]), tuple(sorted(meta["parts"]))
+    model, parts = saved_model_config(meta["model"]), tuple(sorted(meta["parts"]))
     want = abstract_params(model, parts)
     keys = fit_params(src, {k: a.shape for k, a in arrays.items()}, {k: tuple(v.shape) for k, v in want.items()})
     return StoredParams({k: arrays[k] for k in keys}, {k: np.dtype(want[k].dtype) for k in keys}), meta

@@ -1,0 +1,96 @@
+"""Orbax checkpoints of a training workdir: the train state, the data-iterator state and the config.
+
+The train state is saved as `{step, params, opt_state}` with `params` the whole parameter tree (trained leaves
+in model.param_dtype, frozen ones in model.frozen_param_dtype), so whatever reads parameters back needs neither
+the freeze rules nor the optimizer. Workdirs written before this layout hold the parameters as the two subtrees
+`trainable` and `frozen` (disjoint: a partly trained layer stack sits whole in `trainable`); they restore
+through the same calls."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from vlm_jax.checkpoints.params_only import param_leaves
+from vlm_jax.checkpoints.saved_config import saved_config
+
+PARAMS = ("params",)
+SPLIT_PARAMS = ("trainable", "frozen")  # the layout before PARAMS: the trainer's two halves
+
+
+class Checkpointer:
+    """Async, keep-N checkpoints under WORKDIR/checkpoints; restores onto any mesh."""
+
+    def __init__(self, workdir: str, keep: int):
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: dict, data_state: dict, config_json: str) -> bool:
+        """Saves `state` = {step, params, opt_state} with the data-iterator state and the config."""
+        if self.manager.latest_step() == step:
+            return False
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+
+    def restore(self, step: int, abstract_state: dict, shardings: dict) -> tuple[dict, dict]:
+        """(state, data_state) at `step`: `state` = {step, params, opt_state} shaped like `abstract_state`,
+        with arrays placed by `shardings`, from either layout."""
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state, shardings)
+        layout = self.params_layout(step)
+        if layout != PARAMS:  # the same leaves, each under the subtree it was saved in
+            params = traverse_util.flatten_dict(target.pop("params"), sep="/")
+            saved_in = {k: path.split("/", 1)[0]
+                        for k, (path, _) in param_leaves(self.item_dir(step, "state"), layout).items()}
+            if set(params) != set(saved_in):
+                raise ValueError(f"checkpoint {step} in {self.manager.directory} holds other parameters than the "
+                                 f"model: {sorted(set(params) ^ set(saved_in))}")
+            target.update({top: traverse_util.unflatten_dict(
+                {k: v for k, v in params.items() if saved_in[k] == top}, sep="/") for top in layout})
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        state = dict(out.state)
+        if layout != PARAMS:
+            state["params"] = traverse_util.unflatten_dict(
+                {k: v for top in layout for k, v in traverse_util.flatten_dict(state.pop(top), sep="/").items()},
+                sep="/")
+        return state, out.data
+
+    def params_layout(self, step: int) -> tuple[str, ...]:
+        """The top-level subtrees of the step-`step` train state that hold the parameters."""
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+            tops = set(ckptr.metadata(self.item_dir(step, "state")).item_metadata.tree)
+        if set(PARAMS) <= tops:
+            return PARAMS
+        if tops & set(SPLIT_PARAMS):  # an empty subtree (nothing frozen) may not have been written
+            return tuple(t for t in SPLIT_PARAMS if t in tops)
+        raise ValueError(f"checkpoint {step} in {self.manager.directory} holds {sorted(tops)}, not a vlm_jax "
+                         "train state")
+
+    def item_dir(self, step: int, item: str) -> str:
+        """The directory of item `item` (`state`, `data`, `config`) of the step-`step` checkpoint."""
+        return str(ocp.step.standard_name_format().find_step(self.manager.directory, step).path / item)
+
+    def read_config(self, step: int) -> ml_collections.ConfigDict:
+        """The config a run saved with its step-`step` checkpoint."""
+        return saved_config(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
