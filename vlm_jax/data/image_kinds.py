@@ -60,6 +60,9 @@ class DataKind:
     def row_layout(self, config: ml_collections.ConfigDict, grouped: bool = True) -> TiledRows | NavitRows:
         """The packer's fixed row shape of `config` (data/packing.py), `positions` [rows, L, 3] for an M-RoPE
         decoder; rows in groups of data.vision_group_rows unless not `grouped`."""
+        return self._rows(config, config.data.get("vision_group_rows", 1), grouped)
+
+    def _rows(self, config: ml_collections.ConfigDict, group: int, grouped: bool) -> TiledRows | NavitRows:
         raise NotImplementedError
 
     def record_to_example(self, config: ml_collections.ConfigDict, tokenizer):
@@ -141,10 +144,9 @@ class TileData(DataKind):
     name = "tiles"
     keys = ("tiles", "tile_mask", "image_dest")
 
-    def row_layout(self, config: ml_collections.ConfigDict, grouped: bool = True) -> TiledRows:
+    def _rows(self, config: ml_collections.ConfigDict, group: int, grouped: bool) -> TiledRows:
         d = config.data
         self.mrope()  # refuses an M-RoPE decoder: tiles have no grids to take its ids from
-        group = d.get("vision_group_rows", 1)
         if group != 1:
             raise ValueError(f"data.vision_group_rows={group} groups NaViT rows; tiled rows (model.vision.stem="
                              f"{config.model.vision.stem!r}) take 1")
@@ -214,9 +216,8 @@ class PatchData(DataKind):
     keys = ("patches", "patch_positions", "patch_segment_ids", "image_dest")
     has_grids = True
 
-    def row_layout(self, config: ml_collections.ConfigDict, grouped: bool = True) -> NavitRows:
+    def _rows(self, config: ml_collections.ConfigDict, group: int, grouped: bool) -> NavitRows:
         d = config.data
-        group = d.get("vision_group_rows", 1)
         return NavitRows(d.seq_len, d.max_patches_per_row, d.max_images_per_row, patch_dim(self.model.vision),
                          self.model.connector.merge_size, d.max_examples_per_row, self.mrope(),
                          group if grouped else 1)

@@ -12,7 +12,7 @@ from vlm_jax.image_inputs.base import ImageInputs, scatter
 
 class Patches(PatchData, ImageInputs):
     def dummy(self, length: int) -> dict[str, jax.Array]:
-        n = self.model.connector.get("merge_size", 1) ** 2  # one merge window
+        n = self.model.connector.merge_size ** 2  # one merge window
         return dict(patches=jnp.zeros((1, n, patch_dim(self.model.vision))),
                     patch_positions=jnp.zeros((1, n, 2), jnp.int32), patch_segment_ids=jnp.ones((1, n), jnp.int32),
                     image_dest=jnp.full((1, 1), length, jnp.int32))
@@ -39,7 +39,7 @@ class Patches(PatchData, ImageInputs):
         return x.reshape(rows, length, width)
 
     def one_image_per_row(self, images: list, image_dest: np.ndarray) -> dict[str, jax.Array]:
-        n, merge = max(p.shape[0] for p, _ in images), self.model.connector.get("merge_size", 1)
+        n, merge = max(p.shape[0] for p, _ in images), self.model.connector.merge_size
         rows = [pack_patches([im], n, patch_dim(self.model.vision), merge) for im in images]
         return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]} | dict(
             image_dest=jnp.asarray(image_dest))
