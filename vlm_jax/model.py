@@ -90,10 +90,8 @@ class VLM(nn.Module):
         """Runs right-padded prompts (one example per row, prompt = where segment_ids > 0) and fills a KV
         cache of `cache_len` slots; apply with mutable=['cache']. Returns fp32 next-token logits [B, vocab]
         (only at each row's last prompt token: full-prompt logits would be [B, L, vocab])."""
-        return self._prefill(self.embed(tokens, images), positions, segment_ids, cache_len)
-
-    def _prefill(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache_len: int) -> jax.Array:
-        h = self.decoder.hidden_states(x, positions, segment_ids, cache_mode="prefill", cache_len=cache_len)
+        h = self.decoder.hidden_states(self.embed(tokens, images), positions, segment_ids, cache_mode="prefill",
+                                       cache_len=cache_len)
         last = jnp.sum(segment_ids > 0, axis=1) - 1
         return self.decoder.logits(h[jnp.arange(h.shape[0]), last][:, None])[:, 0]
 
