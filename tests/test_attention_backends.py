@@ -18,8 +18,8 @@ from vlm_jax import parallel
 from vlm_jax.config import load_config
 from vlm_jax.layers import attention as attention_lib
 from vlm_jax.layers.attention import attention, pallas_interpreter, segment_layout
-from vlm_jax.model import VLM, forward_method
-from vlm_jax.train.loop import dummy_inputs
+from vlm_jax.image_inputs import dummy_inputs
+from vlm_jax.model import VLM
 
 B, L, H, HKV, D = 2, 128, 4, 2, 16
 SEGMENTS = np.zeros((B, L), np.int32)
@@ -165,8 +165,7 @@ def test_config_selects_the_backend_of_every_self_attention(monkeypatch):
 
     monkeypatch.setattr(attention_lib, "splash_attention", spy)
     config = load_config(f"{ROOT}/configs/demo_navit.py", TINY + ["model.attention=splash", "model.scan_layers=False"])
-    jax.eval_shape(functools.partial(VLM(config.model).init, method=forward_method(config.model)),
-                   jax.random.PRNGKey(0), *dummy_inputs(config))
+    jax.eval_shape(VLM(config.model).init, jax.random.PRNGKey(0), *dummy_inputs(config.model))
     vision, text = config.model.vision.depth, config.model.text.layers
     assert [c for _, c in calls].count(False) == vision and [c for _, c in calls].count(True) == text
 

@@ -11,7 +11,7 @@ import ml_collections
 from tests.helpers import ROOT
 from vlm_jax import parallel
 from vlm_jax.config import load_config
-from vlm_jax.data.pipeline import tokens_per_tile
+from vlm_jax.data.packing import tokens_per_tile
 from vlm_jax.params import abstract_params, param_shardings
 from vlm_jax.train import loop
 
@@ -40,7 +40,7 @@ def test_256_slots_per_image_at_224_and_448():
     for stage, size in (("stage1", 224), ("stage2", 448)):
         config = belle(stage)
         assert (config.data.tile_size, config.model.vision.image_size) == (size, size)
-        assert tokens_per_tile(config) == 256
+        assert tokens_per_tile(config.model, config.data.tile_size) == 256
 
 
 def test_real_size_tower_and_resampler_shard_over_the_mesh():

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from configs import base
-from vlm_jax.data.pipeline import (RecordToExample, make_eval_examples, make_example_dataset, make_source,
-                                   make_train_iterator, tokens_per_tile)
+from vlm_jax.data.packing import tokens_per_tile
+from vlm_jax.data.pipeline import make_eval_examples, make_example_dataset, make_source, make_train_iterator
+from vlm_jax.data.image_kinds import RecordToExample
 from vlm_jax.data.tokenizer import load_tokenizer, special_ids
 from tests.helpers import first_batch
 
@@ -44,7 +45,7 @@ def test_batch_contract_shapes():
     c = small_config()
     it = make_train_iterator(c, TOK)
     b = next(it)
-    B, L, T, S, P = 4, 160, 10, 32, tokens_per_tile(c)
+    B, L, T, S, P = 4, 160, 10, 32, tokens_per_tile(c.model, c.data.tile_size)
     assert P == 16
     want = dict(tokens=((B, L), np.int32), targets=((B, L), np.int32), loss_mask=((B, L), np.float32),
                 positions=((B, L), np.int32), segment_ids=((B, L), np.int32),

@@ -26,7 +26,7 @@ def _prompts() -> dict[str, np.ndarray]:
     dest[1, :P] = np.arange(1, 1 + P)
     tile_mask = np.array([[True, True], [True, False]])
     tiles = rng.standard_normal((B, T, S, S, 3)).astype(np.float32) * tile_mask[:, :, None, None, None]
-    return dict(tokens=tokens, segment_ids=segment_ids, tiles=tiles, tile_mask=tile_mask, image_dest=dest)
+    return dict(tokens=tokens, segment_ids=segment_ids, images=dict(tiles=tiles, tile_mask=tile_mask, image_dest=dest))
 
 
 PROMPTS = _prompts()
@@ -36,17 +36,16 @@ PROMPTS = _prompts()
 def _params() -> dict:
     p = PROMPTS
     positions = np.broadcast_to(np.arange(LP), (B, LP))
-    return random_params(MODEL, p["tokens"], positions, p["segment_ids"], p["tiles"], p["tile_mask"],
-                         p["image_dest"])
+    return random_params(MODEL, p["tokens"], positions, p["segment_ids"], p["images"])
 
 
 @jax.jit
 def _full_logits(params, tokens, segment_ids):
     p = PROMPTS
     length = tokens.shape[1]
-    dest = np.where(p["image_dest"] == LP, length, p["image_dest"])
+    dest = np.where(p["images"]["image_dest"] == LP, length, p["images"]["image_dest"])
     positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
-    return MODEL.apply({"params": params}, tokens, positions, segment_ids, p["tiles"], p["tile_mask"], dest)
+    return MODEL.apply({"params": params}, tokens, positions, segment_ids, dict(p["images"], image_dest=dest))
 
 
 def _uncached_greedy(params) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -67,8 +66,7 @@ _generate = jax.jit(functools.partial(greedy_generate, MODEL, max_new_tokens=NEW
 
 def _cached(params, stop_id: int) -> np.ndarray:
     p = PROMPTS
-    return np.asarray(_generate(params, p["tokens"], p["segment_ids"], p["tiles"], p["tile_mask"],
-                                p["image_dest"], stop_id=stop_id))
+    return np.asarray(_generate(params, p["tokens"], p["segment_ids"], p["images"], stop_id=stop_id))
 
 
 def test_cached_greedy_equals_uncached_greedy():
@@ -94,10 +92,9 @@ def test_prefill_and_decode_logits_match_full_forward():
     params, p = _params(), PROMPTS
     want_ids, want_logits = _uncached_greedy(params)
     positions = np.broadcast_to(np.arange(LP), (B, LP))
-    prefill = jax.jit(functools.partial(MODEL.apply, method=VLM.prefill, mutable=["cache"]), static_argnums=7)
+    prefill = jax.jit(functools.partial(MODEL.apply, method=VLM.prefill, mutable=["cache"]), static_argnums=5)
     decode = jax.jit(functools.partial(MODEL.apply, method=VLM.decode_step, mutable=["cache"]))
-    logits, state = prefill({"params": params}, p["tokens"], positions, p["segment_ids"], p["tiles"],
-                            p["tile_mask"], p["image_dest"], LP + NEW)
+    logits, state = prefill({"params": params}, p["tokens"], positions, p["segment_ids"], p["images"], LP + NEW)
     np.testing.assert_allclose(np.asarray(logits), want_logits[0], atol=1e-5)
     for i in range(1, NEW):
         logits, state = decode({"params": params, **state}, want_ids[:, i - 1], LENGTHS + i - 1)

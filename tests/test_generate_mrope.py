@@ -16,12 +16,12 @@ from tests.test_model_vlm import random_params
 from tests.test_packing import TOK, navit_mrope_config
 from vlm_jax.data.navit import example_mrope_positions, mrope_positions
 from vlm_jax.data.pipeline import make_eval_examples
-from vlm_jax.evaluate import answer_examples, pad_prompts
+from vlm_jax.evaluate import answer_examples
 from vlm_jax.generate import greedy_generate
 from vlm_jax.interop.hf_import import Source, import_params, model_config
-from vlm_jax.model import VLM, model_inputs
+from vlm_jax.image_inputs import dummy_inputs, make
+from vlm_jax.model import VLM
 from vlm_jax.params import unflat
-from vlm_jax.train.loop import dummy_inputs
 
 NEW = 6
 IMAGE_ID, EOS = 90, 1  # _tiny_qwen2_vl's image and end tokens; text is drawn below the image token
@@ -29,7 +29,6 @@ IMAGE_ID, EOS = 90, 1  # _tiny_qwen2_vl's image and end tokens; text is drawn be
 # and aspect ratios (M-RoPE ids then fall behind the token count by different amounts), and a text-only row.
 PROMPTS = ([3, (1, 4, 6), 4], [2, (1, 2, 2), 3, (1, 6, 4), 2], [6])
 LP = 16  # prompt buffer
-IMAGE_KEYS = ("patches", "patch_positions", "patch_segment_ids", "image_dest")
 
 
 def mrope_config():
@@ -92,20 +91,21 @@ def test_cached_greedy_equals_uncached_greedy():
     model = VLM(config.model)
     v = config.model.vision
     examples = _examples(PROMPTS, 3 * v.temporal_patch_size * v.patch_size ** 2)
-    batch = pad_prompts(examples, config, len(PROMPTS))
+    kind = make(config.model)
+    batch = kind.pad_prompts(examples, config, len(PROMPTS))
     assert batch["positions"].shape == (len(PROMPTS), LP, 3)
     lengths = batch["segment_ids"].sum(axis=1)
     # Slots and RoPE positions differ after an image: the test would catch the one standing in for the other.
     assert (batch["positions"].max(axis=(1, 2)) + 1 < lengths).tolist() == [True, True, False]
 
-    params = random_params(model, *(batch[k] for k in model_inputs(config.model)), method=VLM.forward_patches)
-    images = [batch[k] for k in IMAGE_KEYS]
-    forward = jax.jit(lambda *a: model.apply({"params": params}, *a, *images, method=VLM.forward_patches))
+    images = kind.select(batch)
+    params = random_params(model, batch["tokens"], batch["positions"], batch["segment_ids"], images)
+    forward = jax.jit(lambda *a: model.apply({"params": params}, *a, images))
     want = _uncached_greedy(forward, batch, PROMPTS)
     assert len(set(map(tuple, want))) == len(PROMPTS)  # rows really differ
 
     generate = jax.jit(functools.partial(greedy_generate, model, max_new_tokens=NEW, stop_id=-1))
-    got = generate(params, batch["tokens"], batch["segment_ids"], *images, positions=batch["positions"])
+    got = generate(params, batch["tokens"], batch["segment_ids"], images, positions=batch["positions"])
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
@@ -121,9 +121,10 @@ def test_greedy_equals_transformers_generate(tmp_path):
     config.model = model
     config.data.update(dict(seq_len=LP, max_patches_per_row=56))
     examples = _examples(PROMPTS, 1176, seed=1)
-    batch = pad_prompts(examples, config, len(PROMPTS))
+    kind = make(model)
+    batch = kind.pad_prompts(examples, config, len(PROMPTS))
     got = jax.jit(functools.partial(greedy_generate, VLM(model), max_new_tokens=NEW, stop_id=EOS))(
-        params, batch["tokens"], batch["segment_ids"], *(batch[k] for k in IMAGE_KEYS), positions=batch["positions"])
+        params, batch["tokens"], batch["segment_ids"], kind.select(batch), positions=batch["positions"])
 
     for row, ex in enumerate(examples):
         ids = torch.from_numpy(ex["tokens"].astype(np.int64))[None]
@@ -149,11 +150,11 @@ def test_eval_examples_carry_mrope_positions_and_answer():
         run = math.prod(grid) // 4
         want = mrope_positions([start, grid, len(ex["tokens"]) - start - run])
         np.testing.assert_array_equal(ex["positions"], want)
-    batch = pad_prompts(examples, config, config.eval_batch_size)
+    batch = make(config.model).pad_prompts(examples, config, config.eval_batch_size)
     assert batch["positions"].shape == (8, 128, 3)
 
-    inputs = dummy_inputs(config)
-    assert inputs[1].shape == (1, 128, 3)
-    params = random_params(VLM(config.model), *inputs, method=VLM.forward_patches)
+    inputs = dummy_inputs(config.model)
+    assert inputs[1].shape == (1, 8, 3)
+    params = random_params(VLM(config.model), *inputs)
     answers = answer_examples(config, params, TOK, examples, MESH)
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)

@@ -20,7 +20,8 @@ from vlm_jax import parallel
 from vlm_jax.checkpoints.params_only import restore_params, save_params
 from vlm_jax.data.navit import pack_patches
 from vlm_jax.interop import qwen2_vl
-from vlm_jax.interop.check import NAVIT_GRIDS, check
+from vlm_jax.interop.check import check
+from vlm_jax.interop.qwen2_vl_check import CHECK_GRIDS
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import META_FILE, Source, import_checkpoint, import_params, model_config
 from vlm_jax.interop.keymap import expand, torch_tensors
@@ -110,16 +111,16 @@ def test_points_checkpoint_imports_whole_and_round_trips(tmp_path):
     params = unflat(leaves)
 
     rng = np.random.default_rng(0)
-    images = [(rng.standard_normal((int(np.prod(g)), 1176)).astype(np.float32), g) for g in NAVIT_GRIDS]
+    images = [(rng.standard_normal((int(np.prod(g)), 1176)).astype(np.float32), g) for g in CHECK_GRIDS]
     row = pack_patches(images, 64)
-    args = [jnp.asarray(row[k][None]) for k in ("patches", "patch_positions", "patch_segment_ids")]
-    got = jax.jit(lambda p, *a: VLM(model).apply({"params": p}, *a, method=VLM.encode_patches))(params, *args)
+    packed = {k: jnp.asarray(v[None]) for k, v in row.items()}
+    got = jax.jit(lambda p, b: VLM(model).apply({"params": p}, b, method=VLM.encode_images))(params, packed)
     ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
     logits = jax.jit(lambda p, t: VLM(model).apply({"params": p}, t, jnp.broadcast_to(jnp.arange(10), (2, 10)),
                                                    None, method=lambda m, *a: m.decoder(*a)))(params, jnp.asarray(ids))
     with torch.no_grad():
         feats = tower(hidden_states=torch.from_numpy(np.concatenate([p for p, _ in images])),
-                      grid_thw=torch.tensor(NAVIT_GRIDS)).last_hidden_state
+                      grid_thw=torch.tensor(CHECK_GRIDS)).last_hidden_state
         want = projector(feats).numpy()
         want_logits = llm(input_ids=ids).logits.numpy()
     n = want.shape[0]

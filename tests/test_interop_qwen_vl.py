@@ -81,9 +81,9 @@ def test_matches_the_reference(belle, size):
     assert _diff(run(p, tiles, method=lambda m, t: m.vision(t)), feats) <= 1e-5
     assert _diff(run(p, tiles, method=lambda m, t: m.connector(m.vision(t))), tokens) <= 1e-5
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    got = run(p, jnp.asarray(ids), positions, jnp.ones(ids.shape, jnp.int32), tiles[:, None],
-              jnp.ones((2, 1), bool), jnp.broadcast_to(jnp.asarray(dest), (2, QUERIES)),
-              method=lambda m, *a: m(*a))
+    images = dict(tiles=tiles[:, None], tile_mask=jnp.ones((2, 1), bool),
+                  image_dest=jnp.broadcast_to(jnp.asarray(dest), (2, QUERIES)))
+    got = run(p, jnp.asarray(ids), positions, jnp.ones(ids.shape, jnp.int32), images, method=lambda m, *a: m(*a))
     assert _diff(got, want) <= 1e-5
 
 

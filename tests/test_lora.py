@@ -6,7 +6,8 @@ import numpy as np
 from flax import traverse_util
 
 from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec, has_lora, merge_lora
-from vlm_jax.model import MODEL_INPUTS, VLM
+from vlm_jax.image_inputs import make
+from vlm_jax.model import VLM
 from vlm_jax import parallel
 from vlm_jax.train import loop
 from vlm_jax.train.step import make_train_step
@@ -17,7 +18,8 @@ LORA = ("model.lora.rank=4", "model.lora.alpha=8.0")
 
 def _inputs(config):
     batch = first_batch(config)
-    return batch, tuple(jnp.asarray(batch[k]) for k in MODEL_INPUTS)
+    images = {k: jnp.asarray(v) for k, v in make(config.model).select(batch).items()}
+    return batch, (*(jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")), images)
 
 
 def test_fresh_lora_gives_base_logits_and_merge_matches_unmerged():

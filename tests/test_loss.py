@@ -13,7 +13,8 @@ import pytest
 from tests.helpers import first_batch, tiny_config
 from vlm_jax import parallel
 from vlm_jax.layers.lora import LoraSpec
-from vlm_jax.model import forward_nll, model_inputs
+from vlm_jax.image_inputs import make
+from vlm_jax.model import forward_nll
 from vlm_jax.text.decoder import Decoder
 from vlm_jax.train import loop
 from vlm_jax.layers.loss import masked_cross_entropy, masked_mean
@@ -89,7 +90,8 @@ def test_vocab_in_one_chunk_is_the_logits_loss_bit_for_bit():
     params, batch = setup.fresh_state().params, first_batch(config)
 
     def logits_loss(p):
-        logits = setup.model.apply({"params": p}, *(batch[k] for k in model_inputs(config.model)))
+        logits = setup.model.apply({"params": p}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                   make(config.model).select(batch))
         return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
 
     def nll_loss(p):

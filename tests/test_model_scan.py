@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tests.test_model_vlm import random_params, tiny_batch, tiny_model_config
+from tests.test_model_vlm import forward_args, random_params, tiny_batch, tiny_model_config
 from vlm_jax.layers import axes
 from vlm_jax.model import VLM
 from vlm_jax.text.decoder import Decoder
@@ -32,17 +32,17 @@ def _unstack(tree: dict) -> dict:
 
 
 def _apply(model: VLM, params: dict, batch: dict) -> jax.Array:
-    return jax.jit(lambda p: model.apply({"params": p}, *batch.values()))(params)
+    return jax.jit(lambda p: model.apply({"params": p}, *forward_args(batch)))(params)
 
 
 def test_scan_and_unrolled_give_identical_logits():
     batch = tiny_batch()
     scanned = VLM(tiny_model_config(scan_layers=True))
-    params = random_params(scanned, *batch.values())
+    params = random_params(scanned, *forward_args(batch))
     unrolled = VLM(tiny_model_config(scan_layers=False))
     flat = _unstack(params)
     expected = jax.tree.map(jnp.shape, nn.meta.unbox(jax.eval_shape(unrolled.init, jax.random.key(0),
-                                                                     *batch.values())["params"]))
+                                                                     *forward_args(batch))["params"]))
     assert jax.tree.map(jnp.shape, flat) == expected
     # Equal up to fp32 reassociation between the two compiled programs.
     np.testing.assert_allclose(np.asarray(_apply(unrolled, flat, batch)), np.asarray(_apply(scanned, params, batch)),
@@ -85,15 +85,15 @@ def test_traced_program_does_not_grow_with_depth():
         cfg = tiny_model_config()
         cfg.text.layers, cfg.vision.depth = layers, depth
         model = VLM(cfg)
-        params = jax.eval_shape(model.init, jax.random.key(0), *batch.values())["params"]
-        return len(jax.make_jaxpr(lambda p: model.apply({"params": p}, *batch.values()))(params).eqns)
+        params = jax.eval_shape(model.init, jax.random.key(0), *forward_args(batch))["params"]
+        return len(jax.make_jaxpr(lambda p: model.apply({"params": p}, *forward_args(batch)))(params).eqns)
 
     assert size(2, 3) == size(6, 9)
 
 
 def test_every_param_has_logical_names_and_scan_adds_layers():
     batch = tiny_batch()
-    boxed = jax.eval_shape(VLM(tiny_model_config()).init, jax.random.key(0), *batch.values())["params"]
+    boxed = jax.eval_shape(VLM(tiny_model_config()).init, jax.random.key(0), *forward_args(batch))["params"]
     flat = traverse_util.flatten_dict(boxed, is_leaf=lambda _, v: isinstance(v, nn.LogicallyPartitioned))
     for path, leaf in flat.items():
         assert isinstance(leaf, nn.LogicallyPartitioned), path

@@ -10,7 +10,8 @@ import pytest
 from configs.base import get_config
 from vlm_jax.data import navit
 from vlm_jax.data.packing import tokens_per_tile
-from vlm_jax.model import VLM, windows_first
+from vlm_jax.image_inputs.tiles import windows_first
+from vlm_jax.model import VLM
 
 B, T, L, S = 2, 3, 24, 28
 P = (S // 14) ** 2  # 4 visual tokens per tile
@@ -41,6 +42,12 @@ def tiny_batch(seed: int = 0) -> dict[str, jax.Array]:
                 tiles=tiles, tile_mask=tile_mask, image_dest=jnp.asarray(dest))
 
 
+def forward_args(batch: dict) -> tuple:
+    """A tiled batch as the VLM's forward takes it: tokens, positions, segment_ids, images."""
+    images = {k: batch[k] for k in ("tiles", "tile_mask", "image_dest")}
+    return batch["tokens"], batch["positions"], batch["segment_ids"], images
+
+
 def random_params(model: nn.Module, *args, seed: int = 0, method=None) -> dict:
     """O(1)-scale random params with the init's tree (of `method`, default __call__), without compiling the
     (slow on CPU) RNG init."""
@@ -60,13 +67,12 @@ MODEL = VLM(tiny_model_config())
 
 @jax.jit
 def forward(params: dict, batch: dict[str, jax.Array]) -> jax.Array:
-    return MODEL.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                       batch["tiles"], batch["tile_mask"], batch["image_dest"])
+    return MODEL.apply({"params": params}, *forward_args(batch))
 
 
 @functools.cache
 def _params() -> dict:
-    return random_params(MODEL, *tiny_batch().values())
+    return random_params(MODEL, *forward_args(tiny_batch()))
 
 
 def test_logits_shape_and_param_tree():
@@ -95,8 +101,8 @@ def test_visual_tokens_land_at_image_dest():
     @jax.jit
     def parts(params, batch):
         bound = MODEL.bind({"params": params})
-        return (bound.embed(batch["tokens"], batch["tiles"], batch["tile_mask"], batch["image_dest"]),
-                bound.encode_images(batch["tiles"]), bound.decoder.embed(batch["tokens"]))
+        tokens, _, _, images = forward_args(batch)
+        return bound.embed(tokens, images), bound.encode_images(images), bound.decoder.embed(tokens)
 
     x, visual, text = (np.asarray(a) for a in parts(params, batch))
     assert visual.shape == (B, T * P, 32)

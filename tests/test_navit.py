@@ -114,7 +114,7 @@ def test_packed_tower_and_merger_match_torch(tmp_path):
     args = (batch["patches"], batch["patch_positions"], batch["patch_segment_ids"])
     vlm = VLM(model)
     feats = jax.jit(lambda p, *a: vlm.apply({"params": p}, *a, method=lambda m, *x: m.vision(*x)))(params, *args)
-    tokens = jax.jit(lambda p, *a: vlm.apply({"params": p}, *a, method=VLM.encode_patches))(params, *args)
+    tokens = jax.jit(lambda p, b: vlm.apply({"params": p}, b, method=VLM.encode_images))(params, batch)
     assert tokens.shape == (2, 16, 48)
 
     with torch.no_grad():

@@ -15,8 +15,9 @@ from vlm_jax.data.navit import example_mrope_positions
 from vlm_jax.data.packing import check_fits
 from vlm_jax.data.pipeline import make_example_dataset, make_train_iterator, row_layout
 from vlm_jax.data.tokenizer import load_tokenizer, special_ids
-from vlm_jax.model import VLM, forward_method, forward_nll
-from vlm_jax.train.loop import dummy_inputs, train
+from vlm_jax.image_inputs import dummy_inputs
+from vlm_jax.model import VLM, forward_nll
+from vlm_jax.train.loop import train
 from vlm_jax.layers.loss import masked_mean
 
 TOK = load_tokenizer("")
@@ -55,7 +56,7 @@ def assert_trains_as_one_example_per_row(config, packed: dict, examples: list, l
     """The summed token loss of `packed` and its gradients equal the sums over `examples` run one per row (each
     alone in a 2-row batch of `layout`: one compilation)."""
     model = VLM(config.model)
-    params = model.init(jax.random.PRNGKey(0), *dummy_inputs(config), method=forward_method(config.model))["params"]
+    params = model.init(jax.random.PRNGKey(0), *dummy_inputs(config.model))["params"]
     total = float(packed["loss_mask"].sum())
 
     @jax.jit

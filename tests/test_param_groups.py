@@ -9,7 +9,7 @@ from vlm_jax import parallel
 from vlm_jax.train import loop
 from vlm_jax.train.optim import optimizer_state_bytes
 from vlm_jax.train.param_groups import ParamGroups
-from vlm_jax.model import MODEL_INPUTS
+from vlm_jax.image_inputs import make
 from vlm_jax.layers.loss import masked_cross_entropy
 from vlm_jax.train.step import make_train_step
 from tests.helpers import first_batch, tiny_config
@@ -71,7 +71,8 @@ def test_sgd_update_sizes_follow_group_learning_rates():
     setup, before, after, _, batch = run_steps(config, 1)
 
     def loss(params):
-        logits = setup.model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS))
+        logits = setup.model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                   make(setup.config.model).select(batch))
         return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
 
     grads = traverse_util.flatten_dict(jax.device_get(jax.jit(jax.grad(loss))(

@@ -15,7 +15,7 @@ from vlm_jax import parallel
 from vlm_jax.data.packing import NavitRows, PlannedGroup, plan_groups
 from vlm_jax.data.pipeline import make_eval_examples, make_example_dataset, make_train_iterator, row_layout
 from vlm_jax.data.tokenizer import special_ids
-from vlm_jax.evaluate import pad_prompts
+from vlm_jax.image_inputs import make
 from vlm_jax.train import loop
 from vlm_jax.train.step import make_train_step, split_micro_batches
 
@@ -149,7 +149,7 @@ def test_micro_batches_and_eval_keep_groups_whole():
     np.testing.assert_array_equal(np.asarray(split["tokens"]), want)
     # Eval batches hold one prompt per row: never grouped.
     examples = make_eval_examples(config, TOK, 4)
-    prompts = pad_prompts(examples, config, 4)
+    prompts = make(config.model).pad_prompts(examples, config, 4)
     assert prompts["image_dest"].shape == (4, config.data.max_patches_per_row // 4)
 
 

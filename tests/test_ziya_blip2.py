@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import ROOT, first_batch
 from vlm_jax import parallel
 from vlm_jax.config import load_config
-from vlm_jax.data.pipeline import tokens_per_tile
+from vlm_jax.data.packing import tokens_per_tile
 from vlm_jax.params import abstract_params, param_shardings
 from vlm_jax.qformer import QFormer
 from vlm_jax.train import loop
@@ -52,7 +52,7 @@ def test_qformer_gives_num_queries_tokens_whatever_the_patch_count():
 
 def test_placeholders_are_32_per_image():
     config = ziya("stage1,tiny", *ONE_DEVICE)
-    assert tokens_per_tile(config) == 32 and config.data.max_tiles == 1
+    assert tokens_per_tile(config.model, config.data.tile_size) == 32 and config.data.max_tiles == 1
     batch = first_batch(config)
     images = batch["tile_mask"].sum()
     assert images > 0 and batch["image_dest"].shape[1] == config.data.max_tiles_per_row * 32

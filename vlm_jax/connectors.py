@@ -20,7 +20,8 @@ class MLPProjector(nn.Module):
 
     hidden = `hidden_dim`, or out when 0 (LLaVA). The PatchMerger is merge_size=2 with hidden = 4 * d_vis:
     in the NaViT patch order (vlm_jax/data/navit.py) each run of 4 tokens is one 2x2 window of an image, so
-    [B, N, d_vis] -> [B, N/4, out]. Tiled features are put in that window order first (model.windows_first).
+    [B, N, d_vis] -> [B, N/4, out]. Tiled features are put in that window order first
+    (image_inputs/tiles.py windows_first).
     """
 
     config: ml_collections.ConfigDict  # model.connector

@@ -8,12 +8,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from vlm_jax import parallel
-from vlm_jax.data.navit import pack_patches
-from vlm_jax.data.packing import Example, NavitExample, check_fits
-from vlm_jax.data.pipeline import make_encoder, make_eval_examples, row_layout
+from vlm_jax import image_inputs, parallel
+from vlm_jax.data.pipeline import make_eval_examples
+from vlm_jax.data.records import make_encoder
 from vlm_jax.generate import greedy_generate
-from vlm_jax.model import VLM, model_inputs
+from vlm_jax.model import VLM
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -34,33 +33,6 @@ def score(records: list[dict]) -> dict:
             "count_by_type": {k: len(v) for k, v in sorted(by_type.items())}}
 
 
-def pad_prompts(examples: list[dict], config: ml_collections.ConfigDict, rows: int) -> dict:
-    """Right-pads a list of eval examples into one fixed-shape generation batch of `rows` rows, one example per
-    row, in the batch layout of `config` (tiles, or NaViT patches); `positions` [rows, L, 3] for an M-RoPE
-    decoder."""
-    layout = row_layout(config, grouped=False)
-    batch = layout.empty(rows)
-    for row, ex in enumerate(examples):
-        n, navit = len(ex["tokens"]), "images" in ex
-        # The prompt as a packing example (no loss, no starts: image_positions already place it) for the checks.
-        prompt = (NavitExample(ex["id"], ex["tokens"], None, tuple(ex["images"]), None) if navit
-                  else Example(ex["id"], ex["tokens"], None, ex["tiles"], None))
-        problem = check_fits(prompt, layout)
-        if problem:
-            raise ValueError(f"eval {problem}")
-        batch["tokens"][row, :n] = ex["tokens"]
-        batch["positions"][row, :n] = ex["positions"]
-        batch["segment_ids"][row, :n] = 1
-        if navit:
-            for key, value in pack_patches(ex["images"], layout.max_patches, layout.patch_dim, layout.merge).items():
-                batch[key][row] = value
-        else:
-            batch["tiles"][row, :len(ex["tiles"])] = ex["tiles"]
-            batch["tile_mask"][row, :len(ex["tiles"])] = True
-        batch["image_dest"][row, :len(ex["image_positions"])] = ex["image_positions"]
-    return batch
-
-
 def answer_examples(config: ml_collections.ConfigDict, params: Any, tokenizer, examples: list[dict],
                     mesh) -> list[str]:
     """Greedy answers (decoded, stop token removed) for `examples`, batched by eval_batch_size."""
@@ -70,17 +42,17 @@ def answer_examples(config: ml_collections.ConfigDict, params: Any, tokenizer, e
     dp = parallel.data_parallel_size(mesh)
     if rows % dp:
         raise ValueError(f"eval_batch_size {rows} must divide by the data x fsdp mesh size {dp}")
-    # The image inputs of the model's batch kind: everything the training forward takes after the text.
-    image_keys = model_inputs(config.model)[3:]
+    kind = image_inputs.make(config.model)
     generate = jax.jit(lambda p, b: greedy_generate(
-        model, p, b["tokens"], b["segment_ids"], *(b[k] for k in image_keys), positions=b["positions"],
+        model, p, b["tokens"], b["segment_ids"], b["images"], positions=b["positions"],
         max_new_tokens=config.max_new_tokens, stop_id=stop_id))
     answers = []
     sharding = parallel.batch_sharding(mesh)
     for start in range(0, len(examples), rows):
         chunk = examples[start:start + rows]
-        batch = pad_prompts(chunk, config, rows)
-        batch = jax.device_put({k: batch[k] for k in ("tokens", "positions", "segment_ids", *image_keys)}, sharding)
+        batch = kind.pad_prompts(chunk, config, rows)
+        batch = jax.device_put({k: batch[k] for k in ("tokens", "positions", "segment_ids")} |
+                               dict(images=kind.select(batch)), sharding)
         with jax.set_mesh(mesh):
             out = np.asarray(jax.device_get(generate(params, batch)))
         for ids in out[:len(chunk)]:

@@ -18,19 +18,19 @@ def next_rope_position(positions: jax.Array, segment_ids: jax.Array) -> jax.Arra
 
 
 def greedy_generate(
-    model: VLM, params: Any, tokens: jax.Array, segment_ids: jax.Array, *images: jax.Array,
+    model: VLM, params: Any, tokens: jax.Array, segment_ids: jax.Array, images: dict[str, jax.Array], *,
     max_new_tokens: int, stop_id: int | jax.Array, pad_id: int | jax.Array = 0, positions: jax.Array | None = None,
 ) -> jax.Array:
     """Greedy continuation of right-padded prompts -> generated ids [B, max_new_tokens].
 
-    `images`: the prompts' images as the model takes them: (tiles, tile_mask, image_dest), or for a NaViT
-    model (patches, patch_positions, patch_segment_ids, image_dest). One example per row; its prompt is the
+    `images`: the prompts' images, the arrays of the model's image-input kind (vlm_jax/image_inputs/, e.g.
+    `kind.select` of a `kind.pad_prompts` batch). One example per row; its prompt is the
     tokens where segment_ids > 0. Each row stops after emitting `stop_id` (kept in the output) and is filled
     with `pad_id` from then on; the loop ends early once every row has stopped. jit with `model` closed over
     and `max_new_tokens` static; `stop_id`/`pad_id` may be traced.
 
     `positions`: the prompts' RoPE positions, [B, L] (by default 0, 1, 2, ...) or for an M-RoPE decoder
-    [B, L, 3] (data/navit.py mrope_positions). New token i of a row fills cache slot n + i (n = the prompt's
+    [B, L, 3] (ids from the images' grids). New token i of a row fills cache slot n + i (n = the prompt's
     length) and, being text, takes RoPE position `next_rope_position` + i on every axis.
     """
     b, length = tokens.shape
@@ -38,9 +38,8 @@ def greedy_generate(
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     first_position = next_rope_position(positions, segment_ids)
-    prefill = VLM.prefill_patches if model.config.vision.stem == "navit" else VLM.prefill
     logits, state = model.apply(
-        {"params": params}, tokens, positions, segment_ids, *images, length + max_new_tokens, method=prefill,
+        {"params": params}, tokens, positions, segment_ids, images, length + max_new_tokens, method=VLM.prefill,
         mutable=["cache"])
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)

@@ -1,7 +1,7 @@
 """Data entry points for the trainer: packed training batches and tokenised evaluation prompts.
 
-Record (source) -> Example (tiles + template + tokenizer), or NavitExample (native-resolution patches) when
-model.vision.stem is "navit" -> greedily packed rows of the batch contract in docs/contracts.md (tiled or NaViT).
+Record (source) -> example of the model's image-input kind (data/image_kinds.py: tiles, or native-resolution
+patches) -> greedily packed rows of the batch contract in docs/contracts.md, laid out as the kind says.
 The example stream is a grain MapDataset: shuffled, then cut into `data.shards` data shards (shard s holds
 examples s, s + shards, ...). grain's MapDataset reads past its length into later epochs (and reseeds the shuffle
 per epoch), so each shard's stream is infinite and its example i is a pure function of i. Each shard packs its own
@@ -18,37 +18,14 @@ import threading
 
 import grain
 import numpy as np
-from PIL import Image
 
-from vlm_jax.data.conversation import ConversationEncoder, get_template
-from vlm_jax.data.images import tile_image
+from vlm_jax.data.image_kinds import data_kind
 from vlm_jax.data.llava_json import LlavaJsonSource
 from vlm_jax.data import packing
-from vlm_jax.data.navit import example_mrope_positions, navit_patches
 from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, check_fits
 from vlm_jax.data.synthetic import SyntheticSource
-from vlm_jax.data.tokenizer import special_ids
 
 log = logging.getLogger(__name__)
-
-
-def uses_patches(config) -> bool:
-    """Whether `config` feeds native-resolution patches (the NaViT batch) rather than tiles."""
-    return config.model.vision.stem == "navit"
-
-
-def uses_mrope(config) -> bool:
-    """Whether `config`'s decoder takes M-RoPE positions [B, L, 3] (Qwen2-VL) rather than 1-D ones; refuses one
-    on a tiled model, which has no image grids to take the ids from."""
-    mrope = config.model.text.get("rope_kind", "1d") == "mrope"
-    if mrope and not uses_patches(config):
-        raise ValueError("an M-RoPE decoder takes its positions from NaViT image grids (model.vision.stem='navit')")
-    return mrope
-
-
-def tokens_per_tile(config) -> int:
-    """P: placeholder slots per tile of `config` (packing.tokens_per_tile)."""
-    return packing.tokens_per_tile(config.model, config.data.tile_size)
 
 
 def make_source(config, split: str):
@@ -67,91 +44,11 @@ def make_source(config, split: str):
     raise ValueError(f"unknown data.source {d.source!r}; known: 'synthetic', 'llava_json'")
 
 
-def make_encoder(config, tokenizer) -> ConversationEncoder:
-    """The conversation encoder for data.template; its `stop_id` ends generation."""
-    ids = special_ids(tokenizer, config.data.image_token_id if config.data.image_token_id >= 0 else None)
-    return ConversationEncoder(get_template(config.data.template), tokenizer, ids.image, ids.bos, ids.eos,
-                               config.data.system)
-
-
-def record_image(record: dict) -> Image.Image | None:
-    """The record's image as an RGB PIL image (None for text-only records)."""
-    image = record["image"]
-    if image is None:
-        return None
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-class RecordToExample:
-    """Record -> (tiles, encoded conversation); picklable so grain can run it in workers."""
-
-    def __init__(self, config, tokenizer):
-        d = config.data
-        self.encoder = make_encoder(config, tokenizer)
-        self.tile_size, self.max_tiles, self.swap_hw = d.tile_size, d.max_tiles, d.swap_hw
-        self.p = tokens_per_tile(config)
-
-    def tiles(self, record: dict) -> list[np.ndarray]:
-        image = record_image(record)
-        return [] if image is None else [tile_image(image, self.tile_size, self.max_tiles, self.swap_hw)]
-
-    def tile_starts(self, image_starts, views: list[np.ndarray]) -> np.ndarray:
-        starts = [s + np.arange(len(v)) * self.p for s, v in zip(image_starts, views)]
-        return np.concatenate(starts).astype(np.int32) if starts else np.zeros((0,), np.int32)
-
-    @staticmethod
-    def stack(views: list[np.ndarray], tile_size: int) -> np.ndarray:
-        return np.concatenate(views) if views else np.zeros((0, tile_size, tile_size, 3), np.float32)
-
-    def __call__(self, record: dict) -> Example:
-        views = self.tiles(record)
-        enc = self.encoder.encode(record["conversations"], [len(v) * self.p for v in views], record["id"])
-        return Example(record["id"], enc.tokens, enc.loss, self.stack(views, self.tile_size),
-                       self.tile_starts(enc.image_starts, views))
-
-
-class RecordToNavitExample:
-    """Record -> (native-resolution patches per image, encoded conversation): the NaViT counterpart of
-    RecordToExample. Each image's placeholder run is one token per merge window (t*h*w / merge_size**2)."""
-
-    def __init__(self, config, tokenizer):
-        d, v = config.data, config.model.vision
-        self.encoder = make_encoder(config, tokenizer)
-        self.merge = config.model.connector.merge_size
-        self.patch_args = dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                               merge_size=self.merge, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
-
-    def images(self, record: dict) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
-        image = record_image(record)
-        return [] if image is None else [navit_patches(image, **self.patch_args)]
-
-    def run_lengths(self, images: list) -> list[int]:
-        return [math.prod(grid) // self.merge ** 2 for _, grid in images]
-
-    def __call__(self, record: dict) -> NavitExample:
-        images = self.images(record)
-        enc = self.encoder.encode(record["conversations"], self.run_lengths(images), record["id"])
-        return NavitExample(record["id"], enc.tokens, enc.loss, tuple(images),
-                            np.asarray(enc.image_starts, np.int32))
-
-
 def row_layout(config, grouped: bool = True) -> TiledRows | NavitRows:
-    """The fixed row shape of `config`'s batches: tiles or NaViT patches, M-RoPE positions for an M-RoPE
-    decoder, NaViT rows in groups of `data.vision_group_rows` unless not `grouped` (docs/contracts.md)."""
-    d = config.data
-    mrope = uses_mrope(config)
-    group = d.get("vision_group_rows", 1)
-    if uses_patches(config):
-        v = config.model.vision
-        return NavitRows(d.seq_len, d.max_patches_per_row, d.max_images_per_row,
-                         3 * v.temporal_patch_size * v.patch_size ** 2, config.model.connector.merge_size,
-                         d.max_examples_per_row, mrope, group if grouped else 1)
-    if group != 1:
-        raise ValueError(f"data.vision_group_rows={group} groups NaViT rows; tiled rows (model.vision.stem="
-                         f"{config.model.vision.stem!r}) take 1")
-    return TiledRows(d.seq_len, d.max_tiles_per_row, d.tile_size, tokens_per_tile(config), d.max_examples_per_row)
+    """The fixed row shape of `config`'s batches, as its image-input kind lays them out: `positions`
+    [rows, L, 3] for an M-RoPE decoder, rows in groups of `data.vision_group_rows` unless not `grouped`
+    (docs/contracts.md)."""
+    return data_kind(config.model).row_layout(config, grouped)
 
 
 class PackedBatchIterator:
@@ -444,8 +341,7 @@ def make_example_dataset(config, tokenizer, shard: int = 0, shards: int = 1) -> 
     if len(source) < shards:
         raise ValueError(f"training source has {len(source)} examples, fewer than data.shards={shards}")
     ds = grain.MapDataset.source(source).shuffle(seed=config.seed % 2**32)
-    to_example = RecordToNavitExample if uses_patches(config) else RecordToExample
-    return ds[shard::shards].map(to_example(config, tokenizer))
+    return ds[shard::shards].map(data_kind(config.model).record_to_example(config, tokenizer))
 
 
 def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> ShardedBatchIterator:
@@ -481,33 +377,27 @@ def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
     add the left-pad offset when padding); positions int32 [m] (0, 1, 2, ...), or [m, 3] M-RoPE ids for an
     M-RoPE decoder (`navit.example_mrope_positions`); question (str) the last human turn without the image marker;
     answer (str) the reference; qtype (str); image (PIL image or None), the raw image. Generation stops at
-    make_encoder(config, tokenizer).stop_id.
+    records.make_encoder(config, tokenizer).stop_id.
     """
     source = make_source(config, "eval")
     if n > len(source):
         raise ValueError(f"asked for {n} eval examples, the eval source has {len(source)}")
-    navit, mrope = uses_patches(config), uses_mrope(config)
-    to_example = (RecordToNavitExample if navit else RecordToExample)(config, tokenizer)
+    kind = data_kind(config.model)
+    mrope, to_example = kind.mrope(), kind.record_to_example(config, tokenizer)
     out = []
     for i in range(n):
         record = source[i]
-        if navit:
-            images = to_example.images(record)
-            lengths = to_example.run_lengths(images)
-        else:
-            views = to_example.tiles(record)
-            lengths = [len(v) * to_example.p for v in views]
+        images = to_example.images(record)
+        lengths = to_example.run_lengths(images)
         enc, answer = to_example.encoder.encode_prompt(record["conversations"], lengths, record["id"])
         image_positions = np.concatenate([s + np.arange(k) for s, k in zip(enc.image_starts, lengths)]
                                          or [np.zeros((0,), np.int32)]).astype(np.int32)
         if mrope:
-            positions = example_mrope_positions(len(enc.tokens), enc.image_starts, [g for _, g in images],
-                                                to_example.merge)
+            positions = to_example.mrope_positions(len(enc.tokens), enc.image_starts, images)
         else:
             positions = np.arange(len(enc.tokens), dtype=np.int32)
-        vision = (dict(images=images) if navit else
-                  dict(tiles=RecordToExample.stack(views, config.data.tile_size)))
         question = record["conversations"][-2][1].replace("<image>", "").strip()
         out.append(dict(id=record["id"], tokens=enc.tokens, image_positions=image_positions, positions=positions,
-                        question=question, answer=answer, qtype=record["qtype"], image=record["image"], **vision))
+                        question=question, answer=answer, qtype=record["qtype"], image=record["image"],
+                        **to_example.prompt_fields(images)))
     return out

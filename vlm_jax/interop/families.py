@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from vlm_jax.interop import blip2, clip, llama, llava, points, qwen1, qwen2, qwen2_vl, qwen_vl
+from vlm_jax.interop import blip2, clip, llama, llava, points, qwen1, qwen2, qwen2_vl, qwen2_vl_check, qwen_vl
 from vlm_jax.interop.keymap import ConversionError, KeyMap
 
 
@@ -19,6 +19,9 @@ class Family:
     # The transformers class that loads it, by name or by module path under transformers for classes the
     # package does not export (None: the original repo's code).
     torch_class: str | None
+    # Its own stages of the parity check (interop/check.py), where the generic tile and decoder comparisons do not
+    # fit it: (torch model, model config, run, rng, tokens, length) -> stage -> (vlm_jax output, torch output).
+    check: Callable | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -35,9 +38,10 @@ FAMILIES: dict[str, Family] = {
     "blip2_visual": Family(("vision", "connector"), blip2.visual_keymap, blip2.visual_model_config, None),
     "llava_original": Family(("connector", "decoder"), llava.original_keymap, llava.original_model_config, None),
     "qwen2_vl_vision": Family(("connector", "vision"), qwen2_vl.vision_keymap, qwen2_vl.model_config,
-                              "models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel"),
+                              "models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel",
+                              qwen2_vl_check.check_tower),
     "qwen2_vl": Family(("connector", "decoder", "vision"), qwen2_vl.whole_keymap, qwen2_vl.whole_model_config,
-                       "Qwen2VLForConditionalGeneration"),
+                       "Qwen2VLForConditionalGeneration", qwen2_vl_check.check_whole),
     "points": Family(("connector", "decoder", "vision"), points.keymap, points.model_config, None),
     "points_llm": Family(("decoder",), lambda m: points.KEYMAP.prefixed("", "decoder"),
                          lambda hf: dict(text=points.text_config(hf)), None),

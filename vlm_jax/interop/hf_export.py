@@ -45,18 +45,18 @@ def _hf_target(model: ml_collections.ConfigDict, parts: tuple[str, ...], meta: d
     """(family, key map, config.json) of the HF class these parts export to."""
     if parts == ("vision",):
         return "clip", families.get("clip").keymap(model), _merge(meta.get("hf_config"), clip.hf_config(model.vision))
-    if parts == ("connector", "vision") and model.vision.stem == "navit":
+    if parts == ("connector", "vision") and qwen2_vl.is_tower(model.vision):
         return ("qwen2_vl_vision", families.get("qwen2_vl_vision").keymap(model),
                 _merge(meta.get("hf_config"), qwen2_vl.hf_config(model)))
     if parts == ("decoder",):
         name = llava.text_family(model.text)
         module = llava.TEXT_FAMILIES[name]
         return name, families.get(name).keymap(model), _merge(meta.get("hf_config"), module.hf_config(model.text))
-    if parts == ("connector", "decoder", "vision") and model.vision.stem == "navit" and \
-            model.text.get("rope_kind", "1d") == "1d":  # POINTS1.5: NaViT + PatchMerger + a 1-D RoPE LLM
+    if parts == ("connector", "decoder", "vision") and qwen2_vl.is_tower(model.vision) and \
+            model.text.get("rope_kind", "1d") == "1d":  # POINTS1.5: Qwen2-VL's tower + PatchMerger + a 1-D RoPE LLM
         stored = meta.get("hf_config") if meta.get("family") == "points" else None
         return "points", points.keymap(model), points.hf_config(model, stored)
-    if parts == ("connector", "decoder", "vision") and model.vision.stem == "navit":
+    if parts == ("connector", "decoder", "vision") and qwen2_vl.is_tower(model.vision):
         stored = meta.get("hf_config") if meta.get("family") == "qwen2_vl" else None
         token = image_token_index if image_token_index is not None else (stored or {}).get("image_token_id", 151655)
         return "qwen2_vl", qwen2_vl.whole_keymap(model), _merge(stored, qwen2_vl.whole_hf_config(model, token))

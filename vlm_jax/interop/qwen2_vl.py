@@ -47,6 +47,11 @@ MERGER_ROWS = (
 NORM_EPS = 1e-6
 
 
+def is_tower(vision: ml_collections.ConfigDict) -> bool:
+    """Whether model.vision `vision` is the tower this module maps (export picks Qwen2-VL's layouts by it)."""
+    return vision.stem == "navit"
+
+
 def tower_keymap(vision: ml_collections.ConfigDict) -> KeyMap:
     """The blocks and patch embedding, relative to the tower, over the `vision` subtree's paths."""
     return KeyMap(TOWER_ROWS, hf_layers=(("layers", vision.depth),))

@@ -15,26 +15,19 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from vlm_jax import parallel
+from vlm_jax import image_inputs, parallel
 from vlm_jax.checkpoints.params_only import restore_params
 from vlm_jax.checkpoints.train_state import Checkpointer
 from vlm_jax.checkpoints.workdir import is_workdir, restore_workdir_params
 from vlm_jax.config import to_json
-from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, row_layout, shards_holding
+from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, shards_holding
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.layers.attention import resolve_backend
-from vlm_jax.model import VLM, forward_method, model_inputs
+from vlm_jax.model import VLM
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.param_groups import ParamGroups
 from vlm_jax.train.step import TrainState, init_state, make_train_step
-
-
-def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
-    """Zero arrays with the static shapes of one batch's model inputs (for init and shape checks), in the
-    order of `model_inputs(config.model)`; rows never grouped: the parameters do not depend on the grouping."""
-    batch = row_layout(config, grouped=False).empty(rows)
-    return tuple(jnp.asarray(batch[k]) for k in model_inputs(config.model))
 
 
 class Setup:
@@ -45,8 +38,7 @@ class Setup:
         self.mesh = parallel.make_mesh(config.mesh, devices)
         self.model = VLM(config.model)
         rng = jax.random.PRNGKey(config.seed)
-        self._init_params = lambda key: self.model.init(
-            key, *dummy_inputs(config), method=forward_method(config.model))["params"]
+        self._init_params = lambda key: self.model.init(key, *image_inputs.dummy_inputs(config.model))["params"]
         boxed = jax.eval_shape(self._init_params, rng)
         self.param_shardings = param_shardings = parallel.logical_shardings(boxed, self.mesh)
         self.abstract_params = abstract_params = nn.meta.unbox(boxed)
@@ -136,7 +128,7 @@ def check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
 def check_segments(config: ml_collections.ConfigDict) -> None:
     """The cudnn attention backend holds model.max_segments packed segments per row: rows must not hold more."""
     d, m = config.data, config.model
-    most = max(d.max_examples_per_row, d.max_images_per_row if m.vision.stem == "navit" else 0)
+    most = max(d.max_examples_per_row, image_inputs.make(m).segments_per_row(d))
     if resolve_backend(m.attention) == "cudnn" and most > m.max_segments:
         raise ValueError(f"model.attention='cudnn' holds model.max_segments={m.max_segments} segments per row, "
                          f"but rows may hold {most} (data.max_examples_per_row / data.max_images_per_row)")

@@ -7,8 +7,8 @@ more for the activation gradient where a gradient has to flow through (something
 or for a component's own trainable layers). So a fully trained LLM counts 6 N T, a frozen tower nothing upstream
 of which trains counts 2 N T (forward only), a frozen LLM under a trained projector 4 N T. Attention scores and
 values add 4 L^2 H D per layer and sequence forward (half that when causal), times 3 where a gradient flows,
-over whole rows (packed examples counted as one sequence) or tiles. The embedding lookup table is not counted
-(a tied embedding is, as the output projection).
+over whole rows (packed examples counted as one sequence) or the tower's sequences (the image-input kind's
+`vision_tokens`). The embedding lookup table is not counted (a tied embedding is, as the output projection).
 """
 
 import dataclasses
@@ -21,8 +21,8 @@ import jax
 import ml_collections
 from flax import traverse_util
 
-from vlm_jax import parallel
-from vlm_jax.data.pipeline import row_layout, tokens_per_tile, uses_patches
+from vlm_jax import image_inputs, parallel
+from vlm_jax.data.pipeline import row_layout
 from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.train.loop import Setup, check_batch_size, check_segments
 from vlm_jax.train.step import make_train_step
@@ -58,18 +58,10 @@ def abstract_batch(config: ml_collections.ConfigDict, sharding) -> dict[str, jax
 
 def component_tokens(config: ml_collections.ConfigDict) -> dict[str, tuple[int, int, int, bool]]:
     """component -> (tokens per step, sequence length its attention sees, number of such sequences, causal)."""
-    d, v = config.data, config.model.vision
-    rows = config.batch_size
-    if uses_patches(config):
-        vision = (rows * d.max_patches_per_row, d.max_patches_per_row, rows)
-        merged = rows * d.max_patches_per_row // config.model.connector.merge_size ** 2
-    else:
-        per_tile = (v.image_size // v.patch_size) ** 2 + (1 if v.stem in ("clip", "eva") else 0)
-        tiles = rows * d.max_tiles_per_row
-        vision = (tiles * per_tile, per_tile, tiles)
-        merged = tiles * tokens_per_tile(config)
+    vision, merged = image_inputs.make(config.model).vision_tokens(config)
+    rows, seq_len = config.batch_size, config.data.seq_len
     return {"vision": (*vision, False), "connector": (merged, 0, 0, False),
-            "decoder": (rows * d.seq_len, d.seq_len, rows, True)}
+            "decoder": (rows * seq_len, seq_len, rows, True)}
 
 
 def trainable_counts(setup: Setup) -> dict[str, tuple[int, int]]:

@@ -42,14 +42,15 @@ class TrainState:
 
 def split_micro_batches(batch: dict, n: int, mesh: Mesh) -> dict:
     """[B, ...] -> [n, B / n, ...]: micro-batch i holds rows i, i + n, ..., so each keeps its share of every
-    device's rows (a contiguous split would put whole micro-batches on a few devices). A grouped NaViT batch
-    (`image_dest` [B / g, ...], docs/contracts.md) splits by whole groups of g rows the same way."""
+    device's rows (a contiguous split would put whole micro-batches on a few devices). A batch whose rows come in
+    groups of g (arrays of one entry per group, [B / g, ...]: docs/contracts.md) splits by whole groups."""
     spec = parallel.batch_sharding(mesh).spec
-    rows = batch["tokens"].shape[0] if "tokens" in batch else None
-    group = rows // batch["image_dest"].shape[0] if rows and "image_dest" in batch else 1
+    # Arrays of one entry per group have the fewest leading entries; every other array has one per row.
+    rows = max(x.shape[0] for x in jax.tree.leaves(batch))
+    group = rows // min(x.shape[0] for x in jax.tree.leaves(batch))
 
     def split(x):
-        unit = group if x.shape[0] == rows else 1  # leading entries per group: g rows, or 1 of image_dest
+        unit = group if x.shape[0] == rows else 1  # leading entries per group: g rows, or 1 of a per-group array
         x = jnp.swapaxes(x.reshape(x.shape[0] // (n * unit), n, unit, *x.shape[1:]), 0, 1)
         x = x.reshape(n, x.shape[1] * unit, *x.shape[3:])
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(

@@ -1,0 +1,25 @@
+"""What every record converter shares, whatever the image-input kind: the conversation encoder and the
+record's image."""
+
+import numpy as np
+from PIL import Image
+
+from vlm_jax.data.conversation import ConversationEncoder, get_template
+from vlm_jax.data.tokenizer import special_ids
+
+
+def make_encoder(config, tokenizer) -> ConversationEncoder:
+    """The conversation encoder for data.template; its `stop_id` ends generation."""
+    ids = special_ids(tokenizer, config.data.image_token_id if config.data.image_token_id >= 0 else None)
+    return ConversationEncoder(get_template(config.data.template), tokenizer, ids.image, ids.bos, ids.eos,
+                               config.data.system)
+
+
+def record_image(record: dict) -> Image.Image | None:
+    """The record's image as an RGB PIL image (None for text-only records)."""
+    image = record["image"]
+    if image is None:
+        return None
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
