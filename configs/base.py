@@ -107,7 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.qkv_bias = False  # biases on q, k, v (Qwen)
     t.tie_embeddings = False  # the LM head is the embedding table
     t.rope_kind = "1d"  # 1d | mrope (Qwen2-VL's multimodal RoPE: positions [B, L, 3] from NaViT image grids)
-    t.mrope_sections = ()  # mrope: rotary pairs of each head given to (frame, row, col), summing to head_dim / 2
+    t.mrope_sections = []  # mrope: rotary pairs of each head given to (frame, row, col), summing to head_dim / 2
 
     # LoRA adapters on the Dense layers whose module path fully matches `targets` (vlm_jax/layers/lora.py).
     r = m.lora = ml_collections.ConfigDict()

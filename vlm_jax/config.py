@@ -38,6 +38,7 @@ MOVED = {
     "model.vision.spatial_merge_size": None,
 }
 
+
 def load_config(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
     """Loads `path` (optionally `path:arg` passed to get_config) and applies `key=value` overrides."""
     file, _, arg = path.partition(":")
