@@ -1,115 +1,173 @@
-"""Defaults shared by every config: each system config starts from `get_config()` here."""
+"""The config schema: every key the library reads, with its meaning and default.
+
+Each system config starts from `get_config()` here and updates its sections (never replaces them), so every
+config has every key and `--config.a.b=value` can set any of them. Keys only one kind reads (a vision stem, a
+connector kind, a data source) are declared too, with a neutral default, and say which kind reads them.
+Configs saved before a key existed are brought up to this schema by vlm_jax/config.py `upgrade_config`.
+"""
 
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.total_steps = 1000
+    c.seed = 0  # parameter init, data order and dropout
+    c.total_steps = 1000  # optimizer steps of the run
     c.batch_size = 8  # rows per optimizer step, over all devices
-    # Gradient accumulation: each step's batch_size rows run as this many equal micro-batches, one after another.
-    c.micro_batches = 1
-    c.log_every = 10
-    c.checkpoint_every = 500
-    c.keep_checkpoints = 2
-    c.eval_batch_size = 32
-    c.eval_examples = 256
-    c.max_new_tokens = 8
-    c.init_params = ""  # a `launch/convert.py import` directory: start from its params (fresh optimizer)
+    c.micro_batches = 1  # gradient accumulation: each step's rows run as this many equal micro-batches in turn
+    c.log_every = 10  # steps between metric lines (and TensorBoard scalars)
+    c.checkpoint_every = 500  # steps between checkpoints (the last step always saves one)
+    c.keep_checkpoints = 2  # checkpoints kept in the workdir, newest first
+    c.eval_batch_size = 32  # prompts per generation batch in evaluation
+    c.eval_examples = 256  # evaluation examples asked after training and by launch/eval.py
+    c.max_new_tokens = 8  # tokens generated per evaluation answer
+    c.init_params = ""  # a `launch/convert.py import` directory or a workdir: start from its params (fresh optimizer)
     c.init_fresh = ""  # regex of parameter paths that keep their fresh init instead (e.g. "connector/.*")
-    # Stage 0 (vlm_jax/train/vision_pretrain.py), run first when steps > 0: the vision tower trained alone on the
-    # synthetic source's dense patch labels, then loaded into the VLM. A stand-in for the pretrained tower a real
-    # run imports; batch_size is views (tiled stems: the global view, or a tile tile_fraction of the time) or
-    # packed rows (navit) per step.
-    c.vision_pretrain = ml_collections.ConfigDict(dict(
-        steps=0, batch_size=64, lr=2e-3, warmup_steps=30, final_lr_ratio=0.05, weight_decay=0.01,
-        tile_fraction=0.0, eval_images=512))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Stage 0 (vlm_jax/train/vision_pretrain.py), run first when steps > 0: the vision tower trained alone on the
+    # synthetic source's dense patch labels, then loaded into the VLM: a stand-in for the pretrained tower a real
+    # run imports.
+    p = c.vision_pretrain = ml_collections.ConfigDict()
+    p.steps = 0  # 0: no stage 0
+    p.batch_size = 64  # views per step (tiled stems), or packed rows (navit)
+    p.lr = 2e-3  # peak learning rate (AdamW, warmup then cosine)
+    p.warmup_steps = 30  # linear warmup steps
+    p.final_lr_ratio = 0.05  # the cosine ends at lr * final_lr_ratio
+    p.weight_decay = 0.01  # AdamW weight decay
+    p.tile_fraction = 0.0  # tiled stems: share of views that are one tile of the image instead of the global view
+    p.eval_images = 512  # images its patch accuracies are measured on
+
+    # The device mesh (vlm_jax/parallel.py): axis sizes, -1 takes the devices the others leave.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # pure data parallelism: rows split, parameters replicated
+    c.mesh.fsdp = 1  # rows split and every parameter and its optimizer state sharded
+    c.mesh.tensor = 1  # tensor parallelism: heads and MLP width split
 
     m = c.model = ml_collections.ConfigDict()
-    m.dtype = "float32"
-    m.param_dtype = "float32"
+    m.dtype = "float32"  # compute dtype of every module
+    m.param_dtype = "float32"  # storage dtype of the parameters that train (the master weights)
     # Storage of the parameters that do not train ("": param_dtype); "bfloat16" halves them (exact for weights
     # released in bf16; fp16-released ones lose 3 mantissa bits).
     m.frozen_param_dtype = ""
-    m.scan_layers = True
-    m.remat_policy = "none"
+    m.scan_layers = True  # layer stacks as one scanned layer (stacked parameters); False: layers_0, layers_1, ...
+    m.remat_policy = "none"  # what the backward pass recomputes: none | full | dots | dots_all (layers/scan.py)
     # The attention kernel (vlm_jax/layers/attention.py): "xla" builds the segment/causal mask (CPU, tests);
     # "cudnn" (GPU) and "splash" (TPU) take the packed segments without an L x L mask; "auto" picks the kernel of
     # the platform the step is compiled for (the real stage configs).
     m.attention = "xla"
     m.max_segments = 64  # cudnn: packed segments per row (>= data.max_examples_per_row, data.max_images_per_row)
     m.loss_vocab_chunk = 8192  # training loss walks the vocabulary this many logits at a time; 0: all at once
-    m.vision = ml_collections.ConfigDict(dict(
-        stem="clip", image_size=224, patch_size=14, width=1024, depth=24, heads=16,
-        mlp_dim=4096, mlp_act="quick_gelu", norm_eps=1e-5, pre_norm=True,
-        feature_layer=-2, drop_cls=True, qkv_bias="qkv", post_norm=False))
-    # merge_size m > 1: one visual token per m x m patch window (PatchMerger; on tiles, pixel-shuffle-like);
-    # hidden_dim 0: the MLP's hidden width is the LLM width (LLaVA).
-    m.connector = ml_collections.ConfigDict(dict(kind="mlp", in_norm=False, norm_eps=1e-5, merge_size=1,
-                                                 hidden_dim=0))
-    # LoRA adapters on the Dense layers whose module path fully matches `targets` (rank 0: none).
-    m.lora = ml_collections.ConfigDict(dict(
-        rank=0, alpha=16.0, dropout=0.0,
-        targets=r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"))
-    m.text = ml_collections.ConfigDict(dict(
-        vocab_size=32000, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,
-        ffn=11008, rms_eps=1e-5, rope_base=10000.0, qkv_bias=False, tie_embeddings=False))
+
+    v = m.vision = ml_collections.ConfigDict()
+    # clip (HF CLIPVisionModel) | eva (BLIP-2's EVA ViT-g) | qwenvl (Qwen-VL's ViT-bigG) | navit (Qwen2-VL's
+    # native-resolution tower): vlm_jax/vision/vit.py.
+    v.stem = "clip"
+    v.image_size = 224  # clip, eva, qwenvl: tile side in pixels the tower takes
+    v.patch_size = 14  # patch side in pixels
+    v.width = 1024  # hidden width
+    v.depth = 24  # blocks of the tower (only those feeding feature_layer are built)
+    v.heads = 16  # attention heads
+    v.mlp_dim = 4096  # MLP hidden width
+    v.mlp_act = "quick_gelu"  # MLP activation: quick_gelu | gelu
+    v.norm_eps = 1e-5  # LayerNorm epsilon
+    v.pre_norm = True  # clip, eva, qwenvl: a LayerNorm after the stem (CLIP's pre_layrnorm, Qwen-VL's ln_pre)
+    v.post_norm = False  # a LayerNorm on the output (BLIP-2's post_layernorm)
+    v.feature_layer = -2  # the output is HF's hidden_states[feature_layer]
+    v.drop_cls = True  # clip, eva: drop the class token from the output (qwenvl, navit have none: False)
+    v.qkv_bias = "qkv"  # attention biases: "qkv", or "qv" (EVA: no key bias)
+    v.pos_grid = 0  # qwenvl: side of the learned position table, resized to each tile's patch grid
+    v.temporal_patch_size = 2  # navit: frames per patch (an image is repeated to fill them)
+    v.rope_base = 1e4  # navit: base of the 2-D RoPE over patch (row, col)
+
+    n = m.connector = ml_collections.ConfigDict()
+    n.kind = "mlp"  # mlp (LLaVA / PatchMerger) | qformer (BLIP-2) | resampler (Qwen-VL): vlm_jax/connectors.py
+    n.norm_eps = 1e-5  # LayerNorm epsilon of every connector kind
+    n.in_norm = False  # mlp: LayerNorm on the vision features first (XVERSE-V ln_vision, PatchMerger ln_q)
+    # mlp: m > 1 makes one visual token per m x m patch window (PatchMerger; on tiles, pixel-shuffle-like); the
+    # navit data cuts images into whole windows of this size too.
+    n.merge_size = 1
+    n.hidden_dim = 0  # mlp: hidden width of the MLP; 0: the LLM width (LLaVA)
+    n.num_queries = 0  # qformer, resampler: learned queries, the visual tokens of each image (0: the mlp kind)
+    n.heads = 12  # qformer, resampler: attention heads
+    n.width = 768  # qformer: hidden width of its layers
+    n.layers = 12  # qformer: BERT layers
+    n.mlp_dim = 3072  # qformer: FFN hidden width
+    n.cross_attention_frequency = 2  # qformer: every this many layers, the first of them, attend to the image
+
+    t = m.text = ml_collections.ConfigDict()
+    t.vocab_size = 32000  # vocabulary (embedding rows, logits)
+    t.hidden = 4096  # hidden width
+    t.layers = 32  # decoder blocks
+    t.heads = 32  # query heads
+    t.kv_heads = 32  # key/value heads (< heads: grouped-query attention)
+    t.head_dim = 128  # width of one head
+    t.ffn = 11008  # SwiGLU hidden width
+    t.rms_eps = 1e-5  # RMSNorm epsilon
+    t.rope_base = 10000.0  # RoPE base (theta)
+    t.qkv_bias = False  # biases on q, k, v (Qwen)
+    t.tie_embeddings = False  # the LM head is the embedding table
+    t.rope_kind = "1d"  # 1d | mrope (Qwen2-VL's multimodal RoPE: positions [B, L, 3] from NaViT image grids)
+    t.mrope_sections = []  # mrope: rotary pairs of each head given to (frame, row, col), summing to head_dim / 2
+
+    # LoRA adapters on the Dense layers whose module path fully matches `targets` (vlm_jax/layers/lora.py).
+    r = m.lora = ml_collections.ConfigDict()
+    r.rank = 0  # 0: no adapters
+    r.alpha = 16.0  # the update is scaled by alpha / rank
+    r.dropout = 0.0  # dropout on the adapter's input while training
+    r.targets = r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"  # regex of module paths
 
     d = c.data = ml_collections.ConfigDict()
-    d.source = "synthetic"
-    d.path = ""  # llava_json: the .json file, or a folder holding data.json
-    d.eval_path = ""
-    d.image_folder = ""  # images resolve here; empty = the json's folder
-    d.image_token_id = -1  # -1: the tokenizer's <image> token
+    d.source = "synthetic"  # synthetic (built-in shapes data, vlm_jax/data/synthetic.py) | llava_json
+    d.path = ""  # llava_json: the training .json file, or a folder holding data.json
+    d.eval_path = ""  # llava_json: the evaluation .json file, or a folder holding data.json
+    d.image_folder = ""  # llava_json: images resolve here; empty = the json's folder
+    d.tokenizer = ""  # a Hugging Face tokenizer directory; empty: the built-in demo tokenizer
+    d.image_token_id = -1  # the image placeholder id when the vocabulary has no <image> token (-1: it must)
+    d.template = "vicuna_v1"  # conversation template (vlm_jax/data/conversation.py)
+    d.system = ""  # system text of the template's system prefix ("": no system prefix)
+    d.seq_len = 2048  # tokens per packed row
     d.skip_too_long = False  # False: an example longer than seq_len is an error naming it
-    d.workers = 2
-    d.prefetch = 2
-    d.tokenizer = ""
-    d.template = "vicuna_v1"
-    d.system = ""
-    d.seq_len = 2048
-    d.tile_size = 224
-    d.max_tiles = 9
-    d.swap_hw = True
-    d.max_tiles_per_row = 20
-    d.max_examples_per_row = 64
+    d.max_examples_per_row = 64  # examples packed into one row at most
     # 0: rows take consecutive examples; N: the rows of every N examples are planned together (best-fit
     # decreasing, data/packing.py plan_rows): a few percent padding instead of about half an example a row.
     d.pack_window = 0
-    # NaViT models (model.vision.stem="navit"): images at native resolution (smart_resize into
-    # [min_pixels, max_pixels]), every image of a row packed into max_patches_per_row patch slots.
-    d.min_pixels = 56 * 56
-    d.max_pixels = 28 * 28 * 1280
-    d.max_patches_per_row = 4096
-    d.max_images_per_row = 8
-    # g > 1: every g rows share their g vision rows (data/packing.py plan_groups; needs pack_window), so a row's
-    # text and its images need not fill it in the same proportion: on a mix of large and small images it leaves
-    # far less padding than rows that hold their own images (bench/packing.py, docs/experiments.md 3).
-    d.vision_group_rows = 1
     # The training stream is cut into this many shards (shard s: examples s, s + shards, ...), each packed on its
     # own into batch_size / shards rows of every batch, in shard order: a step's batch depends on the config, never
     # on the process count. A process builds the shards its devices' rows fall on, so the process count divides it.
     d.shards = 1
-    d.num_train = 100000
-    d.num_eval = 512
+    d.workers = 2  # preprocessing threads per data shard
+    d.prefetch = 2  # batches built ahead of the training step
+    # Tiled stems (clip, eva, qwenvl): a global view plus a grid of tiles per image (vlm_jax/data/images.py).
+    d.tile_size = 224  # tile side in pixels (the vision tower's image_size)
+    d.max_tiles = 9  # tiles of the grid besides the global view, at most (1: the global view alone)
+    d.swap_hw = True  # XVERSE-V's grid orientation: non-square images come out with their aspect ratio swapped
+    d.max_tiles_per_row = 20  # tile slots of a packed row
+    # navit stem: images at native resolution (smart_resize into [min_pixels, max_pixels]), every image of a row
+    # packed into max_patches_per_row patch slots.
+    d.min_pixels = 56 * 56  # navit: fewest pixels an image is resized to
+    d.max_pixels = 28 * 28 * 1280  # navit: most pixels an image is resized to
+    d.max_patches_per_row = 4096  # navit: patch slots of a vision row (a multiple of connector.merge_size ** 2)
+    d.max_images_per_row = 8  # navit: images of a vision row at most
+    # navit: g > 1 makes every g rows share their g vision rows (data/packing.py plan_groups; needs pack_window),
+    # so a row's text and its images need not fill it in the same proportion.
+    d.vision_group_rows = 1
+    d.num_train = 100000  # synthetic: training examples
+    d.num_eval = 512  # synthetic: evaluation examples
     d.exclude_qtypes = ()  # synthetic: question types its training records never ask (a held-out type)
-    d.min_image_size = 64
-    d.max_image_size = 448
+    d.min_image_size = 64  # synthetic: smallest image side in pixels
+    d.max_image_size = 448  # synthetic: largest image side in pixels
 
     o = c.optim = ml_collections.ConfigDict()
     # Defaults of every parameter group; `groups.<group>` overrides them (see vlm_jax/train/param_groups.py).
-    o.optimizer = "adamw"  # or "sgd"
-    o.lr = 2e-5
-    o.warmup_steps = 100
+    o.optimizer = "adamw"  # adamw | sgd
+    o.lr = 2e-5  # peak learning rate
+    o.warmup_steps = 100  # linear warmup from 0 to lr
     o.schedule = "cosine"  # after warmup: cosine | linear | constant, down to lr * final_lr_ratio
-    o.final_lr_ratio = 0.0
-    o.weight_decay = 0.0
-    o.b1 = 0.9
-    o.b2 = 0.999
-    o.clip_norm = 1.0
+    o.final_lr_ratio = 0.0  # the schedule ends at lr * final_lr_ratio
+    o.weight_decay = 0.0  # decoupled weight decay (AdamW)
+    o.b1 = 0.9  # Adam beta1
+    o.b2 = 0.999  # Adam beta2
+    o.clip_norm = 1.0  # global gradient norm clip (0: none)
     # (path regex, group) or (path regex, group, "start:stop") for layers of a scanned stack; first match wins.
     o.trainable = [("vision/.*", "frozen"), (".*", "train")]
     # group -> overrides of {lr, warmup_steps, final_lr_ratio, schedule, weight_decay, frozen}

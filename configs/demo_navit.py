@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = demo.get_config()
     m = c.model
     width = m.vision.width
-    m.vision.update(stem="navit", patch_size=8, temporal_patch_size=2, spatial_merge_size=2, rope_base=1e4,
+    m.vision.update(stem="navit", patch_size=8, temporal_patch_size=2, rope_base=1e4,
                     mlp_act="quick_gelu", norm_eps=1e-6, pre_norm=False, post_norm=False, qkv_bias="qkv",
                     feature_layer=-1, drop_cls=False)
     m.connector.update(kind="mlp", in_norm=True, norm_eps=1e-6, merge_size=2, hidden_dim=4 * width)

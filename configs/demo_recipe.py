@@ -37,7 +37,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
         c.model.lora.update(rank=8, alpha=16.0, dropout=0.0)
         o.lr = 2e-4
         o.trainable = [stages.ADAPTERS, ("connector/.*", "connector"), (".*", "frozen")]
-        o.groups = ml_collections.ConfigDict(dict(connector=dict(lr=2e-4), lora=dict(lr=1e-3)))
+        o.groups.update(connector=dict(lr=2e-4), lora=dict(lr=1e-3))
     if tiny:
         stages.make_tiny(c, image_size=32)
     return c

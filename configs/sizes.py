@@ -17,8 +17,8 @@ VISION["clip_l14_336"] = VISION["clip_l14_224"] | dict(image_size=336)
 # BLIP-2's EVA ViT-g/14 (HF Blip2VisionConfig defaults): all 39 blocks, post_layernorm over all 257 tokens.
 # Qwen2-VL-7B's NaViT tower as POINTS1.5 uses it (docs/architectures.md 2.2): packed native-resolution patches, 2-D
 # RoPE, no final norm (the last block's output goes to the PatchMerger).
-VISION["qwen2_vl_navit"] = dict(stem="navit", patch_size=14, temporal_patch_size=2, spatial_merge_size=2, width=1280,
-                                depth=32, heads=16, mlp_dim=5120, mlp_act="quick_gelu", norm_eps=1e-6, rope_base=1e4,
+VISION["qwen2_vl_navit"] = dict(stem="navit", patch_size=14, temporal_patch_size=2, width=1280, depth=32,
+                                heads=16, mlp_dim=5120, mlp_act="quick_gelu", norm_eps=1e-6, rope_base=1e4,
                                 pre_norm=False, post_norm=False, qkv_bias="qkv", feature_layer=-1, drop_cls=False)
 VISION["eva_vit_g_224"] = dict(stem="eva", image_size=224, patch_size=14, width=1408, depth=39, heads=16,
                                mlp_dim=6144, mlp_act="gelu", norm_eps=1e-6, pre_norm=False, feature_layer=-1,

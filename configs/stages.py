@@ -68,6 +68,6 @@ def make_tiny(c: ml_collections.ConfigDict, image_size: int) -> None:
                   tile_size=image_size, max_tiles_per_row=6, min_image_size=image_size,
                   max_image_size=2 * image_size + 16, min_pixels=image_size ** 2,
                   max_pixels=(2 * image_size + 16) ** 2, max_patches_per_row=192)
-    if c.data.get("vision_group_rows", 1) > 1:  # still grouped, in groups a 2-row batch holds
+    if c.data.vision_group_rows > 1:  # still grouped, in groups a 2-row batch holds
         c.data.vision_group_rows = 2
     c.optim.warmup_steps = 1

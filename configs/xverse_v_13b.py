@@ -36,7 +36,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
         c.model.lora.update(rank=128, alpha=256.0, dropout=0.05, targets=LORA_TARGETS)
         o.lr = 2e-5
         o.trainable = [stages.ADAPTERS, frozen_norm, ("connector/.*", "connector"), (".*", "frozen")]
-        o.groups = ml_collections.ConfigDict(dict(connector=dict(lr=2e-5), lora=dict(lr=2e-4)))
+        o.groups.update(connector=dict(lr=2e-5), lora=dict(lr=2e-4))
     stages.warmup(c, 0.03)
     if tiny:
         stages.make_tiny(c, image_size=32)

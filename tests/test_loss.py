@@ -6,14 +6,15 @@ fp32 [B, L, vocab]."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs.base import get_config
 from tests.helpers import first_batch, tiny_config
 from vlm_jax import parallel
 from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.image_inputs import make
+from vlm_jax.layers.options import ModuleOptions
 from vlm_jax.model import forward_nll
 from vlm_jax.text.decoder import Decoder
 from vlm_jax.train import loop
@@ -26,11 +27,11 @@ VOCAB, HIDDEN, ROWS, LENGTH = 1000, 32, 2, 16
 def head(kind: str, dtype=jnp.float32) -> tuple[Decoder, dict, jax.Array, jax.Array, jax.Array]:
     """A decoder with output head `kind` (lm_head | lora | tied), its params (a LoRA's B nonzero, so both
     adapters get gradients), hidden states, targets and a loss mask."""
-    text = ml_collections.ConfigDict(dict(vocab_size=VOCAB, hidden=HIDDEN, layers=1, heads=2, kv_heads=2,
-                                          head_dim=16, ffn=64, rms_eps=1e-5, rope_base=1e4, qkv_bias=False,
-                                          tie_embeddings=kind == "tied"))
+    text = get_config().model.text
+    text.update(vocab_size=VOCAB, hidden=HIDDEN, layers=1, heads=2, kv_heads=2, head_dim=16, ffn=64, rms_eps=1e-5,
+                rope_base=1e4, qkv_bias=False, tie_embeddings=kind == "tied")
     lora = LoraSpec(rank=4, alpha=8.0, dropout=0.0, targets="lm_head") if kind == "lora" else None
-    decoder = Decoder(text, dtype=dtype, lora=lora)
+    decoder = Decoder(text, ModuleOptions(dtype=dtype, lora=lora))
     keys = jax.random.split(jax.random.key(0), 5)
     h = jax.random.normal(keys[0], (ROWS, LENGTH, HIDDEN))
     params = nn.unbox(decoder.init(keys[1], h, method=Decoder.logits)["params"])

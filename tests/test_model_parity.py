@@ -11,6 +11,7 @@ from configs.base import get_config
 from tests.helpers import randomize_torch, save_torch_model
 from vlm_jax import parallel
 from vlm_jax.interop.hf_import import Source, import_params, model_config
+from vlm_jax.layers.options import ModuleOptions
 from vlm_jax.params import unflat
 from vlm_jax.text.decoder import Decoder
 from vlm_jax.vision.vit import ViT
@@ -35,7 +36,7 @@ def test_clip_vit_matches_hf_hidden_state(tmp_path, feature_layer):
     with torch.no_grad():
         want = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer][:, 1:].numpy()
 
-    vit = ViT(model.vision, scan_layers=True)
+    vit = ViT(model.vision, ModuleOptions(scan_layers=True))
     got = vit.apply({"params": params["vision"]}, jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1)))
     assert got.shape == want.shape == (2, 16, 32)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
@@ -55,7 +56,7 @@ def test_decoder_matches_hf_logits_including_packed_rows(tmp_path, family):
     randomize_torch(hf, seed=2)
     model, params = _imported(save_torch_model(hf, tmp_path))
     assert model.text.rope_base == 500.0 and model.text.qkv_bias == (family == "qwen2")
-    dec = Decoder(model.text, scan_layers=True)
+    dec = Decoder(model.text, ModuleOptions(scan_layers=True))
 
     ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

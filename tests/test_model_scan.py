@@ -9,6 +9,7 @@ from flax import traverse_util
 
 from tests.test_model_vlm import forward_args, random_params, tiny_batch, tiny_model_config
 from vlm_jax.layers import axes
+from vlm_jax.layers.options import ModuleOptions
 from vlm_jax.model import VLM
 from vlm_jax.text.decoder import Decoder
 from vlm_jax.vision.vit import ViT
@@ -54,7 +55,7 @@ def _decoder_loss_and_grads(remat_policy: str) -> tuple:
     cfg, batch = tiny_model_config().text, tiny_batch()
     args = (batch["tokens"], batch["positions"], batch["segment_ids"])
     params = random_params(Decoder(cfg), *args)
-    dec = Decoder(cfg, remat_policy=remat_policy)
+    dec = Decoder(cfg, ModuleOptions(remat_policy=remat_policy))
 
     def loss(p: dict) -> jax.Array:
         return jnp.mean(dec.apply({"params": p}, *args) ** 2)
@@ -74,8 +75,8 @@ def test_remat_policies_do_not_change_outputs_or_grads(policy):
 def test_unknown_remat_policy_is_an_error():
     batch = tiny_batch()
     with pytest.raises(ValueError, match="remat_policy"):
-        jax.eval_shape(Decoder(tiny_model_config().text, remat_policy="sometimes").init, jax.random.key(0),
-                       batch["tokens"], batch["positions"], batch["segment_ids"])
+        decoder = Decoder(tiny_model_config().text, ModuleOptions(remat_policy="sometimes"))
+        jax.eval_shape(decoder.init, jax.random.key(0), batch["tokens"], batch["positions"], batch["segment_ids"])
 
 
 def test_traced_program_does_not_grow_with_depth():
@@ -104,6 +105,6 @@ def test_every_param_has_logical_names_and_scan_adds_layers():
 def test_vit_and_decoder_unrolled_have_no_layers_axis():
     cfg = tiny_model_config()
     tiles = jnp.zeros((1, 28, 28, 3))
-    vit = jax.eval_shape(ViT(cfg.vision, scan_layers=False).init, jax.random.key(0), tiles)["params"]
+    vit = jax.eval_shape(ViT(cfg.vision, ModuleOptions(scan_layers=False)).init, jax.random.key(0), tiles)["params"]
     assert set(vit) == {"stem", "layers_0", "layers_1"}
     assert vit["layers_0"]["attn"]["q_proj"]["kernel"].names == (axes.EMBED, axes.HEADS, axes.HEAD_DIM)

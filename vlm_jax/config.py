@@ -1,7 +1,9 @@
 """Config files are Python modules with `get_config()`; overrides are `--config.a.b=value`.
 
 An override that names a key the config does not have is an error that names it, so a typo never
-trains with a silently ignored setting.
+trains with a silently ignored setting. The schema, every key with its meaning, is configs/base.py; configs
+saved by older versions are brought up to it by `upgrade_config` / `upgrade_model_config`, the one place
+that knows how the schema changed.
 """
 
 import ast
@@ -11,6 +13,30 @@ import json
 import os
 
 import ml_collections
+
+from configs import base
+
+# Keys added since configs were first saved, each with the value that reproduces how a config saved before it
+# computed; pinned here so that changing base's default later leaves old runs as they were. A key missing from a
+# saved config and not named here takes base's default.
+ADDED = {
+    "model.loss_vocab_chunk": 0,  # the logits were computed for the whole vocabulary at once
+    "model.attention": "xla",
+    "model.max_segments": 64,
+    "model.frozen_param_dtype": "",  # every parameter stored as param_dtype
+    "model.text.rope_kind": "1d",
+    "model.connector.merge_size": 1,
+    "model.connector.hidden_dim": 0,
+    "model.lora.rank": 0,
+    "data.vision_group_rows": 1,
+    "data.shards": 1,
+    "vision_pretrain.steps": 0,
+}
+# Keys that moved or went: old dotted path -> new dotted path, or None for a key whose value lives elsewhere
+# (vision.spatial_merge_size duplicated connector.merge_size, which the model always read).
+MOVED = {
+    "model.vision.spatial_merge_size": None,
+}
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
@@ -69,3 +95,58 @@ def _parse_like(current, raw: str, key: str):
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), sort_keys=True, default=list)
+
+
+def upgrade_config(saved: dict) -> ml_collections.ConfigDict:
+    """A whole config saved by any version (a workdir's config.json) in today's schema: configs/base.py with the
+    saved values on top, moved keys renamed, and keys added since filled with the value that computes what the
+    saved run computed (ADDED). A saved key the schema does not know is an error naming it."""
+    flat = _flatten(saved)
+    for old, new in MOVED.items():
+        if old in flat:
+            value = flat.pop(old)
+            if new is not None:
+                flat.setdefault(new, value)
+    schema = base.get_config()
+    for key, value in ADDED.items():
+        flat.setdefault(key, value)
+    for key, value in sorted(flat.items()):
+        _set_saved(schema, key, value)
+    return schema
+
+
+def upgrade_model_config(saved: dict) -> ml_collections.ConfigDict:
+    """`upgrade_config` of a model section alone (a checkpoint directory's vlm_jax.json stores only `model`)."""
+    return upgrade_config({"model": saved}).model
+
+
+# Sections whose keys are names the user chooses (parameter groups), taken whole rather than key by key.
+_FREE_FORM = ("optim.groups",)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        path = prefix + key
+        if isinstance(value, (dict, ml_collections.ConfigDict)) and path not in _FREE_FORM:
+            out.update(_flatten(dict(value), path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _set_saved(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+        node = node[name] if isinstance(node, ml_collections.ConfigDict) and name in node else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ValueError(f"saved config key {dotted!r} is not in the schema (configs/base.py) and no upgrade "
+                         "(vlm_jax/config.py MOVED) says where it went: add it there, or delete it from the saved "
+                         "config if it was never read")
+    if dotted in _FREE_FORM:
+        value = ml_collections.ConfigDict(value)
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"saved config key {dotted!r}: {e}") from None

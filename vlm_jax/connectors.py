@@ -3,13 +3,11 @@ and with `merge_size=2` the Qwen2-VL / POINTS1.5 PatchMerger)."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
-from jax.typing import DTypeLike
 
-from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.mlp import MLP
 from vlm_jax.layers.norms import LayerNorm
+from vlm_jax.layers.options import ModuleOptions
 from vlm_jax.qformer import QFormer
 from vlm_jax.resampler import Resampler
 
@@ -26,21 +24,19 @@ class MLPProjector(nn.Module):
 
     config: ml_collections.ConfigDict  # model.connector
     out_dim: int
-    dtype: DTypeLike = jnp.float32
-    param_dtype: DTypeLike = jnp.float32
-    lora: LoraSpec | None = None
+    options: ModuleOptions = ModuleOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        o = self.options
         if self.config.in_norm:
-            x = LayerNorm(self.config.norm_eps, name="in_norm", **kw)(x)
-        group = self.config.get("merge_size", 1) ** 2
+            x = LayerNorm(self.config.norm_eps, name="in_norm", **o.dtypes)(x)
+        group = self.config.merge_size ** 2
         if x.shape[-2] % group:
             raise ValueError(f"{x.shape[-2]} tokens do not split into runs of {group} (merge_size)")
         x = x.reshape(*x.shape[:-2], x.shape[-2] // group, group * x.shape[-1])
-        hidden = self.config.get("hidden_dim", 0) or self.out_dim
-        return MLP(hidden, "gelu", out_dim=self.out_dim, name="mlp", lora=self.lora, **kw)(x)
+        hidden = self.config.hidden_dim or self.out_dim
+        return MLP(hidden, "gelu", out_dim=self.out_dim, name="mlp", lora=o.lora, **o.dtypes)(x)
 
 
 CONNECTORS: dict[str, type[nn.Module]] = {"mlp": MLPProjector, "qformer": QFormer, "resampler": Resampler}

@@ -12,7 +12,7 @@ import ml_collections
 
 from vlm_jax import image_inputs
 from vlm_jax.connectors import CONNECTORS
-from vlm_jax.layers.lora import LoraSpec
+from vlm_jax.layers.options import ModuleOptions
 from vlm_jax.text.decoder import Decoder
 from vlm_jax.vision.vit import ViT
 
@@ -25,19 +25,6 @@ def forward_nll(model: "VLM", variables: dict, batch: dict, **kwargs) -> jax.Arr
                        method=VLM.token_nll, **kwargs)
 
 
-def module_kwargs(c: ml_collections.ConfigDict) -> dict:
-    """dtype, param_dtype and LoRA of every module built from model config `c`."""
-    return dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
-                lora=LoraSpec.from_config(c.get("lora")))
-
-
-def stack_kwargs(c: ml_collections.ConfigDict) -> dict:
-    """How every layer stack built from model config `c` runs: scan, remat, attention backend."""
-    # Configs saved before model.attention existed ran the xla path.
-    return dict(scan_layers=c.scan_layers, remat_policy=c.remat_policy, attention=c.get("attention", "xla"),
-                max_segments=c.get("max_segments", 64))
-
-
 class VLM(nn.Module):
     config: ml_collections.ConfigDict  # config.model
 
@@ -45,10 +32,10 @@ class VLM(nn.Module):
         c = self.config
         if c.connector.kind not in CONNECTORS:
             raise ValueError(f"unknown connector {c.connector.kind!r}; choose from {sorted(CONNECTORS)}")
-        kw = module_kwargs(c)
-        self.vision = ViT(c.vision, **stack_kwargs(c), **kw)
-        self.connector = CONNECTORS[c.connector.kind](c.connector, c.text.hidden, **kw)
-        self.decoder = Decoder(c.text, **stack_kwargs(c), **kw)
+        options = ModuleOptions.from_config(c)
+        self.vision = ViT(c.vision, options)
+        self.connector = CONNECTORS[c.connector.kind](c.connector, c.text.hidden, options)
+        self.decoder = Decoder(c.text, options)
         # The kind owns the encoder call and the scatter: one forward serves tiles and packed patches alike.
         self.image_inputs = image_inputs.make(c)
 
@@ -81,7 +68,7 @@ class VLM(nn.Module):
         larger (Decoder.token_nll)."""
         # Configs saved before model.loss_vocab_chunk existed computed the logits at once.
         return self.decoder.token_nll(self.hidden_states(tokens, positions, segment_ids, images), targets,
-                                      self.config.get("loss_vocab_chunk", 0))
+                                      self.config.loss_vocab_chunk)
 
     def prefill(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, images: dict[str, jax.Array],

@@ -10,19 +10,19 @@ Config (`model.connector`): num_queries, width, layers, heads, mlp_dim, cross_at
 Every image (tile) becomes exactly `num_queries` visual tokens, whatever its patch count.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.typing import DTypeLike
 
 from vlm_jax.layers import axes
 from vlm_jax.layers.dense import Dense
-from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.mlp import MLP
 from vlm_jax.layers.norms import LayerNorm
+from vlm_jax.layers.options import ModuleOptions
 from vlm_jax.layers.scan import run_blocks
 from vlm_jax.layers.self_attention import SelfAttention
 
@@ -34,19 +34,17 @@ class QFormerLayer(nn.Module):
     mlp_dim: int
     norm_eps: float
     cross: bool
-    dtype: DTypeLike = jnp.float32
-    param_dtype: DTypeLike = jnp.float32
-    lora: LoraSpec | None = None
+    options: ModuleOptions = ModuleOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array, image: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw, lora = self.options.dtypes, self.options.lora
         attn = functools.partial(SelfAttention, self.heads, self.heads, x.shape[-1] // self.heads, causal=False,
-                                 qkv_bias=True, out_bias=True, lora=self.lora, **kw)
+                                 qkv_bias=True, out_bias=True, lora=lora, **kw)
         x = LayerNorm(self.norm_eps, name="attn_norm", **kw)(x + attn(name="attn")(x))
         if self.cross:
             x = LayerNorm(self.norm_eps, name="cross_norm", **kw)(x + attn(name="cross_attn")(x, context=image))
-        h = MLP(self.mlp_dim, "gelu", name="mlp", lora=self.lora, **kw)(x)
+        h = MLP(self.mlp_dim, "gelu", name="mlp", lora=lora, **kw)(x)
         return nn.with_logical_constraint(LayerNorm(self.norm_eps, name="mlp_norm", **kw)(x + h), axes.BLE)
 
 
@@ -67,27 +65,25 @@ class QFormerBlock(nn.Module):
 class QFormer(nn.Module):
     config: ml_collections.ConfigDict  # model.connector
     out_dim: int
-    dtype: DTypeLike = jnp.float32
-    param_dtype: DTypeLike = jnp.float32
-    lora: LoraSpec | None = None
+    options: ModuleOptions = ModuleOptions()
 
     @nn.compact
     def __call__(self, image: jax.Array) -> jax.Array:
         """image features [N, P, d_vis] -> [N, num_queries, out_dim]."""
-        c = self.config
+        c, o = self.config, self.options
         freq = c.cross_attention_frequency
         if c.layers % freq:
             raise ValueError(f"qformer layers {c.layers} is not a multiple of cross_attention_frequency {freq}")
         # HF keeps the Q-Former and its queries in fp32 (`_keep_in_fp32_modules`) whatever the model dtype.
-        kw = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
+        fp32 = dataclasses.replace(o, dtype=jnp.float32)
         # BLIP-2 initialises the queries with N(0, 0.02) (LAVIS `init_Qformer`); imports replace them.
         queries = self.param("query_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                           (None, axes.EMBED)),
-                             (c.num_queries, c.width), self.param_dtype)
+                             (c.num_queries, c.width), o.param_dtype)
         x = jnp.broadcast_to(jnp.asarray(queries, jnp.float32), (image.shape[0], c.num_queries, c.width))
-        x = LayerNorm(c.norm_eps, name="in_norm", **kw)(x)
-        layer = dict(heads=c.heads, mlp_dim=c.mlp_dim, norm_eps=c.norm_eps, lora=self.lora, **kw)
+        x = LayerNorm(c.norm_eps, name="in_norm", **fp32.dtypes)(x)
+        layer = dict(heads=c.heads, mlp_dim=c.mlp_dim, norm_eps=c.norm_eps, options=fp32)
         x = run_blocks(QFormerBlock, dict(frequency=freq, layer=layer), x, image.astype(jnp.float32),
                        num_layers=c.layers // freq, scan=True, remat_policy="none")
-        return Dense(self.out_dim, (axes.MLP, axes.EMBED), use_bias=True, dtype=self.dtype,
-                     param_dtype=self.param_dtype, lora=self.lora, name="projection")(x.astype(self.dtype))
+        return Dense(self.out_dim, (axes.MLP, axes.EMBED), use_bias=True, lora=o.lora, name="projection",
+                     **o.dtypes)(x.astype(o.dtype))

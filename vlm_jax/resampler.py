@@ -18,13 +18,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.typing import DTypeLike
 
 from vlm_jax.layers import axes
 from vlm_jax.layers.bicubic import resize_grid
 from vlm_jax.layers.dense import Dense
-from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.norms import LayerNorm
+from vlm_jax.layers.options import ModuleOptions
 from vlm_jax.layers.self_attention import SelfAttention
 
 
@@ -44,31 +43,29 @@ def sincos_2d(width: int, grid: int) -> np.ndarray:
 class Resampler(nn.Module):
     config: ml_collections.ConfigDict  # model.connector
     out_dim: int
-    dtype: DTypeLike = jnp.float32
-    param_dtype: DTypeLike = jnp.float32
-    lora: LoraSpec | None = None
+    options: ModuleOptions = ModuleOptions()
 
     @nn.compact
     def __call__(self, image: jax.Array) -> jax.Array:
         """image features [N, P, d_vis] (P a square grid) -> [N, num_queries, out_dim]."""
-        c, e = self.config, self.out_dim
+        c, e, o = self.config, self.out_dim, self.options
         grid, image_grid = math.isqrt(c.num_queries), math.isqrt(image.shape[1])
         if grid * grid != c.num_queries or image_grid * image_grid != image.shape[1]:
             raise ValueError(f"resampler: {c.num_queries} queries and {image.shape[1]} image tokens must be "
                              "square grids")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw, dtype, param_dtype = o.dtypes, o.dtype, o.param_dtype
         # Qwen-VL: trunc_normal(std=0.02) queries; the sin-cos table is computed, never learned.
         query = self.param("query", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, axes.EMBED)),
-                           (c.num_queries, e), self.param_dtype)
+                           (c.num_queries, e), param_dtype)
         pos = self.param("pos_embed", nn.with_logical_partitioning(
-            lambda *_: jnp.asarray(sincos_2d(e, grid), self.param_dtype), (None, axes.EMBED)),
-            (c.num_queries, e), self.param_dtype)
-        kv = Dense(e, (axes.MLP, axes.EMBED), name="kv_proj", lora=self.lora, **kw)(image)
+            lambda *_: jnp.asarray(sincos_2d(e, grid), param_dtype), (None, axes.EMBED)),
+            (c.num_queries, e), param_dtype)
+        kv = Dense(e, (axes.MLP, axes.EMBED), name="kv_proj", lora=o.lora, **kw)(image)
         kv = LayerNorm(c.norm_eps, name="ln_kv", **kw)(kv)
-        q = LayerNorm(c.norm_eps, name="ln_q", **kw)(jnp.asarray(query)) + jnp.asarray(pos, self.dtype)
+        q = LayerNorm(c.norm_eps, name="ln_q", **kw)(jnp.asarray(query)) + jnp.asarray(pos, dtype)
         q = jnp.broadcast_to(q, (image.shape[0], *q.shape))
-        keys = kv + resize_grid(jnp.asarray(pos), grid, image_grid).astype(self.dtype)
+        keys = kv + resize_grid(jnp.asarray(pos), grid, image_grid).astype(dtype)
         x = SelfAttention(c.heads, c.heads, e // c.heads, causal=False, qkv_bias=True, out_bias=True, name="attn",
-                          lora=self.lora, **kw)(q, context=kv, key_context=keys)
+                          lora=o.lora, **kw)(q, context=kv, key_context=keys)
         x = LayerNorm(c.norm_eps, name="ln_post", **kw)(x)
-        return Dense(e, (axes.MLP, axes.EMBED), name="proj", lora=self.lora, **kw)(x)
+        return Dense(e, (axes.MLP, axes.EMBED), name="proj", lora=o.lora, **kw)(x)

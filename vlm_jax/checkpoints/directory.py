@@ -16,9 +16,9 @@ from jax.sharding import Mesh
 
 from vlm_jax.checkpoints.errors import ConversionError
 from vlm_jax.checkpoints.params_only import fit_params, restore_params, save_params
-from vlm_jax.checkpoints.saved_config import saved_model_config
 from vlm_jax.checkpoints.streaming import StoredArray, StreamedLeaf, stored_arrays
 from vlm_jax.checkpoints.workdir import is_workdir, workdir_params, workdir_stored_params
+from vlm_jax.config import upgrade_model_config
 from vlm_jax.params import abstract_params, flat, param_shardings, unflat
 
 META_FILE = "vlm_jax.json"
@@ -81,7 +81,7 @@ def load_params(src: str, mesh: Mesh) -> tuple[dict[str, jax.Array], dict[str, A
     """(flat path -> array, checkpoint-directory meta) of a checkpoint directory or `WORKDIR[@STEP]`."""
     if not _is_workdir(src):
         meta = read_meta(src)
-        model, parts = saved_model_config(meta["model"]), tuple(sorted(meta["parts"]))
+        model, parts = upgrade_model_config(meta["model"]), tuple(sorted(meta["parts"]))
         params = restore_params(os.path.join(src, "params"), unflat(abstract_params(model, parts)),
                                 unflat(param_shardings(model, parts, mesh)))
         return flat(params), meta
@@ -126,7 +126,7 @@ def open_params(src: str) -> tuple[StoredParams, dict[str, Any]]:
     else:
         meta = read_meta(src)
         arrays = stored_arrays(os.path.join(src, "params"))
-    model, parts = saved_model_config(meta["model"]), tuple(sorted(meta["parts"]))
+    model, parts = upgrade_model_config(meta["model"]), tuple(sorted(meta["parts"]))
     want = abstract_params(model, parts)
     keys = fit_params(src, {k: a.shape for k, a in arrays.items()}, {k: tuple(v.shape) for k, v in want.items()})
     return StoredParams({k: arrays[k] for k in keys}, {k: np.dtype(want[k].dtype) for k in keys}), meta

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from vlm_jax.checkpoints.params_only import param_leaves
-from vlm_jax.checkpoints.saved_config import saved_config
+from vlm_jax.config import upgrade_config
 
 PARAMS = ("params",)
 SPLIT_PARAMS = ("trainable", "frozen")  # the layout before PARAMS: the trainer's two halves
@@ -86,7 +86,7 @@ class Checkpointer:
 
     def read_config(self, step: int) -> ml_collections.ConfigDict:
         """The config a run saved with its step-`step` checkpoint."""
-        return saved_config(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+        return upgrade_config(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -44,7 +44,7 @@ class DataKind:
     def mrope(self) -> bool:
         """Whether the decoder takes M-RoPE positions [B, L, 3] (Qwen2-VL) rather than 1-D ones; refused for a
         kind whose images have no grids to take the ids from."""
-        mrope = self.model.text.get("rope_kind", "1d") == "mrope"
+        mrope = self.model.text.rope_kind == "mrope"
         if mrope and not self.has_grids:
             raise ValueError(f"an M-RoPE decoder takes its positions from NaViT image grids, which {self.name} "
                              f"image inputs (model.vision.stem={self.model.vision.stem!r}) do not have")
@@ -60,7 +60,7 @@ class DataKind:
     def row_layout(self, config: ml_collections.ConfigDict, grouped: bool = True) -> TiledRows | NavitRows:
         """The packer's fixed row shape of `config` (data/packing.py), `positions` [rows, L, 3] for an M-RoPE
         decoder; rows in groups of data.vision_group_rows unless not `grouped`."""
-        return self._rows(config, config.data.get("vision_group_rows", 1), grouped)
+        return self._rows(config, config.data.vision_group_rows, grouped)
 
     def _rows(self, config: ml_collections.ConfigDict, group: int, grouped: bool) -> TiledRows | NavitRows:
         raise NotImplementedError

@@ -70,10 +70,10 @@ def tokens_per_tile(model, tile_size: int) -> int:
     v = model.vision
     if tile_size % v.patch_size:
         raise ValueError(f"data.tile_size {tile_size} is not a multiple of model.vision.patch_size {v.patch_size}")
-    queries = model.connector.get("num_queries", 0)
+    queries = model.connector.num_queries
     if queries:
         return queries
-    merge = model.connector.get("merge_size", 1)
+    merge = model.connector.merge_size
     grid = tile_size // v.patch_size
     if merge > 1 and (grid % merge or not v.drop_cls):
         raise ValueError(f"connector.merge_size {merge} on tiles needs vision.drop_cls and a patch grid "

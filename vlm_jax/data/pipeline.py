@@ -34,7 +34,7 @@ def make_source(config, split: str):
     if d.source == "synthetic":
         size = d.num_train if split == "train" else d.num_eval
         # Held-out question types leave only the training data: evaluation still asks every type.
-        exclude = tuple(d.get("exclude_qtypes", ())) if split == "train" else ()
+        exclude = tuple(d.exclude_qtypes) if split == "train" else ()
         return SyntheticSource(split, size, config.seed, d.min_image_size, d.max_image_size, exclude)
     if d.source == "llava_json":
         path = d.path if split == "train" else d.eval_path
@@ -311,7 +311,7 @@ def merge_shard_states(states: list[dict]) -> dict:
 def shard_rows(config) -> int:
     """Rows of every batch that each data shard packs: batch_size / data.shards, whole groups of
     data.vision_group_rows."""
-    shards, group = config.data.get("shards", 1), config.data.get("vision_group_rows", 1)
+    shards, group = config.data.shards, config.data.vision_group_rows
     if shards < 1 or config.batch_size % shards:
         raise ValueError(f"data.shards={shards} must divide batch_size {config.batch_size}")
     if (config.batch_size // shards) % group:
@@ -323,7 +323,7 @@ def shard_rows(config) -> int:
 def shards_holding(config, rows: list[tuple[int, int]], holder: str = "this process") -> list[int]:
     """The data shards that rows [start, stop) of the batch (of a process's devices) make up; one error naming
     data.shards unless they are whole shards."""
-    n, shards = shard_rows(config), config.data.get("shards", 1)
+    n, shards = shard_rows(config), config.data.shards
     held = set().union(*(range(a, b) for a, b in rows))
     whole = [s for s in range(shards) if set(range(s * n, (s + 1) * n)) <= held]
     if held != set().union(*(range(s * n, (s + 1) * n) for s in whole)) or not whole:
@@ -357,7 +357,7 @@ def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> S
     data.workers (preprocessing threads per shard, default 2), data.prefetch (batches built ahead, default 2).
     """
     d, rows = config.data, shard_rows(config)
-    count = d.get("shards", 1)
+    count = d.shards
     shards = list(range(count)) if shards is None else sorted(shards)
     if not shards or not set(shards) <= set(range(count)):
         raise ValueError(f"data shards {shards}: data.shards={count} numbers them 0 to {count - 1}")

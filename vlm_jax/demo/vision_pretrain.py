@@ -32,7 +32,7 @@ from vlm_jax.data.images import choose_grid, global_view, tile_image
 from vlm_jax.data.navit import navit_patches, pack_patches
 from vlm_jax.layers import axes
 from vlm_jax.layers.dense import Dense
-from vlm_jax.model import module_kwargs, stack_kwargs
+from vlm_jax.layers.options import ModuleOptions
 from vlm_jax.train.metrics import MetricsLogger
 from vlm_jax.vision.vit import ViT
 
@@ -50,14 +50,14 @@ class DenseLabeler(nn.Module):
     @nn.compact
     def __call__(self, *inputs: jax.Array) -> dict[str, jax.Array]:
         c = self.config
-        kw = module_kwargs(c)
-        x = ViT(c.vision, **stack_kwargs(c), **kw, name="vision")(*inputs)
+        options = ModuleOptions.from_config(c)
+        x = ViT(c.vision, options, name="vision")(*inputs)
         g = _window(c) ** 2
         # Labelled per merge window, the unit the PatchMerger hands the LLM: one 8 px patch shows a fragment
         # of a shape, its window (the heads see the window's patches side by side) most of one.
         x = x.reshape(*x.shape[:-2], x.shape[-2] // g, g * x.shape[-1])
-        return {name: Dense(n, (axes.EMBED, None), use_bias=True, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
-                            name=f"{name}_head")(x) for name, n in CLASSES.items()}
+        return {name: Dense(n, (axes.EMBED, None), use_bias=True, name=f"{name}_head",
+                            **options.dtypes)(x) for name, n in CLASSES.items()}
 
 
 class LabelledBatches:

@@ -34,7 +34,7 @@ class Tiles(TileData, ImageInputs):
         tiles = images["tiles"]
         b, t = tiles.shape[:2]
         features = vlm.vision(tiles.reshape(b * t, *tiles.shape[2:]))
-        merge = self.model.connector.get("merge_size", 1)
+        merge = self.model.connector.merge_size
         if merge > 1:
             features = windows_first(features, merge)
         visual = vlm.connector(features)

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax.checkpoints.directory import StoredParams, open_params
-from vlm_jax.checkpoints.saved_config import saved_model_config
+from vlm_jax.config import upgrade_model_config
 from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, qwen_vl, xverse_v
 from vlm_jax.interop.keymap import ConversionError, KeyMap, Tensor, expand, torch_tensors
 from vlm_jax.interop.torch_files import write_safetensors
@@ -53,7 +53,7 @@ def _hf_target(model: ml_collections.ConfigDict, parts: tuple[str, ...], meta: d
         module = llava.TEXT_FAMILIES[name]
         return name, families.get(name).keymap(model), _merge(meta.get("hf_config"), module.hf_config(model.text))
     if parts == ("connector", "decoder", "vision") and qwen2_vl.is_tower(model.vision) and \
-            model.text.get("rope_kind", "1d") == "1d":  # POINTS1.5: Qwen2-VL's tower + PatchMerger + a 1-D RoPE LLM
+            model.text.rope_kind == "1d":  # POINTS1.5: Qwen2-VL's tower + PatchMerger + a 1-D RoPE LLM
         stored = meta.get("hf_config") if meta.get("family") == "points" else None
         return "points", points.keymap(model), points.hf_config(model, stored)
     if parts == ("connector", "decoder", "vision") and qwen2_vl.is_tower(model.vision):
@@ -131,9 +131,9 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
     if jax.process_index() != 0:
         return
     params, meta = open_params(src)
-    model, parts = saved_model_config(meta["model"]), tuple(sorted(meta["parts"]))
+    model, parts = upgrade_model_config(meta["model"]), tuple(sorted(meta["parts"]))
     np_dtype = np.dtype(dtype or model.param_dtype)
-    lora = LoraSpec.from_config(model.get("lora"))
+    lora = LoraSpec.from_config(model.lora)
     adapters = [k for k in params.shapes if k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)]
     weights = [k for k in params.shapes if k not in adapters]  # hf and original merge the adapters into these
     tmp = f"{dst.rstrip('/')}.partial-{os.getpid()}"

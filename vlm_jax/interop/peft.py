@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vlm_jax.checkpoints.directory import load_params, write_checkpoint_dir
-from vlm_jax.checkpoints.saved_config import saved_model_config
+from vlm_jax.config import upgrade_model_config
 from vlm_jax.interop import families, llava
 from vlm_jax.interop.keymap import (LINEAR, ConversionError, KeyMap, build_leaf, expand, leaf_sources, match_source,
                                     torch_tensors)
@@ -98,7 +98,7 @@ def adapter_config(spec: LoraSpec, tensor_names: list[str], base: str = "") -> d
 def write_adapter(dst: str, model: ml_collections.ConfigDict, parts: tuple[str, ...], params: dict,
                   dtype: np.dtype, base: str = "") -> None:
     """Writes the adapter directory `dst` (created here) from flat `params`."""
-    spec = LoraSpec.from_config(model.get("lora"))
+    spec = LoraSpec.from_config(model.lora)
     if spec is None:
         raise ConversionError("the checkpoint's model.lora.rank is 0: there is no adapter to export")
     tensors = adapter_tensors(model, parts, params, dtype)
@@ -153,15 +153,15 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
     at `src`, with model.lora set from adapter_config.json. Returns the model config."""
     config = read_adapter_config(src)
     params, meta = load_params(base, mesh)
-    model, parts = saved_model_config(meta["model"]), tuple(sorted(meta["parts"]))
-    if LoraSpec.from_config(model.get("lora")) is not None:
+    model, parts = upgrade_model_config(meta["model"]), tuple(sorted(meta["parts"]))
+    if LoraSpec.from_config(model.lora) is not None:
         raise ConversionError(f"{base} already has LoRA adapters; import onto a base model")
     files = TorchFiles(src)
     shapes = files.shapes()
     modules = adapted_modules(model, parts, sorted(shapes), src)
-    model.lora = ml_collections.ConfigDict(dict(
+    model.lora.update(
         rank=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
-        targets="(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"))
+        targets="(" + "|".join(re.escape(m) for m in sorted(modules)) + ")")
     lora_shapes = {k: v.shape for k, v in abstract_params(model, parts).items()
                    if k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)}
     keymap = adapter_keymap(model, parts, set(lora_shapes))

@@ -77,8 +77,8 @@ def model_config(hf: dict[str, Any]) -> dict[str, Any]:
     width, merge = v["embed_dim"], v["spatial_merge_size"]
     vision = dict(stem="navit", patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"],
                   width=width, depth=v["depth"], heads=v["num_heads"], mlp_dim=int(width * v["mlp_ratio"]),
-                  mlp_act=v["hidden_act"], norm_eps=NORM_EPS, rope_base=_rope_theta(v), spatial_merge_size=merge,
-                  pre_norm=False, post_norm=False, qkv_bias="qkv", feature_layer=-1, drop_cls=False)
+                  mlp_act=v["hidden_act"], norm_eps=NORM_EPS, rope_base=_rope_theta(v), pre_norm=False,
+                  post_norm=False, qkv_bias="qkv", feature_layer=-1, drop_cls=False)
     connector = dict(kind="mlp", in_norm=True, norm_eps=NORM_EPS, merge_size=merge, hidden_dim=width * merge ** 2)
     return dict(vision=vision, connector=connector, text=dict(hidden=v["hidden_size"]))
 
@@ -86,13 +86,12 @@ def model_config(hf: dict[str, Any]) -> dict[str, Any]:
 def check_exportable(model: ml_collections.ConfigDict) -> None:
     """Raises unless the vision tower and connector are exactly what the Qwen2-VL classes compute."""
     v, c = model.vision, model.connector
-    merge = v.get("spatial_merge_size", 2)
+    merge = c.merge_size  # Qwen2-VL's spatial_merge_size
     problems = [f"{k}={got!r} (Qwen2-VL: {want!r})" for k, got, want in (
         ("vision.stem", v.stem, "navit"), ("vision.norm_eps", v.norm_eps, NORM_EPS),
         ("vision.feature_layer", v.feature_layer % (v.depth + 1), v.depth), ("connector.kind", c.kind, "mlp"),
         ("connector.in_norm", c.in_norm, True), ("connector.norm_eps", c.norm_eps, NORM_EPS),
-        ("connector.merge_size", c.get("merge_size", 1), merge),
-        ("connector.hidden_dim", c.get("hidden_dim", 0), v.width * merge ** 2),
+        ("connector.hidden_dim", c.hidden_dim, v.width * merge ** 2),
         ("vision.mlp_dim % width", v.mlp_dim % v.width, 0)) if got != want]
     if problems:
         raise ConversionError("this model does not export as a Qwen2-VL vision tower: " + ", ".join(problems))
@@ -105,7 +104,7 @@ def hf_config(model: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(model_type="qwen2_vl_vision", architectures=["Qwen2VisionTransformerPretrainedModel"],
                 depth=v.depth, embed_dim=v.width, hidden_size=model.text.hidden, hidden_act=v.mlp_act,
                 mlp_ratio=v.mlp_dim // v.width, num_heads=v.heads, in_channels=3, patch_size=v.patch_size,
-                spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+                spatial_merge_size=model.connector.merge_size, temporal_patch_size=v.temporal_patch_size,
                 rope_parameters=dict(rope_theta=v.rope_base, rope_type="axial"))
 
 
@@ -138,9 +137,9 @@ def whole_model_config(hf: dict[str, Any]) -> dict[str, Any]:
 def whole_hf_config(model: ml_collections.ConfigDict, image_token_id: int) -> dict[str, Any]:
     """config.json of `Qwen2VLForConditionalGeneration` (transformers 5 layout)."""
     t = model.text
-    if t.get("rope_kind", "1d") != "mrope":
+    if t.rope_kind != "mrope":
         raise ConversionError("Qwen2-VL's decoder uses M-RoPE; this decoder has rope_kind "
-                              f"{t.get('rope_kind', '1d')!r} (a POINTS1.5-style model has no transformers class)")
+                              f"{t.rope_kind!r} (a POINTS1.5-style model has no transformers class)")
     text = qwen2.hf_config(t)
     for key in ("architectures", "rope_theta", "tie_word_embeddings"):
         text.pop(key)

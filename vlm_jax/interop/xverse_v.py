@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vlm_jax.checkpoints.directory import load_params, write_checkpoint_dir
-from vlm_jax.checkpoints.saved_config import saved_model_config
+from vlm_jax.config import upgrade_model_config
 from vlm_jax.interop import peft
 from vlm_jax.interop.keymap import (LINEAR, SAME, ConversionError, KeyMap, build_leaf, expand, leaf_sources,
                                     match_source, torch_tensors)
@@ -54,7 +54,7 @@ def _adapter_paths(model: ml_collections.ConfigDict) -> dict[str, tuple[int, ...
 
 def export_adapter(dst: str, model: ml_collections.ConfigDict, params: dict, dtype: np.dtype) -> None:
     """Writes `dst/adapter_and_lora.bin` from flat `params` (connector + decoder LoRA adapters)."""
-    if not model.connector.in_norm or not model.get("lora") or not model.lora.rank:
+    if not model.connector.in_norm or not model.lora.rank:
         raise ConversionError("the XVERSE-V adapter file needs the ln_vision connector (connector.in_norm) and "
                               "LoRA adapters (model.lora.rank > 0)")
     shapes = _adapter_paths(model)
@@ -74,7 +74,7 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
     files = TorchFiles(src)
     shapes = files.shapes()
     params, meta = load_params(base, mesh)
-    model = saved_model_config(meta["model"])
+    model = upgrade_model_config(meta["model"])
     parts = tuple(sorted(set(meta["parts"]) | {"connector"}))
     canonical = {re.sub(RENAMES[0][0], RENAMES[0][1], n) for n in shapes}
     ranks = {s[0] for n, s in shapes.items() if re.search(r"\.lora_A\.", n)}
@@ -84,8 +84,8 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
     modules = peft.adapted_modules(model, ("decoder",),
                                     sorted(n.removeprefix(LORA_PREFIX) for n in canonical), src)
     model.connector.in_norm = True
-    model.lora = ml_collections.ConfigDict(dict(rank=rank, alpha=2.0 * rank, dropout=0.05,
-                                                targets="(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"))
+    model.lora.update(rank=rank, alpha=2.0 * rank, dropout=0.05,
+                      targets="(" + "|".join(re.escape(m) for m in sorted(modules)) + ")")
     adapter_shapes = _adapter_paths(model)
     lora = {k for k in adapter_shapes if not k.startswith("connector/")}
     has_ln = "ln_vision.weight" in shapes

@@ -1,6 +1,6 @@
 """One pre-norm decoder-only LLM covering LLaMA and Qwen2 shapes by config (`model.text`).
 
-`rope_kind` (default "1d") = "mrope" with `mrope_sections` is Qwen2-VL's multimodal RoPE: positions [B, L, 3]
+`rope_kind="mrope"` with `mrope_sections` is Qwen2-VL's multimodal RoPE: positions [B, L, 3]
 (temporal, row, col; the three equal on text), layers/rope.py. KV-cache decoding takes each token's cache slot
 apart from its positions (layers/self_attention.py).
 
@@ -12,14 +12,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.typing import DTypeLike
 
 from vlm_jax.layers import axes
 from vlm_jax.layers.dense import Dense
 from vlm_jax.layers.embed import Embed
-from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec
+from vlm_jax.layers.lora import LORA_A, LORA_B
 from vlm_jax.layers.mlp import SwiGLU
 from vlm_jax.layers.norms import RMSNorm
+from vlm_jax.layers.options import ModuleOptions
 from vlm_jax.layers.scan import run_blocks
 from vlm_jax.layers.self_attention import SelfAttention
 from vlm_jax.layers import loss
@@ -38,47 +38,36 @@ class DecoderBlock(nn.Module):
     rope_sections: tuple[int, ...] = ()
     cache_mode: str = "none"
     cache_len: int = 0
-    attention: str = "xla"
-    max_segments: int = 64
-    dtype: DTypeLike = jnp.float32
-    param_dtype: DTypeLike = jnp.float32
-    lora: LoraSpec | None = None
+    options: ModuleOptions = ModuleOptions()
 
     @nn.compact
     def __call__(
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
         cache_slots: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = RMSNorm(self.rms_eps, name="input_norm", **kw)(x)
-        lora = dict(lora=self.lora)
+        o = self.options
+        h = RMSNorm(self.rms_eps, name="input_norm", **o.dtypes)(x)
         x = x + SelfAttention(
             self.heads, self.kv_heads, self.head_dim, causal=True, qkv_bias=self.qkv_bias,
             rope_base=self.rope_base, rope_kind=self.rope_kind, rope_sections=self.rope_sections,
-            cache_mode=self.cache_mode, cache_len=self.cache_len, backend=self.attention,
-            max_segments=self.max_segments, name="attn", **kw, **lora,
+            cache_mode=self.cache_mode, cache_len=self.cache_len, backend=o.attention,
+            max_segments=o.max_segments, name="attn", lora=o.lora, **o.dtypes,
         )(h, positions, segment_ids, cache_slots=cache_slots)
-        h = RMSNorm(self.rms_eps, name="post_attn_norm", **kw)(x)
-        x = x + SwiGLU(self.ffn, name="mlp", **kw, **lora)(h)
+        h = RMSNorm(self.rms_eps, name="post_attn_norm", **o.dtypes)(x)
+        x = x + SwiGLU(self.ffn, name="mlp", lora=o.lora, **o.dtypes)(h)
         return nn.with_logical_constraint(x, axes.BLE), None
 
 
 class Decoder(nn.Module):
     config: ml_collections.ConfigDict  # model.text
-    scan_layers: bool = True
-    remat_policy: str = "none"
-    attention: str = "xla"  # layers/attention.py backend
-    max_segments: int = 64
-    dtype: DTypeLike = jnp.float32
-    param_dtype: DTypeLike = jnp.float32
-    lora: LoraSpec | None = None
+    options: ModuleOptions = ModuleOptions()
 
     def setup(self) -> None:
-        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embed_tokens = Embed(c.vocab_size, c.hidden, **kw)
-        self.final_norm = RMSNorm(c.rms_eps, **kw)
+        c, o = self.config, self.options
+        self.embed_tokens = Embed(c.vocab_size, c.hidden, **o.dtypes)
+        self.final_norm = RMSNorm(c.rms_eps, **o.dtypes)
         if not c.tie_embeddings:
-            self.lm_head = Dense(c.vocab_size, (axes.EMBED, axes.VOCAB), lora=self.lora, **kw)
+            self.lm_head = Dense(c.vocab_size, (axes.EMBED, axes.VOCAB), lora=o.lora, **o.dtypes)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, L] -> embeddings [B, L, hidden]."""
@@ -99,9 +88,10 @@ class Decoder(nn.Module):
             raise ValueError(f"model.loss_vocab_chunk must be >= 0 (0: the whole vocabulary at once), got {chunk}")
         if not chunk or chunk >= vocab:
             return loss.token_nll(self.logits(h), targets)
-        x = h.astype(self.dtype)
+        dtype, adapter = self.options.dtype, self.options.lora
+        x = h.astype(dtype)
         if self.config.tie_embeddings:
-            table = jnp.asarray(self.embed_tokens.embedding, self.dtype)
+            table = jnp.asarray(self.embed_tokens.embedding, dtype)
             chunks = {"table": nn.with_logical_constraint(loss.vocab_chunks(table, 0, chunk),
                                                           (None, axes.VOCAB, axes.EMBED))}
 
@@ -109,25 +99,25 @@ class Decoder(nn.Module):
                 return jnp.einsum("...e,ve->...v", x, w["table"])
         else:
             params = nn.unbox(self.lm_head.variables["params"])
-            kernel = jnp.asarray(params["kernel"], self.dtype)
+            kernel = jnp.asarray(params["kernel"], dtype)
             chunks = {"kernel": nn.with_logical_constraint(loss.vocab_chunks(kernel, 1, chunk),
                                                            (None, axes.EMBED, axes.VOCAB))}
-            lora = self.lora is not None and self.lora.applies_to("/".join(self.lm_head.path))
+            lora = adapter is not None and adapter.applies_to("/".join(self.lm_head.path))
             if lora:
                 # The adapter's x @ A is one [B, L, rank] product; only B's columns go by chunk.
                 dropped = h
-                if self.lora.dropout and self.has_rng("dropout"):
-                    dropped = nn.Dropout(self.lora.dropout, deterministic=False, parent=None).apply(
+                if adapter.dropout and self.has_rng("dropout"):
+                    dropped = nn.Dropout(adapter.dropout, deterministic=False, parent=None).apply(
                         {}, h, rngs={"dropout": self.make_rng("dropout")})
-                xa = jnp.einsum("...e,er->...r", dropped.astype(self.dtype), jnp.asarray(params[LORA_A], self.dtype))
-                lora_b = jnp.asarray(params[LORA_B], self.dtype)
+                xa = jnp.einsum("...e,er->...r", dropped.astype(dtype), jnp.asarray(params[LORA_A], dtype))
+                lora_b = jnp.asarray(params[LORA_B], dtype)
                 chunks["lora_b"] = nn.with_logical_constraint(loss.vocab_chunks(lora_b, 1, chunk),
                                                               (None, None, axes.VOCAB))
 
             def project(w):
                 y = jnp.einsum("...e,ev->...v", x, w["kernel"])
                 if lora:
-                    y = y + (self.lora.scale * jnp.einsum("...r,rv->...v", xa, w["lora_b"])).astype(self.dtype)
+                    y = y + (adapter.scale * jnp.einsum("...r,rv->...v", xa, w["lora_b"])).astype(dtype)
                 return y
 
         def column_logits(w):
@@ -141,18 +131,15 @@ class Decoder(nn.Module):
     ) -> jax.Array:
         """Input embeddings [B, L, hidden] -> final-normed hidden states. See SelfAttention for the cache
         (`cache_slots` [B, 1]: decode only)."""
-        c = self.config
-        rope_kind = c.get("rope_kind", "1d")
+        c, o = self.config, self.options
         block = dict(
             hidden=c.hidden, heads=c.heads, kv_heads=c.kv_heads, head_dim=c.head_dim, ffn=c.ffn,
-            rms_eps=c.rms_eps, rope_base=c.rope_base, qkv_bias=c.qkv_bias, rope_kind=rope_kind,
-            rope_sections=tuple(c.get("mrope_sections", ())), cache_mode=cache_mode,
-            cache_len=cache_len, attention=self.attention, max_segments=self.max_segments, dtype=self.dtype,
-            param_dtype=self.param_dtype, lora=self.lora)
+            rms_eps=c.rms_eps, rope_base=c.rope_base, qkv_bias=c.qkv_bias, rope_kind=c.rope_kind,
+            rope_sections=tuple(c.mrope_sections), cache_mode=cache_mode, cache_len=cache_len, options=o)
         # Remat only saves memory for a backward pass; generation has none.
-        remat = self.remat_policy if cache_mode == "none" else "none"
+        remat = o.remat_policy if cache_mode == "none" else "none"
         x = run_blocks(DecoderBlock, block, x, positions, segment_ids, cache_slots, num_layers=c.layers,
-                       scan=self.scan_layers, remat_policy=remat)
+                       scan=o.scan_layers, remat_policy=remat)
         return self.final_norm(x)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:

@@ -44,8 +44,7 @@ class Setup:
         self.abstract_params = abstract_params = nn.meta.unbox(boxed)
         self.groups = ParamGroups(abstract_params, config.optim)
         self.optimizer = make_optimizer(config.optim, self.groups, config.total_steps)
-        # Configs saved before model.frozen_param_dtype existed stored everything as param_dtype.
-        frozen_dtype = config.model.get("frozen_param_dtype", "") or config.model.param_dtype
+        frozen_dtype = config.model.frozen_param_dtype or config.model.param_dtype
         self.init_state = functools.partial(init_state, self.optimizer, self.groups, frozen_dtype=jnp.dtype(frozen_dtype))
         self.abstract_state = jax.eval_shape(self.init_state, abstract_params)
         train_sh, frozen_sh = self.groups.split(param_shardings)
@@ -71,7 +70,7 @@ class Setup:
         else:
             loaded = restore_params(os.path.join(path, "params"), self.abstract_params, self.param_shardings)
         loaded = traverse_util.flatten_dict(loaded)
-        fresh = self.config.get("init_fresh", "")
+        fresh = self.config.init_fresh
         if fresh:  # e.g. a re-initialised projector (the seeds' stage 1 starts one from scratch)
             kept = {k: v for k, v in loaded.items() if not re.fullmatch(fresh, "/".join(k))}
             if len(kept) == len(loaded):
@@ -118,7 +117,7 @@ def check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
     if n < 1 or config.batch_size % (n * dp):
         raise ValueError(f"micro_batches={n}: batch_size {config.batch_size} must split into that many micro-batches "
                          f"of a multiple of the data x fsdp mesh size {dp} rows")
-    g = config.data.get("vision_group_rows", 1)
+    g = config.data.vision_group_rows
     if g > 1 and config.batch_size % (n * dp * g):
         raise ValueError(f"data.vision_group_rows={g}: batch_size {config.batch_size} must split into "
                          f"micro_batches={n} x the data x fsdp mesh size {dp} x groups of {g} rows, so that every "

@@ -103,21 +103,19 @@ class GroupSpec:
 
 def group_specs(o: ml_collections.ConfigDict, groups: set[str]) -> dict[str, GroupSpec]:
     """Each used group's settings: `optim` defaults with `optim.groups.<group>` on top."""
-    overrides = o.get("groups") or {}
+    overrides = o.groups.to_dict()
     unused = sorted(set(overrides) - groups)
     if unused:
         raise ValueError(f"optim.groups: group(s) {unused} are named by no optim.trainable rule "
                          f"(rules name {sorted(groups)})")
     specs = {}
     for g in sorted(groups):
-        given = overrides.get(g) or {}
-        given = given.to_dict() if isinstance(given, ml_collections.ConfigDict) else dict(given)
+        given = overrides.get(g, {})  # a group without overrides takes the optim defaults
         unknown = sorted(set(given) - set(GROUP_KEYS))
         if unknown:
             raise ValueError(f"optim.groups.{g}: unknown key(s) {unknown}; allowed: {list(GROUP_KEYS)}")
-        defaults = {k: o.get(k) for k in GROUP_KEYS} | {"frozen": False}
-        values = {k: given.get(k, defaults[k]) for k in GROUP_KEYS}
-        if g == FROZEN and given.get("frozen", True) is not True:
+        values = {k: o[k] for k in GROUP_KEYS if k != "frozen"} | {"frozen": g == FROZEN} | given
+        if g == FROZEN and values["frozen"] is not True:
             raise ValueError(f"optim.groups.{FROZEN}: the group named {FROZEN!r} is always frozen")
         values["frozen"] = bool(values["frozen"]) or g == FROZEN
         specs[g] = GroupSpec(**values)

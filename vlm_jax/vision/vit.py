@@ -31,9 +31,9 @@ from jax.typing import DTypeLike
 from vlm_jax.layers import axes
 from vlm_jax.layers.bicubic import resize_grid
 from vlm_jax.layers.dense import Dense
-from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.mlp import MLP
 from vlm_jax.layers.norms import LayerNorm
+from vlm_jax.layers.options import ModuleOptions
 from vlm_jax.layers.scan import run_blocks
 from vlm_jax.layers.self_attention import SelfAttention
 
@@ -141,37 +141,27 @@ class ViTBlock(nn.Module):
     norm_eps: float
     rope_base: float | None = None  # 2-D RoPE over patch (row, col): the navit stem
     qkv_bias: str = "qkv"
-    attention: str = "xla"
-    max_segments: int = 64
-    dtype: DTypeLike = jnp.float32
-    param_dtype: DTypeLike = jnp.float32
-    lora: LoraSpec | None = None
+    options: ModuleOptions = ModuleOptions()
 
     @nn.compact
     def __call__(
         self, x: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
+        o = self.options
+        h = LayerNorm(self.norm_eps, name="norm1", **o.dtypes)(x)
         x = x + SelfAttention(self.heads, self.heads, self.width // self.heads, causal=False, qkv_bias=True,
                               k_bias=self.qkv_bias == "qkv", out_bias=True,
-                              rope_base=self.rope_base, rope_kind="2d", backend=self.attention,
-                              max_segments=self.max_segments, name="attn", lora=self.lora,
-                              **kw)(h, positions, segment_ids)
-        h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
-        x = x + MLP(self.mlp_dim, self.mlp_act, name="mlp", lora=self.lora, **kw)(h)
+                              rope_base=self.rope_base, rope_kind="2d", backend=o.attention,
+                              max_segments=o.max_segments, name="attn", lora=o.lora,
+                              **o.dtypes)(h, positions, segment_ids)
+        h = LayerNorm(self.norm_eps, name="norm2", **o.dtypes)(x)
+        x = x + MLP(self.mlp_dim, self.mlp_act, name="mlp", lora=o.lora, **o.dtypes)(h)
         return nn.with_logical_constraint(x, axes.BLE), None
 
 
 class ViT(nn.Module):
     config: ml_collections.ConfigDict  # model.vision
-    scan_layers: bool = True
-    remat_policy: str = "none"
-    attention: str = "xla"  # layers/attention.py backend
-    max_segments: int = 64
-    dtype: DTypeLike = jnp.float32
-    param_dtype: DTypeLike = jnp.float32
-    lora: LoraSpec | None = None
+    options: ModuleOptions = ModuleOptions()
 
     @property
     def num_blocks(self) -> int:
@@ -192,17 +182,16 @@ class ViT(nn.Module):
             raise ValueError(f"unknown vision stem {c.stem!r}; choose from {sorted(STEMS)}")
         if c.qkv_bias not in QKV_BIAS:
             raise ValueError(f"unknown vision qkv_bias {c.qkv_bias!r}; choose from {QKV_BIAS}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        o = self.options
         packed = () if positions is None else (positions, segment_ids)
         if (c.stem == "navit") != bool(packed):
             raise ValueError("patch positions and segment ids go with the navit stem, and only with it")
-        x = STEMS[c.stem](c, name="stem", **kw)(pixels)
+        x = STEMS[c.stem](c, name="stem", **o.dtypes)(pixels)
         x = nn.with_logical_constraint(x, axes.BLE)
         block = dict(width=c.width, heads=c.heads, mlp_dim=c.mlp_dim, mlp_act=c.mlp_act, norm_eps=c.norm_eps,
-                     qkv_bias=c.qkv_bias, rope_base=c.get("rope_base"), attention=self.attention,
-                     max_segments=self.max_segments, lora=self.lora, **kw)
-        x = run_blocks(ViTBlock, block, x, *packed, num_layers=self.num_blocks, scan=self.scan_layers,
-                       remat_policy=self.remat_policy)
+                     qkv_bias=c.qkv_bias, rope_base=c.rope_base if c.stem == "navit" else None, options=o)
+        x = run_blocks(ViTBlock, block, x, *packed, num_layers=self.num_blocks, scan=o.scan_layers,
+                       remat_policy=o.remat_policy)
         if c.post_norm:
-            x = LayerNorm(c.norm_eps, name="post_norm", **kw)(x)
+            x = LayerNorm(c.norm_eps, name="post_norm", **o.dtypes)(x)
         return x[:, 1:] if c.drop_cls else x
