@@ -24,9 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_params = ""  # a `launch/convert.py import` directory or a workdir: start from its params (fresh optimizer)
     c.init_fresh = ""  # regex of parameter paths that keep their fresh init instead (e.g. "connector/.*")
 
-    # Stage 0 (vlm_jax/train/vision_pretrain.py), run first when steps > 0: the vision tower trained alone on the
-    # synthetic source's dense patch labels, then loaded into the VLM: a stand-in for the pretrained tower a real
-    # run imports.
+    # The demo's stage 0 (vlm_jax/demo/), run by the train command first when steps > 0: the vision tower trained
+    # alone on the synthetic source's dense patch labels, then loaded into the VLM: a stand-in for the pretrained
+    # tower a real run imports.
     p = c.vision_pretrain = ml_collections.ConfigDict()
     p.steps = 0  # 0: no stage 0
     p.batch_size = 64  # views per step (tiled stems), or packed rows (navit)

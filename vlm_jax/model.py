@@ -66,7 +66,6 @@ class VLM(nn.Module):
         """Training forward: target ids [B, L] -> per-token fp32 NLL [B, L], the vocabulary walked
         model.loss_vocab_chunk logits at a time, so no fp32 logits [B, L, vocab] are made when the vocabulary is
         larger (Decoder.token_nll)."""
-        # Configs saved before model.loss_vocab_chunk existed computed the logits at once.
         return self.decoder.token_nll(self.hidden_states(tokens, positions, segment_ids, images), targets,
                                       self.config.loss_vocab_chunk)
 
