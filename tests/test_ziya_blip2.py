@@ -45,8 +45,8 @@ def test_qformer_gives_num_queries_tokens_whatever_the_patch_count():
         params = jax.eval_shape(qformer.init, jax.random.key(0), features)
         out = jax.eval_shape(qformer.apply, params, features)
         assert out.shape == (3, 32, 48)
-    c.layers = 3
-    with pytest.raises(ValueError, match="not a multiple of cross_attention_frequency"):
+    c.cross_attention_frequency = 0
+    with pytest.raises(ValueError, match="cross_attention_frequency 0: must be at least 1"):
         jax.eval_shape(QFormer(c, out_dim=48).init, jax.random.key(0), features)
 
 

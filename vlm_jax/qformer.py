@@ -3,6 +3,9 @@
 `num_queries` learned query vectors -> input LayerNorm -> `layers` post-LN BERT layers (self-attention over
 the queries, cross-attention to the image features in every `cross_attention_frequency`-th layer starting
 with the first, query FFN; each sub-block adds its residual, then LayerNorm) -> Linear to the LLM width.
+Any depth and frequency HF builds: the `layers // cross_attention_frequency` whole units of
+`cross_attention_frequency` layers scan (`layers`), the `layers % cross_attention_frequency` left over, which
+start with a cross-attention layer, follow unscanned (`tail`).
 Computes what HF `Blip2ForConditionalGeneration.get_image_features` computes for query-only input (no text
 branch, dropout off). docs/architectures.md 3.3.
 
@@ -49,15 +52,16 @@ class QFormerLayer(nn.Module):
 
 
 class QFormerBlock(nn.Module):
-    """The scanned unit: `frequency` consecutive layers, cross-attention in the first (HF layer i has it when
-    i % cross_attention_frequency == 0), so every unit has the same parameters and the stack scans."""
+    """`depth` consecutive layers, cross-attention in the first. HF layer i has it when
+    i % cross_attention_frequency == 0, so every whole unit of `cross_attention_frequency` layers has the same
+    parameters and the units scan; the remainder is one shorter unit."""
 
-    frequency: int
+    depth: int
     layer: dict
 
     @nn.compact
     def __call__(self, x: jax.Array, image: jax.Array) -> tuple[jax.Array, None]:
-        for j in range(self.frequency):
+        for j in range(self.depth):
             x = QFormerLayer(**self.layer, cross=j == 0, name=f"layer_{j}")(x, image)
         return x, None
 
@@ -72,8 +76,9 @@ class QFormer(nn.Module):
         """image features [N, P, d_vis] -> [N, num_queries, out_dim]."""
         c, o = self.config, self.options
         freq = c.cross_attention_frequency
-        if c.layers % freq:
-            raise ValueError(f"qformer layers {c.layers} is not a multiple of cross_attention_frequency {freq}")
+        if freq < 1:
+            raise ValueError(f"model.connector.cross_attention_frequency {freq}: must be at least 1")
+        units, rest = divmod(c.layers, freq)
         # HF keeps the Q-Former and its queries in fp32 (`_keep_in_fp32_modules`) whatever the model dtype.
         fp32 = dataclasses.replace(o, dtype=jnp.float32)
         # BLIP-2 initialises the queries with N(0, 0.02) (LAVIS `init_Qformer`); imports replace them.
@@ -83,7 +88,10 @@ class QFormer(nn.Module):
         x = jnp.broadcast_to(jnp.asarray(queries, jnp.float32), (image.shape[0], c.num_queries, c.width))
         x = LayerNorm(c.norm_eps, name="in_norm", **fp32.dtypes)(x)
         layer = dict(heads=c.heads, mlp_dim=c.mlp_dim, norm_eps=c.norm_eps, options=fp32)
-        x = run_blocks(QFormerBlock, dict(frequency=freq, layer=layer), x, image.astype(jnp.float32),
-                       num_layers=c.layers // freq, scan=True, remat_policy="none")
+        image = image.astype(jnp.float32)
+        x = run_blocks(QFormerBlock, dict(depth=freq, layer=layer), x, image, num_layers=units, scan=True,
+                       remat_policy="none")
+        if rest:
+            x, _ = QFormerBlock(rest, layer, name="tail")(x, image)
         return Dense(self.out_dim, (axes.MLP, axes.EMBED), use_bias=True, lora=o.lora, name="projection",
                      **o.dtypes)(x.astype(o.dtype))

@@ -4,7 +4,8 @@
 `vision_model.*` -> `vision` (fused `qkv` in block layout; its bias is `[q_bias; 0; v_bias]` and our ViT has no
 key bias: the zero slice is dropped on import and written back as zeros), `query_tokens`, `qformer.*` and
 `language_projection.*` -> `connector`, `language_model.*` -> `decoder`. The Q-Former stack is scanned in
-units of `cross_attention_frequency` layers, so HF layer k*i + j is slot j of unit i (`{i*k+j}` rows).
+units of k = `cross_attention_frequency` layers, so HF layer k*i + j is slot j of unit i (`{i*k+j}` rows); the
+`layers % k` layers after the last whole unit are slots of the unscanned `tail`.
 Family `blip2_visual` is the same without `language_model.*`: Ziya-BLIP2's released checkpoint holds only the
 visual part, its LLM (Ziya-LLaMA-13B) comes separately (`convert.py import --src LLAMA_DIR --vision VISUAL_DIR
 --vision_family blip2_visual`).
@@ -49,19 +50,28 @@ def _attention(torch_name: str, path: str) -> tuple[tuple, ...]:
     return (*rows, *_linear(torch_name + ".output.dense", path + "/o_proj", LINEAR2, SAME))
 
 
-def qformer_rows(frequency: int) -> tuple[tuple, ...]:
+def _qformer_layer(hf: str, ours: str, cross: bool) -> tuple[tuple, ...]:
+    """One HF `Blip2QFormerLayer` (names under `hf`) <-> one QFormerLayer (paths under `ours`)."""
+    rows = [*_attention(hf + "attention", ours + "attn"),
+            *_norm(hf + "attention.output.LayerNorm", ours + "attn_norm")]
+    if cross:
+        rows += [*_attention(hf + "crossattention", ours + "cross_attn"),
+                 *_norm(hf + "crossattention.output.LayerNorm", ours + "cross_norm")]
+    return (*rows, *_linear(hf + "intermediate_query.dense", ours + "mlp/fc1", bias=SAME),
+            *_linear(hf + "output_query.dense", ours + "mlp/fc2", bias=SAME),
+            *_norm(hf + "output_query.LayerNorm", ours + "mlp_norm"))
+
+
+def qformer_rows(layers: int, frequency: int) -> tuple[tuple, ...]:
+    """Queries, input norm, projection, then the layers as vlm_jax.qformer.QFormer lays them out."""
     rows = [("query_tokens", "query_tokens", UNSQUEEZE1), *_norm("qformer.layernorm", "in_norm"),
             *_linear("language_projection", "projection", bias=SAME)]
-    for j in range(frequency):
-        hf, ours = f"qformer.encoder.layer.{{i*{frequency}+{j}}}.", f"layers/layer_{j}/"
-        rows += [*_attention(hf + "attention", ours + "attn"),
-                 *_norm(hf + "attention.output.LayerNorm", ours + "attn_norm")]
-        if j == 0:
-            rows += [*_attention(hf + "crossattention", ours + "cross_attn"),
-                     *_norm(hf + "crossattention.output.LayerNorm", ours + "cross_norm")]
-        rows += [*_linear(hf + "intermediate_query.dense", ours + "mlp/fc1", bias=SAME),
-                 *_linear(hf + "output_query.dense", ours + "mlp/fc2", bias=SAME),
-                 *_norm(hf + "output_query.LayerNorm", ours + "mlp_norm")]
+    units, rest = divmod(layers, frequency)
+    if units:
+        for j in range(frequency):
+            rows += _qformer_layer(f"qformer.encoder.layer.{{i*{frequency}+{j}}}.", f"layers/layer_{j}/", j == 0)
+    for j in range(rest):
+        rows += _qformer_layer(f"qformer.encoder.layer.{units * frequency + j}.", f"tail/layer_{j}/", j == 0)
     return tuple(rows)
 
 
@@ -72,8 +82,9 @@ IGNORE = (r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\..*", r"qformer\
 def visual_keymap(model: ml_collections.ConfigDict) -> KeyMap:
     """ViT, queries, Q-Former and projection (`vision` and `connector`)."""
     _check(model)
+    q = model.connector
     return (KeyMap(VISION, hf_layers=(("layers", model.vision.depth),)).prefixed("", "vision")
-            + KeyMap(qformer_rows(model.connector.cross_attention_frequency), ignore=IGNORE).prefixed("", "connector"))
+            + KeyMap(qformer_rows(q.layers, q.cross_attention_frequency), ignore=IGNORE).prefixed("", "connector"))
 
 
 def keymap(model: ml_collections.ConfigDict) -> KeyMap:
@@ -99,6 +110,9 @@ def visual_model_config(hf: dict[str, Any]) -> dict[str, Any]:
     for name, act in (("vision", v.get("hidden_act", "gelu")), ("qformer", q.get("hidden_act", "gelu"))):
         if act != "gelu":
             raise ConversionError(f"BLIP-2 {name} hidden_act {act!r}: only exact gelu is supported")
+    frequency = q.get("cross_attention_frequency", 2)
+    if frequency < 1:
+        raise ConversionError(f"Blip2QFormerConfig cross_attention_frequency {frequency}: must be at least 1")
     vision = dict(stem="eva", image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 14),
                   width=v.get("hidden_size", 1408), depth=v.get("num_hidden_layers", 39),
                   heads=v.get("num_attention_heads", 16), mlp_dim=v.get("intermediate_size", 6144), mlp_act="gelu",
@@ -107,7 +121,7 @@ def visual_model_config(hf: dict[str, Any]) -> dict[str, Any]:
     connector = dict(kind="qformer", num_queries=hf.get("num_query_tokens", 32), width=q.get("hidden_size", 768),
                      layers=q.get("num_hidden_layers", 12), heads=q.get("num_attention_heads", 12),
                      mlp_dim=q.get("intermediate_size", 3072),
-                     cross_attention_frequency=q.get("cross_attention_frequency", 2),
+                     cross_attention_frequency=frequency,
                      norm_eps=q.get("layer_norm_eps", 1e-12))
     return dict(vision=vision, connector=connector)
 
