@@ -1,6 +1,9 @@
 """Helpers shared by several test files."""
 
+import json
 import os
+
+from PIL import Image
 
 from vlm_jax.data.pipeline import make_train_iterator
 from vlm_jax.data.tokenizer import load_tokenizer
@@ -10,6 +13,29 @@ TINY = ["batch_size=8", "data.seq_len=128", "data.max_tiles=4", "data.max_tiles_
         "model.vision.depth=2", "model.text.hidden=64", "model.text.ffn=128", "model.vision.width=64",
         "model.vision.mlp_dim=128", "log_every=1", "vision_pretrain.steps=0",
         'optim.trainable=[(".*", "train")]']
+
+
+ITEMS = [
+    # LLaVA-Pretrain style: marker after the instruction (moved to the front, as LLaVA does).
+    {"id": "cap-1", "image": "imgs/a.png",
+     "conversations": [{"from": "human", "value": "Give a brief description of the image.\n<image>"},
+                       {"from": "gpt", "value": "a red square"}]},
+    # mix665k style multi-turn.
+    {"id": "vqa-2", "image": "imgs/b.png",
+     "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a disc"},
+                       {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "blue"}]},
+    # Text-only.
+    {"id": "txt-3", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]},
+]
+
+
+def write_dataset(root, items=ITEMS, name="data.json"):
+    """A llava_json dataset in `root` (a pathlib path): its images, and `items` as `name`."""
+    (root / "imgs").mkdir(exist_ok=True)
+    Image.new("RGB", (64, 40), (200, 30, 30)).save(root / "imgs" / "a.png")
+    Image.new("RGB", (90, 90), (30, 30, 200)).save(root / "imgs" / "b.png")
+    (root / name).write_text(json.dumps(items))
+    return root / name
 
 
 def tiny_config(*extra: str):

@@ -2,37 +2,14 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from configs import base
 from vlm_jax.data.llava_json import LlavaJsonSource
 from vlm_jax.data.pipeline import make_eval_examples, make_train_iterator
 from vlm_jax.data.tokenizer import load_tokenizer, special_ids
-from tests.helpers import first_batch
+from tests.helpers import ITEMS, first_batch, write_dataset
 
 TOK = load_tokenizer("")
-
-ITEMS = [
-    # LLaVA-Pretrain style: marker after the instruction (moved to the front, as LLaVA does).
-    {"id": "cap-1", "image": "imgs/a.png",
-     "conversations": [{"from": "human", "value": "Give a brief description of the image.\n<image>"},
-                       {"from": "gpt", "value": "a red square"}]},
-    # mix665k style multi-turn.
-    {"id": "vqa-2", "image": "imgs/b.png",
-     "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a disc"},
-                       {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "blue"}]},
-    # Text-only.
-    {"id": "txt-3", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]},
-]
-
-
-def write_dataset(root, items=ITEMS, name="data.json"):
-    (root / "imgs").mkdir(exist_ok=True)
-    Image.new("RGB", (64, 40), (200, 30, 30)).save(root / "imgs" / "a.png")
-    Image.new("RGB", (90, 90), (30, 30, 200)).save(root / "imgs" / "b.png")
-    (root / name).write_text(json.dumps(items))
-    return root / name
-
 
 def config(path, **data):
     c = base.get_config()

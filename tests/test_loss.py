@@ -141,3 +141,53 @@ def test_chunked_step_never_holds_the_fp32_logits():
     plain, chunked = temp_bytes(0), temp_bytes(1024)
     assert plain > 2 * logits_bytes, (plain, logits_bytes)  # the logits and their gradient
     assert chunked < plain / 3 and chunked < logits_bytes, (chunked, plain, logits_bytes)
+
+
+# Image placeholder ids as targets, always under a zero loss mask: LLaVA's -200, one wrapping from the end in
+# [-vocab, 0), the vocabulary size (Vicuna's 32000) and past it.
+PLACEHOLDERS = (-200, -3, VOCAB, VOCAB + 7)
+
+
+def test_masked_placeholder_targets_leave_the_loss_and_gradients_as_they_were():
+    logits = jax.random.normal(jax.random.key(1), (ROWS, LENGTH, VOCAB))
+    _, _, _, targets, mask = head("lm_head")
+
+    def loss_and_grad(t):
+        return jax.value_and_grad(lambda x: masked_cross_entropy(x, t, mask)[0])(logits)
+
+    want, want_grad = loss_and_grad(targets)
+    assert np.isfinite(float(want))
+    for placeholder in PLACEHOLDERS:
+        got, got_grad = loss_and_grad(jnp.where(mask, targets, placeholder))
+        assert float(got) == float(want), placeholder
+        np.testing.assert_array_equal(got_grad, want_grad, err_msg=str(placeholder))
+    # The zero logits of the report: NaN there before.
+    loss, count = masked_cross_entropy(jnp.zeros((1, 4, 10)), jnp.array([[1, 2, 10, 3]]),
+                                       jnp.array([[1.0, 1.0, 0.0, 1.0]]))
+    assert float(count) == 3 and float(loss) == pytest.approx(np.log(10))
+
+
+@pytest.mark.parametrize("chunk", [0, 300], ids=["plain", "chunked"])
+@pytest.mark.parametrize("kind", ["lm_head", "tied"])
+def test_decoder_nll_with_masked_placeholder_targets(kind, chunk):
+    """Both of Decoder.token_nll's paths: a placeholder target is NaN on its own, and under its zero mask changes
+    neither the masked mean nor any gradient."""
+    decoder, params, h, targets, mask = head(kind)
+    want_nll, want_grads = nll_and_grads(decoder, params, h, targets, mask, chunk)
+    for placeholder in PLACEHOLDERS:
+        got_nll, got_grads = nll_and_grads(decoder, params, h, jnp.where(mask, targets, placeholder), mask, chunk)
+        np.testing.assert_array_equal(jnp.isnan(got_nll), ~mask)
+        np.testing.assert_array_equal(got_nll[mask], want_nll[mask])
+        assert float(masked_mean(got_nll, mask)[0]) == float(masked_mean(want_nll, mask)[0])
+        for want, got in zip(jax.tree.leaves(want_grads), jax.tree.leaves(got_grads)):
+            assert bool(jnp.isfinite(got).all()), placeholder
+            np.testing.assert_array_equal(got, want, err_msg=str(placeholder))
+
+
+def test_embedding_clips_ids_outside_the_table():
+    """Negative ids read the first row (not wrapping from the end), ids past the vocabulary the last."""
+    decoder, params, _, _, _ = head("tied")
+    ids = jnp.array([[5, *PLACEHOLDERS]])
+    rows = decoder.apply({"params": params}, ids, method=Decoder.embed)
+    table = params["embed_tokens"]["embedding"]
+    np.testing.assert_array_equal(rows[0], table[jnp.array([5, 0, 0, VOCAB - 1, VOCAB - 1])])

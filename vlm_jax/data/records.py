@@ -10,7 +10,8 @@ from vlm_jax.data.tokenizer import special_ids
 
 def make_encoder(config, tokenizer) -> ConversationEncoder:
     """The conversation encoder for data.template; its `stop_id` ends generation."""
-    ids = special_ids(tokenizer, config.data.image_token_id if config.data.image_token_id >= 0 else None)
+    image_id = config.data.image_token_id
+    ids = special_ids(tokenizer, None if image_id == -1 else image_id)
     return ConversationEncoder(get_template(config.data.template), tokenizer, ids.image, ids.bos, ids.eos,
                                config.data.system)
 

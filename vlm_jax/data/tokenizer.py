@@ -41,8 +41,9 @@ class SpecialIds:
 def special_ids(tok: PreTrainedTokenizerBase, image_token_id: int | None = None) -> SpecialIds:
     """Placeholder, bos and eos ids.
 
-    The image placeholder is the `<image>` token when the vocabulary has one, else image_token_id
-    (e.g. 32000 for LLaVA-1.5's extended LLaMA vocab); bos is None for tokenizers without one (Qwen).
+    The image placeholder is the `<image>` token when the vocabulary has one, else image_token_id, which may lie
+    outside the vocabulary (LLaVA-1.5's -200 beside Vicuna's 32000 tokens); bos is None for tokenizers without
+    one (Qwen).
     """
     vocab = tok.get_vocab()
     if IMAGE_MARKER in vocab:

@@ -24,8 +24,10 @@ class Embed(nn.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         # Gathering the embed axis first (the FSDP all-gather) lets the lookup produce batch-sharded rows
-        # instead of resharding its output. Clipping keeps out-of-vocab placeholder ids (overwritten by
-        # visual tokens later) from reading NaN fill.
+        # instead of resharding its output. An id outside the table (an image placeholder: LLaVA's -200, or one
+        # at or past the vocabulary size) is clipped to it, as numpy's mode="clip" does (negative ids read row 0,
+        # not wrapping from the end; the default fills NaN): the visual tokens overwrite those rows after the
+        # lookup, so which row is read never matters, and the gradient it sends that row is zero.
         table = nn.with_logical_constraint(jnp.asarray(self.embedding, self.dtype), (axes.VOCAB, None))
         return jnp.take(table, ids, axis=0, mode="clip")
 

@@ -7,16 +7,28 @@ import jax
 import jax.numpy as jnp
 
 
+def in_vocab(targets: jax.Array, vocab_size: int) -> jax.Array:
+    """Where target ids are vocabulary ids. The others are image placeholders (LLaVA's -200, or an id at or past
+    the vocabulary size) under a zero loss mask: the NLL functions give them NaN without gathering at them."""
+    return (targets >= 0) & (targets < vocab_size)
+
+
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Logits [..., vocab] and target ids [...] -> per-token fp32 NLL [...]."""
+    """Logits [..., vocab] and target ids [...] -> per-token fp32 NLL [...]; NaN where a target is outside
+    the vocabulary (`in_vocab`), as `chunked_token_nll` gives."""
     logits = logits.astype(jnp.float32)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    valid = in_vocab(targets, logits.shape[-1])
+    # Gathered at id 0 instead: take_along_axis fills NaN past the vocabulary and wraps ids in [-vocab, 0).
+    target = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
+    return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - target, jnp.nan)
 
 
 def masked_sum(nll: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed per-token loss over masked positions, and the number of those positions."""
+    """Summed per-token loss over masked positions, and the number of those positions. What masked-out
+    positions hold (NaN for placeholder targets) reaches neither the sum nor its gradient."""
     mask = mask.astype(jnp.float32)
-    return (nll * mask).sum(), mask.sum()
+    # Selected, not only multiplied: NaN x 0 is NaN.
+    return (jnp.where(mask > 0, nll, 0.0) * mask).sum(), mask.sum()
 
 
 def masked_mean(nll: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -55,7 +67,8 @@ def chunked_token_nll(column_logits: Callable[[Any], jax.Array], chunks: Any, ta
     `column_logits(one chunk)` -> fp32 logits [B, L, C] of that chunk's columns. The scan carries the running
     max, the sum of exponentials below it and the target's logit; its body is rematerialised, so the backward
     pass recomputes each chunk's logits and neither pass holds more than one [B, L, C] block (the chunks'
-    gradients come out stacked like `chunks`)."""
+    gradients come out stacked like `chunks`). A target outside the vocabulary matches no column: NaN, as in
+    `token_nll`."""
     n = jax.tree.leaves(chunks)[0].shape[0]
 
     def body(carry, xs):
@@ -73,4 +86,4 @@ def chunked_token_nll(column_logits: Callable[[Any], jax.Array], chunks: Any, ta
     zeros = jnp.zeros(targets.shape, jnp.float32)
     init = (jnp.full(targets.shape, -jnp.inf, jnp.float32), zeros, zeros)
     (top, total, target), _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), init, (jnp.arange(n), chunks))
-    return top + jnp.log(total) - target
+    return jnp.where(in_vocab(targets, vocab_size), top + jnp.log(total) - target, jnp.nan)
