@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from vlm_jax import image_inputs
+from vlm_jax.data.image_kinds import patch_dim
 from vlm_jax.data.navit import mrope_positions, pack_patches
 
 # Grids (t, h, w) of the random images the check packs into one sequence: several sizes and aspect ratios.
@@ -21,8 +22,7 @@ Stages = dict[str, tuple[jax.Array, torch.Tensor]]
 
 
 def _random_images(model: ml_collections.ConfigDict, rng: np.random.Generator, grids) -> list:
-    v = model.vision
-    dim = 3 * v.temporal_patch_size * v.patch_size ** 2
+    dim = patch_dim(model.vision)
     return [(rng.standard_normal((math.prod(g), dim)).astype(np.float32), g) for g in grids]
 
 
