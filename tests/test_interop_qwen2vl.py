@@ -14,7 +14,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2Vis
 
 from configs.base import get_config
 from tests.helpers import assert_same_safetensors, randomize_torch
-from tests.test_interop_points import HEAD_DIM, KV_HEADS, _points_state_dict
+from tests.test_interop_points import HEAD_DIM, KV_HEADS, _points_state_dict, llm_config
 from tests.test_navit import tiny_tower
 from vlm_jax import parallel
 from vlm_jax.checkpoints.params_only import restore_params, save_params
@@ -102,7 +102,7 @@ def test_points_checkpoint_imports_whole_and_round_trips(tmp_path):
     state |= {f"vision_projector.{k}": v for k, v in projector.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(dict(
-        vision_config=tower.config.to_dict(), llm_config=dict(
+        vision_config=tower.config.to_dict(), llm_config=llm_config(
             vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=KV_HEADS,
             ffn_hidden_size=48, layernorm_epsilon=1e-5, rotary_emb_base=1e6))))
     source = Source(str(tmp_path), "points")
@@ -193,7 +193,7 @@ def test_points_export_import_round_trip(tmp_path):
     state |= {f"vision_encoder.{k}": v for k, v in tower.state_dict().items() if not k.startswith("merger.")}
     state |= {f"vision_projector.{k}": v for k, v in projector.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(src / "model.safetensors"))
-    config = dict(architectures=["POINTSV15ChatModel"], vision_config=tower.config.to_dict(), llm_config=dict(
+    config = dict(architectures=["POINTSV15ChatModel"], vision_config=tower.config.to_dict(), llm_config=llm_config(
         vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=KV_HEADS,
         ffn_hidden_size=48, layernorm_epsilon=1e-5, rotary_emb_base=1e6))
     (src / "config.json").write_text(json.dumps(config))
