@@ -1,7 +1,8 @@
 """POINTS1.5 checkpoints: the LLM in the WeLM "CustomLlama" layout (Qwen2.5 weights, docs/architectures.md 2.5)
 <-> `decoder`, and (family `points`) the whole model: `vision_encoder.*` = Qwen2-VL's vision blocks (its
 `merger`, if stored, is unused) <-> `vision`, `vision_projector.*` = a PatchMerger <-> `connector`
-(interop/qwen2_vl.py).
+(interop/qwen2_vl.py). Family `points_qwen2` reads the same model with the LLM in Qwen2 names under `llm.`
+(what SGLang's POINTS1.5 loader expects); export writes the CustomLlama layout.
 
 `key_value_dense` interleaves k and v per KV head (rows viewed `(kv_heads, 2, head_dim)`), and
 `dense_h_to_4h` is `[up; gate]` (forward `x1 * silu(x2)` with `(x1, x2) = chunk(2)`).
@@ -11,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from vlm_jax.interop import llama, qwen2_vl
+from vlm_jax.interop import llama, qwen2, qwen2_vl
 from vlm_jax.interop.keymap import FLAT, LINEAR, LINEAR2, SAME, ConversionError, KeyMap
 
 _L = "llm.lm.layers.{i}."
@@ -36,11 +37,21 @@ ROWS = (
 KEYMAP = KeyMap(ROWS, ignore=(r"vision_encoder\..*", r"vision_projector\..*"))
 
 
-def keymap(model: ml_collections.ConfigDict) -> KeyMap:
-    """The whole POINTS1.5 checkpoint (family `points`)."""
+def _vision_keymap(model: ml_collections.ConfigDict) -> KeyMap:
     return (qwen2_vl.tower_keymap(model.vision).prefixed("vision_encoder.", "vision")
             + KeyMap(qwen2_vl.MERGER_ROWS).prefixed("vision_projector.", "connector")
-            + KeyMap(ROWS, ignore=(r"vision_encoder\.merger\..*",)).prefixed("", "decoder"))
+            + KeyMap((), ignore=(r"vision_encoder\.merger\..*",)))
+
+
+def keymap(model: ml_collections.ConfigDict) -> KeyMap:
+    """The whole POINTS1.5 checkpoint (family `points`)."""
+    return _vision_keymap(model) + KeyMap(ROWS).prefixed("", "decoder")
+
+
+def qwen2_keymap(model: ml_collections.ConfigDict) -> KeyMap:
+    """The whole POINTS1.5 checkpoint with its LLM in Qwen2 names under `llm.` (family `points_qwen2`), as
+    SGLang's POINTS1.5 model loads it (`Qwen2ForCausalLM` from a Qwen2Config `llm_config`)."""
+    return _vision_keymap(model) + qwen2.keymap(model.text).prefixed("llm.", "decoder")
 
 
 # POINTS' CustomLlamaConfig fields (WePOINTS' `modeling_llama.py` / SGLang's copy, docs/provenance.md) with the
@@ -79,11 +90,23 @@ def model_config(hf: dict[str, Any]) -> dict[str, Any]:
     return qwen2_vl.model_config(hf["vision_config"]) | dict(text=text_config(hf))
 
 
+def qwen2_model_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """model.{vision, connector, text} from a POINTS config.json whose `llm_config` is a Qwen2Config."""
+    c = hf["llm_config"]
+    if "num_layers" in c:
+        raise ConversionError("this POINTS llm_config has CustomLlamaConfig fields (num_layers): import it with "
+                              "--family points")
+    return qwen2_vl.model_config(hf["vision_config"]) | dict(text=qwen2.text_config(c))
+
+
 def text_config(hf: dict[str, Any]) -> dict[str, Any]:
     """model.text from POINTS' `llm_config` (CustomLlamaConfig fields, docs/architectures.md 2.5), a missing field
     taking the class default; a setting this decoder does not compute (LayerNorm, partial or compressed RoPE,
     o / MLP biases, the fused non-GQA `query_key_value`) is refused."""
     c = hf.get("llm_config", hf)
+    if "num_layers" not in c and "num_hidden_layers" in c:
+        raise ConversionError("this POINTS llm_config has Qwen2Config fields (num_hidden_layers): import it with "
+                              "--family points_qwen2")
     got = LLM_DEFAULTS | c
     if c.get("rms_norm") is not None:  # CustomLlamaConfig: rms_norm, when given, overrides norm_type
         got["norm_type"] = "rms_norm" if c["rms_norm"] else "layer_norm"
