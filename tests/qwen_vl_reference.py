@@ -1,8 +1,10 @@
 """Test-only PyTorch reference of Qwen-VL's visual tower (no transformers class exists), written from
-docs/architectures.md 4.2 after Qwen-VL's visual.py: conv1 without bias, a 16x16 position table resized bicubically
-(fp32, align_corners=False) to the patch grid, ln_pre, pre-LN blocks with a per-head interleaved in_proj,
-then the resampler (nn.MultiheadAttention over ln_kv(kv_proj(x)), keys + resized sin-cos table), ln_post,
-x @ proj. Parameter names are the checkpoint's (under `transformer.visual.`)."""
+docs/architectures.md 4.2 and checked step by step against the released visual.py (docs/provenance.md): conv1
+without bias, a 16x16 position table resized bicubically (fp32, align_corners=False) to the patch grid, ln_pre,
+pre-LN blocks with a per-head interleaved in_proj (`view(..., heads, 3 * head_dim).split(head_dim)`), then the
+resampler (nn.MultiheadAttention; queries ln_q(query) + the unresized sin-cos table, keys ln_kv(kv_proj(x)) + the
+table resized to x's grid, values ln_kv(kv_proj(x))), ln_post, x @ proj. Parameter names are the checkpoint's
+(under `transformer.visual.`)."""
 
 import math
 

@@ -105,8 +105,10 @@ def test_peft_export_refuses_a_checkpoint_without_adapters(lora_ckpt, tmp_path):
 
 
 def test_xverse_v_adapter_file_round_trip(tmp_path):
-    """connector (ln_vision + llama_proj) + LoRA -> adapter_and_lora.bin -> onto the base model: bit-exact;
-    the other spellings of the file (PEFT's `.default`, no `llama_model.`, no ln_vision) read too."""
+    """connector (ln_vision + llama_proj) + LoRA -> adapter_and_lora.bin -> onto the base model: bit-exact.
+    The file is what vxverse's loader takes, `torch.load(f)["model"]` with peft 0.2.0 names (no `.default`);
+    the other spellings (a bare state dict, PEFT's `.default`, no `llama_model.`, no ln_vision, the buffers a
+    MiniGPT-4-style save keeps) read too."""
     model = BASE.copy_and_resolve_references()
     model.vision.update(image_size=28, patch_size=14, width=32, depth=2, heads=4, mlp_dim=64)
     model.text.update(vocab_size=97, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=12, ffn=48)
@@ -124,7 +126,9 @@ def test_xverse_v_adapter_file_round_trip(tmp_path):
                                                             model=base_model.to_dict()))
 
     export_checkpoint(str(tmp_path / "full"), str(tmp_path / "xv"), "xverse_v")
-    state = torch.load(str(tmp_path / "xv" / xverse_v.FILE), weights_only=True)
+    saved = torch.load(str(tmp_path / "xv" / xverse_v.FILE), weights_only=True)
+    assert list(saved) == ["model"]
+    state = saved["model"]
     assert state["llama_proj.0.weight"].shape == (32, 32) and "ln_vision.bias" in state
     assert state["llama_model.base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (32, 4)
     assert len(state) == 6 + 2 * 7 * 2
@@ -139,6 +143,8 @@ def test_xverse_v_adapter_file_round_trip(tmp_path):
 
     other = {k.removeprefix("llama_model.").replace(".weight", ".default.weight") if "lora_" in k else k: v
              for k, v in state.items() if not k.startswith("ln_vision")}
+    other["llama_model.base_model.model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(6)
+    other["visual_encoder.visual.vision_model.embeddings.position_ids"] = torch.arange(5)[None]
     torch.save(other, str(tmp_path / "other.bin"))
     xverse_v.import_adapter(str(tmp_path / "other.bin"), str(tmp_path / "base"), str(tmp_path / "back2"), MESH)
     back2, _ = load_params(str(tmp_path / "back2"), MESH)

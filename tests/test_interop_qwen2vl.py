@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -14,7 +15,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2Vis
 
 from configs.base import get_config
 from tests.helpers import assert_same_safetensors, randomize_torch
-from tests.test_interop_points import HEAD_DIM, KV_HEADS, _points_state_dict
+from tests.test_interop_points import HEAD_DIM, KV_HEADS, _points_state_dict, llm_config
 from tests.test_navit import tiny_tower
 from vlm_jax import parallel
 from vlm_jax.checkpoints.params_only import restore_params, save_params
@@ -24,7 +25,7 @@ from vlm_jax.interop.check import check
 from vlm_jax.interop.qwen2_vl_check import CHECK_GRIDS
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import META_FILE, Source, import_checkpoint, import_params, model_config
-from vlm_jax.interop.keymap import expand, torch_tensors
+from vlm_jax.interop.keymap import ConversionError, expand, torch_tensors
 from vlm_jax.model import VLM
 from vlm_jax.params import abstract_params, flat, param_shardings, unflat
 
@@ -102,7 +103,7 @@ def test_points_checkpoint_imports_whole_and_round_trips(tmp_path):
     state |= {f"vision_projector.{k}": v for k, v in projector.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(dict(
-        vision_config=tower.config.to_dict(), llm_config=dict(
+        vision_config=tower.config.to_dict(), llm_config=llm_config(
             vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=KV_HEADS,
             ffn_hidden_size=48, layernorm_epsilon=1e-5, rotary_emb_base=1e6))))
     source = Source(str(tmp_path), "points")
@@ -133,6 +134,41 @@ def test_points_checkpoint_imports_whole_and_round_trips(tmp_path):
                              np.float32))
     assert set(out) == {k for k in state if not k.startswith("vision_encoder.merger.")}
     assert [k for k in out if not np.array_equal(out[k], state[k].numpy())] == []
+
+
+def test_points_checkpoint_in_qwen2_names_imports_the_same(tmp_path):
+    """The same POINTS weights with the LLM as `Qwen2ForCausalLM` under `llm.` and a Qwen2Config `llm_config` (the
+    layout SGLang's POINTS1.5 loader reads) import to exactly the CustomLlama import's params; each family refuses
+    the other's config with the family to use."""
+    tower = Qwen2VisionTransformerPretrainedModel.from_pretrained(tiny_tower(tmp_path), dtype=torch.float32)
+    llm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, rms_norm_eps=1e-5, rope_theta=1e6))
+    randomize_torch(llm, seed=9)
+    projector = PatchMerger(dim=32, context_dim=64)
+    randomize_torch(projector, seed=10)
+    visual = {f"vision_encoder.{k}": v for k, v in tower.state_dict().items()}
+    visual |= {f"vision_projector.{k}": v for k, v in projector.state_dict().items()}
+    custom = {k: v for k, v in _points_state_dict(llm).items() if not k.startswith("vision_encoder.")} | visual
+    named = {f"llm.{k}": v for k, v in llm.state_dict().items()} | visual
+    custom_config = llm_config(vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4,
+                               num_kv_heads=KV_HEADS, ffn_hidden_size=48, layernorm_epsilon=1e-5, rotary_emb_base=1e6)
+    imported = {}
+    for family, state, config in (("points", custom, custom_config), ("points_qwen2", named, llm.config.to_dict())):
+        (tmp_path / family).mkdir()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / family / "model.safetensors"))
+        (tmp_path / family / "config.json").write_text(json.dumps(dict(vision_config=tower.config.to_dict(),
+                                                                       llm_config=config)))
+        source = Source(str(tmp_path / family), family)
+        model = model_config([source], BASE, "float32")
+        imported[family] = model, {k: np.asarray(v) for k, v in import_params([source], model, MESH).items()}
+    (a_model, a), (b_model, b) = imported["points"], imported["points_qwen2"]
+    assert a_model.to_dict() == b_model.to_dict()
+    assert a.keys() == b.keys() and [k for k in a if not np.array_equal(a[k], b[k])] == []
+    with pytest.raises(ConversionError, match="--family points_qwen2"):
+        model_config([Source(str(tmp_path / "points_qwen2"), "points")], BASE, "float32")
+    with pytest.raises(ConversionError, match="--family points$"):
+        model_config([Source(str(tmp_path / "points"), "points_qwen2")], BASE, "float32")
 
 
 def _tiny_qwen2_vl(tmp_path) -> str:
@@ -193,7 +229,7 @@ def test_points_export_import_round_trip(tmp_path):
     state |= {f"vision_encoder.{k}": v for k, v in tower.state_dict().items() if not k.startswith("merger.")}
     state |= {f"vision_projector.{k}": v for k, v in projector.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(src / "model.safetensors"))
-    config = dict(architectures=["POINTSV15ChatModel"], vision_config=tower.config.to_dict(), llm_config=dict(
+    config = dict(architectures=["POINTSV15ChatModel"], vision_config=tower.config.to_dict(), llm_config=llm_config(
         vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=KV_HEADS,
         ffn_hidden_size=48, layernorm_epsilon=1e-5, rotary_emb_base=1e6))
     (src / "config.json").write_text(json.dumps(config))

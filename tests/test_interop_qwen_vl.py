@@ -27,7 +27,7 @@ from vlm_jax.resampler import sincos_2d as our_sincos_2d
 MESH = parallel.make_mesh(get_config().mesh)
 HIDDEN, QUERIES = 256, 16  # resampler heads = output_dim / 128 = 2
 VISUAL = dict(image_size=64, patch_size=4, width=32, layers=2, heads=4, mlp_ratio=2.5, output_dim=HIDDEN,
-              n_queries=QUERIES)
+              n_queries=QUERIES, image_start_id=151857)
 CONFIG = dict(model_type="qwen", architectures=["QWenLMHeadModel"], vocab_size=97, hidden_size=HIDDEN,
               num_hidden_layers=2, num_attention_heads=4, kv_channels=64, intermediate_size=2 * 48,
               layer_norm_epsilon=1e-6, rotary_emb_base=10000.0, rotary_pct=1.0, visual=VISUAL)
@@ -99,7 +99,7 @@ def test_table_round_trip_is_bit_exact(belle):
 
 def test_export_writes_the_qwen_vl_layout(belle, tmp_path):
     """Import -> export --format hf: the same tensors bit for bit under the same names, and the config's
-    visual block and Qwen1 fields come back."""
+    visual block (with the `image_start_id` modeling_qwen.py looks the images up by) and Qwen1 fields come back."""
     _, _, state, source, _, _ = belle
     import_checkpoint(source.path, str(tmp_path / "ckpt"), get_config().model, MESH)
     export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf")

@@ -43,6 +43,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(("connector", "decoder", "vision"), qwen2_vl.whole_keymap, qwen2_vl.whole_model_config,
                        "Qwen2VLForConditionalGeneration", qwen2_vl_check.check_whole),
     "points": Family(("connector", "decoder", "vision"), points.keymap, points.model_config, None),
+    "points_qwen2": Family(("connector", "decoder", "vision"), points.qwen2_keymap, points.qwen2_model_config, None),
     "points_llm": Family(("decoder",), lambda m: points.KEYMAP.prefixed("", "decoder"),
                          lambda hf: dict(text=points.text_config(hf)), None),
     # Remote code only (QWenLMHeadModel): compared against Qwen2ForCausalLM in tests/test_interop_qwen1.py.

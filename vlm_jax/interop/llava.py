@@ -4,8 +4,11 @@ HF legacy layout (on disk, what we write): `vision_tower.vision_model.*`, `multi
 `language_model.model.*`, `language_model.lm_head.*`. Also read: the transformers >= 4.52 in-memory layout
 (`model.vision_tower.*`, `model.multi_modal_projector.*`, `model.language_model.*`, `lm_head.*`) and the
 transformers 5 files (`vision_tower.*` without `vision_model.`).
-Original layout: the LLaMA names plus `model.mm_projector.{0,2}.*`; the vision tower is a separate CLIP
-checkpoint (the LLaVA training script deletes it from the LLM checkpoint).
+Original layout: the LLaMA names plus `model.mm_projector.{0,2}.*` (LLaVA's `mlp2x_gelu` projector is
+`Sequential(Linear, GELU, Linear)`). The vision tower comes from a separate CLIP checkpoint, the one config.json's
+`mm_vision_tower` names: LLaVA builds the tower with `delay_load` and loads it from there, so a copy the training
+save left under `model.vision_tower.vision_tower.*` (the tower is a submodule while training) is never read, and
+is skipped here too.
 """
 
 from typing import Any
@@ -27,6 +30,8 @@ HF_NEW_TO_LEGACY = (
     (r"^model\.vision_tower\.", "vision_tower."),
     (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
 )
+# The tower's copy in an original checkpoint (see above), not what LLaVA runs.
+ORIGINAL_TOWER_COPY = (r"model\.vision_tower\..*",)
 ORIGINAL_PROJECTOR = (
     ("model.mm_projector.0.weight", "mlp/fc1/kernel", LINEAR),
     ("model.mm_projector.0.bias", "mlp/fc1/bias", SAME),
@@ -49,7 +54,7 @@ def hf_keymap(model: ml_collections.ConfigDict) -> KeyMap:
 
 
 def original_keymap(model: ml_collections.ConfigDict) -> KeyMap:
-    return (KeyMap(ORIGINAL_PROJECTOR).prefixed("", "connector")
+    return (KeyMap(ORIGINAL_PROJECTOR, ignore=ORIGINAL_TOWER_COPY).prefixed("", "connector")
             + TEXT_FAMILIES[text_family(model.text)].keymap(model.text).prefixed("", "decoder"))
 
 

@@ -63,6 +63,9 @@ def keymap(model: ml_collections.ConfigDict) -> KeyMap:
 
 # Qwen-VL's visual.py hard-codes a 256-row (16 x 16) position table and LayerNorm eps 1e-6.
 POS_GRID, NORM_EPS = 16, 1e-6
+# `<img>` in the Qwen tokenizer (Qwen-VL's and Belle-VL's): modeling_qwen.py finds the images by
+# `config.visual["image_start_id"]` (`</img>` and `<imgpad>` are the next two ids), so the config must carry it.
+IMAGE_START_ID = 151857
 
 
 def model_config(hf: dict[str, Any]) -> dict[str, Any]:
@@ -87,5 +90,6 @@ def hf_config(model: ml_collections.ConfigDict) -> dict[str, Any]:
     if int(v.width * ratio) != v.mlp_dim:
         raise ConversionError(f"no 4-digit mlp_ratio gives int({v.width} * ratio) = {v.mlp_dim}")
     visual = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.depth, heads=v.heads,
-                  mlp_ratio=ratio, output_dim=model.text.hidden, n_queries=c.num_queries)
+                  mlp_ratio=ratio, output_dim=model.text.hidden, n_queries=c.num_queries,
+                  image_start_id=IMAGE_START_ID)
     return qwen1.hf_config(model.text) | dict(visual=visual)

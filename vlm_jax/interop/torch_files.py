@@ -1,7 +1,8 @@
 """PyTorch checkpoint files, read and written one tensor at a time (no model code is ever executed).
 
 Reads `*.safetensors` (preferred when a directory has both) or `*.bin`/`*.pth`/`*.pt` state dicts via
-`torch.load(weights_only=True, mmap=True)`; writes sharded safetensors with an HF index, a tensor at a time.
+`torch.load(weights_only=True, mmap=True)` (a LAVIS-style `{"model": state_dict, ...}` checkpoint included);
+writes sharded safetensors with an HF index, a tensor at a time.
 """
 
 import glob
@@ -64,6 +65,10 @@ class TorchFiles:
                     handle = torch.load(f, map_location="cpu", weights_only=True)
                 if not isinstance(handle, dict):
                     raise ConversionError(f"{f}: holds a {type(handle).__name__}, not a state dict")
+                # LAVIS / MiniGPT-4 checkpoints (XVERSE-V's adapter file) hold the state dict under "model",
+                # beside the optimizer state and the run config.
+                if isinstance(handle.get("model"), dict):
+                    handle = handle["model"]
                 names = [k for k, v in handle.items() if isinstance(v, torch.Tensor)]
             for name in names:
                 if name in self._where:
@@ -84,9 +89,11 @@ class TorchFiles:
         return self._where[name][0]
 
 
-def write_state_dict(file: str, tensors) -> None:
-    """(name, array) pairs as one `torch.save` state dict (what repos that `torch.load` their files read)."""
-    torch.save({name: _to_torch(x) for name, x in tensors}, file)
+def write_state_dict(file: str, tensors, key: str | None = None) -> None:
+    """(name, array) pairs as one `torch.save` state dict (what repos that `torch.load` their files read),
+    nested under `key` when the reading code indexes the loaded object first (`torch.load(f)[key]`)."""
+    state = {name: _to_torch(x) for name, x in tensors}
+    torch.save(state if key is None else {key: state}, file)
 
 
 # The safetensors header's dtype names.

@@ -1,10 +1,15 @@
 """The XVERSE-V adapter file (`adapter_and_lora.bin`, docs/architectures.md 1.3-1.4): the connector
 (`ln_vision.*`, `llama_proj.{0,2}.*`) and the LLM's LoRA adapters, PEFT-named under the vxverse module's
-`llama_model.` (`llama_model.base_model.model.model.layers.N.self_attn.q_proj.lora_A.default.weight`).
+`llama_model.` (`llama_model.base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`).
 
-Open items the released file settles (docs/architectures.md section 8): whether it holds `ln_vision.*` (if not,
-the LayerNorm keeps weight 1 / bias 0, as in vxverse) and the exact LoRA prefix (names are also read without
-`llama_model.` or `.default`). The file carries no alpha: it defaults to 2 x rank (XVERSE-V: r=128, alpha=256).
+The released loader (vxverse `VXVERSE.from_config`) runs `model.load_state_dict(torch.load(ckpt)["model"],
+strict=False)`, so the state dict sits under `"model"` (the LAVIS / MiniGPT-4 checkpoint layout) and a name
+that does not match the module is skipped without a word. It pins peft 0.2.0, whose LoRA layers are plain
+`lora_A` / `lora_B` Linears: no `.default` adapter name, scale `alpha / r`. Names are also read in the later PEFT
+spelling (`.lora_A.default.weight`) and without `llama_model.`, and any buffers a MiniGPT-4-style save keeps
+(`inv_freq`, `position_ids`) are skipped. Whether the file holds `ln_vision.*` stays open (docs/provenance.md):
+MiniGPT-4's saver drops frozen parameters, and vxverse freezes `ln_vision`; without it the LayerNorm keeps weight
+1 / bias 0, as in vxverse. The file carries no alpha: it defaults to 2 x rank (XVERSE-V: r=128, alpha=256).
 """
 
 import os
@@ -39,12 +44,16 @@ LN_VISION = (
 # Other spellings of the LoRA names -> ours (PEFT's in-memory `.default`, no `llama_model.` prefix).
 RENAMES = ((r"\.lora_([AB])\.default\.weight$", r".lora_\1.weight"),
            (r"^base_model\.model\.", LORA_PREFIX + "base_model.model."))
+# The key the released loader indexes the loaded file with; buffers a MiniGPT-4-style save keeps beside the
+# trainable parameters (RoPE frequencies, CLIP's position ids), which vxverse recomputes.
+STATE_KEY = "model"
+BUFFERS = (r".*\.inv_freq", r".*\.position_ids")
 
 
 def keymap(model: ml_collections.ConfigDict, lora_paths: set[str], ln_vision: bool = True) -> KeyMap:
     lora = peft.adapter_keymap(model, ("decoder",), lora_paths).rows
     lora = tuple((LORA_PREFIX + r[0], *r[1:]) for r in lora)
-    return KeyMap(CONNECTOR + (LN_VISION if ln_vision else ()) + lora, renames=RENAMES)
+    return KeyMap(CONNECTOR + (LN_VISION if ln_vision else ()) + lora, renames=RENAMES, ignore=BUFFERS)
 
 
 def _adapter_paths(model: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
@@ -53,7 +62,8 @@ def _adapter_paths(model: ml_collections.ConfigDict) -> dict[str, tuple[int, ...
 
 
 def export_adapter(dst: str, model: ml_collections.ConfigDict, params: dict, dtype: np.dtype) -> None:
-    """Writes `dst/adapter_and_lora.bin` from flat `params` (connector + decoder LoRA adapters)."""
+    """Writes `dst/adapter_and_lora.bin` from flat `params` (connector + decoder LoRA adapters), its state dict
+    under `"model"` as the released loader reads it."""
     if not model.connector.in_norm or not model.lora.rank:
         raise ConversionError("the XVERSE-V adapter file needs the ln_vision connector (connector.in_norm) and "
                               "LoRA adapters (model.lora.rank > 0)")
@@ -65,7 +75,7 @@ def export_adapter(dst: str, model: ml_collections.ConfigDict, params: dict, dty
         return np.asarray(params[path] if layer is None else params[path][layer]).astype(dtype)
 
     os.makedirs(dst)
-    write_state_dict(os.path.join(dst, FILE), torch_tensors(tensors, fillers, leaf, dtype))
+    write_state_dict(os.path.join(dst, FILE), torch_tensors(tensors, fillers, leaf, dtype), key=STATE_KEY)
 
 
 def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.ConfigDict:
