@@ -172,5 +172,6 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
         host = build_leaf(pieces, lambda name: files.get(names[name]), dtype)
         params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda index: host[index])
     tokenizer = os.path.join(base.partition("@")[0], "tokenizer")
-    write_checkpoint_dir(dst, params, dict(meta, model=model.to_dict(), adapter_config=config), tokenizer)
+    write_checkpoint_dir(dst, params, dict(meta, model=model.to_dict(), adapter_config=config), tokenizer,
+                         extra_from=base)
     return model
