@@ -159,7 +159,12 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
     try:
         if fmt == "peft":
             base = (meta.get("hf_config") or {}).get("_name_or_path", "")
-            peft.write_adapter(tmp, model, parts, {k: params.get(k) for k in adapters}, np_dtype, base)
+            # What the run trained outside LoRA goes in as modules_to_save (vlm_jax/interop/peft.py).
+            trained = set(meta.get("trained", [])) & set(weights)
+            modules, saved = peft.saved_tensors(model, parts, {k: params.shapes[k] for k in weights},
+                                                trained) if trained else ([], [])
+            leaves = adapters + sorted({p for t in saved for p, _ in t.pieces if p is not None})
+            peft.write_adapter(tmp, model, parts, {k: params.get(k) for k in leaves}, np_dtype, base, modules, saved)
         elif fmt == "xverse_v":
             xverse_v.export_adapter(tmp, model, {k: params.get(k) for k in params.shapes
                                                  if k.startswith("connector/") or k in adapters}, np_dtype)
