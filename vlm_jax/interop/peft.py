@@ -52,9 +52,10 @@ def _text_rows(model: ml_collections.ConfigDict, parts: tuple[str, ...]) -> tupl
                   *r[1:]) for r in text.rows)
 
 
-# The legacy LLaVA names of llava.hf_keymap -> the module tree transformers (>= 4.52) builds, which PEFT wraps.
-_LLAVA_IN_MEMORY = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                    ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+# The legacy LLaVA names of llava.hf_keymap -> the module tree transformers (>= 4.52) builds, which PEFT wraps:
+# llava.HF_NEW_TO_LEGACY's prefix renames, reversed.
+_LLAVA_IN_MEMORY = tuple((legacy, re.sub(r"\\(.)", r"\1", new.removeprefix("^")))
+                         for new, legacy in llava.HF_NEW_TO_LEGACY)
 
 
 def _in_memory(name: str) -> str:
