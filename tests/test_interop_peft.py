@@ -1,5 +1,6 @@
 """LoRA checkpoints out to PyTorch: a PEFT adapter applied with `peft` to the transformers model, and the
-merged HF export, both give the vlm_jax LoRA model's logits; adapters (PEFT, XVERSE-V file) round-trip."""
+merged HF export, both give the vlm_jax LoRA model's logits, a trained connector included (modules_to_save);
+adapters (PEFT, XVERSE-V file) round-trip."""
 
 import json
 
@@ -152,3 +153,77 @@ def test_xverse_v_adapter_file_round_trip(tmp_path):
     for k in params:
         if "in_norm" not in k:
             np.testing.assert_array_equal(np.asarray(back2[k]), params[k], err_msg=k)
+
+
+def test_peft_adapter_carries_the_trained_connector_as_modules_to_save(tmp_path):
+    """XVERSE-V stage 2's shape on a tiny LLaVA: LoRA on every LLM linear plus a trained connector. The PEFT
+    adapter lists the projector's linears in modules_to_save and holds their tensors, so PeftModel on the
+    original model gives the merged export's logits; importing it back restores adapters and connector."""
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, patch_size=14, image_size=28)
+    torch_model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=vision, text_config=transformers.LlamaConfig(**TEXT), image_token_index=96,
+        vision_feature_layer=-2, image_seq_length=4)).eval()
+    randomize_torch(torch_model, 3)
+    hf = save_torch_model(torch_model, tmp_path / "hf")
+    import_checkpoint(hf, str(tmp_path / "base"), BASE, MESH)
+    meta = read_meta(str(tmp_path / "base"))
+    model = BASE.copy_and_resolve_references()
+    model.update(meta["model"])
+    model.lora.update(rank=4, alpha=8.0)
+    parts = ("connector", "decoder", "vision")
+    base, _ = load_params(str(tmp_path / "base"), MESH)
+    rng = np.random.default_rng(2)
+    params = {k: np.asarray(base[k]) if k in base else (0.2 * rng.standard_normal(v.shape)).astype(np.float32)
+              for k, v in abstract_params(model, parts).items()}
+    connector = [k for k in params if k.startswith("connector/")]
+    for k in connector:  # the stage's trained projector
+        params[k] = params[k] + (0.3 * rng.standard_normal(params[k].shape)).astype(np.float32)
+    lora = [k for k in params if "lora_" in k]
+    write_checkpoint_dir(str(tmp_path / "run"), params,
+                         dict(meta, model=model.to_dict(), trained=sorted(lora + connector)),
+                         extra_from=str(tmp_path / "base"))
+
+    export_checkpoint(str(tmp_path / "run"), str(tmp_path / "adapter"), "peft")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"]
+    names = set(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    saved = {n for n in names if "lora_" not in n}
+    assert saved == {f"base_model.model.model.multi_modal_projector.linear_{i}.{w}" for i in (1, 2)
+                     for w in ("weight", "bias")}
+    assert len(names - saved) == 2 * 7 * 2
+
+    export_checkpoint(str(tmp_path / "run"), str(tmp_path / "merged"), "hf")
+    ids = torch.cat([torch.tensor([[1, 7]]), torch.full((1, 4), 96), torch.arange(10, 20)[None]], 1)
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    merged = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "merged"),
+                                                                        dtype=torch.float32).eval()
+
+    def peft_logits(adapter: str) -> np.ndarray:
+        original = transformers.LlavaForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
+        adapted = peft.PeftModel.from_pretrained(original, adapter).eval()
+        with torch.no_grad():
+            return adapted(input_ids=ids, pixel_values=pixels).logits.numpy()
+
+    with torch.no_grad():
+        want = merged(input_ids=ids, pixel_values=pixels).logits.numpy()
+    np.testing.assert_allclose(peft_logits(str(tmp_path / "adapter")), want, atol=1e-5, rtol=0)
+    # The same run recorded as training LoRA alone: no modules_to_save, and the adapter misses the projector.
+    write_checkpoint_dir(str(tmp_path / "lora_only"), params, dict(meta, model=model.to_dict(), trained=lora))
+    export_checkpoint(str(tmp_path / "lora_only"), str(tmp_path / "adapter_lora"), "peft")
+    assert json.loads((tmp_path / "adapter_lora" / "adapter_config.json").read_text())["modules_to_save"] is None
+    assert np.max(np.abs(peft_logits(str(tmp_path / "adapter_lora")) - want)) > 1e-2
+
+    import_adapter(str(tmp_path / "adapter"), str(tmp_path / "base"), str(tmp_path / "back"), MESH)
+    back, back_meta = load_params(str(tmp_path / "back"), MESH)
+    assert set(back) == set(params) and set(connector) <= set(back_meta["trained"])
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(back[k]), params[k], err_msg=k)
+
+    # PEFT matches modules_to_save by name suffix: `multi_modal_projector` saves the same tensors.
+    config["modules_to_save"] = ["multi_modal_projector"]
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    import_adapter(str(tmp_path / "adapter"), str(tmp_path / "base"), str(tmp_path / "back2"), MESH)
+    back2, _ = load_params(str(tmp_path / "back2"), MESH)
+    for k in connector:
+        np.testing.assert_array_equal(np.asarray(back2[k]), params[k], err_msg=k)

@@ -2,16 +2,20 @@
 checkpoints of one model, written as a checkpoint directory (vlm_jax/checkpoints/directory.py) that a run starts
 from (`--config.init_params`), `launch/eval.py --params` evaluates and `launch/convert.py export` exports.
 
-Sources are training workdirs (their latest checkpoint, or `WORKDIR@STEP`) or checkpoint directories.
+Sources are training workdirs (their latest checkpoint, or `WORKDIR@STEP`) or checkpoint directories. The
+soup keeps the first source's provenance (ids, source configs) and carried tensors (the source tensors the
+model does not compute with, which no run changes); sources whose carried tensors differ, in bytes, are refused:
+they did not start from one checkpoint, and no one set of them belongs to the average.
 """
 
+import filecmp
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.checkpoints.directory import load_params, write_checkpoint_dir
+from vlm_jax.checkpoints.directory import extra_file, load_params, write_checkpoint_dir
 
 
 def check_compatible(first: dict[str, jax.Array], other: dict[str, jax.Array], where: str) -> None:
@@ -34,6 +38,12 @@ def soup(sources: list[str], dst: str, mesh, weights: list[float] | None = None)
     if len(weights) != len(sources) or min(weights) < 0 or sum(weights) <= 0:
         raise ValueError(f"soup: {len(sources)} sources need as many non-negative weights, got {weights}")
     total = sum(weights)
+    extra = extra_file(sources[0])
+    for src in sources[1:]:
+        other = extra_file(src)
+        if (extra is None) != (other is None) or extra and not filecmp.cmp(extra, other, shallow=False):
+            raise ValueError(f"soup: {src} carries other source tensors ({other}) than {sources[0]} ({extra}); "
+                             "soup checkpoints that started from the same import")
     acc, first, meta = None, None, None
 
     @jax.jit
@@ -51,5 +61,5 @@ def soup(sources: list[str], dst: str, mesh, weights: list[float] | None = None)
         del params
     out = {k: v.astype(first[k][1]) for k, v in acc.items()}
     meta = dict(meta, family=meta.get("family", "vlm_jax"), soup=dict(sources=sources, weights=weights))
-    write_checkpoint_dir(dst, out, meta, tokenizer_from=os.path.join(sources[0], "tokenizer"))
+    write_checkpoint_dir(dst, out, meta, tokenizer_from=os.path.join(sources[0], "tokenizer"), extra_from=sources[0])
     return meta

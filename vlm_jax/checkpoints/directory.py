@@ -1,11 +1,19 @@
 """The vlm_jax checkpoint directory that import writes and export, soup and `init_params` read:
-`params/` (orbax, params only), `vlm_jax.json` (family, parts, model config, the source HF configs) and
-`tokenizer/` (the source's tokenizer files, when it had any). `load_params` (restored arrays) and `open_params`
-(read in place, a layer at a time) also take a training workdir's checkpoint, so export and soup take either."""
+`params/` (orbax, params only), `vlm_jax.json` (family, parts, model config, the source HF configs, the source's
+image_token_index), `extra.safetensors` (the source tensors the model does not compute with, untouched, in
+their source dtype: vlm_jax/interop/keymap.py) and `tokenizer/` (the source's tokenizer files), the last two when
+the source had any. `load_params` (restored arrays) and `open_params` (read in place, a layer at a time) also
+take a training workdir's checkpoint, so export and soup take either.
+
+A run started from a checkpoint (`init_params`) keeps its provenance in `WORKDIR/source/`: the starting
+checkpoint's `vlm_jax.json` (without its model) and `extra.safetensors` (`carry_source`), and the trainer
+writes `WORKDIR/trained.json` (the parameters its optimizer updates); a workdir's meta is built from both.
+"""
 
 import json
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,6 +30,10 @@ from vlm_jax.config import upgrade_model_config
 from vlm_jax.params import abstract_params, flat, param_shardings, unflat
 
 META_FILE = "vlm_jax.json"
+EXTRA_FILE = "extra.safetensors"
+SOURCE_DIR, TRAINED_FILE = "source", "trained.json"  # in a workdir
+# A checkpoint's own keys, which the meta carried into a workdir does not take from its source.
+_OWN_KEYS = ("model", "parts", "source", "trained")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja",
                    "generation_config.json", "preprocessor_config.json", "processor_config.json")
@@ -36,9 +48,12 @@ def read_meta(ckpt: str) -> dict[str, Any]:
 
 
 def write_checkpoint_dir(dst: str, params: dict[str, jax.Array | StreamedLeaf], meta: dict[str, Any],
-                         tokenizer_from: str | None = None) -> None:
+                         tokenizer_from: str | None = None, *, extra_from: str | None = None,
+                         write_extra: Callable[[str], None] | None = None) -> None:
     """Writes `dst` from flat `path -> array` params, or StreamedLeaf values that are built as they are written
-    (every process takes part in the save); copies the tokenizer files found in the folder `tokenizer_from`.
+    (every process takes part in the save); copies the tokenizer files found in the folder `tokenizer_from`, and
+    the carried tensors of the checkpoint or workdir `extra_from`, or has `write_extra(folder)` write EXTRA_FILE
+    into the folder (process 0 alone calls it).
     Nothing is left at `dst` unless the whole write succeeds."""
     if os.path.exists(dst):
         raise ConversionError(f"{dst} already exists; choose a new destination")
@@ -57,6 +72,10 @@ def write_checkpoint_dir(dst: str, params: dict[str, jax.Array | StreamedLeaf], 
                 os.makedirs(os.path.join(tmp, "tokenizer"))
                 for n in found:
                     shutil.copy(os.path.join(folder, n), os.path.join(tmp, "tokenizer", n))
+            if write_extra is not None:
+                write_extra(tmp)
+            elif extra_from is not None and extra_file(extra_from):
+                shutil.copy(extra_file(extra_from), os.path.join(tmp, EXTRA_FILE))
             os.replace(tmp, dst)
     finally:
         if jax.process_index() == 0 and os.path.exists(tmp):
@@ -73,8 +92,62 @@ def _is_workdir(src: str) -> bool:
     return True
 
 
+def extra_file(src: str) -> str | None:
+    """The carried tensors (EXTRA_FILE) of a checkpoint directory or `WORKDIR[@STEP]`; None where there are none."""
+    folder = os.path.join(src.partition("@")[0], SOURCE_DIR) if _is_workdir(src) else src
+    file = os.path.join(folder, EXTRA_FILE)
+    return file if os.path.isfile(file) else None
+
+
+def _source_meta(src: str) -> dict[str, Any]:
+    """The provenance a checkpoint directory or `WORKDIR[@STEP]` carries (its meta without _OWN_KEYS)."""
+    if _is_workdir(src):
+        file = os.path.join(src.partition("@")[0], SOURCE_DIR, META_FILE)
+        if not os.path.isfile(file):
+            return dict(family="vlm_jax")
+        with open(file) as f:
+            return json.load(f)
+    return {k: v for k, v in read_meta(src).items() if k not in _OWN_KEYS}
+
+
+def carry_source(init: str, workdir: str) -> None:
+    """Copies the provenance and carried tensors of the checkpoint directory or `WORKDIR[@STEP]` a run starts
+    from (`init_params`) into `workdir/source/`, once: a resumed or restarted run keeps what is there. Process 0
+    writes it."""
+    dst = os.path.join(workdir, SOURCE_DIR)
+    if jax.process_index() != 0 or os.path.isdir(dst):
+        return
+    if not os.path.isfile(os.path.join(init, META_FILE)) and not is_workdir(init):
+        return  # a bare params folder (the demo's stage 0) has no provenance
+    tmp = f"{dst}.partial-{os.getpid()}"
+    try:
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(_source_meta(init), f, indent=2)
+        if extra_file(init):
+            shutil.copy(extra_file(init), os.path.join(tmp, EXTRA_FILE))
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def write_trained(workdir: str, paths: list[str]) -> None:
+    """Records the parameter paths a run's optimizer updates (`trained` in the workdir's meta; PEFT export saves
+    those outside LoRA as modules_to_save). Process 0 writes it."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, TRAINED_FILE), "w") as f:
+            json.dump(sorted(paths), f, indent=1)
+
+
 def _workdir_meta(src: str, parts: set[str], config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return dict(family="vlm_jax", parts=sorted(parts), model=config.model.to_dict(), source=src)
+    """The source's provenance (`_source_meta`) with the run's parts, model and trained parameters."""
+    meta = dict(_source_meta(src), parts=sorted(parts), model=config.model.to_dict(), source=src)
+    trained = os.path.join(src.partition("@")[0], TRAINED_FILE)
+    if os.path.isfile(trained):
+        with open(trained) as f:
+            meta["trained"] = json.load(f)
+    return meta
 
 
 def load_params(src: str, mesh: Mesh) -> tuple[dict[str, jax.Array], dict[str, Any]]:

@@ -21,7 +21,8 @@ transformers class, so no check). An imported CKPT_DIR starts a training run
 with --config.init_params=CKPT_DIR (params only, fresh optimizer).
 `check` prints one JSON line: max_abs_diff, max_rel_diff, and the same per stage.
 A LoRA checkpoint (model.lora.rank > 0) exports merged for hf/original, or as a PEFT adapter directory
-(adapter_config.json + adapter_model.safetensors) for peft.
+(adapter_config.json + adapter_model.safetensors) for peft, with what the run trained outside LoRA as
+modules_to_save. Export writes back the source tensors an import carried (docs/contracts.md).
 """
 
 import argparse

@@ -5,7 +5,9 @@ are merged into their kernels for `hf` and `original`.
 
 Streamed: the checkpoint is read in place, one leaf or one layer of a layer stack at a time, and each torch
 tensor is built from it through the same key maps the import uses and written straight into its safetensors
-shard; the model is never whole in memory.
+shard; the model is never whole in memory. The tensors import carried (the checkpoint's extra.safetensors, or a
+workdir's source/ copy of it) are written back as they were stored, in the export dtype, so an import exported
+to its own layout gives every tensor the source had; the source's image_token_index is the exported one.
 """
 
 import json
@@ -18,11 +20,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from vlm_jax.checkpoints.directory import StoredParams, open_params
+from vlm_jax.checkpoints.directory import StoredParams, extra_file, open_params
 from vlm_jax.config import upgrade_model_config
 from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, qwen_vl, xverse_v
 from vlm_jax.interop.keymap import ConversionError, KeyMap, Tensor, expand, torch_tensors
-from vlm_jax.interop.torch_files import write_safetensors
+from vlm_jax.interop.torch_files import TorchFiles, write_safetensors
 from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec, merge_kernel
 
 FORMATS = ("hf", "original", "peft", "xverse_v")
@@ -42,7 +44,10 @@ def _merge(stored: dict[str, Any] | None, ours: dict[str, Any]) -> dict[str, Any
 
 def _hf_target(model: ml_collections.ConfigDict, parts: tuple[str, ...], meta: dict[str, Any],
                image_token_index: int | None) -> tuple[str, KeyMap, dict[str, Any]]:
-    """(family, key map, config.json) of the HF class these parts export to."""
+    """(family, key map, config.json) of the HF class these parts export to. `image_token_index` None: the
+    source's (meta), else the family's default."""
+    if image_token_index is None:
+        image_token_index = meta.get("image_token_index")
     if parts == ("vision",):
         return "clip", families.get("clip").keymap(model), _merge(meta.get("hf_config"), clip.hf_config(model.vision))
     if parts == ("connector", "vision") and qwen2_vl.is_tower(model.vision):
@@ -77,11 +82,12 @@ def _hf_target(model: ml_collections.ConfigDict, parts: tuple[str, ...], meta: d
 
 def _stream(
     keymap: KeyMap, params: StoredParams, paths: list[str], dtype: np.dtype, lora: LoraSpec | None,
-    pad_rows: dict[str, int],
+    pad_rows: dict[str, int], extra: TorchFiles | None,
 ) -> tuple[dict[str, tuple[tuple[int, ...], np.dtype]], Iterator[tuple[str, np.ndarray]]]:
     """(name -> (shape, dtype), (name, array) iterator) of the torch tensors of `keymap` over the leaves `paths`:
     every shape up front, then each tensor built when the iterator reaches it from one layer of its leaves, with
-    the LoRA adapters beside a kernel merged into it when `lora` is given."""
+    the LoRA adapters beside a kernel merged into it when `lora` is given, and what the model does not hold
+    from the carried tensors `extra`."""
     tensors, fillers = expand(keymap, {k: params.shapes[k] for k in paths})
     shapes = {t.name: (t.shape, dtype) for t in tensors} | {f.name: (f.shape, dtype) for f in fillers}
     for name, rows in pad_rows.items():
@@ -96,13 +102,24 @@ def _stream(
                                         lora.scale))
         return x.astype(dtype, copy=False)
 
+    carried = set(extra.shapes()) if extra is not None else set()
+
+    def carried_copy(name: str) -> np.ndarray | None:
+        if name not in carried:
+            return None
+        x = extra.get(name)
+        if x.shape != shapes[name][0]:
+            raise ConversionError(f"{extra.path}: carried tensor {name} is {list(x.shape)}, but this model's is "
+                                  f"{list(shapes[name][0])}")
+        return x.astype(dtype, copy=False)
+
     def tensors_in_turn() -> Iterator[Tensor]:
         for t in tensors:
             params.keep({p for p, _ in t.pieces if p is not None})  # the cache holds this tensor's leaves only
             yield t
 
     def arrays() -> Iterator[tuple[str, np.ndarray]]:
-        for name, t in torch_tensors(tensors_in_turn(), fillers, leaf, dtype):
+        for name, t in torch_tensors(tensors_in_turn(), fillers, leaf, dtype, carried_copy):
             if shapes[name][0] != t.shape:
                 # HF LLaVA needs an embedding row for its image token; a native model keeps it out of vocab.
                 t = np.concatenate([t, np.zeros((shapes[name][0][0] - t.shape[0], *t.shape[1:]), t.dtype)])
@@ -112,9 +129,10 @@ def _stream(
 
 
 def _write(dst: str, keymap: KeyMap, params: StoredParams, paths: list[str], dtype: np.dtype, lora: LoraSpec | None,
-           config: dict[str, Any], shard_bytes: int, pad_rows: dict[str, int] | None = None) -> None:
+           config: dict[str, Any], shard_bytes: int, extra: TorchFiles | None,
+           pad_rows: dict[str, int] | None = None) -> None:
     os.makedirs(dst, exist_ok=True)
-    write_safetensors(dst, *_stream(keymap, params, paths, dtype, lora, pad_rows or {}), shard_bytes)
+    write_safetensors(dst, *_stream(keymap, params, paths, dtype, lora, pad_rows or {}, extra), shard_bytes)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config | {"dtype": str(dtype)}, f, indent=2)
 
@@ -131,6 +149,7 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
     if jax.process_index() != 0:
         return
     params, meta = open_params(src)
+    extra = TorchFiles(extra_file(src)) if extra_file(src) else None
     model, parts = upgrade_model_config(meta["model"]), tuple(sorted(meta["parts"]))
     np_dtype = np.dtype(dtype or model.param_dtype)
     lora = LoraSpec.from_config(model.lora)
@@ -140,7 +159,12 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
     try:
         if fmt == "peft":
             base = (meta.get("hf_config") or {}).get("_name_or_path", "")
-            peft.write_adapter(tmp, model, parts, {k: params.get(k) for k in adapters}, np_dtype, base)
+            # What the run trained outside LoRA goes in as modules_to_save (vlm_jax/interop/peft.py).
+            trained = set(meta.get("trained", [])) & set(weights)
+            modules, saved = peft.saved_tensors(model, parts, {k: params.shapes[k] for k in weights},
+                                                trained) if trained else ([], [])
+            leaves = adapters + sorted({p for t in saved for p, _ in t.pieces if p is not None})
+            peft.write_adapter(tmp, model, parts, {k: params.get(k) for k in leaves}, np_dtype, base, modules, saved)
         elif fmt == "xverse_v":
             xverse_v.export_adapter(tmp, model, {k: params.get(k) for k in params.shapes
                                                  if k.startswith("connector/") or k in adapters}, np_dtype)
@@ -148,7 +172,7 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
             family, keymap, config = _hf_target(model, parts, meta, image_token_index)
             vocab = config.get("text_config", {}).get("vocab_size", 0)
             pad = {"language_model.model.embed_tokens.weight": vocab, "language_model.lm_head.weight": vocab}
-            _write(tmp, keymap, params, weights, np_dtype, lora, config, shard_bytes, pad)
+            _write(tmp, keymap, params, weights, np_dtype, lora, config, shard_bytes, extra, pad)
         else:
             if not {"connector", "decoder"} <= set(parts):
                 raise ConversionError(f"the original LLaVA layout needs a connector and a decoder; {src} has {parts}")
@@ -157,10 +181,10 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
                 tower = os.path.join(os.path.abspath(dst), "vision_tower")
                 _write(os.path.join(tmp, "vision_tower"), families.get("clip").keymap(model),
                        params, [k for k in weights if k.startswith("vision/")], np_dtype, lora,
-                       _merge(meta.get("vision_hf_config"), clip.hf_config(model.vision)), shard_bytes)
+                       _merge(meta.get("vision_hf_config"), clip.hf_config(model.vision)), shard_bytes, extra)
             stored = meta.get("hf_config") if meta.get("family") == "llava_original" else None
             _write(tmp, llava.original_keymap(model), params, [k for k in weights if not k.startswith("vision/")],
-                   np_dtype, lora, _merge(stored, llava.original_hf_config(model, tower)), shard_bytes)
+                   np_dtype, lora, _merge(stored, llava.original_hf_config(model, tower)), shard_bytes, extra)
         tokenizer = os.path.join(src, "tokenizer")
         if os.path.isdir(tokenizer):
             for name in os.listdir(tokenizer):

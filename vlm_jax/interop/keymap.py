@@ -7,8 +7,13 @@ BLIP-2 Q-Former scans pairs: a layer with cross-attention, then one without). Se
 row mean a fused torch tensor whose pieces sit on its dim 0, either as blocks (`concat`: `[up; gate]`,
 `[Wq; Wk; Wv]`) or interleaved per head group (`interleave`: rows viewed as `(groups, pieces, ...)`,
 groups = the head axis of each vlm_jax piece). A `None` piece is a slice the model does not hold, shaped
-like the row's first real piece: dropped on import, written as zeros on export (BLIP-2's zero key bias
-inside `qkv.bias`).
+like the row's first real piece (BLIP-2's key bias inside `qkv.bias`).
+
+Source tensors the model holds no parameter for, but the torch class does (`KeyMap.extras`, the layers past
+`hf_layers`), and tensors with `None` slices are *carried*: import keeps them untouched beside the parameters
+(`carried`; vlm_jax/checkpoints/directory.py EXTRA_FILE) and export writes them back from there, so a round
+trip gives every tensor the source had. Without a carried copy (a model trained from scratch) export writes
+an identity instead: ones for norm scales, zeros otherwise (`Filler`), zeros for a `None` slice.
 
 Layouts turn one (unfused) torch tensor into one vlm_jax leaf and back, exactly (reshapes and
 transposes only, so a round trip is bit-exact):
@@ -83,12 +88,12 @@ class KeyMap:
 
     `renames`: (regex anchored with `^`, replacement) applied in order to every source name before matching (e.g. the
     transformers >= 4.52 in-memory LLaVA names -> the legacy names the rows use).
-    `ignore`: regexes of source tensors that hold no parameters of this model (buffers, other towers).
+    `ignore`: regexes of source tensors that are not the torch class's parameters (buffers, other towers, a
+    text branch the class does not build): skipped on import, never carried.
     `extras`: (torch name, vlm_jax path it is shaped like) for tensors the torch class has but our model
-    does not compute with (CLIP post_layernorm); checked and dropped on import, written as an identity
-    (ones for norm scales, zeros otherwise) on export so the torch class loads without missing weights.
+    does not compute with (CLIP post_layernorm): carried (see the module docstring).
     `hf_layers`: vlm_jax stack prefix -> number of layers the torch model has when it has more than we
-    build (a ViT cut at feature_layer); the extra layers are handled like `extras`.
+    build (a ViT cut at feature_layer); the extra layers are carried like `extras`.
     """
 
     rows: tuple[tuple, ...]
@@ -156,7 +161,7 @@ class Tensor:
         return [self.layout.to_jax(p, s) for p, s in zip(parts, self.piece_shapes)]
 
     def to_torch(self, xs: list[np.ndarray | None]) -> np.ndarray:
-        """Per-layer vlm_jax arrays (None for a zero slice) -> the torch tensor."""
+        """Per-layer vlm_jax arrays (None for a slice the model does not hold: zeros) -> the torch tensor."""
         dtype = next(x.dtype for x in xs if x is not None)
         parts = [self.layout.to_torch(np.zeros(s, dtype) if x is None else x, s)
                  for x, s in zip(xs, self.piece_shapes)]
@@ -254,6 +259,15 @@ def match_source(
     return {name: src for src, name in found.items() if name in wanted}
 
 
+def carried(tensors: list[Tensor], fillers: list[Filler], source: Mapping[str, tuple[int, ...]],
+            keymap: KeyMap) -> dict[str, str]:
+    """Canonical name -> name in `source` of the source tensors import carries (see the module docstring): the
+    fillers the source has, and the tensors holding a slice the model does not (kept whole). Run after
+    `match_source`, which has checked their shapes."""
+    wanted = {f.name for f in fillers} | {t.name for t in tensors if any(p is None for p, _ in t.pieces)}
+    return {name: src for src in source if (name := canonical_name(keymap, src)) in wanted}
+
+
 def leaf_sources(tensors: list[Tensor]) -> dict[str, list[tuple[Tensor, int]]]:
     """vlm_jax path -> [(tensor, piece index)] in layer order."""
     out: dict[str, list[tuple[Tensor, int]]] = {}
@@ -287,10 +301,17 @@ def build_leaf(
 
 def torch_tensors(
     tensors: Iterable[Tensor], fillers: list[Filler], leaf: Callable[[str, int | None], np.ndarray], dtype: np.dtype,
+    carried_copy: Callable[[str], np.ndarray | None] = lambda name: None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(torch name, array) for every tensor of the torch model, built one at a time (each when the iterator
-    reaches it) from `leaf(path, layer)`."""
+    reaches it) from `leaf(path, layer)`; fillers and the slices the model does not hold come from
+    `carried_copy(name)` (the tensor import carried, in `dtype`) where it has them."""
     for t in tensors:
-        yield t.name, np.ascontiguousarray(t.to_torch([None if p is None else leaf(p, i) for p, i in t.pieces]))
+        xs = [None if p is None else leaf(p, i) for p, i in t.pieces]
+        copy = carried_copy(t.name) if any(x is None for x in xs) else None
+        if copy is not None:
+            xs = [x if x is not None else c for x, c in zip(xs, t.to_jax(copy))]
+        yield t.name, np.ascontiguousarray(t.to_torch(xs))
     for f in fillers:
-        yield f.name, np.full(f.shape, f.value, dtype)
+        copy = carried_copy(f.name)
+        yield f.name, np.full(f.shape, f.value, dtype) if copy is None else copy

@@ -8,6 +8,13 @@ the kernel's input axes, so it converts with the kernel's own layout; `lora_b` [
 LINEAR (one input axis, the rank). Names are those of the module tree PEFT wraps: `LlamaForCausalLM` /
 `Qwen2ForCausalLM` for a decoder checkpoint, `LlavaForConditionalGeneration` (transformers >= 4.52
 in-memory names, `model.language_model.*`) for a whole VLM.
+
+Parameters a run trained outside LoRA (meta `trained`: a workdir's trained.json, written by the trainer from
+optim.trainable; the LLaVA connector of an XVERSE-V-style stage 2) go into the adapter as PEFT's
+`modules_to_save`: adapter_config.json lists the torch modules holding them (each module whole), and the
+adapter file holds their tensors as PEFT saves them, `base_model.model.<module>.<param>` (in memory PEFT keeps
+them as `<module>.modules_to_save.default.<param>`). Module names exist for a decoder checkpoint and a LLaVA
+model; another layout with such parameters is refused rather than exported without them.
 """
 
 import json
@@ -23,7 +30,8 @@ from jax.sharding import Mesh
 from vlm_jax.checkpoints.directory import load_params, write_checkpoint_dir
 from vlm_jax.config import upgrade_model_config
 from vlm_jax.interop import families, llava
-from vlm_jax.interop.keymap import (LINEAR, ConversionError, KeyMap, build_leaf, expand, leaf_sources, match_source,
+from vlm_jax.interop.keymap import (LINEAR, ConversionError, KeyMap, Tensor, build_leaf, expand, leaf_sources,
+                                    match_source,
                                     torch_tensors)
 from vlm_jax.interop.torch_files import TorchFiles, write_safetensors
 from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec
@@ -42,6 +50,59 @@ def _text_rows(model: ml_collections.ConfigDict, parts: tuple[str, ...]) -> tupl
         raise ConversionError(f"a PEFT adapter needs a decoder; the checkpoint holds {list(parts)}")
     return tuple((("model.language_model." + r[0].removeprefix("model.")) if r[0].startswith("model.") else r[0],
                   *r[1:]) for r in text.rows)
+
+
+# The legacy LLaVA names of llava.hf_keymap -> the module tree transformers (>= 4.52) builds, which PEFT wraps:
+# llava.HF_NEW_TO_LEGACY's prefix renames, reversed.
+_LLAVA_IN_MEMORY = tuple((legacy, re.sub(r"\\(.)", r"\1", new.removeprefix("^")))
+                         for new, legacy in llava.HF_NEW_TO_LEGACY)
+
+
+def _in_memory(name: str) -> str:
+    for old, new in _LLAVA_IN_MEMORY:
+        if name.startswith(old):
+            return new + name.removeprefix(old)
+    raise ConversionError(f"no in-memory LLaVA name for {name}")
+
+
+def _module_keymap(model: ml_collections.ConfigDict, parts: tuple[str, ...]) -> KeyMap:
+    """Every full-weight row named as in the module tree PEFT wraps (for modules_to_save)."""
+    if parts == ("decoder",):
+        return KeyMap(families.get(llava.text_family(model.text)).keymap(model).rows)
+    if parts == ("connector", "decoder", "vision") and model.vision.stem == "clip" and model.connector.kind == "mlp":
+        return KeyMap(tuple((_in_memory(r[0]), *r[1:]) for r in llava.hf_keymap(model).rows))
+    raise ConversionError(f"PEFT modules_to_save: no torch module names for this model's layout (parts "
+                          f"{list(parts)}, vision stem {model.vision.stem!r}, connector {model.connector.kind!r}); "
+                          "a decoder or a LLaVA model has them (or export --format hf, merged)")
+
+
+def _module(tensor_name: str) -> str:
+    return tensor_name.rsplit(".", 1)[0]
+
+
+def _in_modules(name: str, modules: list[str]) -> bool:
+    """Whether tensor `name` lies in a module PEFT wraps for `modules` (a module whose name ends with one)."""
+    parents = [name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)]
+    return any(p.endswith(m) for p in parents for m in modules)
+
+
+def module_tensors(model: ml_collections.ConfigDict, parts: tuple[str, ...], shapes: dict[str, tuple[int, ...]],
+                   modules: list[str]) -> list[Tensor]:
+    """The torch tensors of `modules` (PEFT's modules_to_save) in a checkpoint whose full-weight leaves have
+    `shapes`."""
+    if not modules:
+        return []
+    tensors, _ = expand(_module_keymap(model, parts), shapes)
+    return [t for t in tensors if _in_modules(t.name, modules)]
+
+
+def saved_tensors(model: ml_collections.ConfigDict, parts: tuple[str, ...], shapes: dict[str, tuple[int, ...]],
+                  trained: set[str]) -> tuple[list[str], list[Tensor]]:
+    """(modules_to_save, their torch tensors) for the full-weight leaves `trained` of a checkpoint whose
+    full-weight leaves have `shapes`: every module holding a trained tensor, whole."""
+    tensors, _ = expand(_module_keymap(model, parts), shapes)
+    modules = sorted({_module(t.name) for t in tensors if any(p in trained for p, _ in t.pieces)})
+    return modules, module_tensors(model, parts, shapes, modules)
 
 
 def adapter_keymap(model: ml_collections.ConfigDict, parts: tuple[str, ...], lora_paths: set[str]) -> KeyMap:
@@ -88,26 +149,36 @@ def adapter_tensors(model: ml_collections.ConfigDict, parts: tuple[str, ...], pa
     return list(torch_tensors(tensors, fillers, leaf, dtype))
 
 
-def adapter_config(spec: LoraSpec, tensor_names: list[str], base: str = "") -> dict[str, Any]:
+def adapter_config(spec: LoraSpec, tensor_names: list[str], base: str = "",
+                   modules_to_save: list[str] | None = None) -> dict[str, Any]:
     return dict(peft_type="LORA", task_type="CAUSAL_LM", r=spec.rank, lora_alpha=spec.alpha,
                 lora_dropout=spec.dropout, target_modules=_target_regex(tensor_names), bias="none",
-                fan_in_fan_out=False, inference_mode=True, modules_to_save=None, use_rslora=False,
-                use_dora=False, init_lora_weights=True, base_model_name_or_path=base)
+                fan_in_fan_out=False, inference_mode=True, modules_to_save=modules_to_save or None,
+                use_rslora=False, use_dora=False, init_lora_weights=True, base_model_name_or_path=base)
 
 
 def write_adapter(dst: str, model: ml_collections.ConfigDict, parts: tuple[str, ...], params: dict,
-                  dtype: np.dtype, base: str = "") -> None:
-    """Writes the adapter directory `dst` (created here) from flat `params`."""
+                  dtype: np.dtype, base: str = "", modules_to_save: list[str] | None = None,
+                  saved: list[Tensor] | None = None) -> None:
+    """Writes the adapter directory `dst` (created here) from flat `params` (path -> array): its LoRA leaves, and
+    the leaves of the tensors `saved` of `modules_to_save` (`saved_tensors`)."""
     spec = LoraSpec.from_config(model.lora)
     if spec is None:
         raise ConversionError("the checkpoint's model.lora.rank is 0: there is no adapter to export")
     tensors = adapter_tensors(model, parts, params, dtype)
+    names = [n for n, _ in tensors]
+
+    def leaf(path: str, layer: int | None) -> np.ndarray:
+        x = np.asarray(params[path])
+        return (x if layer is None else x[layer]).astype(dtype)
+
+    tensors += [(PREFIX + n, x) for n, x in torch_tensors(saved or [], [], leaf, dtype)]
     os.makedirs(dst)
     # One file, as PEFT reads it (adapters are small next to the model).
     write_safetensors(dst, {n: (x.shape, x.dtype) for n, x in tensors}, tensors, shard_bytes=1 << 62,
                       prefix=WEIGHTS_FILE.removesuffix(".safetensors"))
     with open(os.path.join(dst, CONFIG_FILE), "w") as f:
-        json.dump(adapter_config(spec, [n for n, _ in tensors], base), f, indent=2)
+        json.dump(adapter_config(spec, names, base, modules_to_save), f, indent=2)
 
 
 def read_adapter_config(src: str) -> dict[str, Any]:
@@ -119,8 +190,6 @@ def read_adapter_config(src: str) -> dict[str, Any]:
     unsupported = {k: config.get(k) for k, ok in (("peft_type", "LORA"), ("bias", "none"), ("use_rslora", False),
                                                   ("use_dora", False), ("fan_in_fan_out", False))
                    if config.get(k, ok) != ok}
-    if config.get("modules_to_save"):
-        unsupported["modules_to_save"] = config["modules_to_save"]
     if unsupported:
         raise ConversionError(f"{file}: unsupported LoRA settings {unsupported}")
     return config
@@ -157,7 +226,15 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
     if LoraSpec.from_config(model.lora) is not None:
         raise ConversionError(f"{base} already has LoRA adapters; import onto a base model")
     files = TorchFiles(src)
-    shapes = files.shapes()
+    shapes = {k: v for k, v in files.shapes().items() if ".lora_" in k}
+    saved = module_tensors(model, parts, {k: v.shape for k, v in params.items()},
+                           config.get("modules_to_save") or [])
+    saved_names = {PREFIX + t.name: t for t in saved}
+    missing = sorted(set(saved_names) - set(files.shapes()))
+    unexpected = sorted(set(files.shapes()) - set(shapes) - set(saved_names))
+    if missing or unexpected:
+        raise ConversionError(f"{src}: the modules_to_save {config.get('modules_to_save')} lack tensors "
+                              f"{missing}; tensors neither LoRA nor in them: {unexpected}")
     modules = adapted_modules(model, parts, sorted(shapes), src)
     model.lora.update(
         rank=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
@@ -171,6 +248,16 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
     for path, pieces in leaf_sources(tensors).items():
         host = build_leaf(pieces, lambda name: files.get(names[name]), dtype)
         params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda index: host[index])
+    full = {}  # the leaves of the modules_to_save: the base's, with the adapter file's tensors written over them
+    for t in saved:
+        for (path, layer), piece in zip(t.pieces, t.to_jax(files.get(PREFIX + t.name))):
+            if path is not None:
+                leaf = full.setdefault(path, np.array(params[path], dtype))
+                leaf[() if layer is None else layer] = piece
+    for path, host in full.items():
+        params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda index, host=host: host[index])
     tokenizer = os.path.join(base.partition("@")[0], "tokenizer")
-    write_checkpoint_dir(dst, params, dict(meta, model=model.to_dict(), adapter_config=config), tokenizer)
+    trained = sorted(set(lora_shapes) | set(full))  # a PEFT export of `dst` saves the same modules
+    write_checkpoint_dir(dst, params, dict(meta, model=model.to_dict(), adapter_config=config, trained=trained),
+                         tokenizer, extra_from=base)
     return model

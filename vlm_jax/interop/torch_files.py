@@ -81,6 +81,13 @@ class TorchFiles:
             out[name] = tuple(h.get_slice(name).get_shape()) if hasattr(h, "get_slice") else tuple(h[name].shape)
         return out
 
+    def dtype(self, name: str) -> np.dtype:
+        """The stored dtype of tensor `name`, read from the file's header (nothing is loaded)."""
+        _, h = self._where[name]
+        if hasattr(h, "get_slice"):
+            return _FROM_SAFETENSORS[h.get_slice(name).get_dtype()]
+        return _to_numpy(torch.empty(0, dtype=h[name].dtype)).dtype
+
     def get(self, name: str) -> np.ndarray:
         _, h = self._where[name]
         return _to_numpy(h.get_tensor(name) if hasattr(h, "get_tensor") else h[name])
@@ -100,6 +107,7 @@ def write_state_dict(file: str, tensors, key: str | None = None) -> None:
 _SAFETENSORS_DTYPES = {np.dtype(t): name for t, name in (
     (np.float64, "F64"), (np.float32, "F32"), (np.float16, "F16"), (ml_dtypes.bfloat16, "BF16"), (np.int64, "I64"),
     (np.int32, "I32"), (np.int16, "I16"), (np.int8, "I8"), (np.uint8, "U8"), (np.bool_, "BOOL"))}
+_FROM_SAFETENSORS = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(dst: str, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],

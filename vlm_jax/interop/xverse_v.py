@@ -112,5 +112,5 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
             path = f"connector/in_norm/{leaf}"
             params[path] = jax.device_put(np.full(adapter_shapes[path], value, dtype), shardings[path])
     write_checkpoint_dir(dst, params, dict(meta, parts=list(parts), model=model.to_dict(), family="xverse_v"),
-                         os.path.join(base.partition("@")[0], "tokenizer"))
+                         os.path.join(base.partition("@")[0], "tokenizer"), extra_from=base)
     return model

@@ -16,6 +16,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from vlm_jax import image_inputs, parallel
+from vlm_jax.checkpoints.directory import carry_source, write_trained
 from vlm_jax.checkpoints.params_only import restore_params
 from vlm_jax.checkpoints.train_state import Checkpointer
 from vlm_jax.checkpoints.workdir import is_workdir, restore_workdir_params
@@ -171,11 +172,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     if jax.process_index() == 0:
         print(setup.groups.format_table(), flush=True)
         setup.groups.write_table(workdir)
+    write_trained(workdir, ["/".join(p) for p in setup.groups.assignments if setup.groups.trains(p)])
     data = make_train_iterator(config, tokenizer, process_shards(config, setup.mesh))
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = ckpt.latest_step()
     if start is None:
-        state = setup.imported_state(config.init_params) if config.init_params else setup.fresh_state()
+        if config.init_params:
+            carry_source(config.init_params, workdir)  # what export needs of the source: its ids, carried tensors
+            state = setup.imported_state(config.init_params)
+        else:
+            state = setup.fresh_state()
         start = 0
     else:
         state, data_state = setup.restored_state(ckpt, start)
