@@ -28,7 +28,8 @@ CORPUS = ["A chat between a curious user and an artificial intelligence assistan
           "The assistant gives helpful, detailed, and polite answers to the user's questions.",
           "USER: What color is the star? ASSISTANT: The star is red.", "Describe the image in detail.",
           "There are 3 shapes: a blue circle, a green square and 12 red triangles.", "你好，世界！这是一张图片。",
-          "Where is it? It is at the top left of the picture\n\nIt is small\n\nIt is red", "Hello world 123, <ok>"]
+          "Where is it? It is at the top left of the picture\n\nIt is small\n\nIt is red",
+          "Hello world 123, <ok>"]
 RUN = 5  # placeholder run length of every image
 
 

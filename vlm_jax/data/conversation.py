@@ -128,6 +128,9 @@ class ConversationEncoder:
         self._end = [eos_id] if template.end is None else self._ids(template.end)
         if not self._end:
             raise ValueError(f"template {template.name!r}: end piece {template.end!r} tokenises to nothing")
+        if template.build == WHOLE and not tokenizer.is_fast:
+            raise ValueError(f"template {template.name!r} needs character offsets, which tokenizer "
+                             f"{tokenizer.name_or_path!r} (not tokenizers-backed) does not give")
         if template.build == LLAVA:
             if not self._bos:
                 raise ValueError(f"template {template.name!r}: LLaVA's loss mask counts a bos token, and tokenizer "
