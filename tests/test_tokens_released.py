@@ -190,13 +190,14 @@ def test_vicuna_v1_prompt_equals_llava_evaluation(llama_tok, name):
     assert enc.tokens.tolist() == ids.tolist() and answer == turns[-1][1]
 
 
-def test_llava_masks_the_first_answer_token_after_a_double_space(llama_tok):
+def test_llava_trains_on_the_space_token_of_an_answer_starting_with_a_space(llama_tok):
     """The "- 2" quirk: "ASSISTANT: " alone ends in a lone "▁"; an answer starting with a space keeps a "▁" of
-    its own in the round, so the mask ends one token early and that "▁" carries loss. Reproduced."""
+    its own in the round ("ASSISTANT:  red"), the mask ends at ":" and that "▁" carries loss. Reproduced."""
     turns = [("human", "<image>\nWhat color?"), ("gpt", " red")]
     enc = llava_encoder(llama_tok, "vicuna_v1", VICUNA_SYSTEM).encode(turns, [RUN], "q")
     first = int(np.flatnonzero(enc.loss)[0])
-    assert llama_tok.convert_ids_to_tokens(enc.tokens[first - 1:first + 1].tolist())[0] == ":"
+    assert llama_tok.convert_ids_to_tokens(enc.tokens[first - 1:].tolist()) == [":", "▁", "▁red", "</s>"]
+    assert enc.loss[first:].all()
 
 
 def test_llava_mismatch_is_an_error_naming_the_example(llama_tok):
