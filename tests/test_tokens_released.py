@@ -233,7 +233,7 @@ def test_plain_takes_exactly_one_image(llama_tok):
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
                r"\s+(?!\S)|\s+")
 QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>"]
+                  "<|image_pad|>", "<img>", "</img>"]  # the last two: Qwen-VL's
 # Qwen2-VL-Instruct's tokenizer_config.json chat_template (images only; its video branch left out).
 QWEN2_VL_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% for message in messages %}"
@@ -323,6 +323,41 @@ def test_qwen2_vl_image_equals_the_template_image_expanded(qwen_tok):
     pad = qwen_tok.convert_tokens_to_ids("<|image_pad|>")
     at = ids.index(pad)
     assert enc.tokens.tolist() == ids[:at] + [pad] * RUN + ids[at + 1:]
+    assert enc.image_starts == (at,)
+
+
+def qwen_vl_finetune(turns, tok, system: str) -> tuple[list[int], list[int]]:
+    """Qwen-VL's finetune.py preprocess: role, "\\n" and message tokenised apart; labels on every turn's
+    <|im_start|>, <|im_end|> and the "\\n" after it, and on assistant messages."""
+    im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    nl = tok("\n").input_ids
+    ids = [im_start] + tok("system").input_ids + nl + tok(system).input_ids + [im_end] + nl
+    labels = [im_start] + [IGNORE_INDEX] * (len(ids) - 3) + [im_end] + nl
+    for role, value in turns:
+        role_ids = tok("<|im_start|>user" if role == "human" else "<|im_start|>assistant").input_ids
+        turn = role_ids + nl + tok(value).input_ids + [im_end] + nl
+        ids += turn
+        if role == "human":
+            labels += [im_start] + [IGNORE_INDEX] * (len(turn) - 3) + [im_end] + nl
+        else:
+            labels += [im_start] + [IGNORE_INDEX] * len(role_ids) + turn[len(role_ids) + 1:-2] + [im_end] + nl
+    return ids, labels
+
+
+def test_qwen_vl_equals_qwen_vl_finetune(qwen_tok):
+    """Ids and labels as Qwen-VL's finetune.py builds them (messages not starting with a newline, where its
+    apart-tokenised "\\n" + message equals the whole string), each image's path and <imgpad> run between <img>
+    and </img> being our placeholder run."""
+    turns = [("human", "<image>\nWhat color is the star? 你好"), ("gpt", "Red, 12 of them."),
+             ("human", "Where is it?"), ("gpt", " top left 😀 ")]
+    enc = chatml_encoder(qwen_tok, "qwen_vl", "You are a helpful assistant.").encode(turns, [RUN], "v")
+    value = turns[0][1].replace("<image>", "Picture 1: <img></img>")
+    ids, labels = qwen_vl_finetune([(turns[0][0], value)] + turns[1:], qwen_tok, "You are a helpful assistant.")
+    at = ids.index(qwen_tok.convert_tokens_to_ids("</img>"))
+    pad = qwen_tok.convert_tokens_to_ids("<|image_pad|>")
+    assert enc.tokens.tolist() == ids[:at] + [pad] * RUN + ids[at:]
+    assert enc.loss.tolist() == [label != IGNORE_INDEX for label in labels[:at]] + [False] * RUN + [
+        label != IGNORE_INDEX for label in labels[at:]]
     assert enc.image_starts == (at,)
 
 

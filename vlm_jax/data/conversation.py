@@ -11,12 +11,14 @@ caller gives per image. Three constructions, chosen by the template (docs/contra
   quirks. Each image's single placeholder id of LLaVA is expanded into its run.
 - Whole text (ChatML: `chatml`, `qwen2_vl`, `qwen_vl`): the text between placeholder runs is tokenised
   as one string, as `apply_chat_template` renders and tokenises it; a token carries loss when it overlaps
-  an answer or its end piece (character offsets).
+  an answer or its end piece (character offsets), for `qwen_vl` also every turn's "<|im_start|>" and
+  "<|im_end|>\\n", as Qwen-VL's finetune.py labels them.
 - Pieces (`xverse`, `ziya`): each template piece tokenised on its own and concatenated, as XVERSE-V's
   MiniGPT-4-style trainer tokenises questions and answers apart; the mask is exact by construction.
 """
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -35,12 +37,14 @@ class Template:
     answer: the assistant text ("{a}"); carries loss.
     end: end-of-turn text; None means the tokenizer's eos (an id, or for LLAVA its text, as LLaVA's sep2
         "</s>"). Carries loss, and its last id is the generation stop id.
-    after_end: text after the end token (no loss).
+    after_end: text after the end token (no loss unless label_turn_marks).
     keep_question: False drops the human text and keeps only its image markers (LLaVA "plain").
     single_turn: only one human/gpt exchange allowed.
     image_before, image_after: text around each image's placeholder run ("{k}" is the image's 1-based number
         in the conversation), e.g. Qwen-VL's "Picture 1: <img>" ... "</img>".
     build: PIECES, WHOLE or LLAVA (module docstring).
+    label_turn_marks: WHOLE only: every turn's "<|im_start|>", and its end + after_end, carry loss too, in system
+        and user turns as well (Qwen-VL's finetune.py labels them).
     """
 
     name: str
@@ -55,6 +59,7 @@ class Template:
     image_before: str = ""
     image_after: str = ""
     build: str = PIECES
+    label_turn_marks: bool = False
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
@@ -87,11 +92,12 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
              build=WHOLE),
     # Qwen-VL / Belle-VL (docs/architectures.md 4.4): ChatML, each image "Picture k: <img>" + 256 slots + "</img>"
     # (the released tokenizer's <img>/</img> specials 151857/151858; the slots stand where its path bytes
-    # and <imgpad> padding were). The released system text is "You are a helpful assistant."
+    # and <imgpad> padding were). The released system text is "You are a helpful assistant." Labels as Qwen-VL's
+    # finetune.py sets them (docs/contracts.md, "Tokens").
     Template("qwen_vl", bos=False, system="<|im_start|>system\n{system}<|im_end|>\n",
              user="<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", answer="{a}",
              end="<|im_end|>", after_end="\n", image_before="Picture {k}: <img>", image_after="</img>",
-             build=WHOLE),
+             build=WHOLE, label_turn_marks=True),
 )}
 
 
@@ -124,6 +130,7 @@ class ConversationEncoder:
                  system: str = ""):
         self.template, self.tokenizer, self.image_id = template, tokenizer, image_id
         self._bos = [bos_id] if template.bos and bos_id is not None else []
+        self._system_text = system
         self._system = template.system.format(system=system) if system else ""
         self._end = [eos_id] if template.end is None else self._ids(template.end)
         if not self._end:
@@ -249,23 +256,36 @@ class ConversationEncoder:
 
     # ---- ChatML and piecewise templates
 
+    def _parts(self, fmt: str, **values: str) -> list[tuple[str, bool]]:
+        """A system or user piece formatted, as (text, loss) parts; with label_turn_marks the template's own
+        "<|im_start|>" and end + after_end are parts that carry loss."""
+        t = self.template
+        if not t.label_turn_marks:
+            return [(fmt.format(**values), False)]
+        marks = ("<|im_start|>", t.end + t.after_end)
+        pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", fmt)
+        return [(p if p in marks else p.format(**values), p in marks) for p in pieces if p]
+
     def _items(self, turns, image_lengths, answer_last: bool) -> list[tuple[str | list[int], bool, bool]]:
         """The conversation in order as (text or ids, loss, is an image run)."""
         t = self.template
         end = self._end if t.end is None else t.end
-        out: list[tuple[str | list[int], bool, bool]] = [(self._bos, False, False), (self._system, False, False)]
+        out: list[tuple[str | list[int], bool, bool]] = [(self._bos, False, False)]
+        if self._system_text:
+            out += [(text, flag, False) for text, flag in self._parts(t.system, system=self._system_text)]
         n_images = 0
         for i in range(0, len(turns), 2):
-            for k, segment in enumerate(t.user.format(q=turns[i][1]).split(IMAGE_MARKER)):
-                if k:
-                    n_images += 1
-                    out.append((t.image_before.format(k=n_images), False, False))
-                    out.append(([self.image_id] * image_lengths[n_images - 1], False, True))
-                    out.append((t.image_after.format(k=n_images), False, False))
-                out.append((segment, False, False))
+            for text, flag in self._parts(t.user, q=turns[i][1]):
+                for k, segment in enumerate(text.split(IMAGE_MARKER)):
+                    if k:
+                        n_images += 1
+                        out.append((t.image_before.format(k=n_images), False, False))
+                        out.append(([self.image_id] * image_lengths[n_images - 1], False, True))
+                        out.append((t.image_after.format(k=n_images), False, False))
+                    out.append((segment, flag, False))
             if i + 1 < len(turns) and (answer_last or i + 2 < len(turns)):
                 out += [(t.answer.format(a=turns[i + 1][1]), True, False), (end, True, False),
-                        (t.after_end, False, False)]
+                        (t.after_end, t.label_turn_marks, False)]
         return out
 
     def _whole_text(self, parts: list[tuple[str, bool]]) -> list[tuple[list[int], bool, bool]]:
