@@ -290,14 +290,14 @@ class ConversationEncoder:
 
     def _whole_text(self, parts: list[tuple[str, bool]]) -> list[tuple[list[int], bool, bool]]:
         """One string tokenised whole; a token carries loss when its characters overlap a loss part's."""
-        text = "".join(s for s, _ in parts)
+        text = "".join(piece for piece, _ in parts)
         if not text:
             return []
         spans, pos = [], 0
-        for s, flag in parts:
+        for piece, flag in parts:
             if flag:
-                spans.append((pos, pos + len(s)))
-            pos += len(s)
+                spans.append((pos, pos + len(piece)))
+            pos += len(piece)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return [([token], any(a < max(e, s + 1) and s < b for a, b in spans), False)
                 for token, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
