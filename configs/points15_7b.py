@@ -29,6 +29,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     # at most 8 devices of the batch axes. A window holds its examples' float32 patches, ~14 MB an average example.
     c.data.update(template="qwen2_vl", seq_len=4096, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
                   max_patches_per_row=11672, max_images_per_row=16, pack_window=512, vision_group_rows=4)
+    c.data.system = ""  # POINTS' chat template has no system message (docs/architectures.md 2.6)
     o = c.optim
     o.schedule, o.final_lr_ratio, o.clip_norm = "cosine", 0.0, 1.0
     if stage == "stage1":

@@ -13,6 +13,9 @@ import ml_collections
 from configs import stages
 
 STAGES = ("stage1", "stage2")
+# conv_vicuna_v1's system text (LLaVA's and ShareGPT4V's conversation.py, selected by `--version v1`).
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the user's questions.")
 
 
 def recipe(c: ml_collections.ConfigDict, stage: str, tiny: bool) -> ml_collections.ConfigDict:
@@ -22,6 +25,7 @@ def recipe(c: ml_collections.ConfigDict, stage: str, tiny: bool) -> ml_collectio
         c.batch_size, c.total_steps, c.data.template = 256, 1_246_000 // 256, "plain"
     else:
         c.batch_size, c.total_steps, c.data.template = 128, 665_000 // 128, "vicuna_v1"
+        c.data.system = VICUNA_V1_SYSTEM
     stages.warmup(c, 0.03)
     c.data.update(seq_len=2048, tile_size=c.model.vision.image_size, max_tiles=1, max_tiles_per_row=3)
     if tiny:

@@ -26,6 +26,9 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c.micro_batches = 16  # 16 GiB v5e chips: one 4096-token row per chip at a time (docs/scale.md)
     c.data.update(template="xverse", seq_len=4096, tile_size=224, max_tiles=9, max_tiles_per_row=15,
                   swap_hw=True)
+    # Training (prompt_template "Human: {}\nAssistant: ") and VQA evaluation write no system text; only the chat
+    # demo's CONV_VISION_XVERSE has one (docs/architectures.md 1.6).
+    c.data.system = ""
     o = c.optim
     o.weight_decay, o.schedule, o.final_lr_ratio, o.clip_norm = 0.0, "cosine", 0.0, 1.0
     frozen_norm = ("connector/in_norm/.*", "frozen")  # ln_vision stays frozen in both stages

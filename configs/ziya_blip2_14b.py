@@ -28,6 +28,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c.micro_batches = 4  # 16 rows per chip at a time on a v5p-8 (docs/scale.md)
     c.data.update(template="ziya", seq_len=2048, tile_size=224, max_tiles=1, max_tiles_per_row=16,
                   swap_hw=False)
+    c.data.system = ""  # Ziya's chat() writes no system text (`prompt_prefix ""`, docs/architectures.md 3.5)
     o = c.optim
     o.schedule, o.clip_norm, o.weight_decay = "cosine", 1.0, 0.05
     o.lr, o.final_lr_ratio = (1e-4, 0.1) if stage == "stage1" else (1e-5, 0.1)

@@ -63,8 +63,12 @@ def test_training_form_and_loss_mask(name):
     enc = encoder(name, system).encode(turns, [N_IMG], "ex-1")
     assert enc.tokens.dtype == np.int32 and enc.loss.dtype == bool and enc.tokens.shape == enc.loss.shape
     assert TOK.decode(enc.tokens.tolist()) == full
-    # Loss covers exactly each answer piece plus its end token.
+    # Loss covers exactly each answer piece plus its end token; Qwen-VL's finetune.py labels every turn's
+    # <|im_start|> and <|im_end|>\n too.
     answers = [TEMPLATES[name].answer.format(a=a) + end_text(name) for role, a in turns if role == "gpt"]
+    if TEMPLATES[name].label_turn_marks:
+        answers = ["<|im_start|>", "<|im_end|>\n<|im_start|>", "<|im_end|>\n<|im_start|>",
+                   "red<|im_end|>\n<|im_start|>", "<|im_end|>\n<|im_start|>", "top left<|im_end|>\n"]
     assert loss_runs(enc.tokens, enc.loss) == answers
     # One image run of the requested length, no loss on it, no stray placeholder ids.
     (start,) = enc.image_starts
