@@ -126,6 +126,36 @@ def test_shards_each_count_their_own_epoch(tmp_path):
     assert seen == collections.Counter(f"ex-{i}" for i in range(41))
 
 
+def test_every_process_takes_the_length_of_all_shards(tmp_path, monkeypatch):
+    """Two processes, each counting the data shard it builds, gather the counts and take the same length as one
+    process counting both."""
+    config = stage_config("sharegpt4v_7b", write_data(tmp_path, 41), "batch_size=4", "data.shards=2")
+    whole = loop.with_epoch_length(config, TOK, [0, 1]).total_steps
+    parts = [{str(s): c for s, c in count_epochs(config, TOK, [s]).items()} for s in (0, 1)]
+    monkeypatch.setattr(loop, "allgather_json", lambda mine: parts)
+    assert [loop.with_epoch_length(config, TOK, [s]).total_steps for s in (0, 1)] == [whole, whole]
+    assert whole == epoch_steps(config, count_epochs(config, TOK, [0, 1]))
+
+
+@pytest.mark.parametrize("system", ["sharegpt4v_7b", "points15_7b"])
+@pytest.mark.parametrize("source", ["llava_json", "synthetic"])
+def test_a_footprint_is_the_example_without_its_pixels(tmp_path, system, source):
+    config = stage_config(system, write_data(tmp_path, 12), "data.num_train=12")
+    config.data.source = source
+    records, to_example = make_source(config, "train"), data_kind(config.model).record_to_example(config, TOK)
+    for i in range(len(records)):
+        real, footprint = to_example(records[i]), to_example.footprint(records.header(i))
+        assert footprint.id == real.id
+        np.testing.assert_array_equal(footprint.tokens, real.tokens)
+        np.testing.assert_array_equal(footprint.loss, real.loss)
+        if system == "points15_7b":
+            assert [grid for _, grid in footprint.images] == [grid for _, grid in real.images]
+            assert footprint.num_patches == real.num_patches
+        else:
+            assert len(footprint.tiles) == len(real.tiles)
+            np.testing.assert_array_equal(footprint.tile_starts, real.tile_starts)
+
+
 def test_counting_reads_image_headers_not_pixels(tmp_path, monkeypatch):
     config = stage_config("sharegpt4v_7b", write_data(tmp_path), "batch_size=4")
 
