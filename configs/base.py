@@ -12,7 +12,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init, data order and dropout
-    c.total_steps = 1000  # optimizer steps of the run (data.epochs > 0 sets it from the data instead)
+    c.total_steps = 1000  # optimizer steps of the run; 0 with data.epochs > 0, which counts them from the data
     c.batch_size = 8  # rows per optimizer step, over all devices
     c.micro_batches = 1  # gradient accumulation: each step's rows run as this many equal micro-batches in turn
     c.log_every = 10  # steps between metric lines (and TensorBoard scalars)
@@ -127,8 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
     d.system = ""  # system text of the template's system prefix ("": no system prefix)
     d.seq_len = 2048  # tokens per packed row
     d.skip_too_long = False  # False: an example longer than seq_len is an error naming it
-    # 0: the run is total_steps long; N: N passes over the training data, every example N times: total_steps is
-    # the steps the packed rows of N epochs take (counted at start-up from text and image sizes, data/epochs.py).
+    # 0: the run is total_steps long; N: N passes over the training data, every example N times: total_steps (set
+    # to 0) becomes the steps the packed rows of N epochs take (counted at start-up from text and image sizes,
+    # data/epochs.py).
     d.epochs = 0
     d.max_examples_per_row = 64  # examples packed into one row at most
     # 0: rows take consecutive examples; N: the rows of every N examples are planned together (best-fit

@@ -27,7 +27,8 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     stage, tiny = stages.parse(arg, STAGES)
     c = stages.system("belle_vl")
     size = 224 if stage == "stage1" else 448
-    c.batch_size, c.data.epochs = 256, 1
+    c.batch_size = 256
+    stages.epochs(c, 1)
     c.micro_batches = 2  # 16 rows per chip at a time on v5p:2x2x2 (docs/scale.md)
     c.data.update(template="qwen_vl", system="You are a helpful assistant.", seq_len=2048, tile_size=size,
                   max_tiles=1, max_tiles_per_row=4, swap_hw=False)

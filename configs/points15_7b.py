@@ -28,7 +28,8 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     # patches per token of bench/packing.py's LLaVA-665k-like mix; groups of 4 rows sharing their vision rows pad
     # far less there than rows with their own images (docs/experiments.md 3), and need batch_size 32 on
     # at most 8 devices of the batch axes. A window holds its examples' float32 patches, ~14 MB an average example.
-    c.data.update(epochs=1, template="qwen2_vl", seq_len=4096, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
+    stages.epochs(c, 1)
+    c.data.update(template="qwen2_vl", seq_len=4096, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
                   max_patches_per_row=11672, max_images_per_row=16, pack_window=512, vision_group_rows=4)
     o = c.optim
     o.schedule, o.final_lr_ratio, o.clip_norm = "cosine", 0.0, 1.0

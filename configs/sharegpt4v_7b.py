@@ -24,7 +24,8 @@ def recipe(c: ml_collections.ConfigDict, stage: str, tiny: bool) -> ml_collectio
         c.batch_size, c.data.template = 128, "vicuna_v1"
     stages.warmup(c, 0.03)
     # One pass over the data; a batch is 256 (128) packed rows of up to 3 examples, not 256 (128) examples.
-    c.data.update(epochs=1, seq_len=2048, tile_size=c.model.vision.image_size, max_tiles=1, max_tiles_per_row=3)
+    stages.epochs(c, 1)
+    c.data.update(seq_len=2048, tile_size=c.model.vision.image_size, max_tiles=1, max_tiles_per_row=3)
     if tiny:
         stages.make_tiny(c, image_size=32)
     if stage == "stage1":

@@ -3,8 +3,8 @@
 `--config configs/sharegpt4v_7b.py:stage1` is the real recipe at the real size, its length in epochs of the
 user's data (data.epochs: total_steps is counted from the packed rows at start-up); `:stage2,tiny` the same
 recipe (groups, learning rates, schedule shape, resolution change) on a tiny model and the built-in synthetic
-data, for tests and CPU runs, a fixed 4 steps. A later stage starts from the previous stage's parameters with a fresh
-optimizer: `--config.init_params=STAGE1_WORKDIR` (or a checkpoint directory from `convert.py import`).
+data, for tests and CPU runs, a fixed 4 steps. A later stage starts from the previous stage's parameters with a
+fresh optimizer: `--config.init_params=STAGE1_WORKDIR` (or a checkpoint directory from `convert.py import`).
 """
 
 import ml_collections
@@ -41,6 +41,11 @@ def system(name: str) -> ml_collections.ConfigDict:
 def warmup(c: ml_collections.ConfigDict, fraction: float) -> None:
     """Warmup over `fraction` of the run, however long data.epochs makes it."""
     c.optim.warmup_steps, c.optim.warmup_fraction = 0, fraction
+
+
+def epochs(c: ml_collections.ConfigDict, n: int) -> None:
+    """A run of n passes over the data: total_steps is counted from its packed rows at start-up."""
+    c.total_steps, c.data.epochs = 0, n
 
 
 def make_tiny(c: ml_collections.ConfigDict, image_size: int) -> None:

@@ -22,7 +22,8 @@ LORA_TARGETS = r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     stage, tiny = stages.parse(arg, STAGES)
     c = stages.system("xverse_v_13b")
-    c.batch_size, c.data.epochs = 256, 1
+    c.batch_size = 256
+    stages.epochs(c, 1)
     c.micro_batches = 16  # 16 GiB v5e chips: one 4096-token row per chip at a time (docs/scale.md)
     c.data.update(template="xverse", seq_len=4096, tile_size=224, max_tiles=9, max_tiles_per_row=15,
                   swap_hw=True)

@@ -25,7 +25,8 @@ STAGES = ("stage1", "stage2")
 def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     stage, tiny = stages.parse(arg, STAGES)
     c = stages.system("ziya_blip2_14b")
-    c.batch_size, c.data.epochs = 256, 1
+    c.batch_size = 256
+    stages.epochs(c, 1)
     c.micro_batches = 4  # 16 rows per chip at a time on a v5p-8 (docs/scale.md)
     c.data.update(template="ziya", seq_len=2048, tile_size=224, max_tiles=1, max_tiles_per_row=16,
                   swap_hw=False)

@@ -47,7 +47,7 @@ def write_data(root, n: int = 40) -> str:
 def stage_config(system: str, path: str, *extra: str):
     """The tiny stage-2 recipe of `system` reading the llava_json file `path`, run by epochs."""
     return load_config(os.path.join(ROOT, "configs", f"{system}.py:stage2,tiny"), [
-        "data.source=llava_json", f"data.path={path}", "data.seq_len=160", "data.epochs=1", *extra])
+        "data.source=llava_json", f"data.path={path}", "data.seq_len=160", "data.epochs=1", "total_steps=0", *extra])
 
 
 def example_ids(config) -> dict[bytes, str]:
@@ -196,6 +196,9 @@ def test_bad_epoch_settings_are_one_line_errors(tmp_path):
         make_train_iterator(stage_config("sharegpt4v_7b", path, "data.epochs=-1"), TOK)
     with pytest.raises(ValueError, match=r"data.epochs=-1: 0 \(run total_steps\) or the number of passes"):
         count_epochs(stage_config("sharegpt4v_7b", path, "data.epochs=-1"), TOK, [0])
+    with pytest.raises(ValueError, match="data.epochs=1 counts the run's steps, but total_steps=4 is set too: set "
+                                         "total_steps=0, or data.epochs=0 for a run of total_steps"):
+        count_epochs(stage_config("sharegpt4v_7b", path, "total_steps=4"), TOK, [0])
     small = stage_config("sharegpt4v_7b", path)  # 6 examples: 2 or 3 rows, a batch is 8
     with pytest.raises(ValueError, match=r"data.epochs=1: epoch 1 of the training data packs into \d rows, fewer "
                                          r"than one batch of batch_size=8"):
@@ -217,7 +220,8 @@ def test_bad_epoch_settings_are_one_line_errors(tmp_path):
 def test_stage_configs_train_one_epoch_with_warmup_a_share_of_it(system):
     for stage in ("stage1", "stage2"):
         real = load_config(os.path.join(ROOT, "configs", f"{system}.py:{stage}"))
-        assert real.data.epochs == 1 and real.optim.warmup_fraction == 0.03 and real.optim.warmup_steps == 0
+        assert (real.data.epochs, real.total_steps, real.optim.warmup_fraction, real.optim.warmup_steps) == (
+            1, 0, 0.03, 0)
         tiny = load_config(os.path.join(ROOT, "configs", f"{system}.py:{stage},tiny"))
         assert (tiny.data.epochs, tiny.total_steps, tiny.optim.warmup_steps, tiny.optim.warmup_fraction) == (
             0, 4, 1, 0.0)

@@ -36,6 +36,9 @@ def count_epochs(config: ml_collections.ConfigDict, tokenizer, shards: list[int]
     """data shard -> how many units (rows; groups of data.vision_group_rows rows for grouped NaViT rows) each of
     its data.epochs epochs packs into, for the data shards `shards`."""
     d = config.data
+    if config.total_steps:
+        raise ValueError(f"data.epochs={d.epochs} counts the run's steps, but total_steps={config.total_steps} is set "
+                         "too: set total_steps=0, or data.epochs=0 for a run of total_steps")
     source = make_source(config, "train")
     footprint = data_kind(config.model).record_to_example(config, tokenizer).footprint
     layout, rows, threads = row_layout(config), shard_rows(config), os.cpu_count() or 1

@@ -198,8 +198,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
         state = setup.imported_state(config.init_params) if config.init_params else setup.fresh_state()
         start = 0
     else:
-        planned = ckpt.read_config(start).total_steps if config.data.epochs else config.total_steps
-        if planned != config.total_steps:  # the count is deterministic: a change means the inputs changed
+        # The count is deterministic: a different one means the data or the settings it depends on changed.
+        if config.data.epochs and (planned := ckpt.read_config(start).total_steps) != config.total_steps:
             ckpt.close()
             raise ValueError(f"data.epochs={config.data.epochs} now counts {config.total_steps} steps, but the run "
                              f"in {workdir} was planned at {planned}: its data or packing settings changed")
