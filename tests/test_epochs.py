@@ -99,6 +99,25 @@ def test_one_epoch_sees_every_example_once_then_stops(tmp_path, case):
     assert not any(rows[steps * 4:])  # ...and after it the stream has ended
 
 
+@pytest.mark.parametrize("window", [0, 8])
+def test_examples_too_long_to_fit_are_skipped_in_the_count_too(tmp_path, window):
+    path = write_data(tmp_path)
+    items = json.loads(open(path).read())
+    items += [{"id": f"long-{i}", "conversations": [{"from": "human", "value": "Say hi."},
+                                                    {"from": "gpt", "value": " ".join(["hi"] * (300 + i))}]}
+              for i in range(3)]
+    (tmp_path / "data.json").write_text(json.dumps(items))
+    config = stage_config("sharegpt4v_7b", path, "batch_size=4", "data.skip_too_long=True",
+                          f"data.pack_window={window}")
+    steps = epoch_steps(config, count_epochs(config, TOK, [0]))
+    ids = example_ids(config)
+    it = make_train_iterator(config, TOK)
+    rows = [row for _ in range(steps + 1) for row in rows_ids(next(it), ids)]
+    it.close()
+    assert sorted(i for row in rows[:steps * 4] for i in row) == sorted(f"ex-{i}" for i in range(40))
+    assert len([row for row in rows[:steps * 4] if row]) > steps * 4 - 4 and not any(rows[steps * 4:])
+
+
 def test_two_epochs_each_in_its_own_rows_in_a_fresh_order(tmp_path):
     config = stage_config("sharegpt4v_7b", write_data(tmp_path), "batch_size=4", "data.epochs=2",
                           "data.pack_window=8")
