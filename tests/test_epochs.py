@@ -25,7 +25,7 @@ SIZES = {"wide.png": (64, 40), "square.png": (90, 90), "tall.png": (30, 70)}
 
 
 def write_data(root, n: int = 40) -> str:
-    """A llava_json dataset of n examples, each with its own answer length (so its tokens name it), a third
+    """A llava_json dataset of n examples, each with its own answer length (so its tokens name it), a quarter
     text-only and the rest with one of SIZES' images."""
     (root / "imgs").mkdir(exist_ok=True)
     for name, size in SIZES.items():
@@ -110,10 +110,7 @@ def test_examples_too_long_to_fit_are_skipped_in_the_count_too(tmp_path, window)
     config = stage_config("sharegpt4v_7b", path, "batch_size=4", "data.skip_too_long=True",
                           f"data.pack_window={window}")
     steps = epoch_steps(config, count_epochs(config, TOK, [0]))
-    ids = example_ids(config)
-    it = make_train_iterator(config, TOK)
-    rows = [row for _ in range(steps + 1) for row in rows_ids(next(it), ids)]
-    it.close()
+    rows = stream_rows(config, steps + 1)
     assert sorted(i for row in rows[:steps * 4] for i in row) == sorted(f"ex-{i}" for i in range(40))
     assert len([row for row in rows[:steps * 4] if row]) > steps * 4 - 4 and not any(rows[steps * 4:])
 
