@@ -12,7 +12,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init, data order and dropout
-    c.total_steps = 1000  # optimizer steps of the run
+    c.total_steps = 1000  # optimizer steps of the run; 0 with data.epochs > 0, which counts them from the data
     c.batch_size = 8  # rows per optimizer step, over all devices
     c.micro_batches = 1  # gradient accumulation: each step's rows run as this many equal micro-batches in turn
     c.log_every = 10  # steps between metric lines (and TensorBoard scalars)
@@ -127,6 +127,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.system = ""  # system text of the template's system prefix ("": no system prefix)
     d.seq_len = 2048  # tokens per packed row
     d.skip_too_long = False  # False: an example longer than seq_len is an error naming it
+    # 0: the run is total_steps long; N: N passes over the training data, every example N times: total_steps (set
+    # to 0) becomes the steps the packed rows of N epochs take (counted at start-up from text and image sizes,
+    # data/epochs.py).
+    d.epochs = 0
     d.max_examples_per_row = 64  # examples packed into one row at most
     # 0: rows take consecutive examples; N: the rows of every N examples are planned together (best-fit
     # decreasing, data/packing.py plan_rows): a few percent padding instead of about half an example a row.
@@ -162,6 +166,7 @@ def get_config() -> ml_collections.ConfigDict:
     o.optimizer = "adamw"  # adamw | sgd
     o.lr = 2e-5  # peak learning rate
     o.warmup_steps = 100  # linear warmup from 0 to lr
+    o.warmup_fraction = 0.0  # > 0: the warmup is this share of total_steps instead (warmup_steps must be 0)
     o.schedule = "cosine"  # after warmup: cosine | linear | constant, down to lr * final_lr_ratio
     o.final_lr_ratio = 0.0  # the schedule ends at lr * final_lr_ratio
     o.weight_decay = 0.0  # decoupled weight decay (AdamW)
@@ -170,6 +175,7 @@ def get_config() -> ml_collections.ConfigDict:
     o.clip_norm = 1.0  # global gradient norm clip (0: none)
     # (path regex, group) or (path regex, group, "start:stop") for layers of a scanned stack; first match wins.
     o.trainable = [("vision/.*", "frozen"), (".*", "train")]
-    # group -> overrides of {lr, warmup_steps, final_lr_ratio, schedule, weight_decay, frozen}
+    # group -> overrides of {lr, warmup_steps, warmup_fraction, final_lr_ratio, schedule, weight_decay,
+    # frozen}
     o.groups = ml_collections.ConfigDict()
     return c

@@ -11,7 +11,7 @@ stage2 (instruction tuning) at 448 px (32x32 patches: the ViT's position table a
 positions are re-interpolated bicubically at run time): resampler + LLM; ViT frozen.
 The sin-cos table `connector/pos_embed` is fixed in both. Learning rates, batch and steps are not
 published: the values are Qwen-VL's own (pre-training 2e-4, instruction tuning 1e-5, weight decay 0.05 / 0.1,
-cosine), unverified for Belle-VL, to be tuned.
+cosine), unverified for Belle-VL, over one epoch of the given data (data.epochs), to be tuned.
 Scale: v5p:2x2x2 (8 chips), FSDP 8, 2 micro-batches; each stage's per-chip peak is in docs/scale.md.
 """
 
@@ -27,7 +27,8 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     stage, tiny = stages.parse(arg, STAGES)
     c = stages.system("belle_vl")
     size = 224 if stage == "stage1" else 448
-    c.batch_size, c.total_steps = 256, 20_000
+    c.batch_size = 256
+    stages.epochs(c, 1)
     c.micro_batches = 2  # 16 rows per chip at a time on v5p:2x2x2 (docs/scale.md)
     c.data.update(template="qwen_vl", system="You are a helpful assistant.", seq_len=2048, tile_size=size,
                   max_tiles=1, max_tiles_per_row=4, swap_hw=False)

@@ -22,11 +22,13 @@ def recipe(c: ml_collections.ConfigDict, stage: str, tiny: bool) -> ml_collectio
     o = c.optim
     o.lr, o.weight_decay, o.schedule, o.final_lr_ratio, o.clip_norm = 2e-5, 0.0, "cosine", 0.0, 1.0
     if stage == "stage1":
-        c.batch_size, c.total_steps, c.data.template = 256, 1_246_000 // 256, "plain"
+        c.batch_size, c.data.template = 256, "plain"
     else:
-        c.batch_size, c.total_steps, c.data.template = 128, 665_000 // 128, "vicuna_v1"
+        c.batch_size, c.data.template = 128, "vicuna_v1"
         c.data.system = VICUNA_V1_SYSTEM
     stages.warmup(c, 0.03)
+    # One pass over the data; a batch is 256 (128) packed rows of up to 3 examples, not 256 (128) examples.
+    stages.epochs(c, 1)
     c.data.update(seq_len=2048, tile_size=c.model.vision.image_size, max_tiles=1, max_tiles_per_row=3)
     if tiny:
         stages.make_tiny(c, image_size=32)

@@ -1,9 +1,10 @@
 """What the per-system stage configs share: the `STAGE[,tiny]` argument, the tiny variant, group rules.
 
-`--config configs/sharegpt4v_7b.py:stage1` is the real recipe at the real size; `:stage2,tiny` the same
+`--config configs/sharegpt4v_7b.py:stage1` is the real recipe at the real size, its length in epochs of the
+user's data (data.epochs: total_steps is counted from the packed rows at start-up); `:stage2,tiny` the same
 recipe (groups, learning rates, schedule shape, resolution change) on a tiny model and the built-in synthetic
-data, for tests and CPU runs. A later stage starts from the previous stage's parameters with a fresh
-optimizer: `--config.init_params=STAGE1_WORKDIR` (or a checkpoint directory from `convert.py import`).
+data, for tests and CPU runs, a fixed 4 steps. A later stage starts from the previous stage's parameters with a
+fresh optimizer: `--config.init_params=STAGE1_WORKDIR` (or a checkpoint directory from `convert.py import`).
 """
 
 import ml_collections
@@ -38,13 +39,21 @@ def system(name: str) -> ml_collections.ConfigDict:
 
 
 def warmup(c: ml_collections.ConfigDict, fraction: float) -> None:
-    c.optim.warmup_steps = max(1, round(fraction * c.total_steps))
+    """Warmup over `fraction` of the run, however long data.epochs makes it."""
+    c.optim.warmup_steps, c.optim.warmup_fraction = 0, fraction
+
+
+def epochs(c: ml_collections.ConfigDict, n: int) -> None:
+    """A run of n passes over the data: total_steps is counted from its packed rows at start-up."""
+    c.total_steps, c.data.epochs = 0, n
 
 
 def make_tiny(c: ml_collections.ConfigDict, image_size: int) -> None:
     """Shrinks the model and data to CPU size, keeping the recipe (rules, groups, LR ratios) as it is.
     `image_size` is the tiny stand-in for the stage's resolution (so a 224 -> 448 change stays a change)."""
+    # A fixed few steps rather than epochs of the synthetic data.
     c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 4, 8, 1, 4
+    c.data.epochs = 0
     # CPU settings: fp32 for exact comparisons, one pass, data parallel over the test's fake devices.
     c.micro_batches = 1
     c.model.update(dtype="float32", frozen_param_dtype="", remat_policy="none", attention="xla")
@@ -70,4 +79,4 @@ def make_tiny(c: ml_collections.ConfigDict, image_size: int) -> None:
                   max_pixels=(2 * image_size + 16) ** 2, max_patches_per_row=192)
     if c.data.vision_group_rows > 1:  # still grouped, in groups a 2-row batch holds
         c.data.vision_group_rows = 2
-    c.optim.warmup_steps = 1
+    c.optim.warmup_steps, c.optim.warmup_fraction = 1, 0.0

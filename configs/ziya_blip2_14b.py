@@ -8,7 +8,8 @@ and takes 32 placeholder slots where its `<image>` marker stands; several images
 stage1 (image-caption alignment) and stage2 (image QA / instructions): the projection only
 (`connector/projection`); ViT, Q-Former (queries included) and LLM frozen in both.
 Learning rates, batch and steps are not published: the values here follow BLIP-2's (LAVIS) stage-2
-pre-training (1e-4 cosine to 1e-5, weight decay 0.05) for stage 1 and a tenth of that for stage 2, to be tuned.
+pre-training (1e-4 cosine to 1e-5, weight decay 0.05) for stage 1 and a tenth of that for stage 2, one epoch of
+the given data (data.epochs), to be tuned.
 Import the weights with `launch/convert.py import` (HF Blip2ForConditionalGeneration layout) and start from
 them with `--config.init_params=CKPT_DIR`.
 Scale: v5p:2x2x1 (a v5p-8: 4 chips), FSDP 4, 4 micro-batches; the per-chip peak is in docs/scale.md.
@@ -24,7 +25,8 @@ STAGES = ("stage1", "stage2")
 def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     stage, tiny = stages.parse(arg, STAGES)
     c = stages.system("ziya_blip2_14b")
-    c.batch_size, c.total_steps = 256, 20_000
+    c.batch_size = 256
+    stages.epochs(c, 1)
     c.micro_batches = 4  # 16 rows per chip at a time on a v5p-8 (docs/scale.md)
     c.data.update(template="ziya", seq_len=2048, tile_size=224, max_tiles=1, max_tiles_per_row=16,
                   swap_hw=False)

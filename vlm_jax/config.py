@@ -30,6 +30,8 @@ ADDED = {
     "model.lora.rank": 0,
     "data.vision_group_rows": 1,
     "data.shards": 1,
+    "data.epochs": 0,  # the run was total_steps long
+    "optim.warmup_fraction": 0.0,  # the warmup was warmup_steps long
     "vision_pretrain.steps": 0,
 }
 # Keys that moved or went: old dotted path -> new dotted path, or None for a key whose value lives elsewhere

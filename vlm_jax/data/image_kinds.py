@@ -9,8 +9,8 @@ import math
 import ml_collections
 import numpy as np
 
-from vlm_jax.data.images import tile_image
-from vlm_jax.data.navit import example_mrope_positions, navit_patches, pack_patches
+from vlm_jax.data.images import tile_image, view_count
+from vlm_jax.data.navit import example_mrope_positions, navit_grid, navit_patches, pack_patches
 from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, check_fits, tokens_per_tile
 from vlm_jax.data.records import make_encoder, record_image
 
@@ -133,7 +133,17 @@ class RecordToExample:
         return dict(tiles=self.stack(views))
 
     def __call__(self, record: dict) -> Example:
-        views = self.images(record)
+        return self._example(record, self.images(record))
+
+    def footprint(self, header: dict) -> Example:
+        """The Example of a record given by its `header` (a source's: the image as its (width, height)), without
+        pixels: tokens, loss and starts as __call__ gives them, views [k, 0, 0, 3] (data/epochs.py counts on it)."""
+        size = header["image"]
+        views = [] if size is None else [
+            np.zeros((view_count(*size, self.tile_size, self.max_tiles), 0, 0, 3), np.float32)]
+        return self._example(header, views)
+
+    def _example(self, record: dict, views: list[np.ndarray]) -> Example:
         enc = self.encoder.encode(record["conversations"], self.run_lengths(views), record["id"])
         return Example(record["id"], enc.tokens, enc.loss, self.stack(views), self.tile_starts(enc.image_starts, views))
 
@@ -183,8 +193,9 @@ class RecordToNavitExample:
         d, v = config.data, config.model.vision
         self.encoder = make_encoder(config, tokenizer)
         self.merge = config.model.connector.merge_size
-        self.patch_args = dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                               merge_size=self.merge, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+        self.grid_args = dict(patch_size=v.patch_size, merge_size=self.merge, min_pixels=d.min_pixels,
+                              max_pixels=d.max_pixels)
+        self.patch_args = dict(self.grid_args, temporal_patch_size=v.temporal_patch_size)
 
     def images(self, record: dict) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
         """The record's images, each as (patches, grid) (`navit.navit_patches`)."""
@@ -203,7 +214,17 @@ class RecordToNavitExample:
         return example_mrope_positions(length, image_starts, [grid for _, grid in images], self.merge)
 
     def __call__(self, record: dict) -> NavitExample:
-        images = self.images(record)
+        return self._example(record, self.images(record))
+
+    def footprint(self, header: dict) -> NavitExample:
+        """The NavitExample of a record given by its `header` (a source's: the image as its (width, height)),
+        without pixels: tokens, loss, starts and grids as __call__ gives them, patches [t*h*w, 0] (data/epochs.py
+        counts on it)."""
+        size = header["image"]
+        grids = [] if size is None else [navit_grid(*size, **self.grid_args)]
+        return self._example(header, [(np.zeros((math.prod(grid), 0), np.float32), grid) for grid in grids])
+
+    def _example(self, record: dict, images: list) -> NavitExample:
         enc = self.encoder.encode(record["conversations"], self.run_lengths(images), record["id"])
         return NavitExample(record["id"], enc.tokens, enc.loss, tuple(images), np.asarray(enc.image_starts, np.int32))
 

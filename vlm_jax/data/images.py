@@ -1,5 +1,6 @@
 """Image loading, CLIP normalisation and XVERSE-V any-resolution tiling (docs/architectures.md 1.5)."""
 
+import contextlib
 import math
 import os
 
@@ -19,15 +20,28 @@ _LUT = np.ascontiguousarray(
 MAX_GRID_TILES = 9
 
 
-def load_image(path: str) -> Image.Image:
-    """Reads an image file and returns it as RGB, naming the path in any error."""
+@contextlib.contextmanager
+def _opened(path: str):
+    """The image file opened lazily (header read, pixels not decoded), naming the path in any error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            yield img
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot decode image file {path}: {e}") from e
+
+
+def load_image(path: str) -> Image.Image:
+    """Reads an image file and returns it as RGB, naming the path in any error."""
+    with _opened(path) as img:
+        return img.convert("RGB")
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file from its header alone (no pixels decoded), as `load_image` gives it."""
+    with _opened(path) as img:
+        return img.size
 
 
 def normalize(img: Image.Image | np.ndarray) -> np.ndarray:
@@ -69,6 +83,12 @@ def choose_grid(width: int, height: int, tile_size: int, max_tiles: int) -> tupl
         return 2, max_tiles // 2
     k = math.isqrt(max_tiles)
     return k, k
+
+
+def view_count(width: int, height: int, tile_size: int, max_tiles: int) -> int:
+    """Views `tile_image` makes of a width x height image: the global view, plus the grid's tiles unless 1x1."""
+    a, b = choose_grid(width, height, tile_size, max_tiles)
+    return 1 if a == b == 1 else 1 + a * b
 
 
 def global_view(img: Image.Image, tile_size: int) -> np.ndarray:

@@ -3,14 +3,15 @@
 The file is a JSON list of {"id", "image" (optional, relative path), "conversations":
 [{"from": "human"|"gpt", "value": str}, ...]}. `path` is the .json file, or a folder holding
 `data.json`. Image paths resolve against `image_folder` when given, else the json file's folder.
-Records without "image" are text-only. Structure is checked up front; images load lazily.
+Records without "image" are text-only. Structure is checked up front; images load lazily (`header` reads
+only their sizes).
 """
 
 import json
 import os
 
 from vlm_jax.data.conversation import GPT, HUMAN, IMAGE_MARKER
-from vlm_jax.data.images import load_image
+from vlm_jax.data.images import image_size, load_image
 
 DEFAULT_FILE = "data.json"
 
@@ -80,13 +81,21 @@ class LlavaJsonSource:
 
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
-        image = None
-        if rec["image"] is not None:
-            path = os.path.join(self.image_folder, rec["image"])
-            try:
-                image = load_image(path)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{self.json_file}: example {index} (id {rec['id']}): {e}") from e
-            except ValueError as e:
-                raise ValueError(f"{self.json_file}: example {index} (id {rec['id']}): {e}") from e
-        return dict(rec, image=image)
+        return dict(rec, image=None if rec["image"] is None else self._read(index, load_image))
+
+    def header(self, index: int) -> dict:
+        """Record `index` with `image` its (width, height) read from the file's header, no pixels decoded (None
+        for text-only): what data/epochs.py counts an epoch's rows from."""
+        rec = self.records[index]
+        return dict(rec, image=None if rec["image"] is None else self._read(index, image_size))
+
+    def _read(self, index: int, read):
+        """read(path of record `index`'s image), naming the json, the example and its id in any error."""
+        rec = self.records[index]
+        path = os.path.join(self.image_folder, rec["image"])
+        try:
+            return read(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{self.json_file}: example {index} (id {rec['id']}): {e}") from e
+        except ValueError as e:
+            raise ValueError(f"{self.json_file}: example {index} (id {rec['id']}): {e}") from e

@@ -53,6 +53,13 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MI
     return h_bar, w_bar
 
 
+def navit_grid(width: int, height: int, *, patch_size: int = 14, merge_size: int = 2, min_pixels: int = MIN_PIXELS,
+               max_pixels: int = MAX_PIXELS) -> tuple[int, int, int]:
+    """The patch grid (1, h, w) `navit_patches` gives a width x height image (smart_resize to whole merge windows)."""
+    height, width = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
+    return 1, height // patch_size, width // patch_size
+
+
 def navit_patches(
     img: Image.Image, *, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2,
     min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
@@ -60,9 +67,10 @@ def navit_patches(
     """RGB image -> (patches float32 [h*w, 3*T*p*p], grid (1, h, w)) in the processor's order (module doc)."""
     if img.mode != "RGB":
         raise ValueError(f"navit_patches expects an RGB image, got mode {img.mode!r}")
-    height, width = smart_resize(img.height, img.width, patch_size * merge_size, min_pixels, max_pixels)
-    pixels = normalize(img.resize((width, height), resample=Image.Resampling.BICUBIC))  # [H, W, 3]
-    gh, gw, m, p = height // patch_size, width // patch_size, merge_size, patch_size
+    _, gh, gw = navit_grid(img.width, img.height, patch_size=patch_size, merge_size=merge_size,
+                           min_pixels=min_pixels, max_pixels=max_pixels)
+    m, p = merge_size, patch_size
+    pixels = normalize(img.resize((gw * p, gh * p), resample=Image.Resampling.BICUBIC))  # [H, W, 3]
     x = pixels.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)  # (h/m, w/m, m, m, C, p, p)
     x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, p, p))
     return np.ascontiguousarray(x.reshape(gh * gw, 3 * temporal_patch_size * p * p)), (1, gh, gw)

@@ -7,6 +7,9 @@ examples s, s + shards, ...). grain's MapDataset reads past its length into late
 per epoch), so each shard's stream is infinite and its example i is a pure function of i. Each shard packs its own
 rows of every batch, greedily or a window at a time, so a shard's state is the index of its next unpacked example
 (and its window's progress); the batch is every shard's rows in shard order, whichever process builds which shard.
+With data.epochs N > 0 the epochs are hard boundaries: no row, window or group holds examples of two epochs, and a
+shard's stream ends after its N-th epoch (its rows of later batches stay empty), so the rows are what
+data/epochs.py counts and a run of the steps it derives sees every example N times.
 """
 
 import collections
@@ -62,14 +65,19 @@ class PackedBatchIterator:
     window at a time too (packing.plan_groups), and a window passes the examples it could not fit to the next: the
     state then also holds their stream indices. A background thread builds batches ahead (`prefetch` batches)
     while a pool of `workers` threads preprocesses examples (PIL and numpy release the GIL). An example that can
-    never fit raises ValueError naming it, or is skipped with a warning when skip_too_long is set.
+    never fit raises ValueError naming it, or is skipped with a warning when skip_too_long is set. With
+    `epoch_size` every epoch of that many stream indices is packed on its own (its last row, window or group closes
+    at its end), and after `stop` the rows stay empty.
     """
 
     def __init__(self, examples: grain.MapDataset, *, rows: int, layout: TiledRows | NavitRows,
                  window: int = 0, skip_too_long: bool = False, prefetch: int = 2, workers: int = 2,
-                 lookahead: int = 8):
+                 lookahead: int = 8, epoch_size: int = 0, stop: int | None = None):
         self.examples, self.rows, self.layout, self.window = examples, rows, layout, window
         self.skip_too_long = skip_too_long
+        # epoch_size n > 0: stream indices [k n, (k + 1) n) are epoch k, packed on their own; the stream ends at
+        # `stop` (None: never).
+        self.epoch_size, self.stop = epoch_size, stop
         self.prefetch, self.workers, self.lookahead = prefetch, workers, lookahead
         if layout.group > 1 and not window:
             raise ValueError(f"data.vision_group_rows={layout.group} plans rows a window at a time: set "
@@ -132,21 +140,21 @@ class PackedBatchIterator:
 
     def _produce(self, position: tuple[int, int, tuple[int, ...]], stop: threading.Event, out: queue.Queue) -> None:
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            reader = _AheadReader(self.examples, pool, position[0], self.lookahead)
+            reader = _AheadReader(self.examples, pool, position[0], self.lookahead, self.stop)
             grouped = self.layout.group > 1
-            if grouped:
-                units = self._window_groups(reader, position[1], position[2])
-            else:
-                units = self._window_rows(reader, position[1]) if self.window else self._stream_rows(reader)
+            units, after = self._units(reader, position, self.stop), position
             try:
                 while not stop.is_set():
                     batch = self.layout.empty(self.rows)
                     for unit in range(self.rows // self.layout.group):
+                        planned = next(units, None)
+                        if planned is None:  # the stream ended: the rest of the batch stays empty
+                            break
                         if grouped:
-                            examples, plan, after = next(units)
+                            examples, plan, after = planned
                             self.layout.write_group(batch, unit, examples, plan)
                         else:
-                            examples, after = next(units)
+                            examples, after = planned
                             self.layout.write(batch, unit, examples)
                     self._put(out, stop, (batch, after))
             except BaseException as e:  # surfaced to the consumer on its next call
@@ -154,9 +162,32 @@ class PackedBatchIterator:
             finally:
                 reader.cancel()
 
-    def _fitting(self, reader: "_AheadReader") -> Example | NavitExample:
-        """The next example that can fit a row (not consumed); raises or skips those that never can."""
-        while True:
+    def count_units(self, start: int, stop: int) -> int:
+        """How many rows (groups of rows when grouped) the stream's examples [start, stop) pack into, `start`
+        the first index of an epoch and `stop` its end (data/epochs.py counts epochs with it)."""
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            reader = _AheadReader(self.examples, pool, start, self.lookahead, stop)
+            try:
+                return sum(1 for _ in self._units(reader, (start, 0, ()), stop))
+            finally:
+                reader.cancel()
+
+    def _units(self, reader: "_AheadReader", position: tuple[int, int, tuple[int, ...]], stop: int | None):
+        """The rows (groups) of the stream from `position` up to `stop`, with the position after each."""
+        if self.layout.group > 1:
+            return self._window_groups(reader, position[1], position[2], stop)
+        if self.window:
+            return self._window_rows(reader, position[1], stop)
+        return self._stream_rows(reader, stop)
+
+    def _epoch_end(self, index: int) -> int | None:
+        """The first stream index past the epoch of `index` (None without epochs)."""
+        return (index // self.epoch_size + 1) * self.epoch_size if self.epoch_size else None
+
+    def _fitting(self, reader: "_AheadReader", end: int | None) -> Example | NavitExample | None:
+        """The next example before `end` that can fit a row (not consumed), or None at `end`; raises or skips
+        those that never can."""
+        while end is None or reader.index < end:
             ex = reader.peek()
             problem = check_fits(ex, self.layout)
             if not problem:
@@ -165,30 +196,31 @@ class PackedBatchIterator:
                 raise ValueError(problem)
             log.warning("skipping %s", problem)
             reader.advance()
+        return None
 
-    def _stream_rows(self, reader: "_AheadReader"):
+    def _stream_rows(self, reader: "_AheadReader", stop: int | None):
         """Rows of consecutive examples, each with the position after it."""
         limits = [limit for _, _, limit in self.layout.budgets]
-        while True:
-            packed, used = [], [0] * len(limits)
-            while True:
-                ex = self._fitting(reader)
+        while stop is None or reader.index < stop:
+            end, packed, used = self._epoch_end(reader.index), [], [0] * len(limits)
+            while (ex := self._fitting(reader, end)) is not None:
                 total = [u + c for u, c in zip(used, self.layout.cost(ex))]
                 if any(t > limit for t, limit in zip(total, limits)):
                     break  # `ex` stays unconsumed and starts the next row
                 packed.append(ex)
                 used = total
                 reader.advance()
-            yield packed, (reader.index, 0, ())
+            if packed:  # empty only when the epoch's last examples were all skipped
+                yield packed, (reader.index, 0, ())
 
-    def _window_rows(self, reader: "_AheadReader", skip: int):
-        """Rows planned over windows of `self.window` examples, each with the position after it; the first
-        `skip` rows of the first window were yielded before a restore."""
+    def _window_rows(self, reader: "_AheadReader", skip: int, stop: int | None):
+        """Rows planned over windows of `self.window` examples (fewer at an epoch's end), each with the position
+        after it; the first `skip` rows of the first window were yielded before a restore."""
         limits = tuple(limit for _, _, limit in self.layout.budgets)
-        while True:
-            start, examples = reader.index, []
-            for _ in range(self.window):
-                examples.append(self._fitting(reader))
+        while stop is None or reader.index < stop:
+            start, end, examples = reader.index, self._epoch_end(reader.index), []
+            while len(examples) < self.window and (ex := self._fitting(reader, end)) is not None:
+                examples.append(ex)
                 reader.advance()
             plan = packing.plan_rows([self.layout.cost(ex) for ex in examples], limits)
             for k in range(skip, len(plan)):
@@ -196,20 +228,20 @@ class PackedBatchIterator:
                 yield [examples[i] for i in plan[k]], after
             skip = 0
 
-    def _window_groups(self, reader: "_AheadReader", skip: int, carried: tuple[int, ...]):
-        """Groups planned over the examples carried into each window and `self.window` more, each as (the
-        window's examples, its PlannedGroup, the position after it); the first `skip` groups of the first window
-        were yielded before a restore."""
+    def _window_groups(self, reader: "_AheadReader", skip: int, carried: tuple[int, ...], stop: int | None):
+        """Groups planned over the examples carried into each window and `self.window` more (fewer at an epoch's
+        end, where nothing is carried on), each as (the window's examples, its PlannedGroup, the position after
+        it); the first `skip` groups of the first window were yielded before a restore."""
         held = [self.examples[i] for i in carried]  # re-read: only their stream indices are in the state
-        while True:
-            start, indices, examples = reader.index, list(carried), list(held)
-            for _ in range(self.window):
-                examples.append(self._fitting(reader))
+        while stop is None or reader.index < stop:
+            start, end, indices, examples = reader.index, self._epoch_end(reader.index), list(carried), list(held)
+            while len(examples) - len(held) < self.window and (ex := self._fitting(reader, end)) is not None:
+                examples.append(ex)
                 indices.append(reader.index)
                 reader.advance()
             groups, left = packing.plan_groups([len(ex) for ex in examples],
                                                [[math.prod(grid) for _, grid in ex.images] for ex in examples],
-                                               self.layout, carried=len(carried))
+                                               self.layout, carried=len(carried), flush=reader.index == end)
             for k in range(skip, len(groups)):
                 last = k == len(groups) - 1
                 after = (reader.index, 0, tuple(indices[i] for i in left)) if last else (start, k + 1, carried)
@@ -230,14 +262,14 @@ class _AheadReader:
     """Reads examples[index], examples[index + 1], ... in order, computing `lookahead` of them ahead."""
 
     def __init__(self, examples: grain.MapDataset, pool: concurrent.futures.Executor, index: int,
-                 lookahead: int):
-        self.examples, self.pool, self.index, self.lookahead = examples, pool, index, lookahead
+                 lookahead: int, stop: int | None = None):
+        self.examples, self.pool, self.index, self.lookahead, self.stop = examples, pool, index, lookahead, stop
         self._pending: collections.deque = collections.deque()
         self._submitted = index
 
     def peek(self) -> Example:
-        """The example at self.index (not consumed)."""
-        while len(self._pending) < self.lookahead:
+        """The example at self.index (not consumed); nothing at or past `stop` is read ahead."""
+        while len(self._pending) < self.lookahead and (self.stop is None or self._submitted < self.stop):
             self._pending.append(self.pool.submit(self.examples.__getitem__, self._submitted))
             self._submitted += 1
         return self._pending[0].result()
@@ -334,14 +366,29 @@ def shards_holding(config, rows: list[tuple[int, int]], holder: str = "this proc
     return whole
 
 
-def make_example_dataset(config, tokenizer, shard: int = 0, shards: int = 1) -> grain.MapDataset:
-    """Shuffled, infinite stream of training Examples of data shard `shard` of `shards` (index past len = next
-    epoch): examples shard, shard + shards, ... of the shuffled source."""
-    source = make_source(config, "train")
+def shard_stream(config, source, shard: int = 0, shards: int = 1) -> grain.MapDataset:
+    """Shuffled, infinite stream of `source`'s records of data shard `shard` of `shards` (index past len = next
+    epoch, reshuffled): records shard, shard + shards, ... of the shuffled source; its len is the shard's share
+    of an epoch."""
     if len(source) < shards:
         raise ValueError(f"training source has {len(source)} examples, fewer than data.shards={shards}")
-    ds = grain.MapDataset.source(source).shuffle(seed=config.seed % 2**32)
-    return ds[shard::shards].map(data_kind(config.model).record_to_example(config, tokenizer))
+    return grain.MapDataset.source(source).shuffle(seed=config.seed % 2**32)[shard::shards]
+
+
+def make_example_dataset(config, tokenizer, shard: int = 0, shards: int = 1) -> grain.MapDataset:
+    """Shuffled, infinite stream of training Examples of data shard `shard` of `shards` (`shard_stream`)."""
+    stream = shard_stream(config, make_source(config, "train"), shard, shards)
+    return stream.map(data_kind(config.model).record_to_example(config, tokenizer))
+
+
+def epoch_bounds(config, epoch_size: int) -> tuple[int, int | None]:
+    """(epoch_size, stop) of a shard stream whose epochs hold `epoch_size` examples: (0, None), an endless stream
+    packed across epochs, with data.epochs 0; else epochs packed on their own, the stream ending after
+    data.epochs of them."""
+    epochs = config.data.epochs
+    if epochs < 0:
+        raise ValueError(f"data.epochs={epochs}: 0 (run total_steps) or the number of passes over the data")
+    return (epoch_size, epochs * epoch_size) if epochs else (0, None)
 
 
 def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> ShardedBatchIterator:
@@ -352,7 +399,8 @@ def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> S
     loss_mask float32 [B, L]; tiles float32 [B, T, S, S, 3]; tile_mask bool [B, T]; image_dest int32
     [B, T*P] - or for a NaViT model patches, patch_positions, patch_segment_ids and image_dest [B, N/4],
     and positions [B, L, 3] with an M-RoPE decoder (docs/contracts.md). The iterator has get_state() -> small
-    JSON-able dict and set_state(dict).
+    JSON-able dict and set_state(dict). With data.epochs > 0 each shard's rows end after that many epochs (later
+    batches hold empty rows there).
     Optional config keys: data.skip_too_long (default False: an over-long example is an error),
     data.workers (preprocessing threads per shard, default 2), data.prefetch (batches built ahead, default 2).
     """
@@ -362,9 +410,14 @@ def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> S
     if not shards or not set(shards) <= set(range(count)):
         raise ValueError(f"data shards {shards}: data.shards={count} numbers them 0 to {count - 1}")
     layout = row_layout(config)
-    return ShardedBatchIterator({s: PackedBatchIterator(
-        make_example_dataset(config, tokenizer, s, count), rows=rows, layout=layout, window=d.pack_window,
-        skip_too_long=d.skip_too_long, prefetch=d.prefetch, workers=d.workers) for s in shards}, count)
+    iterators = {}
+    for s in shards:
+        examples = make_example_dataset(config, tokenizer, s, count)
+        epoch_size, stop = epoch_bounds(config, len(examples))
+        iterators[s] = PackedBatchIterator(
+            examples, rows=rows, layout=layout, window=d.pack_window, skip_too_long=d.skip_too_long,
+            prefetch=d.prefetch, workers=d.workers, epoch_size=epoch_size, stop=stop)
+    return ShardedBatchIterator(iterators, count)
 
 
 def make_eval_examples(config, tokenizer, n: int) -> list[dict]:

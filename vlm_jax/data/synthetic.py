@@ -281,12 +281,17 @@ class SyntheticSource:
         return sample_scene(self.seed, self.split, index, self.min_image_size, self.max_image_size, self.exclude)
 
     def __getitem__(self, index: int) -> dict:
+        return dict(self.header(index), image=render(self.scene(index), self.seed, self.split, index))
+
+    def header(self, index: int) -> dict:
+        """Record `index` with `image` its (width, height), not rendered: what data/epochs.py counts an epoch's
+        rows from."""
         if not 0 <= index < self.size:
             raise IndexError(f"synthetic {self.split} index {index} out of range [0, {self.size})")
         scene = self.scene(index)
         return dict(
             id=f"synthetic-{self.split}-{index}",
-            image=render(scene, self.seed, self.split, index),
+            image=(scene.width, scene.height),
             conversations=[turn for i, (_, q, a) in enumerate(scene.qa)
                            for turn in (("human", ("<image>\n" if i == 0 else "") + q), ("gpt", a))],
             qtype=scene.qtype,

@@ -21,7 +21,8 @@ from vlm_jax.checkpoints.params_only import restore_params
 from vlm_jax.checkpoints.train_state import Checkpointer
 from vlm_jax.checkpoints.workdir import is_workdir, restore_workdir_params
 from vlm_jax.config import to_json
-from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, shards_holding
+from vlm_jax.data.epochs import count_epochs, epoch_steps
+from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, row_layout, shards_holding
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.model import VLM
@@ -153,8 +154,23 @@ def allgather_json(value) -> list:
     return [json.loads(bytes(b[:n])) for b, n in zip(blobs, sizes)]
 
 
+def with_epoch_length(config: ml_collections.ConfigDict, tokenizer, shards: list[int]) -> ml_collections.ConfigDict:
+    """`config` with total_steps the length of data.epochs epochs (data/epochs.py): each process counts the data
+    shards `shards` it builds, and every process takes the same total from all of them."""
+    mine = {str(s): c for s, c in count_epochs(config, tokenizer, shards).items()}
+    counts = {int(s): c for part in allgather_json(mine) for s, c in part.items()}
+    config = config.copy_and_resolve_references()
+    config.total_steps = epoch_steps(config, counts)
+    group = row_layout(config).group
+    logging.info("data.epochs=%d: %s rows an epoch, %d steps of %d rows", config.data.epochs,
+                 [group * sum(c[e] for c in counts.values()) for e in range(config.data.epochs)],
+                 config.total_steps, config.batch_size)
+    return config
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None) -> TrainState:
-    """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir` if any.
+    """Trains to `config.total_steps` (with data.epochs > 0: to the end of that many epochs, counted first),
+    resuming from the latest checkpoint in `workdir` if any.
 
     `stop_at` ends the run early (after checkpointing that step) as a preemption would, without
     changing the schedule, which depends on total_steps. With several processes each builds only the data shards
@@ -162,18 +178,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     iterator state, and process 0 alone writes the metrics, TensorBoard events, loss plot and param_groups.json.
     """
     os.makedirs(workdir, exist_ok=True)
-    setup = Setup(config)
-    check_batch_size(config, setup.mesh)
+    mesh = parallel.make_mesh(config.mesh)
+    check_batch_size(config, mesh)
     check_segments(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
     if len(tokenizer) > config.model.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is "
                          f"{config.model.text.vocab_size}")
+    shards = process_shards(config, mesh)
+    if config.data.epochs:
+        config = with_epoch_length(config, tokenizer, shards)
+    setup = Setup(config)
     if jax.process_index() == 0:
         print(setup.groups.format_table(), flush=True)
         setup.groups.write_table(workdir)
     write_trained(workdir, ["/".join(p) for p in setup.groups.assignments if setup.groups.trains(p)])
-    data = make_train_iterator(config, tokenizer, process_shards(config, setup.mesh))
+    data = make_train_iterator(config, tokenizer, shards)
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = ckpt.latest_step()
     if start is None:
@@ -184,6 +204,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
             state = setup.fresh_state()
         start = 0
     else:
+        # The count is deterministic: a different one means the data or the settings it depends on changed.
+        if config.data.epochs and (planned := ckpt.read_config(start).total_steps) != config.total_steps:
+            ckpt.close()
+            raise ValueError(f"data.epochs={config.data.epochs} now counts {config.total_steps} steps, but the run "
+                             f"in {workdir} was planned at {planned}: its data or packing settings changed")
         state, data_state = setup.restored_state(ckpt, start)
         data.set_state(data_state)
         logging.info("resumed from step %d", start)

@@ -18,9 +18,10 @@ DECAYED_LEAVES = ("kernel", "embedding", "lora_a", "lora_b")
 
 
 def learning_rate_schedule(s: GroupSpec, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `s.lr`, then cosine or linear decay to `s.lr * s.final_lr_ratio` at
-    total_steps, or constant."""
-    warmup = min(int(s.warmup_steps), max(total_steps - 1, 0))
+    """Linear warmup from 0 to `s.lr` (s.warmup_steps, or s.warmup_fraction of total_steps and at least 1), then
+    cosine or linear decay to `s.lr * s.final_lr_ratio` at total_steps, or constant."""
+    steps = max(1, round(s.warmup_fraction * total_steps)) if s.warmup_fraction else int(s.warmup_steps)
+    warmup = min(steps, max(total_steps - 1, 0))
     if s.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=s.lr, warmup_steps=warmup,

@@ -7,7 +7,7 @@ stacked on a leading layer axis, only layers start..stop-1 belong to the group a
 frozen (ShareGPT4V stage 1 trains ViT layers 12-23 of 24).
 
 `optim.groups.<group>` overrides the optimizer defaults in `optim` for that group: `lr`, `warmup_steps`,
-`final_lr_ratio`, `schedule`, `weight_decay`, `frozen`. A group named by a rule but absent from
+`warmup_fraction`, `final_lr_ratio`, `schedule`, `weight_decay`, `frozen`. A group named by a rule but absent from
 `optim.groups` takes the defaults; the group `frozen` is always frozen. Frozen parameters live outside
 the optimizer (no gradients, no optimizer state).
 """
@@ -23,7 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 FROZEN = "frozen"
-GROUP_KEYS = ("lr", "warmup_steps", "final_lr_ratio", "schedule", "weight_decay", "frozen")
+GROUP_KEYS = ("lr", "warmup_steps", "warmup_fraction", "final_lr_ratio", "schedule", "weight_decay", "frozen")
 
 Path = tuple[str, ...]
 
@@ -95,6 +95,7 @@ def label_params(params, rules: list[tuple], what: str = "optim.trainable") -> d
 class GroupSpec:
     lr: float
     warmup_steps: int
+    warmup_fraction: float  # > 0: the warmup is this share of the run's steps instead of warmup_steps
     final_lr_ratio: float
     schedule: str
     weight_decay: float
@@ -118,6 +119,12 @@ def group_specs(o: ml_collections.ConfigDict, groups: set[str]) -> dict[str, Gro
         if g == FROZEN and values["frozen"] is not True:
             raise ValueError(f"optim.groups.{FROZEN}: the group named {FROZEN!r} is always frozen")
         values["frozen"] = bool(values["frozen"]) or g == FROZEN
+        where = f"optim.groups.{g}" if {"warmup_steps", "warmup_fraction"} & set(given) else "optim"
+        if not 0 <= values["warmup_fraction"] < 1:
+            raise ValueError(f"{where}: warmup_fraction={values['warmup_fraction']} must be in [0, 1)")
+        if values["warmup_fraction"] and values["warmup_steps"]:
+            raise ValueError(f"{where}: warmup_steps={values['warmup_steps']} and warmup_fraction="
+                             f"{values['warmup_fraction']} both set: give the warmup one way (the other 0)")
         specs[g] = GroupSpec(**values)
     return specs
 
@@ -159,7 +166,7 @@ class ParamGroups:
 
     def table(self) -> list[dict[str, Any]]:
         """One row per group: group, params (trainable element count; frozen layers count as frozen), lr,
-        weight_decay, frozen, warmup_steps, schedule."""
+        weight_decay, frozen, warmup_steps, warmup_fraction, schedule."""
         counts = {g: 0 for g in self.specs}
         counts.setdefault(FROZEN, 0)
         masks = self.layer_masks
@@ -173,22 +180,28 @@ class ParamGroups:
                 counts[a.group] += n
         specs = dict(self.specs)
         if FROZEN not in specs and counts[FROZEN]:
-            specs[FROZEN] = GroupSpec(0.0, 0, 0.0, "constant", 0.0, True)
+            specs[FROZEN] = GroupSpec(0.0, 0, 0.0, 0.0, "constant", 0.0, True)
         return [dict(group=g, params=counts[g], lr=0.0 if s.frozen else s.lr,
                      weight_decay=0.0 if s.frozen else s.weight_decay, frozen=s.frozen,
-                     warmup_steps=0 if s.frozen else s.warmup_steps, schedule=s.schedule)
+                     warmup_steps=0 if s.frozen else s.warmup_steps,
+                     warmup_fraction=0.0 if s.frozen else s.warmup_fraction, schedule=s.schedule)
                 for g, s in specs.items() if counts[g] or g in self.specs]
 
     def format_table(self) -> str:
         rows = self.table()
         lines = [f"{'group':<20} {'params':>15} {'lr':>10} {'wd':>8} {'warmup':>7} {'schedule':>9} frozen"]
         lines += [f"{r['group']:<20} {r['params']:>15,} {r['lr']:>10.3g} {r['weight_decay']:>8.3g} "
-                  f"{r['warmup_steps']:>7} {r['schedule']:>9} {r['frozen']}" for r in rows]
+                  f"{_warmup(r):>7} {r['schedule']:>9} {r['frozen']}" for r in rows]
         return "\n".join(lines)
 
     def write_table(self, workdir: str) -> None:
         with open(os.path.join(workdir, "param_groups.json"), "w") as f:
             json.dump(self.table(), f, indent=1)
+
+
+def _warmup(row: dict) -> str:
+    """A table row's warmup: steps, or the share of the run."""
+    return f"{100 * row['warmup_fraction']:g}%" if row["warmup_fraction"] else str(row["warmup_steps"])
 
 
 def merge_params(train: dict, frozen: dict) -> dict:
