@@ -47,7 +47,7 @@ def write_data(root, n: int = 40) -> str:
 def stage_config(system: str, path: str, *extra: str):
     """The tiny stage-2 recipe of `system` reading the llava_json file `path`, run by epochs."""
     return load_config(os.path.join(ROOT, "configs", f"{system}.py:stage2,tiny"), [
-        "data.source=llava_json", f"data.path={path}", "data.seq_len=160", "data.epochs=1", "total_steps=0", *extra])
+        "data.source=llava_json", f"data.path={path}", "data.seq_len=256", "data.epochs=1", "total_steps=0", *extra])
 
 
 def example_ids(config) -> dict[bytes, str]:
