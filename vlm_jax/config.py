@@ -30,6 +30,9 @@ ADDED = {
     "model.lora.rank": 0,
     "data.vision_group_rows": 1,
     "data.shards": 1,
+    "data.image_processor": "config",  # images were squashed whatever init_params held
+    "data.image_resize": "squash",
+    "data.image_pad_square": False,
     "vision_pretrain.steps": 0,
 }
 # Keys that moved or went: old dotted path -> new dotted path, or None for a key whose value lives elsewhere

@@ -20,6 +20,7 @@ from vlm_jax.checkpoints.params_only import restore_params
 from vlm_jax.checkpoints.train_state import Checkpointer
 from vlm_jax.checkpoints.workdir import is_workdir, restore_workdir_params
 from vlm_jax.config import to_json
+from vlm_jax.data.image_kinds import report_image_processor
 from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, shards_holding
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.layers.attention import resolve_backend
@@ -171,6 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     if jax.process_index() == 0:
         print(setup.groups.format_table(), flush=True)
         setup.groups.write_table(workdir)
+    report_image_processor(config, workdir if jax.process_index() == 0 else None)
     data = make_train_iterator(config, tokenizer, process_shards(config, setup.mesh))
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = ckpt.latest_step()
