@@ -12,8 +12,14 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from configs.base import get_config
+from tests.helpers import first_batch, tiny_config, write_dataset
+from vlm_jax.data.image_kinds import report_image_processor, tile_processor
 from vlm_jax.data.image_processor import ImageProcessor, from_config, from_hf, read_processor, resolve
 from vlm_jax.data.images import global_view, load_image
+from vlm_jax.data.pipeline import make_eval_examples
+from vlm_jax.data.tokenizer import load_tokenizer
+
+TOKENIZER = load_tokenizer("")
 
 
 def _noise(w: int, h: int, mode: str, seed: int = 0) -> Image.Image:
@@ -177,3 +183,38 @@ def test_not_rgb_without_convert_is_an_error():
     with pytest.raises(ValueError, match="mode L"):
         ImageProcessor(convert_rgb=False).apply(Image.new("L", (4, 4)))
 
+
+
+def test_a_run_from_an_import_trains_and_evaluates_with_its_processor(tmp_path, caplog):
+    """init_params at an imported checkpoint directory whose source had a LlavaImageProcessor(do_pad=True)
+    (`convert.py import` copies it into tokenizer/): the run's training and evaluation tiles are that processor's,
+    its report says so and records it in the workdir, and a run (or an evaluation) from that workdir takes it from
+    there. (tests/test_stage_configs.py sees the train command write the record.)"""
+    write_dataset(tmp_path)
+    hf = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    hf.save_pretrained(str(tmp_path / "ckpt" / "tokenizer"))
+    processor = from_hf(hf.to_dict())
+    config = tiny_config("data.source=llava_json", f"data.path={tmp_path}", f"data.eval_path={tmp_path}",
+                         "data.max_tiles=1", f"init_params={tmp_path / 'ckpt'}")
+    images = [load_image(str(tmp_path / "imgs" / n)) for n in ("a.png", "b.png")]
+    want = [processor.apply(img) for img in images]
+    assert not np.array_equal(want[0], global_view(images[0], 32))  # the pad shows on the 64 x 40 image
+
+    examples = make_eval_examples(config, TOKENIZER, 2)
+    for ex, tiles in zip(examples, want):
+        np.testing.assert_array_equal(ex["tiles"], tiles[None])
+    batch = first_batch(config, TOKENIZER)
+    seen = batch["tiles"][batch["tile_mask"]]
+    assert len(seen) and all(any(np.array_equal(t, w) for w in want) for t in seen)
+
+    (tmp_path / "run").mkdir()
+    with caplog.at_level("INFO"):
+        report_image_processor(config, str(tmp_path / "run"))
+    assert f"from {tmp_path}/ckpt/tokenizer/preprocessor_config.json" in caplog.text, caplog.text
+    assert "pad to square with (122, 116, 104), shortest edge to 32, centre crop 32x32" in caplog.text
+    later = tiny_config("data.max_tiles=1", f"init_params={tmp_path / 'run'}@1")
+    assert resolve(later) == (processor, str(tmp_path / "run" / "preprocessor_config.json"))
+    with pytest.raises(ValueError, match="data.max_tiles=4 tiles images XVERSE-V's way"):
+        tile_processor(tiny_config(f"init_params={tmp_path / 'run'}"))
+    with pytest.raises(ValueError, match=r"makes \(32, 32\) images, not data.tile_size 64"):
+        tile_processor(tiny_config("data.max_tiles=1", "data.tile_size=64", f"init_params={tmp_path / 'run'}"))

@@ -6,7 +6,7 @@ Steps, in transformers' order: RGB (transparency composited onto white), pad to 
 (LLaVA's expand2square), resize (PIL, uint8), centre crop (zero-padded where the image is smaller), then
 `float32(float64(x) * rescale)` normalised in float32. Every step before the last keeps uint8 values, so the last is
 a lookup table of 256 entries per channel, computed with exactly those ops.
-Where a run takes its processor from (data.image_processor) is `resolve`; docs/architectures.md 0.2 has it per system.
+Where a run takes its processor from (data.image_processor) is `resolve`; docs/architectures.md 0.4 has it per system.
 """
 
 import dataclasses
