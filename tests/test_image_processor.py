@@ -2,6 +2,7 @@
 torchvision) on odd sizes and modes, the file readers, the config keys and where a run takes its processor from."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from configs.base import get_config
-from tests.helpers import first_batch, tiny_config, write_dataset
+from tests.helpers import ROOT, first_batch, tiny_config, write_dataset
+from vlm_jax.config import load_config
 from vlm_jax.data.image_kinds import report_image_processor, tile_processor
 from vlm_jax.data.image_processor import ImageProcessor, from_config, from_hf, read_processor, resolve
 from vlm_jax.data.images import global_view, load_image
@@ -108,6 +110,9 @@ def test_squash_default_is_the_old_global_view():
                / np.array([0.26862954, 0.26130258, 0.27577711], np.float32))
         np.testing.assert_array_equal(processor.apply(img), old)
         np.testing.assert_array_equal(global_view(img, 32), old)
+    # The demo configs (docs/experiments.md's figures) keep it: no init_params, or a workdir of one of them.
+    for name in ("demo.py", "demo_recipe.py:stage1", "demo_recipe.py:stage2,tiny"):
+        assert tile_processor(load_config(os.path.join(ROOT, "configs", name))) == ImageProcessor(size=(32, 32))
 
 
 def test_config_keys_and_hf_round_trip():

@@ -3,6 +3,7 @@ bit-identical HF -> vlm_jax -> HF and vlm_jax -> HF -> vlm_jax round trips, and 
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from configs.base import get_config
 from tests.helpers import assert_reimport_bit_exact, assert_same_safetensors, randomize_torch, save_torch_model
 from vlm_jax import parallel
 from vlm_jax.cli import convert
-from vlm_jax.data.image_processor import ImageProcessor
+from vlm_jax.data.image_processor import ImageProcessor, resolve
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.interop import check as check_module
 from vlm_jax.checkpoints.params_only import restore_params, save_params
@@ -163,6 +164,21 @@ def test_original_llava_layout_round_trip(imported, tmp_path):
     a = flat(restore_params(os.path.join(src, "params"), *target))
     b = flat(restore_params(str(tmp_path / "back" / "params"), *target))
     assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+def test_import_with_a_separate_tower_records_the_tower_processor(hf_dirs, tmp_path):
+    """CLIP + Vicuna: the LLM has the tokenizer, the tower the image processor; the import keeps both, so a run
+    from it preprocesses as the tower's processor says (data.image_processor="auto")."""
+    tower = tmp_path / "clip"
+    shutil.copytree(hf_dirs["clip336"], tower)
+    CLIPImageProcessorPil(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42}).save_pretrained(
+        str(tower))
+    import_checkpoint(hf_dirs["llama"], str(tmp_path / "ckpt"), BASE, MESH, vision=str(tower))
+    config = get_config()
+    config.init_params = str(tmp_path / "ckpt")
+    processor, file = resolve(config)
+    assert file == str(tmp_path / "ckpt" / "tokenizer" / "preprocessor_config.json")
+    assert (processor.resize, processor.size, processor.crop) == ("shortest_edge", (42,), (42, 42))
 
 
 def test_bad_checkpoint_lists_every_offending_tensor_and_leaves_nothing(hf_dirs, tmp_path):

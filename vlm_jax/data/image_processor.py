@@ -19,8 +19,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # as published (and as transformers writes them)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = np.array(OPENAI_CLIP_MEAN, np.float32)
+CLIP_STD = np.array(OPENAI_CLIP_STD, np.float32)
 
 RESIZES = ("squash", "shortest_edge", "none")
 # A folder's processor, as transformers looks it up: a processor_config.json holding an "image_processor" entry
@@ -76,8 +78,8 @@ class ImageProcessor:
     pad_square: bool = False  # first pad to a square with int(255 * mean) per channel, image centred
     resample: int = Image.Resampling.BICUBIC  # PIL filter of the resize
     rescale: float = 1 / 255  # uint8 values are multiplied by this
-    mean: tuple[float, float, float] = tuple(float(m) for m in CLIP_MEAN)  # subtracted after rescale, per channel
-    std: tuple[float, float, float] = tuple(float(s) for s in CLIP_STD)  # then divided by, per channel
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN  # subtracted after rescale, per channel
+    std: tuple[float, float, float] = OPENAI_CLIP_STD  # then divided by, per channel
     do_normalize: bool = True  # False: mean and std are not applied (mean still gives the pad colour)
     convert_rgb: bool = True  # non-RGB images made RGB (composited onto white); False: they are an error
 
@@ -213,7 +215,10 @@ def from_hf(config: dict, file: str = "the processor config") -> ImageProcessor:
         raise ValueError(f"{file}: image_processor_type {kind or None!r} is not one vlm_jax reproduces "
                          f"(known: {sorted(KNOWN_TYPES)})")
     defaults = KNOWN_TYPES[kind]
-    get = lambda key, default: default if config.get(key) is None else config[key]  # noqa: E731 (null = default)
+
+    def get(key: str, default):  # a key left out or null takes the class default, as transformers does
+        return default if config.get(key) is None else config[key]
+
     if get("do_pad", False) and kind != "LlavaImageProcessor":
         raise ValueError(f"{file}: do_pad pads a batch of {kind} outputs to one size, which vlm_jax does not do")
     size = _size_dict(get("size", defaults["size"]), defaults["default_to_square"], f"{file}: size")
@@ -231,13 +236,14 @@ def from_hf(config: dict, file: str = "the processor config") -> ImageProcessor:
     if get("do_center_crop", defaults["do_center_crop"]):
         crop_size = _size_dict(get("crop_size", defaults["crop_size"]), True, f"{file}: crop_size")
         crop = (int(crop_size["height"]), int(crop_size["width"]))
-    mean = _channels(get("image_mean", CLIP_MEAN.tolist()), f"{file}: image_mean")
-    std = _channels(get("image_std", CLIP_STD.tolist()), f"{file}: image_std")
+    mean = _channels(get("image_mean", OPENAI_CLIP_MEAN), f"{file}: image_mean")
+    std = _channels(get("image_std", OPENAI_CLIP_STD), f"{file}: image_std")
     return ImageProcessor(
         resize=resize, size=sizes, crop=crop, pad_square=bool(get("do_pad", False)),
         resample=int(get("resample", Image.Resampling.BICUBIC)),
         rescale=float(get("rescale_factor", 1 / 255)) if get("do_rescale", True) else 1.0,
-        mean=mean, std=std, do_normalize=bool(get("do_normalize", True)), convert_rgb=bool(get("do_convert_rgb", True)))
+        mean=mean, std=std, do_normalize=bool(get("do_normalize", True)),
+        convert_rgb=bool(get("do_convert_rgb", True)))
 
 
 def processor_file(folder: str) -> str | None:

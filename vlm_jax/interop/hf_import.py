@@ -116,5 +116,6 @@ def import_checkpoint(
     parts = sorted({p for s in sources for p in s.spec.parts})
     meta = dict(family=sources[-1].family, parts=parts, model=model.to_dict(),
                 hf_config=sources[-1].hf_config, vision_hf_config=sources[0].hf_config if vision else None)
-    write_checkpoint_dir(dst, params, meta, tokenizer_from=src if os.path.isdir(src) else os.path.dirname(src))
+    write_checkpoint_dir(dst, params, meta, tokenizer_from=src if os.path.isdir(src) else os.path.dirname(src),
+                         processor_from=vision if vision and os.path.isdir(vision) else None)
     return model
