@@ -17,7 +17,7 @@ from tests.helpers import ROOT, first_batch, tiny_config, write_dataset
 from vlm_jax.config import load_config
 from vlm_jax.data.image_kinds import report_image_processor, tile_processor
 from vlm_jax.data.image_processor import ImageProcessor, from_config, from_hf, read_processor, resolve
-from vlm_jax.data.images import global_view, load_image
+from vlm_jax.data.images import global_view, load_image, normalize
 from vlm_jax.data.pipeline import make_eval_examples
 from vlm_jax.data.tokenizer import load_tokenizer
 
@@ -184,10 +184,21 @@ def test_resolve(tmp_path):
         resolve(config)
 
 
-def test_not_rgb_without_convert_is_an_error():
-    with pytest.raises(ValueError, match="mode L"):
-        ImageProcessor(convert_rgb=False).apply(Image.new("L", (4, 4)))
-
+def test_rgb_conversion_with_and_without_compositing(tmp_path):
+    """A palette PNG with a transparent index loads (PIL's RGB conversion) as RGB that keeps the transparent colour:
+    transformers' processors composite it onto white, the config keys keep the pixels as the released training
+    code (and vlm_jax before processors) saw them."""
+    img = _noise(40, 30, "P")
+    img.save(tmp_path / "p.png")
+    loaded = load_image(str(tmp_path / "p.png"))
+    assert loaded.mode == "RGB" and loaded.info.get("transparency") is not None
+    hf = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    np.testing.assert_array_equal(from_hf(hf.to_dict()).apply(loaded), _reference(hf, loaded))
+    config = get_config()
+    config.data.tile_size = 32
+    plain = from_config(config.data).apply(loaded)
+    np.testing.assert_array_equal(plain, normalize(loaded.resize((32, 32), Image.Resampling.BICUBIC)))
+    assert not np.array_equal(plain, _reference(hf, loaded))
 
 
 def test_a_run_from_an_import_trains_and_evaluates_with_its_processor(tmp_path, caplog):

@@ -2,7 +2,7 @@
 (CLIPImageProcessor, LlavaImageProcessor, BlipImageProcessor), or the data.image_* config keys, and the function
 that applies it (equal to transformers' PIL processors; tests/test_image_processor.py).
 
-Steps, in transformers' order: RGB (transparency composited onto white), pad to a square with the mean colour
+Steps, in transformers' order: RGB (transformers: transparency composited onto white), pad to a square with the mean colour
 (LLaVA's expand2square), resize (PIL, uint8), centre crop (zero-padded where the image is smaller), then
 `float32(float64(x) * rescale)` normalised in float32. Every step before the last keeps uint8 values, so the last is
 a lookup table of 256 entries per channel, computed with exactly those ops.
@@ -57,14 +57,14 @@ def apply_lut(arr: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return np.stack([lut[c].take(arr[..., c]) for c in range(3)], axis=-1)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """The image as RGB the way transformers' convert_to_rgb makes it: transparency composited onto white."""
-    if img.mode == "RGB":
-        return img
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
+def to_rgb(img: Image.Image, composite: bool) -> Image.Image:
+    """The image as RGB: with `composite` as transformers' convert_to_rgb makes it, transparency (an alpha band, or
+    a `transparency` colour, which PIL's RGB conversion of a palette image keeps) composited onto white; without,
+    PIL's convert("RGB") as the released training code loads images (alpha dropped)."""
+    if composite and ("A" in img.getbands() or img.info.get("transparency") is not None):
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,9 @@ class ImageProcessor:
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN  # subtracted after rescale, per channel
     std: tuple[float, float, float] = OPENAI_CLIP_STD  # then divided by, per channel
     do_normalize: bool = True  # False: mean and std are not applied (mean still gives the pad colour)
-    convert_rgb: bool = True  # non-RGB images made RGB (composited onto white); False: they are an error
+    # transformers' do_convert_rgb: transparency composited onto white (to_rgb); False: PIL's plain conversion, as
+    # the released training code (LLaVA, ShareGPT4V, Qwen-VL, XVERSE-V) makes images RGB
+    convert_rgb: bool = False
 
     def __post_init__(self):
         if self.resize not in RESIZES:
@@ -107,9 +109,7 @@ class ImageProcessor:
         return tuple(int(m * 255) for m in self.mean)
 
     def rgb(self, img: Image.Image) -> Image.Image:
-        if img.mode != "RGB" and not self.convert_rgb:
-            raise ValueError(f"image of mode {img.mode} given to an image processor with do_convert_rgb false")
-        return to_rgb(img)
+        return to_rgb(img, self.convert_rgb)
 
     def apply(self, img: Image.Image) -> np.ndarray:
         """A PIL image of any mode -> float32 [H, W, 3]."""
@@ -278,7 +278,8 @@ def read_processor(folder: str) -> tuple[ImageProcessor, str]:
 
 
 def from_config(data: ml_collections.ConfigDict) -> ImageProcessor:
-    """The processor the data.image_* keys describe: each image to one data.tile_size tile."""
+    """The processor the data.image_* keys describe: each image to one data.tile_size tile, made RGB as the
+    released training code does (PIL's plain conversion)."""
     s = data.tile_size
     if data.image_resize not in CONFIG_RESIZES:
         raise ValueError(f"data.image_resize {data.image_resize!r}: choose from {sorted(CONFIG_RESIZES)}")
