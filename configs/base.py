@@ -146,6 +146,12 @@ def get_config() -> ml_collections.ConfigDict:
     d.max_tiles = 9  # tiles of the grid besides the global view, at most (1: the global view alone)
     d.swap_hw = True  # XVERSE-V's grid orientation: non-square images come out with their aspect ratio swapped
     d.max_tiles_per_row = 20  # tile slots of a packed row
+    # Tiled stems: how an image becomes a tile (vlm_jax/data/image_processor.py). "auto": the processor recorded
+    # with init_params (an import's tokenizer/preprocessor_config.json, or the one a workdir's run used), else the
+    # two keys below; "config": the keys below; or a directory holding a transformers preprocessor_config.json.
+    d.image_processor = "auto"
+    d.image_resize = "squash"  # squash: straight to tile_size square | shortest_edge_crop: CLIP's resize + centre crop
+    d.image_pad_square = False  # first pad to a square with the mean colour (LLaVA's image_aspect_ratio="pad")
     # navit stem: images at native resolution (smart_resize into [min_pixels, max_pixels]), every image of a row
     # packed into max_patches_per_row patch slots.
     d.min_pixels = 56 * 56  # navit: fewest pixels an image is resized to

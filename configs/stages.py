@@ -32,6 +32,9 @@ def system(name: str) -> ml_collections.ConfigDict:
     the backward pass, and the fast attention kernel of the platform it runs on."""
     c = sizes.get_config(name)
     c.data.source = "llava_json"
+    # The release's training preprocessing, as each stage config sets it, not an import's processor file (an HF
+    # LLaVA's plain CLIPImageProcessor would drop ShareGPT4V stage 2's pad to square).
+    c.data.image_processor = "config"
     c.model.update(dtype="bfloat16", param_dtype="float32", frozen_param_dtype="bfloat16", remat_policy="full",
                    attention="auto")
     c.mesh.update(data=1, fsdp=-1, tensor=1)

@@ -3,16 +3,24 @@ bit-identical HF -> vlm_jax -> HF and vlm_jax -> HF -> vlm_jax round trips, and 
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from configs.base import get_config
 from tests.helpers import assert_reimport_bit_exact, assert_same_safetensors, randomize_torch, save_torch_model
 from vlm_jax import parallel
+from vlm_jax.cli import convert
+from vlm_jax.data.image_processor import ImageProcessor, resolve
+from vlm_jax.data.tokenizer import load_tokenizer
+from vlm_jax.interop import check as check_module
 from vlm_jax.checkpoints.params_only import restore_params, save_params
 from vlm_jax.checkpoints.streaming import stored_arrays
 from vlm_jax.interop.check import check
@@ -163,6 +171,21 @@ def test_original_llava_layout_round_trip(imported, tmp_path):
     assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
+def test_import_with_a_separate_tower_records_the_tower_processor(hf_dirs, tmp_path):
+    """CLIP + Vicuna: the LLM has the tokenizer, the tower the image processor; the import keeps both, so a run
+    from it preprocesses as the tower's processor says (data.image_processor="auto")."""
+    tower = tmp_path / "clip"
+    shutil.copytree(hf_dirs["clip336"], tower)
+    CLIPImageProcessorPil(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42}).save_pretrained(
+        str(tower))
+    import_checkpoint(hf_dirs["llama"], str(tmp_path / "ckpt"), BASE, MESH, vision=str(tower))
+    config = get_config()
+    config.init_params = str(tmp_path / "ckpt")
+    processor, file = resolve(config)
+    assert file == str(tmp_path / "ckpt" / "tokenizer" / "preprocessor_config.json")
+    assert (processor.resize, processor.size, processor.crop) == ("shortest_edge", (42,), (42, 42))
+
+
 def test_bad_checkpoint_lists_every_offending_tensor_and_leaves_nothing(hf_dirs, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -229,3 +252,47 @@ def test_import_streams_onto_a_sharded_mesh(hf_dirs, imported, tmp_path):
     export_checkpoint(imported["llava_legacy"], str(tmp_path / "out_replicated"), "hf")
     assert_same_safetensors(str(tmp_path / "out_replicated" / "model.safetensors"),
                             str(tmp_path / "out" / "model.safetensors"))
+
+
+def _llava_with_processor(path, image_processor) -> str:
+    """A tiny LLaVA saved with the demo tokenizer (its <image> is id 4) and `image_processor` as its processor."""
+    tokenizer = load_tokenizer("")
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**VISION, image_size=42),
+        text_config=transformers.LlamaConfig(**dict(TEXT, vocab_size=512)),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        image_seq_length=9)).eval()
+    randomize_torch(model, 7)
+    save_torch_model(model, path)
+    transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                vision_feature_select_strategy="default",
+                                num_additional_image_tokens=1).save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("processor", [
+    lambda: CLIPImageProcessorPil(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42}),
+    lambda: LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42}),
+], ids=["clip", "llava_pad"])
+def test_check_on_an_image_preprocesses_each_side_itself(tmp_path, capsys, monkeypatch, processor):
+    src = _llava_with_processor(tmp_path / "llava", processor())
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # displayed rotated: each side must load it upright the same way
+    Image.fromarray(rng.integers(0, 256, (517, 333, 3), np.uint8)).save(tmp_path / "img.jpg", exif=exif.tobytes())
+    convert.main(["check", "--src", src, "--image", str(tmp_path / "img.jpg"), "--question", "What colour is it?"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["pixel_max_abs_diff"] <= 1e-6, report
+    assert report["max_abs_diff"] <= 2e-5, report
+    assert {"vision_features", "projector", "logits"} <= set(report), report
+    # A vlm_jax side that squashes instead shows in pixel_max_abs_diff.
+    monkeypatch.setattr(check_module, "read_processor", lambda folder: (ImageProcessor(size=(42, 42)), folder))
+    assert check(src, BASE, MESH, image=str(tmp_path / "img.jpg"))["pixel_max_abs_diff"] > 0.1
+
+
+def test_check_image_needs_a_llava(hf_dirs, tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(ConversionError, match="check --image runs LLaVA checkpoints"):
+        check(hf_dirs["llama"], BASE, MESH, image=str(tmp_path / "a.png"))
+    with pytest.raises(ConversionError, match="needs the checkpoint's processor"):
+        check(hf_dirs["llava_legacy"], BASE, MESH, image=str(tmp_path / "a.png"))

@@ -11,6 +11,8 @@ import pytest
 from flax import traverse_util
 
 from vlm_jax.config import load_config
+from vlm_jax.data.image_kinds import tile_processor
+from vlm_jax.data.image_processor import ImageProcessor, from_hf
 from vlm_jax import parallel
 from vlm_jax.train import loop
 from vlm_jax.train.optim import optimizer_state_bytes
@@ -60,6 +62,9 @@ def test_stage2_starts_from_the_stage1_run(tmp_path):
     stage1 = stage_config("sharegpt4v_7b", "stage1", "total_steps=2", "checkpoint_every=2", "mesh.data=-1",
                           "batch_size=8")
     final = loop.train(stage1, str(tmp_path / "stage1"))
+    # The run records its image processor, where a run starting from it finds it (data.image_processor="auto").
+    recorded = json.loads((tmp_path / "stage1" / "preprocessor_config.json").read_text())
+    assert from_hf(recorded) == tile_processor(stage1)
     table = json.loads((tmp_path / "stage1" / "param_groups.json").read_text())
     assert [r["group"] for r in table] == ["frozen", "train", "vision_top"]
     stage2 = stage_config("sharegpt4v_7b", "stage2", f"init_params={tmp_path / 'stage1'}")
@@ -104,3 +109,21 @@ def test_real_size_group_table():
     assert xverse["lora"]["params"] == 500_695_040 and xverse["lora"]["lr"] == 2e-4
     assert xverse["connector"]["params"] == 31_467_520  # llama_proj; ln_vision stays frozen
     assert table("sharegpt4v_7b.py:stage1")["vision_top"]["params"] == 11 * 12_596_224
+
+
+@pytest.mark.parametrize("arg,processor", [
+    # CLIP-336's processor; stage 2 pads to a square first (image_aspect_ratio pad), stage 1 does not.
+    ("sharegpt4v_7b.py:stage1", ImageProcessor(resize="shortest_edge", size=(336,), crop=(336, 336))),
+    ("sharegpt4v_13b.py:stage2", ImageProcessor(resize="shortest_edge", size=(336,), crop=(336, 336),
+                                                pad_square=True)),
+    ("ziya_blip2_14b.py:stage1", ImageProcessor(size=(224, 224))),  # BlipImageProcessor at 224
+    ("belle_vl.py:stage2", ImageProcessor(size=(448, 448))),  # Qwen-VL's Resize((448, 448), BICUBIC)
+    ("xverse_v_13b.py:stage1", ImageProcessor(size=(224, 224))),  # hd_image_train's global view
+])
+def test_stage_configs_preprocess_as_released(arg, processor, tmp_path):
+    # An import holding another processor file does not change the release's preprocessing.
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "BlipImageProcessor", "size": 1000}))
+    config = load_config(os.path.join(ROOT, "configs", arg), [f"init_params={tmp_path}"])
+    assert tile_processor(config) == processor

@@ -32,6 +32,9 @@ ADDED = {
     "data.shards": 1,
     "data.epochs": 0,  # the run was total_steps long
     "optim.warmup_fraction": 0.0,  # the warmup was warmup_steps long
+    "data.image_processor": "config",  # images were squashed whatever init_params held
+    "data.image_resize": "squash",
+    "data.image_pad_square": False,
     "vision_pretrain.steps": 0,
 }
 # Keys that moved or went: old dotted path -> new dotted path, or None for a key whose value lives elsewhere

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import image_inputs, parallel
+from vlm_jax.data.image_kinds import report_image_processor
 from vlm_jax.data.pipeline import make_eval_examples
 from vlm_jax.data.records import make_encoder
 from vlm_jax.generate import greedy_generate
@@ -64,6 +65,7 @@ def answer_examples(config: ml_collections.ConfigDict, params: Any, tokenizer, e
 
 def evaluate(config: ml_collections.ConfigDict, params: Any, tokenizer, mesh) -> tuple[dict, list]:
     """Scores `config.eval_examples` held-out examples; returns (scores, per-example records)."""
+    report_image_processor(config)
     examples = make_eval_examples(config, tokenizer, config.eval_examples)
     predictions = answer_examples(config, params, tokenizer, examples, mesh)
     records = [dict(id=ex["id"], qtype=ex["qtype"], question=ex.get("question", ""),

@@ -37,6 +37,7 @@ _OWN_KEYS = ("model", "parts", "source", "trained")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja",
                    "generation_config.json", "preprocessor_config.json", "processor_config.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # the image processor's, of those
 
 
 def read_meta(ckpt: str) -> dict[str, Any]:
@@ -48,12 +49,13 @@ def read_meta(ckpt: str) -> dict[str, Any]:
 
 
 def write_checkpoint_dir(dst: str, params: dict[str, jax.Array | StreamedLeaf], meta: dict[str, Any],
-                         tokenizer_from: str | None = None, *, extra_from: str | None = None,
-                         write_extra: Callable[[str], None] | None = None) -> None:
+                         tokenizer_from: str | None = None, processor_from: str | None = None, *,
+                         extra_from: str | None = None, write_extra: Callable[[str], None] | None = None) -> None:
     """Writes `dst` from flat `path -> array` params, or StreamedLeaf values that are built as they are written
-    (every process takes part in the save); copies the tokenizer files found in the folder `tokenizer_from`, and
-    the carried tensors of the checkpoint or workdir `extra_from`, or has `write_extra(folder)` write EXTRA_FILE
-    into the folder (process 0 alone calls it).
+    (every process takes part in the save); copies the tokenizer files found in the folder `tokenizer_from`, the
+    image-processor files of the folder `processor_from` (a separate vision tower's) where it has none, and the
+    carried tensors of the checkpoint or workdir `extra_from`, or has `write_extra(folder)` write EXTRA_FILE into
+    the folder (process 0 alone calls it).
     Nothing is left at `dst` unless the whole write succeeds."""
     if os.path.exists(dst):
         raise ConversionError(f"{dst} already exists; choose a new destination")
@@ -66,11 +68,14 @@ def write_checkpoint_dir(dst: str, params: dict[str, jax.Array | StreamedLeaf], 
         if jax.process_index() == 0:
             with open(os.path.join(tmp, META_FILE), "w") as f:
                 json.dump(meta, f, indent=2)
-            folder = tokenizer_from
-            found = [n for n in TOKENIZER_FILES if folder and os.path.isfile(os.path.join(folder, n))]
+            found = {n: tokenizer_from for n in TOKENIZER_FILES
+                     if tokenizer_from and os.path.isfile(os.path.join(tokenizer_from, n))}
+            if processor_from and not set(found) & set(PROCESSOR_FILES):
+                found.update({n: processor_from for n in PROCESSOR_FILES
+                              if os.path.isfile(os.path.join(processor_from, n))})
             if found:
                 os.makedirs(os.path.join(tmp, "tokenizer"))
-                for n in found:
+                for n, folder in found.items():
                     shutil.copy(os.path.join(folder, n), os.path.join(tmp, "tokenizer", n))
             if write_extra is not None:
                 write_extra(tmp)

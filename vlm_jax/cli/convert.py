@@ -6,7 +6,7 @@
   vlm-convert import --src PEFT_ADAPTER_DIR --base CKPT_DIR|WORKDIR[@STEP] --dst CKPT_DIR
   vlm-convert import --family xverse_v --src adapter_and_lora.bin --base CKPT_DIR --dst CKPT_DIR
   vlm-convert export --src CKPT_DIR|WORKDIR[@STEP] --dst DIR --format hf|original|peft|xverse_v
-  vlm-convert check  --src HF_DIR [--family NAME] [--seed N]
+  vlm-convert check  --src HF_DIR [--family NAME] [--seed N] [--image IMG [--question TEXT]]
 
 Every command also takes --config FILE (default configs/base.py: its mesh holds the weights, its model settings
 fill in what a checkpoint does not say) with --config.KEY=VALUE overrides, and the multi-process flags.
@@ -19,7 +19,9 @@ ViT + Q-Former + projection alone, with the LLM from --src), qwen1 (Qwen-7B/14B 
 exports as Qwen2ForCausalLM), qwen_vl (a whole Qwen-VL / Belle-VL checkpoint, exported in the same layout; no
 transformers class, so no check). An imported CKPT_DIR starts a training run
 with --config.init_params=CKPT_DIR (params only, fresh optimizer).
-`check` prints one JSON line: max_abs_diff, max_rel_diff, and the same per stage.
+`check` prints one JSON line: max_abs_diff, max_rel_diff, and the same per stage. With --image (LLaVA) the
+model runs on that image and the question as a prompt, each side preprocessing the image itself (transformers'
+processor of HF_DIR; vlm_jax's reading of its processor file), and pixel_max_abs_diff compares their pixels.
 A LoRA checkpoint (model.lora.rank > 0) exports merged for hf/original, or as a PEFT adapter directory
 (adapter_config.json + adapter_model.safetensors) for peft, with what the run trained outside LoRA as
 modules_to_save. Export writes back the source tensors an import carried (docs/contracts.md).
@@ -32,7 +34,7 @@ import os
 from vlm_jax import parallel
 from vlm_jax.cli.args import parse
 from vlm_jax.interop import peft, xverse_v
-from vlm_jax.interop.check import check
+from vlm_jax.interop.check import DEFAULT_QUESTION, check
 from vlm_jax.interop.hf_export import FORMATS, export_checkpoint
 from vlm_jax.interop.hf_import import import_checkpoint
 from vlm_jax.interop.keymap import ConversionError
@@ -64,6 +66,8 @@ def _check_arguments(chk: argparse.ArgumentParser) -> None:
     chk.add_argument("--src", required=True)
     chk.add_argument("--family", default=None)
     chk.add_argument("--seed", type=int, default=0)
+    chk.add_argument("--image", default=None, help="an image file to run the model on (LLaVA)")
+    chk.add_argument("--question", default=DEFAULT_QUESTION, help="with --image: the question of the prompt")
 
 
 COMMANDS = {
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
             export_checkpoint(args.src, args.dst, args.format, dtype=args.dtype,
                               shard_bytes=int(args.shard_gb * (1 << 30)), image_token_index=args.image_token_index)
         else:
-            print(json.dumps(check(args.src, config.model, mesh, family=args.family, seed=args.seed)), flush=True)
+            print(json.dumps(check(args.src, config.model, mesh, family=args.family, seed=args.seed,
+                                   image=args.image, question=args.question)), flush=True)
     except ConversionError as e:
         raise SystemExit(f"error: {e}")
 

@@ -1,7 +1,9 @@
 """Evaluate the latest checkpoint on held-out questions:
 vlm-eval --config configs/demo.py --workdir W [--step N | --params CKPT_DIR]
 
---params evaluates a checkpoint directory (an import or a soup) instead of W's checkpoints.
+--params evaluates a checkpoint directory (an import or a soup) instead of W's checkpoints. What is evaluated (W, or
+the --params directory) stands in for init_params, so with data.image_processor="auto" the image processor is the
+one recorded with it (the one W's run used, or the import's preprocessor_config.json).
 
 Prints one JSON line with `accuracy` and `accuracy_by_type`; writes W/eval_predictions.jsonl and
 W/eval_examples.png.
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args, config = parse(__doc__.splitlines()[0], argv, add_arguments)
     setup = Setup(config)
+    config.init_params = args.params or args.workdir  # where "auto" takes the image processor from
     if args.params:
         state, step = setup.imported_state(args.params), args.params
     else:

@@ -4,11 +4,15 @@ cost the tower. `kind_name` is where the config picks the kind; vlm_jax/image_in
 half (dummy inputs, encoder call, scatter) and is what the rest of the library asks. Kept free of jax, as all
 data code, so that preprocessing never loads the model."""
 
+import json
+import logging
 import math
+import os
 
 import ml_collections
 import numpy as np
 
+from vlm_jax.data.image_processor import PREPROCESSOR_FILE, ImageProcessor, resolve
 from vlm_jax.data.images import tile_image, view_count
 from vlm_jax.data.navit import example_mrope_positions, navit_grid, navit_patches, pack_patches
 from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, check_fits, tokens_per_tile
@@ -103,6 +107,20 @@ class DataKind:
         return batch
 
 
+def tile_processor(config: ml_collections.ConfigDict) -> ImageProcessor:
+    """The image processor of a tiled run (image_processor.resolve), checked against data.tile_size and, with
+    XVERSE-V's tiles (data.max_tiles > 1), that it squashes: the tiles are squash resizes of the same image."""
+    d = config.data
+    processor, source = resolve(config)
+    if processor.output_size() != (d.tile_size, d.tile_size):
+        raise ValueError(f"the image processor from {source} makes {processor.output_size() or 'variable-size'} "
+                         f"images, not data.tile_size {d.tile_size} squares")
+    if d.max_tiles > 1 and (processor.resize != "squash" or processor.pad_square):
+        raise ValueError(f"data.max_tiles={d.max_tiles} tiles images XVERSE-V's way, by squash resizes; the image "
+                         f"processor from {source} does not squash ({processor.describe()})")
+    return processor
+
+
 class RecordToExample:
     """Record -> (tiles, encoded conversation); picklable so grain can run it in workers."""
 
@@ -111,11 +129,13 @@ class RecordToExample:
         self.encoder = make_encoder(config, tokenizer)
         self.tile_size, self.max_tiles, self.swap_hw = d.tile_size, d.max_tiles, d.swap_hw
         self.p = tokens_per_tile(config.model, d.tile_size)
+        self.processor = tile_processor(config)
 
     def images(self, record: dict) -> list[np.ndarray]:
         """The record's images, each as its views [k, S, S, 3]."""
         image = record_image(record)
-        return [] if image is None else [tile_image(image, self.tile_size, self.max_tiles, self.swap_hw)]
+        return [] if image is None else [tile_image(image, self.tile_size, self.max_tiles, self.swap_hw,
+                                                    self.processor)]
 
     def run_lengths(self, views: list[np.ndarray]) -> list[int]:
         """Each image's placeholder run: P per view."""
@@ -269,3 +289,15 @@ def data_kind(model: ml_collections.ConfigDict) -> DataKind:
     """The data half of `model`'s image-input kind, for data code that must not load the model
     (vlm_jax/image_inputs/ `make` gives the whole kind)."""
     return DATA_KINDS[kind_name(model)](model)
+
+
+def report_image_processor(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+    """Logs the image processor a tiled run uses and where it came from; with `workdir`, also writes it there as
+    preprocessor_config.json, where a run starting from this one finds it (image_processor.recorded_folder)."""
+    if data_kind(config.model).name != TileData.name:
+        return
+    processor, source = resolve(config)
+    logging.info("image processor: %s; from %s", processor.describe(), source)
+    if workdir:
+        with open(os.path.join(workdir, PREPROCESSOR_FILE), "w") as f:
+            json.dump(processor.to_hf(), f, indent=2)

@@ -5,16 +5,13 @@ import math
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+from vlm_jax.data.image_processor import CLIP_MEAN, CLIP_STD, ImageProcessor, apply_lut, make_lut
 
 # Every uint8 value maps to one float per channel, so normalising is a table lookup (several times faster
-# than the arithmetic). The table is computed with the same float32 ops as torchvision's ToTensor +
-# Normalize, so values match bit for bit. Stored [3, 256] so each channel's lookup is one contiguous take.
-_LUT = np.ascontiguousarray(
-    (((np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)) - CLIP_MEAN) / CLIP_STD).T)
+# than the arithmetic), the same bits as torchvision's ToTensor + Normalize and transformers' processors.
+_LUT = make_lut(1 / 255, CLIP_MEAN, CLIP_STD)
 
 # The released grid set is every (a, b) with a*b <= 9; a config may lower that cap but not raise it.
 MAX_GRID_TILES = 9
@@ -33,23 +30,24 @@ def _opened(path: str):
 
 
 def load_image(path: str) -> Image.Image:
-    """Reads an image file and returns it as RGB, naming the path in any error."""
+    """Reads an image file and returns it upright (its EXIF orientation applied) as RGB (PIL's conversion: alpha
+    dropped), as transformers' load_image does; naming the path in any error."""
     with _opened(path) as img:
-        return img.convert("RGB")
+        return ImageOps.exif_transpose(img).convert("RGB")
 
 
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) of an image file from its header alone (no pixels decoded), as `load_image` gives it."""
+    """(width, height) of an image file from its header alone (no pixels decoded), as `load_image` gives it:
+    upright, so an EXIF orientation that turns the image a quarter (5 to 8) swaps the two."""
     with _opened(path) as img:
-        return img.size
+        width, height = img.size
+        turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+        return (height, width) if turned else (width, height)
 
 
 def normalize(img: Image.Image | np.ndarray) -> np.ndarray:
     """RGB uint8 image -> float32 [H, W, 3], rescaled by 1/255 then OpenAI-CLIP mean/std normalised."""
-    arr = np.asarray(img)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ValueError(f"normalize expects an RGB uint8 [H, W, 3] image, got {arr.dtype} {arr.shape}")
-    return np.stack([_LUT[c].take(arr[..., c]) for c in range(3)], axis=-1)
+    return apply_lut(np.asarray(img), _LUT)
 
 
 def custom_round(v: float) -> int:
@@ -92,27 +90,31 @@ def view_count(width: int, height: int, tile_size: int, max_tiles: int) -> int:
 
 
 def global_view(img: Image.Image, tile_size: int) -> np.ndarray:
-    """The whole image resized to one normalised tile, float32 [S, S, 3]: the first view of `tile_image`."""
-    return normalize(img.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+    """The whole image resized to one normalised tile, float32 [S, S, 3]: the first view of `tile_image` with its
+    default processor."""
+    return ImageProcessor(size=(tile_size, tile_size)).apply(img)
 
 
-def tile_image(img: Image.Image, tile_size: int, max_tiles: int, swap_hw: bool) -> np.ndarray:
+def tile_image(img: Image.Image, tile_size: int, max_tiles: int, swap_hw: bool,
+               processor: ImageProcessor | None = None) -> np.ndarray:
     """Normalised XVERSE-V views of one image: float32 [1 + a*b, S, S, 3] = [global, tiles row-major].
 
-    All resizes are direct PIL bicubic (aspect ratio not preserved, no padding). With swap_hw=True
+    `processor` (default: XVERSE-V's, a squash to S x S with CLIP's statistics) makes the global view; the tiles
+    take its resample and normalisation, so with more than one tile it must be a plain squash to S x S. All of
+    XVERSE-V's resizes are direct PIL bicubic (aspect ratio not preserved, no padding). With swap_hw=True
     (release parity) the image is resized to height S*a, width S*b, i.e. an a-from-width grid is laid
     out as a rows, so non-square images come out with their aspect ratio swapped; with swap_hw=False
     it is resized to height S*b, width S*a (the aspect-preserving reading). A 1x1 grid yields only the
     global view.
     """
     s = tile_size
-    view = global_view(img, s)
+    processor = processor or ImageProcessor(size=(s, s))
+    view = processor.apply(img)
     a, b = choose_grid(img.width, img.height, s, max_tiles)
     if a == b == 1:
         return view[None]
     rows, cols = (a, b) if swap_hw else (b, a)
-    grid = normalize(img.resize((s * cols, s * rows), Image.Resampling.BICUBIC))
+    grid = processor.normalize(processor.rgb(img).resize((s * cols, s * rows), processor.resample))
     # [rows*S, cols*S, 3] -> [rows, cols, S, S, 3]: tile (i, j) is the crop at row i, column j.
     tiles = grid.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, s, s, 3)
     return np.concatenate([view[None], tiles])
-

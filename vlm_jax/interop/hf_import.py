@@ -171,5 +171,6 @@ def import_checkpoint(
                 image_token_index=hf.get("image_token_index", hf.get("image_token_id")))
     write_checkpoint_dir(dst, _streamed(plans, model, mesh), meta,
                          tokenizer_from=src if os.path.isdir(src) else os.path.dirname(src),
-                         write_extra=_extra_writer(plans))
+                         write_extra=_extra_writer(plans),
+                         processor_from=vision if vision and os.path.isdir(vision) else None)
     return model

@@ -22,6 +22,7 @@ from vlm_jax.checkpoints.train_state import Checkpointer
 from vlm_jax.checkpoints.workdir import is_workdir, restore_workdir_params
 from vlm_jax.config import to_json
 from vlm_jax.data.epochs import count_epochs, epoch_steps
+from vlm_jax.data.image_kinds import report_image_processor
 from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, row_layout, shards_holding
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.layers.attention import resolve_backend
@@ -193,6 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
         print(setup.groups.format_table(), flush=True)
         setup.groups.write_table(workdir)
     write_trained(workdir, ["/".join(p) for p in setup.groups.assignments if setup.groups.trains(p)])
+    report_image_processor(config, workdir if jax.process_index() == 0 else None)
     data = make_train_iterator(config, tokenizer, shards)
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = ckpt.latest_step()
