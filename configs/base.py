@@ -121,7 +121,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.path = ""  # llava_json: the training .json file, or a folder holding data.json
     d.eval_path = ""  # llava_json: the evaluation .json file, or a folder holding data.json
     d.image_folder = ""  # llava_json: images resolve here; empty = the json's folder
-    d.tokenizer = ""  # a Hugging Face tokenizer directory; empty: the built-in demo tokenizer
+    d.tokenizer = ""  # a Hugging Face tokenizer directory; empty: the one recorded with init_params, else the demo one
     d.image_token_id = -1  # image placeholder id when the vocabulary lacks <image> (LLaVA: -200); -1: it must have it
     d.template = "vicuna_v1"  # conversation template (vlm_jax/data/conversation.py)
     d.system = ""  # system text of the template's system prefix ("": no system prefix)

@@ -1,7 +1,8 @@
 """Export writes everything the source had: the tensors the model does not compute with (CLIP blocks past the
 feature layer, post_layernorm) are carried by import in their source dtype, through a training run started from
 the import (its frozen parts untouched), through soup, and back out by export; so is the source's
-image_token_index. The other families' round trips: tests/test_interop_hf.py, test_interop_blip2.py (the key-bias
+image_token_index, and the tokenizer: the run takes the import's, records it, and its export carries it with the
+image processor the run used. The other families' round trips: tests/test_interop_hf.py, test_interop_blip2.py (the key-bias
 slice), test_interop_qwen2vl.py."""
 
 import json
@@ -17,6 +18,8 @@ from configs.base import get_config
 from tests.helpers import randomize_torch, save_torch_model, tiny_config
 from vlm_jax import parallel
 from vlm_jax.checkpoints.directory import EXTRA_FILE, SOURCE_DIR, load_params
+from vlm_jax.data.image_processor import PREPROCESSOR_FILE
+from vlm_jax.data.tokenizer import RECORD_DIR, load_tokenizer
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import import_checkpoint, read_meta
 from vlm_jax.interop.keymap import ConversionError
@@ -26,6 +29,7 @@ from vlm_jax.train import loop
 BASE = get_config().model
 MESH = parallel.make_mesh(get_config().mesh)
 IMAGE_TOKEN = 500
+MAX_LENGTH = 777  # marks the source's tokenizer (the built-in demo one, saved with this setting)
 # The tiny demo config's shapes (tests/helpers.py TINY), so a run of it starts from the import; 3 CLIP blocks,
 # of which the model builds 2 (feature layer -2).
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, patch_size=16,
@@ -54,6 +58,9 @@ def llava(tmp_path_factory) -> tuple[str, str]:
     """(HF LLaVA directory, its import)."""
     root = tmp_path_factory.mktemp("llava")
     hf = _save_llava(root / "hf", torch.float32)
+    tokenizer = load_tokenizer()
+    tokenizer.model_max_length = MAX_LENGTH
+    tokenizer.save_pretrained(hf)
     import_checkpoint(hf, str(root / "ckpt"), BASE, MESH)
     return hf, str(root / "ckpt")
 
@@ -113,7 +120,9 @@ def _assert_all_but_projector_equal(hf: str, out: str) -> None:
 def test_runs_from_an_import_carry_tensors_and_ids_to_export_and_soup(llava, tmp_path):
     """A run started from the import (connector trained, the rest frozen) exports every other tensor bit for bit,
     the carried ones included, with the source's image_token_index; so does a second stage started from its
-    workdir, and a soup of both. Resuming keeps the workdir's source/ as it is."""
+    workdir, and a soup of both. Resuming keeps the workdir's source/ as it is. Without data.tokenizer each run
+    takes the tokenizer recorded with its init_params and records it; a workdir's export carries it and the run's
+    image processor."""
     hf, ckpt = llava
     config = _run_config(ckpt)
     config.model.update(read_meta(ckpt)["model"])
@@ -123,8 +132,12 @@ def test_runs_from_an_import_carry_tensors_and_ids_to_export_and_soup(llava, tmp
     _, meta = load_params(run, MESH)
     assert meta["family"] == "llava" and meta["image_token_index"] == IMAGE_TOKEN
     assert meta["trained"] == sorted(k for k in meta["trained"] if k.startswith("connector/")) != []
+    assert load_tokenizer(os.path.join(run, RECORD_DIR)).model_max_length == MAX_LENGTH
     export_checkpoint(run, str(tmp_path / "out"), "hf")
     _assert_all_but_projector_equal(hf, str(tmp_path / "out"))
+    assert load_tokenizer(str(tmp_path / "out")).model_max_length == MAX_LENGTH
+    with open(os.path.join(run, PREPROCESSOR_FILE)) as f:
+        assert json.loads((tmp_path / "out" / PREPROCESSOR_FILE).read_text()) == json.load(f)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["image_token_index"] == IMAGE_TOKEN
 
     stamp = os.stat(os.path.join(run, SOURCE_DIR, EXTRA_FILE)).st_mtime_ns
@@ -134,6 +147,7 @@ def test_runs_from_an_import_carry_tensors_and_ids_to_export_and_soup(llava, tmp
     stage2 = _run_config(run)  # a later stage starts from the workdir
     stage2.model.update(read_meta(ckpt)["model"])
     loop.train(stage2, str(tmp_path / "stage2"))
+    assert load_tokenizer(str(tmp_path / "stage2" / RECORD_DIR)).model_max_length == MAX_LENGTH
     soup([str(tmp_path / "stage2"), run], str(tmp_path / "soup"), MESH)
     for src in (str(tmp_path / "stage2"), str(tmp_path / "soup")):
         dst = str(tmp_path / f"out_{os.path.basename(src)}")

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.checkpoints.directory import extra_file, load_params, write_checkpoint_dir
+from vlm_jax.checkpoints.directory import RECORD_DIR, extra_file, load_params, write_checkpoint_dir
 
 
 def check_compatible(first: dict[str, jax.Array], other: dict[str, jax.Array], where: str) -> None:
@@ -61,5 +61,5 @@ def soup(sources: list[str], dst: str, mesh, weights: list[float] | None = None)
         del params
     out = {k: v.astype(first[k][1]) for k, v in acc.items()}
     meta = dict(meta, family=meta.get("family", "vlm_jax"), soup=dict(sources=sources, weights=weights))
-    write_checkpoint_dir(dst, out, meta, tokenizer_from=os.path.join(sources[0], "tokenizer"), extra_from=sources[0])
+    write_checkpoint_dir(dst, out, meta, tokenizer_from=os.path.join(sources[0], RECORD_DIR), extra_from=sources[0])
     return meta

@@ -27,6 +27,7 @@ from vlm_jax.checkpoints.params_only import fit_params, restore_params, save_par
 from vlm_jax.checkpoints.streaming import StoredArray, StreamedLeaf, stored_arrays
 from vlm_jax.checkpoints.workdir import is_workdir, workdir_params, workdir_stored_params
 from vlm_jax.config import upgrade_model_config
+from vlm_jax.data.tokenizer import RECORD_DIR
 from vlm_jax.params import abstract_params, flat, param_shardings, unflat
 
 META_FILE = "vlm_jax.json"
@@ -74,9 +75,9 @@ def write_checkpoint_dir(dst: str, params: dict[str, jax.Array | StreamedLeaf], 
                 found.update({n: processor_from for n in PROCESSOR_FILES
                               if os.path.isfile(os.path.join(processor_from, n))})
             if found:
-                os.makedirs(os.path.join(tmp, "tokenizer"))
+                os.makedirs(os.path.join(tmp, RECORD_DIR))
                 for n, folder in found.items():
-                    shutil.copy(os.path.join(folder, n), os.path.join(tmp, "tokenizer", n))
+                    shutil.copy(os.path.join(folder, n), os.path.join(tmp, RECORD_DIR, n))
             if write_extra is not None:
                 write_extra(tmp)
             elif extra_from is not None and extra_file(extra_from):

@@ -3,7 +3,8 @@ vlm-eval --config configs/demo.py --workdir W [--step N | --params CKPT_DIR]
 
 --params evaluates a checkpoint directory (an import or a soup) instead of W's checkpoints. What is evaluated (W, or
 the --params directory) stands in for init_params, so with data.image_processor="auto" the image processor is the
-one recorded with it (the one W's run used, or the import's preprocessor_config.json).
+one recorded with it (the one W's run used, or the import's preprocessor_config.json), and without data.tokenizer
+so is the tokenizer.
 
 Prints one JSON line with `accuracy` and `accuracy_by_type`; writes W/eval_predictions.jsonl and
 W/eval_examples.png.
@@ -14,7 +15,7 @@ import os
 
 from vlm_jax.checkpoints.train_state import Checkpointer
 from vlm_jax.cli.args import parse
-from vlm_jax.data.tokenizer import load_tokenizer
+from vlm_jax.data.tokenizer import run_tokenizer
 from vlm_jax.evaluate import evaluate, plot_examples
 from vlm_jax.train.loop import Setup
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args, config = parse(__doc__.splitlines()[0], argv, add_arguments)
     setup = Setup(config)
-    config.init_params = args.params or args.workdir  # where "auto" takes the image processor from
+    config.init_params = args.params or args.workdir  # where the recorded tokenizer and image processor come from
     if args.params:
         state, step = setup.imported_state(args.params), args.params
     else:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         state, _ = setup.restored_state(ckpt, step)
         ckpt.close()
     os.makedirs(args.workdir, exist_ok=True)
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokenizer = run_tokenizer(config)
     scores, records = evaluate(config, state.params, tokenizer, setup.mesh)
     with open(os.path.join(args.workdir, "eval_predictions.jsonl"), "w") as f:
         for r in records:

@@ -19,6 +19,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from vlm_jax.data.tokenizer import RECORD_DIR
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # as published (and as transformers writes them)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_MEAN = np.array(OPENAI_CLIP_MEAN, np.float32)
@@ -294,7 +296,7 @@ def recorded_folder(path: str) -> str | None:
     source's files, vlm_jax/checkpoints/directory.py), or a training workdir (`WORKDIR[@STEP]`) itself, where the
     train command writes the processor its run used; None where neither holds one."""
     root = path.partition("@")[0] if not os.path.isdir(path) else path
-    for folder in (os.path.join(root, "tokenizer"), root):
+    for folder in (os.path.join(root, RECORD_DIR), root):
         if processor_file(folder):
             return folder
     return None

@@ -1,6 +1,8 @@
-"""Tokenizer loading: any Hugging Face tokenizer directory, or the built-in demo byte-level BPE."""
+"""Tokenizer loading: any Hugging Face tokenizer directory, the one recorded with init_params, or the built-in
+demo byte-level BPE."""
 
 import dataclasses
+import logging
 import os
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -9,6 +11,11 @@ from vlm_jax.data.conversation import IMAGE_MARKER
 
 DEMO_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "demo_tokenizer")
 _PROBE = "Hello world 123, <ok>\n"
+# Where an imported checkpoint directory keeps its source's tokenizer files, and a training workdir the tokenizer
+# its run used: a run or an evaluation that starts from either finds it there.
+RECORD_DIR = "tokenizer"
+# The files that make a folder a tokenizer (an import's tokenizer/ may hold only a tower's image processor).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
 def load_tokenizer(path: str = "") -> PreTrainedTokenizerBase:
@@ -29,6 +36,32 @@ def load_tokenizer(path: str = "") -> PreTrainedTokenizerBase:
         raise ValueError(f"data.tokenizer: tokenizer loaded from {path} is empty (vocab {len(tok)}, "
                          f"{_PROBE!r} -> {ids})")
     return tok
+
+
+def recorded_tokenizer(path: str) -> str | None:
+    """The tokenizer folder recorded with `path` (a checkpoint directory or `WORKDIR[@STEP]`), None without one."""
+    root = path if os.path.isdir(path) else path.partition("@")[0]
+    folder = os.path.join(root, RECORD_DIR)
+    return folder if any(os.path.isfile(os.path.join(folder, n)) for n in _TOKENIZER_FILES) else None
+
+
+def run_tokenizer(config) -> PreTrainedTokenizerBase:
+    """The tokenizer of a run: data.tokenizer when set, else the one recorded with init_params
+    (`recorded_tokenizer`), else the built-in demo tokenizer. Logs which."""
+    d = config.data
+    folder = d.tokenizer or (recorded_tokenizer(config.init_params) if config.init_params else None) or ""
+    how = "data.tokenizer" if d.tokenizer else "recorded with init_params" if folder else "the built-in demo one"
+    logging.info("tokenizer: %s (%s)", folder or DEMO_TOKENIZER_DIR, how)
+    return load_tokenizer(folder)
+
+
+def record_tokenizer(tok: PreTrainedTokenizerBase, workdir: str) -> None:
+    """Saves `tok` into `workdir/tokenizer/` (once: a resumed run keeps it), where export, evaluation and a run
+    that starts from this one take it."""
+    folder = os.path.join(workdir, RECORD_DIR)
+    if not os.path.isdir(folder):
+        tok.save_pretrained(f"{folder}.partial")
+        os.replace(f"{folder}.partial", folder)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from vlm_jax.checkpoints.directory import StoredParams, extra_file, open_params
+from vlm_jax.checkpoints.directory import RECORD_DIR, StoredParams, extra_file, open_params
 from vlm_jax.config import upgrade_model_config
+from vlm_jax.data.image_processor import PREPROCESSOR_FILE
 from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, qwen_vl, xverse_v
 from vlm_jax.interop.keymap import ConversionError, KeyMap, Tensor, expand, torch_tensors
 from vlm_jax.interop.torch_files import TorchFiles, write_safetensors
@@ -137,6 +138,15 @@ def _write(dst: str, keymap: KeyMap, params: StoredParams, paths: list[str], dty
         json.dump(config | {"dtype": str(dtype)}, f, indent=2)
 
 
+def _recorded_files(src: str) -> list[str]:
+    """The tokenizer and image-processor files recorded with `src`: a checkpoint directory's tokenizer/ (the
+    import's source files), or a workdir's tokenizer/ and then the processor its run used, which wins."""
+    root = src if os.path.isdir(src) else src.partition("@")[0]
+    folder = os.path.join(root, RECORD_DIR)
+    files = [os.path.join(folder, n) for n in sorted(os.listdir(folder))] if os.path.isdir(folder) else []
+    return files + [p for p in [os.path.join(root, PREPROCESSOR_FILE)] if os.path.isfile(p)]
+
+
 def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None, shard_bytes: int = 5 << 30,
                       image_token_index: int | None = None) -> None:
     """Writes `dst` in `fmt` (see FORMATS); nothing is left at `dst` unless the export succeeds. The checkpoint
@@ -185,10 +195,8 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
             stored = meta.get("hf_config") if meta.get("family") == "llava_original" else None
             _write(tmp, llava.original_keymap(model), params, [k for k in weights if not k.startswith("vision/")],
                    np_dtype, lora, _merge(stored, llava.original_hf_config(model, tower)), shard_bytes, extra)
-        tokenizer = os.path.join(src, "tokenizer")
-        if os.path.isdir(tokenizer):
-            for name in os.listdir(tokenizer):
-                shutil.copy(os.path.join(tokenizer, name), os.path.join(tmp, name))
+        for file in _recorded_files(src):
+            shutil.copy(file, os.path.join(tmp, os.path.basename(file)))
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

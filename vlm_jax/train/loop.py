@@ -24,7 +24,7 @@ from vlm_jax.config import to_json
 from vlm_jax.data.epochs import count_epochs, epoch_steps
 from vlm_jax.data.image_kinds import report_image_processor
 from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, row_layout, shards_holding
-from vlm_jax.data.tokenizer import load_tokenizer
+from vlm_jax.data.tokenizer import record_tokenizer, run_tokenizer
 from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.model import VLM
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
@@ -182,7 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     mesh = parallel.make_mesh(config.mesh)
     check_batch_size(config, mesh)
     check_segments(config)
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokenizer = run_tokenizer(config)
     if len(tokenizer) > config.model.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is "
                          f"{config.model.text.vocab_size}")
@@ -195,6 +195,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
         setup.groups.write_table(workdir)
     write_trained(workdir, ["/".join(p) for p in setup.groups.assignments if setup.groups.trains(p)])
     report_image_processor(config, workdir if jax.process_index() == 0 else None)
+    if jax.process_index() == 0:
+        record_tokenizer(tokenizer, workdir)
     data = make_train_iterator(config, tokenizer, shards)
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = ckpt.latest_step()
