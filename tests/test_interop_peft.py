@@ -32,19 +32,26 @@ TEXT = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_laye
             num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-5, rope_theta=1000.0, tie_word_embeddings=False)
 
 
-@pytest.fixture(scope="module")
-def lora_ckpt(tmp_path_factory):
-    """(HF LLaMA dir, its vlm_jax import, that checkpoint with random rank-4 adapters on every decoder linear,
-    the LoRA model config, the LoRA checkpoint's params)."""
-    root = tmp_path_factory.mktemp("peft")
-    torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT)).eval()
-    randomize_torch(torch_model, 0)
+def _import_with_lora(torch_model, seed: int, root):
+    """(HF dir, its import's meta, the import's model config with rank-4 adapters) of `torch_model` randomised with
+    `seed`, saved to root/hf and imported to root/base."""
+    randomize_torch(torch_model, seed)
     hf = save_torch_model(torch_model, root / "hf")
     import_checkpoint(hf, str(root / "base"), BASE, MESH)
     meta = read_meta(str(root / "base"))
     model = BASE.copy_and_resolve_references()
     model.update(meta["model"])
     model.lora.update(rank=4, alpha=8.0)
+    return hf, meta, model
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(tmp_path_factory):
+    """(HF LLaMA dir, its vlm_jax import, that checkpoint with random rank-4 adapters on every decoder linear,
+    the LoRA model config, the LoRA checkpoint's params)."""
+    root = tmp_path_factory.mktemp("peft")
+    torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT)).eval()
+    hf, meta, model = _import_with_lora(torch_model, 0, root)
     parts = ("decoder",)
     base = flat(restore_params(str(root / "base" / "params"), unflat(abstract_params(model, parts)),
                                unflat(param_shardings(model, parts, MESH))))
@@ -164,13 +171,7 @@ def test_peft_adapter_carries_the_trained_connector_as_modules_to_save(tmp_path)
     torch_model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
         vision_config=vision, text_config=transformers.LlamaConfig(**TEXT), image_token_index=96,
         vision_feature_layer=-2, image_seq_length=4)).eval()
-    randomize_torch(torch_model, 3)
-    hf = save_torch_model(torch_model, tmp_path / "hf")
-    import_checkpoint(hf, str(tmp_path / "base"), BASE, MESH)
-    meta = read_meta(str(tmp_path / "base"))
-    model = BASE.copy_and_resolve_references()
-    model.update(meta["model"])
-    model.lora.update(rank=4, alpha=8.0)
+    hf, meta, model = _import_with_lora(torch_model, 3, tmp_path)
     parts = ("connector", "decoder", "vision")
     base, _ = load_params(str(tmp_path / "base"), MESH)
     rng = np.random.default_rng(2)
