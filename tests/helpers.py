@@ -125,3 +125,14 @@ def assert_same_safetensors(want_path: str, got_path: str) -> None:
     want, got = load_file(want_path), load_file(got_path)
     assert set(want) == set(got)
     assert [k for k in want if want[k].dtype != got[k].dtype or not torch.equal(want[k], got[k])] == []
+
+
+def assert_bitwise_equal(a, b) -> None:
+    """Two pytrees (train states, parameter trees) with the same leaves, every one equal bit for bit."""
+    import jax
+    import numpy as np
+
+    leaves_a, leaves_b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y, strict=True)

@@ -79,11 +79,24 @@ def test_a_command_with_subcommands_takes_the_shared_flags_after_its_name(capsys
 
 def test_the_train_command_runs_stage0_first_only_when_the_config_asks(monkeypatch):
     ran = []
-    monkeypatch.setattr(train, "train", lambda config, workdir: ran.append(("train", workdir)))
-    monkeypatch.setattr(train, "train_demo", lambda config, workdir: ran.append(("train_demo", workdir)))
+    monkeypatch.setattr(train, "train", lambda config, workdir, stop_at: ran.append(("train", workdir, stop_at)))
+    monkeypatch.setattr(train, "train_demo",
+                        lambda config, workdir, stop_at: ran.append(("train_demo", workdir, stop_at)))
     train.main(["--config", DEMO, "--workdir", "w"])  # the demo pretrains its tower first
-    train.main(["--config", DEMO, "--workdir", "v", "--config.vision_pretrain.steps=0"])
-    assert ran == [("train_demo", "w"), ("train", "v")]
+    train.main(["--config", DEMO, "--workdir", "v", "--config.vision_pretrain.steps=0", "--stop_at", "3"])
+    assert ran == [("train_demo", "w", None), ("train", "v", 3)]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_stop_at_takes_a_step_number(value, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--config", DEMO, "--workdir", "w", "--stop_at", value])
+    assert f"--stop_at: {value!r} is not a step number" in capsys.readouterr().err
+
+
+def test_the_train_help_explains_stop_at(capsys):
+    text = " ".join(help_text(train.main, [], capsys).split())  # argparse wraps lines anywhere
+    assert "--stop_at N stop after step N with a checkpoint, as a preemption would" in text
 
 
 SLURM = dict(SLURM_JOB_ID="77", SLURM_STEP_NODELIST="node[001-004]", SLURM_NTASKS="4", SLURM_PROCID="2",

@@ -2,19 +2,34 @@
 
 Rerunning the same command in the same workdir resumes from its latest checkpoint. A config with
 vision_pretrain.steps > 0 (the demo's) first trains its vision tower alone (stage 0) and starts from it.
+SIGTERM or Ctrl-C, or --stop_at N, ends the run after a step with a checkpoint there and exit status 0.
 """
+
+import argparse
 
 from vlm_jax.cli.args import parse
 from vlm_jax.demo.stages import train_demo
 from vlm_jax.train.loop import train
 
 
+def step_number(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step number (1 or more)")
+    return int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stop_at", type=step_number, default=None, metavar="N",
+                        help="stop after step N with a checkpoint, as a preemption would, keeping the schedule of "
+                             "total_steps; rerunning without it resumes from there")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args, config = parse(__doc__.splitlines()[0], argv)
+    args, config = parse(__doc__.splitlines()[0], argv, add_arguments)
     if config.vision_pretrain.steps > 0:
-        train_demo(config, args.workdir)
+        train_demo(config, args.workdir, args.stop_at)
     else:
-        train(config, args.workdir)
+        train(config, args.workdir, args.stop_at)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from vlm_jax.model import VLM
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.param_groups import ParamGroups
+from vlm_jax.train.preemption import StopSignals
 from vlm_jax.train.step import TrainState, init_state, make_train_step
 
 
@@ -177,7 +178,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     changing the schedule, which depends on total_steps. With several processes each builds only the data shards
     of its devices' rows (the batch is the same at any process count), every checkpoint holds every shard's
     iterator state, and process 0 alone writes the metrics, TensorBoard events, loss plot and param_groups.json.
+
+    SIGTERM and SIGINT (a preemption, Ctrl-C) received while it runs end it the same way after the step under way
+    (after the first step if they come before it), every process after the same step (train/preemption.py).
     """
+    with StopSignals() as signals:
+        return _train(config, workdir, stop_at, signals)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None, signals: StopSignals) -> TrainState:
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.mesh)
     check_batch_size(config, mesh)
@@ -226,7 +235,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
         token_counts.append(jnp.count_nonzero(batch["segment_ids"]))  # of the global batch, read when logged
         state, metrics = step_fn(state, batch)
         logger.advance()
-        last = step == end
+        preempted = step < end and signals.agreed()
+        last = step == end or preempted
         saving = last or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
         if saving or step % config.log_every == 0:
             tokens_seen += sum(int(n) for n in jax.device_get(token_counts))
@@ -239,7 +249,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
                                          f"checkpoint is step {ckpt.latest_step()} in {workdir}")
         if saving:
             ckpt.save(step, state.saved(), merge_shard_states(allgather_json(data.get_state())), config_json)
+        if preempted:
+            break
     ckpt.close()
+    if jax.process_index() == 0 and start < end and step < config.total_steps:
+        then = "rerun the same command to resume" if preempted else "rerun without stop_at to go on"
+        print(f"{'preempted' if preempted else 'stopped (stop_at)'} at step {step}; checkpoint written; {then}",
+              flush=True)
     data.close()
     logger.close()
     if jax.process_index() == 0 and os.path.exists(logger.path):
