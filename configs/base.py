@@ -179,6 +179,7 @@ def get_config() -> ml_collections.ConfigDict:
     o.b1 = 0.9  # Adam beta1
     o.b2 = 0.999  # Adam beta2
     o.clip_norm = 1.0  # global gradient norm clip (0: none)
+    o.max_skipped_steps = 10  # the run stops after this many steps in a row skip their non-finite update
     # (path regex, group) or (path regex, group, "start:stop") for layers of a scanned stack; first match wins.
     o.trainable = [("vision/.*", "frozen"), (".*", "train")]
     # group -> overrides of {lr, warmup_steps, warmup_fraction, final_lr_ratio, schedule, weight_decay,

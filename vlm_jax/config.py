@@ -32,6 +32,7 @@ ADDED = {
     "data.shards": 1,
     "data.epochs": 0,  # the run was total_steps long
     "optim.warmup_fraction": 0.0,  # the warmup was warmup_steps long
+    "optim.max_skipped_steps": 1,  # the run stopped at the first non-finite loss it logged
     "data.image_processor": "config",  # images were squashed whatever init_params held
     "data.image_resize": "squash",
     "data.image_pad_square": False,

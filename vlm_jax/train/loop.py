@@ -3,7 +3,6 @@
 import functools
 import json
 import logging
-import math
 import os
 import re
 
@@ -31,7 +30,7 @@ from vlm_jax.train.metrics import MetricsLogger, plot_loss
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.param_groups import ParamGroups
 from vlm_jax.train.preemption import StopSignals
-from vlm_jax.train.step import TrainState, init_state, make_train_step
+from vlm_jax.train.step import TrainState, all_finite, init_state, make_train_step
 
 
 class Setup:
@@ -170,6 +169,11 @@ def with_epoch_length(config: ml_collections.ConfigDict, tokenizer, shards: list
     return config
 
 
+def last_checkpoint(ckpt: Checkpointer, workdir: str) -> str:
+    step = ckpt.latest_step()
+    return f"the last checkpoint is step {step} in {workdir}" if step is not None else f"{workdir} holds no checkpoint"
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None) -> TrainState:
     """Trains to `config.total_steps` (with data.epochs > 0: to the end of that many epochs, counted first),
     resuming from the latest checkpoint in `workdir` if any.
@@ -182,6 +186,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     SIGTERM and SIGINT (a preemption, Ctrl-C) received while it runs end it the same way after the step under way
     (after the first step if they come before it), every process after the same step (train/preemption.py).
     """
+    if config.optim.max_skipped_steps < 1:
+        raise ValueError(f"optim.max_skipped_steps={config.optim.max_skipped_steps} must be at least 1")
     with StopSignals() as signals:
         return _train(config, workdir, stop_at, signals)
 
@@ -229,11 +235,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
                               micro_batches=config.micro_batches)
     logger = MetricsLogger(workdir, start, config.total_steps)
     config_json, tokens_seen, token_counts = to_json(config), 0, []
+    skips, in_a_row = [], 0  # each step's `skipped` flag, read when logged; the steps skipped in a row so far
+    finite = jax.jit(all_finite, out_shardings=parallel.replicated(setup.mesh))
     end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
     for step in range(start + 1, end + 1):
         batch = parallel.global_batch(next(data), setup.mesh)
         token_counts.append(jnp.count_nonzero(batch["segment_ids"]))  # of the global batch, read when logged
         state, metrics = step_fn(state, batch)
+        skips.append(metrics.pop("skipped"))
         logger.advance()
         preempted = step < end and signals.agreed()
         last = step == end or preempted
@@ -241,13 +250,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
         if saving or step % config.log_every == 0:
             tokens_seen += sum(int(n) for n in jax.device_get(token_counts))
             token_counts = []
-            # Checked before every save, so a checkpoint never holds parameters a NaN has reached.
-            record = logger.log(step, jax.device_get(metrics), tokens_seen)
-            if not math.isfinite(record["loss"]):
-                ckpt.close()
-                raise FloatingPointError(f"loss is {record['loss']} at step {step}; the last good "
-                                         f"checkpoint is step {ckpt.latest_step()} in {workdir}")
+            flags = [bool(s) for s in jax.device_get(skips)]
+            skips = []
+            logger.log(step, {**jax.device_get(metrics), "skipped_steps": sum(flags)}, tokens_seen)
+            for s, skipped in enumerate(flags, step - len(flags) + 1):
+                in_a_row = in_a_row + 1 if skipped else 0
+                if in_a_row == config.optim.max_skipped_steps:
+                    ckpt.close()
+                    raise FloatingPointError(
+                        f"{in_a_row} steps in a row (optim.max_skipped_steps) skipped their update for a non-finite "
+                        f"loss, gradient norm or parameters, the last at step {s}; {last_checkpoint(ckpt, workdir)}")
         if saving:
+            if not bool(finite(state.saved())):  # the step keeps NaN out of the state; never save one it reached
+                ckpt.close()
+                raise FloatingPointError(f"the state at step {step} holds non-finite values and was not saved; "
+                                         f"{last_checkpoint(ckpt, workdir)}")
             ckpt.save(step, state.saved(), merge_shard_states(allgather_json(data.get_state())), config_json)
         if preempted:
             break

@@ -1,5 +1,6 @@
 """Train state and the jitted train step (loss: layers/loss.py) with shardings from the logical rules."""
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -40,6 +41,12 @@ class TrainState:
         return cls(step=saved["step"], trainable=trainable, frozen=frozen, opt_state=saved["opt_state"])
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point value in `tree` is finite (a scalar bool)."""
+    return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.floating)] or [True]))
+
+
 def split_micro_batches(batch: dict, n: int, mesh: Mesh) -> dict:
     """[B, ...] -> [n, B / n, ...]: micro-batch i holds rows i, i + n, ..., so each keeps its share of every
     device's rows (a contiguous split would put whole micro-batches on a few devices). A batch whose rows come in
@@ -78,6 +85,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     (gradient accumulation), summing the loss and its gradients over all of them before the one optimizer
     update: the same token-weighted mean loss and gradients as one pass, with about 1/n of the activations live.
 
+    A step whose loss, gradient norm or updated parameters are not all finite keeps the parameters and optimizer
+    state it was given (metrics["skipped"] is 1): no non-finite value ever enters the state.
+
     Mixed precision: the trainable parameters enter the forward in the model's compute dtype, cast on each device's
     own shard, so FSDP gathers them and reduce-scatters their gradients in that dtype (bf16, as DeepSpeed and
     FSDP mixed precision do), and the fp32 master weights and the update stay fp32. The layers cast their weights
@@ -111,10 +121,17 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
                     accumulate, zeros, (jnp.arange(micro_batches), split_micro_batches(batch, micro_batches, mesh)))
                 denominator = jnp.maximum(count, 1.0)
                 loss, grads = total / denominator, jax.tree.map(lambda g: g / denominator, grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss, "loss_tokens": count, "grad_norm": optax.tree.norm(grads)}
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+        # A finite loss can still give an update that overflows, so the new parameters are checked as well.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(trainable)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+        metrics = {"loss": loss, "loss_tokens": count, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
+        # The step counter advances over a skipped update (its batch is consumed); the optimizer state, the
+        # schedule's count in it included, does not.
+        return state.replace(step=state.step + 1, trainable=keep(trainable, state.trainable),
+                             opt_state=keep(opt_state, state.opt_state)), metrics
 
     jitted = jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                      out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
