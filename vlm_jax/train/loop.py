@@ -20,7 +20,7 @@ from vlm_jax.checkpoints.directory import carry_source, write_trained
 from vlm_jax.checkpoints.params_only import restore_params
 from vlm_jax.checkpoints.train_state import Checkpointer
 from vlm_jax.checkpoints.workdir import is_workdir, restore_workdir_params
-from vlm_jax.config import to_json
+from vlm_jax.config import check_values, to_json
 from vlm_jax.data.epochs import count_epochs, epoch_steps
 from vlm_jax.data.image_kinds import report_image_processor
 from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, row_layout, shards_holding
@@ -178,6 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     of its devices' rows (the batch is the same at any process count), every checkpoint holds every shard's
     iterator state, and process 0 alone writes the metrics, TensorBoard events, loss plot and param_groups.json.
     """
+    check_values(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.mesh)
     check_batch_size(config, mesh)
