@@ -44,6 +44,74 @@ MOVED = {
     "model.vision.spatial_merge_size": None,
 }
 
+# Sizes and counts: a value below 1 makes a shape, a loop or a division fail deep inside with no key named.
+POSITIVE = (
+    "batch_size", "micro_batches", "log_every", "keep_checkpoints", "eval_batch_size", "max_new_tokens",
+    "vision_pretrain.batch_size", "vision_pretrain.eval_images", "model.max_segments",
+    "model.vision.image_size", "model.vision.patch_size", "model.vision.width", "model.vision.depth",
+    "model.vision.heads", "model.vision.mlp_dim", "model.vision.temporal_patch_size",
+    "model.connector.merge_size", "model.connector.heads", "model.connector.width", "model.connector.layers",
+    "model.connector.mlp_dim", "model.connector.cross_attention_frequency",
+    "model.text.vocab_size", "model.text.hidden", "model.text.layers", "model.text.heads", "model.text.kv_heads",
+    "model.text.head_dim", "model.text.ffn",
+    "data.seq_len", "data.max_examples_per_row", "data.shards", "data.workers", "data.tile_size", "data.max_tiles",
+    "data.max_tiles_per_row", "data.min_pixels", "data.max_pixels", "data.max_patches_per_row",
+    "data.max_images_per_row", "data.vision_group_rows", "data.num_train", "data.num_eval", "data.min_image_size",
+    "data.max_image_size", "optim.max_skipped_steps",
+)
+# Steps and counts where 0 means "none" or "off" (each key's comment in configs/base.py says which).
+NON_NEGATIVE = (
+    "total_steps", "checkpoint_every", "eval_examples", "vision_pretrain.steps", "vision_pretrain.warmup_steps",
+    "model.loss_vocab_chunk", "model.connector.hidden_dim", "model.connector.num_queries", "model.vision.pos_grid",
+    "model.lora.rank", "data.epochs", "data.pack_window", "data.prefetch", "optim.warmup_steps",
+)
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Each choice key -> its choices, read from the table the code that takes the key dispatches on (imported
+    here, not at module import: the plan command sets up its devices before jax is imported)."""
+    from vlm_jax.connectors import CONNECTORS
+    from vlm_jax.data.conversation import TEMPLATES
+    from vlm_jax.data.image_processor import CONFIG_RESIZES
+    from vlm_jax.data.pipeline import SOURCES
+    from vlm_jax.layers.attention import BACKENDS
+    from vlm_jax.layers.mlp import ACTIVATIONS
+    from vlm_jax.layers.rope import ROPE_KINDS
+    from vlm_jax.layers.scan import REMAT_POLICIES
+    from vlm_jax.train.optim import OPTIMIZERS, SCHEDULES
+    from vlm_jax.vision.vit import QKV_BIAS, STEMS
+
+    return {
+        "optim.optimizer": OPTIMIZERS, "optim.schedule": SCHEDULES,
+        "model.attention": ("auto", *BACKENDS), "model.remat_policy": tuple(REMAT_POLICIES),
+        "model.vision.stem": tuple(STEMS), "model.vision.mlp_act": tuple(ACTIVATIONS),
+        "model.vision.qkv_bias": QKV_BIAS, "model.connector.kind": tuple(CONNECTORS),
+        "model.text.rope_kind": tuple(k for k in ROPE_KINDS if k != "2d"),  # 2d is the navit tower's
+        "data.source": SOURCES, "data.template": tuple(TEMPLATES), "data.image_resize": tuple(CONFIG_RESIZES),
+    }
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Rejects, before a command builds or writes anything, a size or count below 1 (POSITIVE), a step count
+    below 0 (NON_NEGATIVE) and a choice key naming no choice, each with one error naming the key and value."""
+    def get(dotted):
+        node = config
+        for name in dotted.split("."):
+            node = node[name]
+        return node
+
+    for key in POSITIVE:
+        if get(key) < 1:
+            raise ValueError(f"config key {key}={get(key)!r} must be at least 1")
+    for key in NON_NEGATIVE:
+        if get(key) < 0:
+            raise ValueError(f"config key {key}={get(key)!r} must be 0 or more")
+    if config.total_steps == 0 and not config.data.epochs:
+        raise ValueError("config key total_steps=0 trains nothing: give the steps, or data.epochs to count them")
+    for key, choices in _choices().items():
+        if get(key) not in choices:
+            raise ValueError(f"config key {key}={get(key)!r} is not one of {', '.join(map(repr, choices))}")
+
 
 def load_config(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
     """Loads `path` (optionally `path:arg` passed to get_config) and applies `key=value` overrides."""

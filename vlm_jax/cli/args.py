@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 import ml_collections
 
 from configs import base
-from vlm_jax.config import load_config
+from vlm_jax.config import check_values, load_config
 
 
 def _count(environ: Mapping[str, str], key: str) -> int:
@@ -103,9 +103,14 @@ def parse(description: str, argv: list[str] | None = None, add_arguments: Argume
         i += 1
     try:
         config = load_config(args.config, overrides)
+        if distributed:  # plan checks once its devices are set up, which must happen before jax is imported
+            check_values(config)
     except (KeyError, ValueError, FileNotFoundError) as e:
-        parser.error(str(e).strip("\"'"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        parser.error(e.args[0] if isinstance(e, KeyError) else str(e))  # a KeyError's str() adds quotes
+    # force: absl (orbax logs through it at import) has already given the root logger a WARNING-level handler,
+    # which would make this call do nothing and hide every INFO line.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's several INFO lines per checkpoint, through absl
     if not distributed:
         return args, config
     if args.coordinator_address:

@@ -29,6 +29,7 @@ from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, ch
 from vlm_jax.data.synthetic import SyntheticSource
 
 log = logging.getLogger(__name__)
+SOURCES = ("synthetic", "llava_json")  # data.source
 
 
 def make_source(config, split: str):
@@ -44,7 +45,7 @@ def make_source(config, split: str):
         if not path:
             raise ValueError("data.eval_path must name the evaluation json for data.source='llava_json'")
         return LlavaJsonSource(path, d.image_folder)
-    raise ValueError(f"unknown data.source {d.source!r}; known: 'synthetic', 'llava_json'")
+    raise ValueError(f"unknown data.source {d.source!r}; known: {', '.join(map(repr, SOURCES))}")
 
 
 def row_layout(config, grouped: bool = True) -> TiledRows | NavitRows:

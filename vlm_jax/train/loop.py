@@ -19,7 +19,7 @@ from vlm_jax.checkpoints.directory import carry_source, write_trained
 from vlm_jax.checkpoints.params_only import restore_params
 from vlm_jax.checkpoints.train_state import Checkpointer
 from vlm_jax.checkpoints.workdir import is_workdir, restore_workdir_params
-from vlm_jax.config import to_json
+from vlm_jax.config import check_values, to_json
 from vlm_jax.data.epochs import count_epochs, epoch_steps
 from vlm_jax.data.image_kinds import report_image_processor
 from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, row_layout, shards_holding
@@ -186,8 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     SIGTERM and SIGINT (a preemption, Ctrl-C) received while it runs end it the same way after the step under way
     (after the first step if they come before it), every process after the same step (train/preemption.py).
     """
-    if config.optim.max_skipped_steps < 1:
-        raise ValueError(f"optim.max_skipped_steps={config.optim.max_skipped_steps} must be at least 1")
+    check_values(config)
     with StopSignals() as signals:
         return _train(config, workdir, stop_at, signals)
 

@@ -1,12 +1,15 @@
 """Training outputs: JSON-lines metrics, TensorBoard scalars, a progress bar, the loss-curve PNG."""
 
 import json
+import logging
 import os
 import time
 
 import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
@@ -33,7 +36,20 @@ class MetricsLogger:
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            lines = [line for line in f if line.strip()]
+        kept = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path} line {i + 1} is not JSON ({e}); only the last line can be torn "
+                                     "(by a crash while it was written)") from None
+                # A crash mid-write tears only the last line, a step after the checkpoint resumed from.
+                log.warning("%s: dropping its torn last line %r", self.path, line[:80])
+                continue
+            if record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
         with open(self.path, "w") as f:
             f.writelines(kept)
 

@@ -22,6 +22,7 @@ import ml_collections
 from flax import traverse_util
 
 from vlm_jax import image_inputs, parallel
+from vlm_jax.config import check_values
 from vlm_jax.data.pipeline import row_layout
 from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.train.loop import Setup, check_batch_size, check_segments
@@ -131,6 +132,7 @@ def refused_memory(error: Exception, arguments: list[jax.ShapeDtypeStruct]) -> d
 def plan(config: ml_collections.ConfigDict, devices: list) -> dict[str, Any]:
     """Compiles `config`'s train step for `devices` ahead of time and reports shapes, memory and FLOPs (one
     dict, the fields launch/plan.py prints)."""
+    check_values(config)
     config = config.copy_and_resolve_references()
     # The host compiling is not the target: `auto` must mean the target's kernel, not this CPU's.
     config.model.attention = resolve_backend(config.model.attention, devices[0].platform)
