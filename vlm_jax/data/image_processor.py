@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from vlm_jax.data.tokenizer import RECORD_DIR
+from vlm_jax.data.tokenizer import RECORD_DIR, record_root
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # as published (and as transformers writes them)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -295,7 +295,7 @@ def recorded_folder(path: str) -> str | None:
     """Where the processor recorded with `path` lies: an imported checkpoint directory's tokenizer/ folder (the
     source's files, vlm_jax/checkpoints/directory.py), or a training workdir (`WORKDIR[@STEP]`) itself, where the
     train command writes the processor its run used; None where neither holds one."""
-    root = path.partition("@")[0] if not os.path.isdir(path) else path
+    root = record_root(path)
     for folder in (os.path.join(root, RECORD_DIR), root):
         if processor_file(folder):
             return folder

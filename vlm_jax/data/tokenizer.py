@@ -38,10 +38,14 @@ def load_tokenizer(path: str = "") -> PreTrainedTokenizerBase:
     return tok
 
 
+def record_root(path: str) -> str:
+    """The folder of a checkpoint directory or `WORKDIR[@STEP]`, where its recorded files lie."""
+    return path if os.path.isdir(path) else path.partition("@")[0]
+
+
 def recorded_tokenizer(path: str) -> str | None:
     """The tokenizer folder recorded with `path` (a checkpoint directory or `WORKDIR[@STEP]`), None without one."""
-    root = path if os.path.isdir(path) else path.partition("@")[0]
-    folder = os.path.join(root, RECORD_DIR)
+    folder = os.path.join(record_root(path), RECORD_DIR)
     return folder if any(os.path.isfile(os.path.join(folder, n)) for n in _TOKENIZER_FILES) else None
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from vlm_jax.checkpoints.directory import RECORD_DIR, StoredParams, extra_file, open_params
 from vlm_jax.config import upgrade_model_config
 from vlm_jax.data.image_processor import PREPROCESSOR_FILE
+from vlm_jax.data.tokenizer import record_root
 from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, qwen_vl, xverse_v
 from vlm_jax.interop.keymap import ConversionError, KeyMap, Tensor, expand, torch_tensors
 from vlm_jax.interop.torch_files import TorchFiles, write_safetensors
@@ -141,7 +142,7 @@ def _write(dst: str, keymap: KeyMap, params: StoredParams, paths: list[str], dty
 def _recorded_files(src: str) -> list[str]:
     """The tokenizer and image-processor files recorded with `src`: a checkpoint directory's tokenizer/ (the
     import's source files), or a workdir's tokenizer/ and then the processor its run used, which wins."""
-    root = src if os.path.isdir(src) else src.partition("@")[0]
+    root = record_root(src)
     folder = os.path.join(root, RECORD_DIR)
     files = [os.path.join(folder, n) for n in sorted(os.listdir(folder))] if os.path.isdir(folder) else []
     return files + [p for p in [os.path.join(root, PREPROCESSOR_FILE)] if os.path.isfile(p)]

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from vlm_jax.checkpoints.directory import RECORD_DIR, load_params, write_checkpoint_dir
 from vlm_jax.config import upgrade_model_config
+from vlm_jax.data.tokenizer import record_root
 from vlm_jax.interop import families, llava
 from vlm_jax.interop.keymap import (LINEAR, ConversionError, KeyMap, Tensor, build_leaf, expand, leaf_sources,
                                     match_source,
@@ -256,7 +257,7 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
                 leaf[() if layer is None else layer] = piece
     for path, host in full.items():
         params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda index, host=host: host[index])
-    tokenizer = os.path.join(base.partition("@")[0], RECORD_DIR)
+    tokenizer = os.path.join(record_root(base), RECORD_DIR)
     trained = sorted(set(lora_shapes) | set(full))  # a PEFT export of `dst` saves the same modules
     write_checkpoint_dir(dst, params, dict(meta, model=model.to_dict(), adapter_config=config, trained=trained),
                          tokenizer, extra_from=base)

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from vlm_jax.checkpoints.directory import RECORD_DIR, load_params, write_checkpoint_dir
 from vlm_jax.config import upgrade_model_config
+from vlm_jax.data.tokenizer import record_root
 from vlm_jax.interop import peft
 from vlm_jax.interop.keymap import (LINEAR, SAME, ConversionError, KeyMap, build_leaf, expand, leaf_sources,
                                     match_source, torch_tensors)
@@ -112,5 +113,5 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
             path = f"connector/in_norm/{leaf}"
             params[path] = jax.device_put(np.full(adapter_shapes[path], value, dtype), shardings[path])
     write_checkpoint_dir(dst, params, dict(meta, parts=list(parts), model=model.to_dict(), family="xverse_v"),
-                         os.path.join(base.partition("@")[0], RECORD_DIR), extra_from=base)
+                         os.path.join(record_root(base), RECORD_DIR), extra_from=base)
     return model
