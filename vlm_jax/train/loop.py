@@ -225,6 +225,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
         # The count is deterministic: a different one means the data or the settings it depends on changed.
         if config.data.epochs and (planned := ckpt.read_config(start).total_steps) != config.total_steps:
             ckpt.close()
+            data.close()
             raise ValueError(f"data.epochs={config.data.epochs} now counts {config.total_steps} steps, but the run "
                              f"in {workdir} was planned at {planned}: its data or packing settings changed")
         state, data_state = setup.restored_state(ckpt, start)
@@ -233,6 +234,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed,
                               micro_batches=config.micro_batches)
     logger = MetricsLogger(workdir, start, config.total_steps)
+
+    def close_all() -> None:  # before raising too: a stopped run leaves no producer or writer threads running
+        ckpt.close()
+        data.close()
+        logger.close()
+
     config_json, tokens_seen, token_counts = to_json(config), 0, []
     skips, in_a_row = [], 0  # each step's `skipped` flag, read when logged; the steps skipped in a row so far
     finite = jax.jit(all_finite, out_shardings=parallel.replicated(setup.mesh))
@@ -255,13 +262,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
             for s, skipped in enumerate(flags, step - len(flags) + 1):
                 in_a_row = in_a_row + 1 if skipped else 0
                 if in_a_row == config.optim.max_skipped_steps:
-                    ckpt.close()
+                    close_all()
                     raise FloatingPointError(
                         f"{in_a_row} steps in a row (optim.max_skipped_steps) skipped their update for a non-finite "
                         f"loss, gradient norm or parameters, the last at step {s}; {last_checkpoint(ckpt, workdir)}")
         if saving:
             if not bool(finite(state.saved())):  # the step keeps NaN out of the state; never save one it reached
-                ckpt.close()
+                close_all()
                 raise FloatingPointError(f"the state at step {step} holds non-finite values and was not saved; "
                                          f"{last_checkpoint(ckpt, workdir)}")
             ckpt.save(step, state.saved(), merge_shard_states(allgather_json(data.get_state())), config_json)
