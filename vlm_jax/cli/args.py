@@ -2,14 +2,17 @@
 and the multi-process flags of the commands that run on devices."""
 
 import argparse
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 
 import ml_collections
 
 from configs import base
 from vlm_jax.config import check_values, load_config
+from vlm_jax.errors import ReportedError
 
 
 def _count(environ: Mapping[str, str], key: str) -> int:
@@ -128,3 +131,14 @@ def parse(description: str, argv: list[str] | None = None, add_arguments: Argume
         logging.info("multi-process run: %s", cluster)
         jax.distributed.initialize()
     return args, config
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Runs a command's body, turning a ReportedError (bad input, a diverged run: its message is the whole report)
+    into one `error: ...` line on stderr and exit status 1; any other exception keeps its traceback."""
+    try:
+        yield
+    except ReportedError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

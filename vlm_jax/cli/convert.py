@@ -32,7 +32,7 @@ import json
 import os
 
 from vlm_jax import parallel
-from vlm_jax.cli.args import parse
+from vlm_jax.cli.args import parse, reported_errors
 from vlm_jax.interop import peft, xverse_v
 from vlm_jax.interop.check import DEFAULT_QUESTION, check
 from vlm_jax.interop.hf_export import FORMATS, export_checkpoint
@@ -80,7 +80,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> None:
     args, config = parse(__doc__.splitlines()[0], argv, workdir=False, config_optional=True, commands=COMMANDS)
     mesh = parallel.make_mesh(config.mesh)
-    try:
+    with reported_errors():
         adapter = args.command == "import" and (args.family == "xverse_v" or
                                                 os.path.isfile(os.path.join(args.src, peft.CONFIG_FILE)))
         if adapter and not args.base:
@@ -96,8 +96,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(json.dumps(check(args.src, config.model, mesh, family=args.family, seed=args.seed,
                                    image=args.image, question=args.question)), flush=True)
-    except ConversionError as e:
-        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import json
 import os
 
 from vlm_jax.checkpoints.train_state import Checkpointer
-from vlm_jax.cli.args import parse
+from vlm_jax.cli.args import parse, reported_errors
 from vlm_jax.data.tokenizer import run_tokenizer
 from vlm_jax.evaluate import evaluate, plot_examples
 from vlm_jax.train.loop import Setup
@@ -26,26 +26,27 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--params", default=None, help="evaluate this checkpoint directory instead")
 
     args, config = parse(__doc__.splitlines()[0], argv, add_arguments)
-    setup = Setup(config)
-    config.init_params = args.params or args.workdir  # where the recorded tokenizer and image processor come from
-    if args.params:
-        state, step = setup.imported_state(args.params), args.params
-    else:
-        ckpt = Checkpointer(args.workdir, config.keep_checkpoints)
-        step = ckpt.latest_step() if args.step is None else args.step
-        if step not in ckpt.all_steps():
-            raise SystemExit(f"no checkpoint {'' if step is None else step} in "
-                             f"{os.path.join(args.workdir, 'checkpoints')} (have {ckpt.all_steps()})")
-        state, _ = setup.restored_state(ckpt, step)
-        ckpt.close()
-    os.makedirs(args.workdir, exist_ok=True)
-    tokenizer = run_tokenizer(config)
-    scores, records = evaluate(config, state.params, tokenizer, setup.mesh)
-    with open(os.path.join(args.workdir, "eval_predictions.jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps({k: v for k, v in r.items() if k != "image"}) + "\n")
-    plot_examples(records, os.path.join(args.workdir, "eval_examples.png"))
-    print(json.dumps({"step": step, **scores}), flush=True)
+    with reported_errors():
+        setup = Setup(config)
+        config.init_params = args.params or args.workdir  # where the recorded tokenizer and image processor come from
+        if args.params:
+            state, step = setup.imported_state(args.params), args.params
+        else:
+            ckpt = Checkpointer(args.workdir, config.keep_checkpoints)
+            step = ckpt.latest_step() if args.step is None else args.step
+            if step not in ckpt.all_steps():
+                raise SystemExit(f"no checkpoint {'' if step is None else step} in "
+                                 f"{os.path.join(args.workdir, 'checkpoints')} (have {ckpt.all_steps()})")
+            state, _ = setup.restored_state(ckpt, step)
+            ckpt.close()
+        os.makedirs(args.workdir, exist_ok=True)
+        tokenizer = run_tokenizer(config)
+        scores, records = evaluate(config, state.params, tokenizer, setup.mesh)
+        with open(os.path.join(args.workdir, "eval_predictions.jsonl"), "w") as f:
+            for r in records:
+                f.write(json.dumps({k: v for k, v in r.items() if k != "image"}) + "\n")
+        plot_examples(records, os.path.join(args.workdir, "eval_examples.png"))
+        print(json.dumps({"step": step, **scores}), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ SIGTERM or Ctrl-C, or --stop_at N, ends the run after a step with a checkpoint t
 
 import argparse
 
-from vlm_jax.cli.args import parse
+from vlm_jax.cli.args import parse, reported_errors
 from vlm_jax.demo.stages import train_demo
 from vlm_jax.train.loop import train
 
@@ -26,10 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args, config = parse(__doc__.splitlines()[0], argv, add_arguments)
-    if config.vision_pretrain.steps > 0:
-        train_demo(config, args.workdir, args.stop_at)
-    else:
-        train(config, args.workdir, args.stop_at)
+    with reported_errors():
+        if config.vision_pretrain.steps > 0:
+            train_demo(config, args.workdir, args.stop_at)
+        else:
+            train(config, args.workdir, args.stop_at)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from vlm_jax.checkpoints.params_only import save_params
 from vlm_jax.data import synthetic
 from vlm_jax.data.images import choose_grid, global_view, tile_image
 from vlm_jax.data.navit import navit_patches, pack_patches
+from vlm_jax.errors import DivergedError
 from vlm_jax.layers import axes
 from vlm_jax.layers.dense import Dense
 from vlm_jax.layers.options import ModuleOptions
@@ -217,7 +218,7 @@ def pretrain_vision(config: ml_collections.ConfigDict, workdir: str) -> str:
                 m = jax.device_get(metrics)
                 record = logger.log(s, {"loss": m["loss"], **_accuracies(m)}, labelled)
                 if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"vision pretraining loss is {record['loss']} at step {s}")
+                    raise DivergedError(f"vision pretraining loss is {record['loss']} at step {s}")
         logger.close()
         held_out = LabelledBatches(config, "eval", config.data.num_eval)
         totals: dict[str, float] = {}

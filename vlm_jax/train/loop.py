@@ -24,6 +24,7 @@ from vlm_jax.data.epochs import count_epochs, epoch_steps
 from vlm_jax.data.image_kinds import report_image_processor
 from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, row_layout, shards_holding
 from vlm_jax.data.tokenizer import record_tokenizer, run_tokenizer
+from vlm_jax.errors import DivergedError
 from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.model import VLM
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
@@ -263,13 +264,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
                 in_a_row = in_a_row + 1 if skipped else 0
                 if in_a_row == config.optim.max_skipped_steps:
                     close_all()
-                    raise FloatingPointError(
+                    raise DivergedError(
                         f"{in_a_row} steps in a row (optim.max_skipped_steps) skipped their update for a non-finite "
                         f"loss, gradient norm or parameters, the last at step {s}; {last_checkpoint(ckpt, workdir)}")
         if saving:
             if not bool(finite(state.saved())):  # the step keeps NaN out of the state; never save one it reached
                 close_all()
-                raise FloatingPointError(f"the state at step {step} holds non-finite values and was not saved; "
+                raise DivergedError(f"the state at step {step} holds non-finite values and was not saved; "
                                          f"{last_checkpoint(ckpt, workdir)}")
             ckpt.save(step, state.saved(), merge_shard_states(allgather_json(data.get_state())), config_json)
         if preempted:
