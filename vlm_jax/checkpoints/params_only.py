@@ -32,13 +32,13 @@ def fit_params(path: str, have: dict[str, tuple[int, ...]], want: dict[str, tupl
     held = {k.split("/", 1)[0] for k in have}
     extra = sorted(held - {k.split("/", 1)[0] for k in want})
     if extra:
-        raise ValueError(f"params checkpoint {path} holds {extra}, which the model does not have")
+        raise InputError(f"params checkpoint {path} holds {extra}, which the model does not have")
     wanted = [k for k in want
               if k.split("/", 1)[0] in held and (k in have or k.rsplit("/", 1)[-1] not in (LORA_A, LORA_B))]
     wrong = [f"{k}: checkpoint {have.get(k)}, model {tuple(want[k])}" for k in wanted if have.get(k) != tuple(want[k])]
     wrong += [f"{k}: checkpoint {have[k]}, model has none" for k in sorted(set(have) - set(want))]
     if wrong:
-        raise ValueError(f"params checkpoint {path} does not fit the model:\n  " + "\n  ".join(wrong))
+        raise InputError(f"params checkpoint {path} does not fit the model:\n  " + "\n  ".join(wrong))
     return wanted
 
 

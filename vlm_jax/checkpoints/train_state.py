@@ -77,7 +77,7 @@ class Checkpointer:
             saved_in = {k: path.split("/", 1)[0]
                         for k, (path, _) in param_leaves(self.item_dir(step, "state"), layout).items()}
             if set(params) != set(saved_in):
-                raise ValueError(f"checkpoint {step} in {self.manager.directory} holds other parameters than the "
+                raise InputError(f"checkpoint {step} in {self.manager.directory} holds other parameters than the "
                                  f"model: {sorted(set(params) ^ set(saved_in))}")
             target.update({top: traverse_util.unflatten_dict(
                 {k: v for k, v in params.items() if saved_in[k] == top}, sep="/") for top in layout})
@@ -102,7 +102,7 @@ class Checkpointer:
             return PARAMS
         if tops & set(SPLIT_PARAMS):  # an empty subtree (nothing frozen) may not have been written
             return tuple(t for t in SPLIT_PARAMS if t in tops)
-        raise ValueError(f"checkpoint {step} in {self.manager.directory} holds {sorted(tops)}, not a vlm_jax "
+        raise InputError(f"checkpoint {step} in {self.manager.directory} holds {sorted(tops)}, not a vlm_jax "
                          "train state")
 
     def item_dir(self, step: int, item: str) -> str:
