@@ -61,8 +61,8 @@ def config_changes(saved: ml_collections.ConfigDict, given: ml_collections.Confi
 
 
 def state_mismatch(saved, given) -> list[str]:
-    """How the abstract saved state `given` (a pytree of shaped leaves) differs in tree or shapes from `saved`:
-    leaves one has and the other lacks, and leaves of other shapes. Dtypes may differ: a restore casts."""
+    """How the abstract state `given` (a pytree of shaped leaves) differs from `saved` in tree or shapes: leaves of
+    other shapes, and leaves one has and the other lacks. Dtypes may differ: a restore casts."""
     def shapes(tree) -> dict[str, tuple]:
         return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
