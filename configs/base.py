@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_new_tokens = 8  # tokens generated per evaluation answer
     c.init_params = ""  # a `launch/convert.py import` directory or a workdir: start from its params (fresh optimizer)
     c.init_fresh = ""  # regex of parameter paths that keep their fresh init instead (e.g. "connector/.*")
+    # Resuming: comma-separated keys or sections (e.g. "optim.lr,total_steps") that may differ from the config the
+    # checkpoint saved; the run goes on under the given values (vlm_jax/train/resume.py)
+    c.allow_changes = ""
 
     # The demo's stage 0 (vlm_jax/demo/), run by the train command first when steps > 0: the vision tower trained
     # alone on the synthetic source's dense patch labels, then loaded into the VLM: a stand-in for the pretrained

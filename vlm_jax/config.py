@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 from configs import base
+from vlm_jax.errors import InputError
 
 # Keys added since configs were first saved, each with the value that reproduces how a config saved before it
 # computed; pinned here so that changing base's default later leaves old runs as they were. A key missing from a
@@ -37,6 +38,7 @@ ADDED = {
     "data.image_resize": "squash",
     "data.image_pad_square": False,
     "vision_pretrain.steps": 0,
+    "allow_changes": "",  # never compared (vlm_jax/train/resume.py FREE)
 }
 # Keys that moved or went: old dotted path -> new dotted path, or None for a key whose value lives elsewhere
 # (vision.spatial_merge_size duplicated connector.merge_size, which the model always read).
@@ -93,7 +95,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
 
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Rejects, before a command builds or writes anything, a size or count below 1 (POSITIVE), a step count
-    below 0 (NON_NEGATIVE) and a choice key naming no choice, each with one error naming the key and value."""
+    below 0 (NON_NEGATIVE), a choice key naming no choice and an `allow_changes` naming no key, each with one
+    error naming the key and value."""
     def get(dotted):
         node = config
         for name in dotted.split("."):
@@ -111,6 +114,16 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     for key, choices in _choices().items():
         if get(key) not in choices:
             raise ValueError(f"config key {key}={get(key)!r} is not one of {', '.join(map(repr, choices))}")
+    for name in allowed_changes(config):  # a misspelt name would allow nothing and say nothing
+        try:
+            get(name)
+        except (KeyError, TypeError):  # no such key; a key under a value
+            raise InputError(f"config key allow_changes names {name!r}, which is no config key or section") from None
+
+
+def allowed_changes(config: ml_collections.ConfigDict) -> list[str]:
+    """The keys and sections (dotted) whose differences from a resumed checkpoint's config `allow_changes` accepts."""
+    return [n.strip() for n in config.allow_changes.split(",") if n.strip()]
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:

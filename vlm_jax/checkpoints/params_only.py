@@ -4,10 +4,13 @@ from, and the parameters inside a train checkpoint, read without its optimizer s
 import os
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
 
 from vlm_jax.checkpoints import streaming
+from vlm_jax.errors import InputError
 from vlm_jax.layers.lora import LORA_A, LORA_B
 
 
@@ -29,13 +32,13 @@ def fit_params(path: str, have: dict[str, tuple[int, ...]], want: dict[str, tupl
     held = {k.split("/", 1)[0] for k in have}
     extra = sorted(held - {k.split("/", 1)[0] for k in want})
     if extra:
-        raise ValueError(f"params checkpoint {path} holds {extra}, which the model does not have")
+        raise InputError(f"params checkpoint {path} holds {extra}, which the model does not have")
     wanted = [k for k in want
               if k.split("/", 1)[0] in held and (k in have or k.rsplit("/", 1)[-1] not in (LORA_A, LORA_B))]
     wrong = [f"{k}: checkpoint {have.get(k)}, model {tuple(want[k])}" for k in wanted if have.get(k) != tuple(want[k])]
     wrong += [f"{k}: checkpoint {have[k]}, model has none" for k in sorted(set(have) - set(want))]
     if wrong:
-        raise ValueError(f"params checkpoint {path} does not fit the model:\n  " + "\n  ".join(wrong))
+        raise InputError(f"params checkpoint {path} does not fit the model:\n  " + "\n  ".join(wrong))
     return wanted
 
 
@@ -69,4 +72,20 @@ def restore_params(path: str, abstract_params, shardings, under: tuple[str, ...]
         out = ckptr.restore(os.path.abspath(path), args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
     got = traverse_util.flatten_dict(out, sep="/")
-    return traverse_util.unflatten_dict({k: got[stored[k][0]] for k in keys}, sep="/")
+    params = {k: got[stored[k][0]] for k in keys}
+    bad = non_finite(params)
+    if bad:
+        raise InputError(f"params checkpoint {path} holds non-finite values (NaN or Inf) in {len(bad)} tensor(s): "
+                         + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""))
+    return traverse_util.unflatten_dict(params, sep="/")
+
+
+def non_finite(arrays: dict[str, jax.Array]) -> list[str]:
+    """The names of the floating-point arrays (each placed on one mesh, as restored) holding a NaN or Inf."""
+    names = [k for k, v in arrays.items() if jnp.issubdtype(v.dtype, jnp.floating)]
+    if not names:
+        return []
+    mesh = arrays[names[0]].sharding.mesh
+    flags = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]),
+                    out_shardings=NamedSharding(mesh, PartitionSpec()))([arrays[k] for k in names])
+    return [k for k, ok in zip(names, jax.device_get(flags)) if not ok]

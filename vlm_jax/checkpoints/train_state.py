@@ -6,8 +6,11 @@ the freeze rules nor the optimizer. Workdirs written before this layout hold the
 `trainable` and `frozen` (disjoint: a partly trained layer stack sits whole in `trainable`); they restore
 through the same calls."""
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -16,9 +19,27 @@ from flax import traverse_util
 
 from vlm_jax.checkpoints.params_only import param_leaves
 from vlm_jax.config import upgrade_config
+from vlm_jax.errors import InputError
 
 PARAMS = ("params",)
 SPLIT_PARAMS = ("trainable", "frozen")  # the layout before PARAMS: the trainer's two halves
+
+
+def _drop_closed_loop_reports() -> None:
+    """Keeps the reads a failed restore left in flight from printing a traceback each after the error that explains
+    them: orbax closes the event loop of the restore when one read fails, and each read still under way finishes
+    on tensorstore's threads into the closed loop, reported through sys.unraisablehook. Every other report still
+    goes to the hook installed before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop", False):
+        return
+
+    def hook(report) -> None:
+        if not (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"):
+            previous(report)
+
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -56,12 +77,13 @@ class Checkpointer:
             saved_in = {k: path.split("/", 1)[0]
                         for k, (path, _) in param_leaves(self.item_dir(step, "state"), layout).items()}
             if set(params) != set(saved_in):
-                raise ValueError(f"checkpoint {step} in {self.manager.directory} holds other parameters than the "
+                raise InputError(f"checkpoint {step} in {self.manager.directory} holds other parameters than the "
                                  f"model: {sorted(set(params) ^ set(saved_in))}")
             target.update({top: traverse_util.unflatten_dict(
                 {k: v for k, v in params.items() if saved_in[k] == top}, sep="/") for top in layout})
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        with self._reading(step):
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
         state = dict(out.state)
         if layout != PARAMS:
             state["params"] = traverse_util.unflatten_dict(
@@ -72,12 +94,15 @@ class Checkpointer:
     def params_layout(self, step: int) -> tuple[str, ...]:
         """The top-level subtrees of the step-`step` train state that hold the parameters."""
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-            tops = set(ckptr.metadata(self.item_dir(step, "state")).item_metadata.tree)
+            metadata = ckptr.metadata(self.item_dir(step, "state")).item_metadata
+        if metadata is None:  # orbax logs why (an unreadable _METADATA, _sharding or manifest) and gives None
+            raise self._corrupt(step, "its state's tree metadata cannot be read")
+        tops = set(metadata.tree)
         if set(PARAMS) <= tops:
             return PARAMS
         if tops & set(SPLIT_PARAMS):  # an empty subtree (nothing frozen) may not have been written
             return tuple(t for t in SPLIT_PARAMS if t in tops)
-        raise ValueError(f"checkpoint {step} in {self.manager.directory} holds {sorted(tops)}, not a vlm_jax "
+        raise InputError(f"checkpoint {step} in {self.manager.directory} holds {sorted(tops)}, not a vlm_jax "
                          "train state")
 
     def item_dir(self, step: int, item: str) -> str:
@@ -86,7 +111,31 @@ class Checkpointer:
 
     def read_config(self, step: int) -> ml_collections.ConfigDict:
         """The config a run saved with its step-`step` checkpoint."""
-        return upgrade_config(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+        with self._reading(step):
+            saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        return upgrade_config(saved)
+
+    def _corrupt(self, step: int, why: str) -> InputError:
+        earlier = [s for s in self.all_steps() if s < step]
+        way_out = (f"delete {self.item_dir(step, '')} to resume from step {earlier[-1]} (earlier checkpoints: "
+                   f"{earlier})" if earlier else "no earlier checkpoint is held: start again in a new workdir")
+        return InputError(f"checkpoint {step} in {self.manager.directory} is corrupt ({why}); {way_out}")
+
+    @contextlib.contextmanager
+    def _reading(self, step: int) -> Iterator[None]:
+        """Turns what orbax raises on a truncated or garbled file of the step-`step` checkpoint into one error
+        naming the checkpoint: a JSON item (config, data) that does not parse, or an array read that fails,
+        which orbax's serialization.py wraps in a bare Exception around tensorstore's ValueError (naming the
+        array and the file)."""
+        try:
+            yield
+        except json.JSONDecodeError as e:
+            raise self._corrupt(step, f"a JSON item does not parse: {e}") from None
+        except Exception as e:
+            if type(e) is not Exception or not isinstance(e.__cause__, ValueError):
+                raise
+            _drop_closed_loop_reports()
+            raise self._corrupt(step, str(e.__cause__).splitlines()[0]) from None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -106,7 +106,7 @@ def _streamed(plans: list[_Plan], model: ml_collections.ConfigDict, mesh: Mesh) 
         shardings = param_shardings(model, p.source.spec.parts, mesh)
         for path, pieces in leaf_sources(p.tensors).items():
             def read(start: int, stop: int, pieces=pieces, files=p.files, names=p.names) -> np.ndarray:
-                return build_leaf(pieces, lambda name: files.get(names[name]), dtype, slice(start, stop))
+                return build_leaf(pieces, lambda name: files.get(names[name], finite=True), dtype, slice(start, stop))
 
             shape = tuple(p.shapes[path])
             out[path] = StreamedLeaf(shape, dtype, shardings[path], read, 1 if is_stack(pieces) else shape[0])

@@ -247,11 +247,11 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
     names = match_source(keymap, tensors, fillers, shapes, where=f"{src} (PEFT adapter)")
     shardings, dtype = param_shardings(model, parts, mesh), np.dtype(model.param_dtype)
     for path, pieces in leaf_sources(tensors).items():
-        host = build_leaf(pieces, lambda name: files.get(names[name]), dtype)
+        host = build_leaf(pieces, lambda name: files.get(names[name], finite=True), dtype)
         params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda index: host[index])
     full = {}  # the leaves of the modules_to_save: the base's, with the adapter file's tensors written over them
     for t in saved:
-        for (path, layer), piece in zip(t.pieces, t.to_jax(files.get(PREFIX + t.name))):
+        for (path, layer), piece in zip(t.pieces, t.to_jax(files.get(PREFIX + t.name, finite=True))):
             if path is not None:
                 leaf = full.setdefault(path, np.array(params[path], dtype))
                 leaf[() if layer is None else layer] = piece

@@ -9,13 +9,14 @@ import glob
 import json
 import math
 import os
+import pickle
 import struct
 from collections.abc import Iterable
 
 import ml_dtypes
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from vlm_jax.interop.keymap import ConversionError
 
@@ -56,13 +57,13 @@ class TorchFiles:
         for f in files:
             if f.endswith(".safetensors"):
                 # pread, not mmap: a mapped file's pages would stay resident (and count) as the model is read.
-                handle = safe_open(f, framework="pt", backend="pread")
+                try:
+                    handle = safe_open(f, framework="pt", backend="pread")
+                except SafetensorError as e:  # a truncated or garbled file: its header does not describe it
+                    raise ConversionError(f"{f}: not a readable safetensors file ({e})") from None
                 names = list(handle.keys())
             else:
-                try:
-                    handle = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # the pre-1.6 (non-zip) format cannot be memory-mapped
-                    handle = torch.load(f, map_location="cpu", weights_only=True)
+                handle = _torch_load(f)
                 if not isinstance(handle, dict):
                     raise ConversionError(f"{f}: holds a {type(handle).__name__}, not a state dict")
                 # LAVIS / MiniGPT-4 checkpoints (XVERSE-V's adapter file) hold the state dict under "model",
@@ -88,12 +89,37 @@ class TorchFiles:
             return _FROM_SAFETENSORS[h.get_slice(name).get_dtype()]
         return _to_numpy(torch.empty(0, dtype=h[name].dtype)).dtype
 
-    def get(self, name: str) -> np.ndarray:
-        _, h = self._where[name]
-        return _to_numpy(h.get_tensor(name) if hasattr(h, "get_tensor") else h[name])
+    def get(self, name: str, finite: bool = False) -> np.ndarray:
+        """Tensor `name`; with `finite`, an error naming it and its file if it holds a NaN or Inf (a tensor the model
+        computes with: a carried one is copied as it is)."""
+        f, h = self._where[name]
+        x = _to_numpy(h.get_tensor(name) if hasattr(h, "get_tensor") else h[name])
+        if finite and (x.dtype.kind == "f" or x.dtype == ml_dtypes.bfloat16) and not np.isfinite(x).all():
+            raise ConversionError(f"{f}: tensor {name} holds {x.size - np.isfinite(x).sum()} non-finite values "
+                                  "(NaN or Inf)")
+        return x
 
     def file_of(self, name: str) -> str:
         return self._where[name][0]
+
+
+def _torch_load(f: str):
+    """The object `torch.load(weights_only=True)` gives for the file `f`; a file it refuses (objects other than
+    tensors) or cannot read (truncated, garbled) is an error naming the file."""
+    try:
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the pre-1.6 (non-zip) format cannot be memory-mapped
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.split("WeightsUnpickler error: ", 1)[1].split(". Please")[0]
+                    for line in str(e).splitlines() if "WeightsUnpickler error: " in line), str(e).splitlines()[0])
+        raise ConversionError(f"{f}: torch.load(weights_only=True) refuses it ({why}); if the file is trusted, "
+                              "load it with weights_only=False and save its tensors as safetensors") from None
+    # A zip that is cut short (RuntimeError), or bytes that are no pickle (the unpickler's EOFError, or KeyError
+    # from its memo lookup).
+    except (RuntimeError, EOFError, KeyError) as e:
+        raise ConversionError(f"{f}: not a readable PyTorch checkpoint ({str(e).split('. ')[0]})") from None
 
 
 def write_state_dict(file: str, tensors, key: str | None = None) -> None:

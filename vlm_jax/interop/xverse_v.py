@@ -106,7 +106,7 @@ def import_adapter(src: str, base: str, dst: str, mesh: Mesh) -> ml_collections.
     names = match_source(km, tensors, fillers, shapes, where=f"{src} (XVERSE-V adapter file)")
     shardings, dtype = param_shardings(model, parts, mesh), np.dtype(model.param_dtype)
     for path, pieces in leaf_sources(tensors).items():
-        host = build_leaf(pieces, lambda name: files.get(names[name]), dtype)
+        host = build_leaf(pieces, lambda name: files.get(names[name], finite=True), dtype)
         params[path] = jax.make_array_from_callback(host.shape, shardings[path], lambda index: host[index])
     if not has_ln:  # vxverse creates ln_vision fresh: weight 1, bias 0
         for leaf, value in (("scale", 1.0), ("bias", 0.0)):

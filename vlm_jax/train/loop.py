@@ -31,6 +31,7 @@ from vlm_jax.train.metrics import MetricsLogger, plot_loss
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.param_groups import ParamGroups
 from vlm_jax.train.preemption import StopSignals
+from vlm_jax.train.resume import check_resume
 from vlm_jax.train.step import TrainState, all_finite, init_state, make_train_step
 
 
@@ -205,6 +206,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     if config.data.epochs:
         config = with_epoch_length(config, tokenizer, shards)
     setup = Setup(config)
+    data = make_train_iterator(config, tokenizer, shards)
+    ckpt = Checkpointer(workdir, config.keep_checkpoints)
+    try:  # whatever refuses the run does so before anything is written in the workdir
+        start = ckpt.latest_step()
+        if start is None:
+            state = setup.imported_state(config.init_params) if config.init_params else setup.fresh_state()
+            start = 0
+        else:
+            check_resume(config, ckpt.read_config(start), workdir, start,
+                         lambda saved: Setup(saved).abstract_state.saved(), setup.abstract_state.saved())
+            state, data_state = setup.restored_state(ckpt, start)
+            data.set_state(data_state)
+            logging.info("resumed from step %d", start)
+    except BaseException:
+        ckpt.close()  # no orbax thread is left to fail at exit
+        data.close()
+        raise
+    if start == 0 and config.init_params:
+        carry_source(config.init_params, workdir)  # what export needs of the source: its ids, carried tensors
     if jax.process_index() == 0:
         print(setup.groups.format_table(), flush=True)
         setup.groups.write_table(workdir)
@@ -212,26 +232,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     report_image_processor(config, workdir if jax.process_index() == 0 else None)
     if jax.process_index() == 0:
         record_tokenizer(tokenizer, workdir)
-    data = make_train_iterator(config, tokenizer, shards)
-    ckpt = Checkpointer(workdir, config.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is None:
-        if config.init_params:
-            carry_source(config.init_params, workdir)  # what export needs of the source: its ids, carried tensors
-            state = setup.imported_state(config.init_params)
-        else:
-            state = setup.fresh_state()
-        start = 0
-    else:
-        # The count is deterministic: a different one means the data or the settings it depends on changed.
-        if config.data.epochs and (planned := ckpt.read_config(start).total_steps) != config.total_steps:
-            ckpt.close()
-            data.close()
-            raise ValueError(f"data.epochs={config.data.epochs} now counts {config.total_steps} steps, but the run "
-                             f"in {workdir} was planned at {planned}: its data or packing settings changed")
-        state, data_state = setup.restored_state(ckpt, start)
-        data.set_state(data_state)
-        logging.info("resumed from step %d", start)
     step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed,
                               micro_batches=config.micro_batches)
     logger = MetricsLogger(workdir, start, config.total_steps)
