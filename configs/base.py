@@ -130,6 +130,12 @@ def get_config() -> ml_collections.ConfigDict:
     d.system = ""  # system text of the template's system prefix ("": no system prefix)
     d.seq_len = 2048  # tokens per packed row
     d.skip_too_long = False  # False: an example longer than seq_len is an error naming it
+    # A record that cannot be used (its structure, text that is not UTF-8, an image missing, corrupt or over
+    # max_image_pixels, its tokens): "raise" stops the run with one error naming the file, record and reason; "skip"
+    # leaves it out with a warning and counts it in metrics.jsonl as bad_records (vlm-check-data lists them first).
+    d.on_bad_record = "raise"
+    d.max_bad_fraction = 0.01  # skip: a data shard stops once more than this share of each epoch begun was bad
+    d.max_image_pixels = 89478485  # an image of more pixels is a bad record (0: no limit); PIL's MAX_IMAGE_PIXELS
     # 0: the run is total_steps long; N: N passes over the training data, every example N times: total_steps (set
     # to 0) becomes the steps the packed rows of N epochs take (counted at start-up from text and image sizes,
     # data/epochs.py).

@@ -7,6 +7,7 @@ from configs import base
 from vlm_jax.data.llava_json import LlavaJsonSource
 from vlm_jax.data.pipeline import make_eval_examples, make_train_iterator
 from vlm_jax.data.tokenizer import load_tokenizer, special_ids
+from vlm_jax.errors import BadRecordError, InputError
 from tests.helpers import ITEMS, first_batch, write_dataset
 
 TOK = load_tokenizer("")
@@ -64,14 +65,14 @@ def test_missing_and_corrupt_images_name_file_and_example(tmp_path):
     write_dataset(tmp_path, items)
     (tmp_path / "imgs" / "bad.png").write_bytes(b"garbage")
     src = LlavaJsonSource(str(tmp_path / "data.json"))
-    with pytest.raises(FileNotFoundError, match=r"data.json: example 3 \(id gone-4\).*imgs/missing.png"):
+    with pytest.raises(BadRecordError, match=r"data.json: example 3 \(id gone-4\).*imgs/missing.png"):
         src[3]
-    with pytest.raises(ValueError, match=r"data.json: example 4 \(id bad-5\).*imgs/bad.png"):
+    with pytest.raises(BadRecordError, match=r"data.json: example 4 \(id bad-5\).*imgs/bad.png"):
         src[4]
     # The same error reaches the trainer through the iterator.
     c = config(tmp_path)
     it = make_train_iterator(c, TOK)
-    with pytest.raises((FileNotFoundError, ValueError), match="id (gone-4|bad-5)"):
+    with pytest.raises(BadRecordError, match="id (gone-4|bad-5)"):
         for _ in range(5):
             next(it)
 
@@ -92,7 +93,7 @@ def test_bad_records_name_file_and_example(tmp_path, item, match):
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing.json"):
+    with pytest.raises(InputError, match="nothing.json"):
         LlavaJsonSource(str(tmp_path / "nothing.json"))
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(ValueError, match="broken.json: not valid JSON"):
@@ -107,6 +108,6 @@ def test_marker_count_mismatch_names_example(tmp_path):
               "conversations": [{"from": "human", "value": "describe"}, {"from": "gpt", "value": "x"}]}]
     write_dataset(tmp_path, items)
     c = config(tmp_path)
-    with pytest.raises(ValueError, match="example nomark: 0 <image> markers but 1 images"):
+    with pytest.raises(BadRecordError, match=r"data.json: example 0 \(id nomark\): 0 <image> markers but 1 images"):
         first_batch(c)
     np.testing.assert_array_equal(np.asarray(LlavaJsonSource(str(tmp_path))[0]["image"])[0, 0], [200, 30, 30])

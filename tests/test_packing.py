@@ -130,7 +130,7 @@ def test_row_budgets_name_their_config_keys():
     config = navit_config("data.max_images_per_row=1", "data.max_patches_per_row=8")
     layout = row_layout(config)
     ex = make_example_dataset(config, TOK)[0]
-    assert check_fits(ex, layout) == f"example {ex.id}: {ex.num_patches} patches exceed data.max_patches_per_row 8"
+    assert check_fits(ex, layout) == f"{ex.num_patches} patches exceed data.max_patches_per_row 8"
     with pytest.raises(ValueError, match="multiple of 4"):
         row_layout(navit_config("data.max_patches_per_row=10"))
 

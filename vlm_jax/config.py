@@ -39,6 +39,9 @@ ADDED = {
     "data.image_pad_square": False,
     "vision_pretrain.steps": 0,
     "allow_changes": "",  # never compared (vlm_jax/train/resume.py FREE)
+    "data.on_bad_record": "raise",
+    "data.max_bad_fraction": 0.01,  # read only when skipping, which older runs never did
+    "data.max_image_pixels": 2 * 89478485,  # PIL refused images over twice its MAX_IMAGE_PIXELS (and warned)
 }
 # Keys that moved or went: old dotted path -> new dotted path, or None for a key whose value lives elsewhere
 # (vision.spatial_merge_size duplicated connector.merge_size, which the model always read).
@@ -65,8 +68,11 @@ POSITIVE = (
 NON_NEGATIVE = (
     "total_steps", "checkpoint_every", "eval_examples", "vision_pretrain.steps", "vision_pretrain.warmup_steps",
     "model.loss_vocab_chunk", "model.connector.hidden_dim", "model.connector.num_queries", "model.vision.pos_grid",
-    "model.lora.rank", "data.epochs", "data.pack_window", "data.prefetch", "optim.warmup_steps",
+    "model.lora.rank", "data.epochs", "data.pack_window", "data.prefetch", "data.max_image_pixels",
+    "optim.warmup_steps",
 )
+# Shares: a value outside [0, 1] means nothing.
+FRACTIONS = ("data.max_bad_fraction",)
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -75,7 +81,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from vlm_jax.connectors import CONNECTORS
     from vlm_jax.data.conversation import TEMPLATES
     from vlm_jax.data.image_processor import CONFIG_RESIZES
-    from vlm_jax.data.pipeline import SOURCES
+    from vlm_jax.data.pipeline import ON_BAD_RECORD, SOURCES
     from vlm_jax.layers.attention import BACKENDS
     from vlm_jax.layers.mlp import ACTIVATIONS
     from vlm_jax.layers.rope import ROPE_KINDS
@@ -90,12 +96,14 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "model.vision.qkv_bias": QKV_BIAS, "model.connector.kind": tuple(CONNECTORS),
         "model.text.rope_kind": tuple(k for k in ROPE_KINDS if k != "2d"),  # 2d is the navit tower's
         "data.source": SOURCES, "data.template": tuple(TEMPLATES), "data.image_resize": tuple(CONFIG_RESIZES),
+        "data.on_bad_record": ON_BAD_RECORD,
     }
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Rejects, before a command builds or writes anything, a size or count below 1 (POSITIVE), a step count
-    below 0 (NON_NEGATIVE), a choice key naming no choice and an `allow_changes` naming no key, each with one
+    below 0 (NON_NEGATIVE), a share outside [0, 1] (FRACTIONS), a choice key naming no choice and an
+    `allow_changes` naming no key, each with one
     error naming the key and value."""
     def get(dotted):
         node = config
@@ -105,15 +113,18 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
     for key in POSITIVE:
         if get(key) < 1:
-            raise ValueError(f"config key {key}={get(key)!r} must be at least 1")
+            raise InputError(f"config key {key}={get(key)!r} must be at least 1")
     for key in NON_NEGATIVE:
         if get(key) < 0:
-            raise ValueError(f"config key {key}={get(key)!r} must be 0 or more")
+            raise InputError(f"config key {key}={get(key)!r} must be 0 or more")
+    for key in FRACTIONS:
+        if not 0 <= get(key) <= 1:
+            raise InputError(f"config key {key}={get(key)!r} must be between 0 and 1")
     if config.total_steps == 0 and not config.data.epochs:
-        raise ValueError("config key total_steps=0 trains nothing: give the steps, or data.epochs to count them")
+        raise InputError("config key total_steps=0 trains nothing: give the steps, or data.epochs to count them")
     for key, choices in _choices().items():
         if get(key) not in choices:
-            raise ValueError(f"config key {key}={get(key)!r} is not one of {', '.join(map(repr, choices))}")
+            raise InputError(f"config key {key}={get(key)!r} is not one of {', '.join(map(repr, choices))}")
     for name in allowed_changes(config):  # a misspelt name would allow nothing and say nothing
         try:
             get(name)

@@ -15,3 +15,15 @@ class InputError(ReportedError, ValueError):
 
 class DivergedError(ReportedError, FloatingPointError):
     """Training stopped on non-finite values; the message names the step and the last (finite) checkpoint."""
+
+
+class BadRecordError(InputError):
+    """A data record that cannot be used: `where` names it (the file, the record's index and id), `reason` says why.
+    The training stream raises it, or leaves the record out with data.on_bad_record=skip."""
+
+    def __init__(self, reason: str, where: str):
+        super().__init__(f"{where}: {reason}")
+        self.reason, self.where = reason, where
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.where)

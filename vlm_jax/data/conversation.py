@@ -22,6 +22,8 @@ import re
 
 import numpy as np
 
+from vlm_jax.errors import BadRecordError
+
 IMAGE_MARKER = "<image>"
 HUMAN, GPT = "human", "gpt"
 PIECES, WHOLE, LLAVA = "pieces", "whole", "llava"
@@ -159,26 +161,27 @@ class ConversationEncoder:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
     def _check(self, turns, n_images: int, example_id: str) -> None:
+        where = f"example {example_id}"
         if not turns:
-            raise ValueError(f"example {example_id}: empty conversation")
+            raise BadRecordError("empty conversation", where)
         for i, (role, text) in enumerate(turns):
             want = HUMAN if i % 2 == 0 else GPT
             if role != want:
-                raise ValueError(f"example {example_id}: turn {i} has role {role!r}, expected {want!r} "
-                                 f"(turns must start with {HUMAN!r} and alternate with {GPT!r})")
+                raise BadRecordError(f"turn {i} has role {role!r}, expected {want!r} (turns must start with "
+                                     f"{HUMAN!r} and alternate with {GPT!r})", where)
             if not isinstance(text, str):
-                raise ValueError(f"example {example_id}: turn {i} text is {type(text).__name__}, not str")
+                raise BadRecordError(f"turn {i} text is {type(text).__name__}, not str", where)
             if role == GPT and IMAGE_MARKER in text:
-                raise ValueError(f"example {example_id}: {IMAGE_MARKER} marker in a {GPT!r} turn")
+                raise BadRecordError(f"{IMAGE_MARKER} marker in a {GPT!r} turn", where)
         if self.template.single_turn and len(turns) > 2:
-            raise ValueError(f"example {example_id}: template {self.template.name!r} takes one exchange, "
-                             f"got {len(turns)} turns")
+            raise BadRecordError(f"template {self.template.name!r} takes one exchange, got {len(turns)} turns",
+                                 where)
         markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
         if markers != n_images:
-            raise ValueError(f"example {example_id}: {markers} {IMAGE_MARKER} markers but {n_images} images")
+            raise BadRecordError(f"{markers} {IMAGE_MARKER} markers but {n_images} images", where)
         if not self.template.keep_question and n_images != 1:
-            raise ValueError(f"example {example_id}: template {self.template.name!r} takes exactly one image "
-                             f"(LLaVA's preprocess_plain), got {n_images}")
+            raise BadRecordError(f"template {self.template.name!r} takes exactly one image (LLaVA's "
+                                 f"preprocess_plain), got {n_images}", where)
 
     # ---- LLaVA: llava/mm_utils.py tokenizer_image_token, llava/train/train.py preprocess_v1 / preprocess_plain
 
@@ -219,10 +222,10 @@ class ConversationEncoder:
         # LLaVA sets the whole target to IGNORE here and prints "tokenization mismatch"; a silently unlearned
         # example hides a tokenizer or data problem, so vlm_jax stops on it.
         if complete and cur != n_tokens:
-            raise ValueError(f"example {example_id}: tokenization mismatch: LLaVA's round lengths cover {cur} "
-                             f"tokens, the conversation has {n_tokens} (an answer or question holding "
-                             f"{self._eos_text!r} or {self._instruction_end!r}, or a tokenizer whose "
-                             f"`legacy` setting does not fit LLaVA's adjustment)")
+            raise BadRecordError(f"tokenization mismatch: LLaVA's round lengths cover {cur} tokens, the "
+                                 f"conversation has {n_tokens} (an answer or question holding {self._eos_text!r} "
+                                 f"or {self._instruction_end!r}, or a tokenizer whose `legacy` setting does not fit "
+                                 "LLaVA's adjustment)", f"example {example_id}")
         return loss
 
     def _llava(self, turns, image_lengths, answer_last: bool, example_id: str) -> Encoded:
@@ -324,8 +327,8 @@ class ConversationEncoder:
         image_lengths[k] is the placeholder run length of the k-th image (in marker order)."""
         self._check(turns, len(image_lengths), example_id)
         if len(turns) % 2:
-            raise ValueError(f"example {example_id}: conversation ends with a {HUMAN!r} turn, no answer to "
-                             f"train on")
+            raise BadRecordError(f"conversation ends with a {HUMAN!r} turn, no answer to train on",
+                                 f"example {example_id}")
         return self._assemble(turns, image_lengths, True, example_id)
 
     def encode_prompt(self, turns, image_lengths: list[int], example_id: str) -> tuple[Encoded, str | None]:

@@ -17,6 +17,7 @@ from vlm_jax.data.images import tile_image, view_count
 from vlm_jax.data.navit import example_mrope_positions, navit_grid, navit_patches, pack_patches
 from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, check_fits, tokens_per_tile
 from vlm_jax.data.records import make_encoder, record_image
+from vlm_jax.errors import InputError
 
 # model.vision.stem -> the image-input kind its tower takes (vlm_jax/vision/vit.py STEMS).
 STEM_KINDS = {"clip": "tiles", "eva": "tiles", "qwenvl": "tiles", "navit": "patches"}
@@ -90,15 +91,19 @@ class DataKind:
     def _write_prompt_images(self, batch: dict, row: int, ex: dict, layout) -> None:
         raise NotImplementedError
 
+    def prompt_problem(self, ex: dict, layout) -> str | None:
+        """Why eval example `ex` (make_eval_examples) can never fit a generation row of `layout`, or None."""
+        return check_fits(self._prompt_example(ex), layout)
+
     def pad_prompts(self, examples: list[dict], config: ml_collections.ConfigDict, rows: int) -> dict:
         """Right-pads eval examples (data/pipeline.py make_eval_examples) into one fixed-shape generation batch of
         `rows` rows, one example per row, never grouped; `positions` [rows, L, 3] for an M-RoPE decoder."""
         layout = self.row_layout(config, grouped=False)
         batch = layout.empty(rows)
         for row, ex in enumerate(examples):
-            problem = check_fits(self._prompt_example(ex), layout)
+            problem = self.prompt_problem(ex, layout)
             if problem:
-                raise ValueError(f"eval {problem}")
+                raise InputError(f"eval example {ex['id']}: {problem}")
             n = len(ex["tokens"])
             batch["tokens"][row, :n] = ex["tokens"]
             batch["positions"][row, :n] = ex["positions"]

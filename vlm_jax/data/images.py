@@ -17,29 +17,69 @@ _LUT = make_lut(1 / 255, CLIP_MEAN, CLIP_STD)
 MAX_GRID_TILES = 9
 
 
+# PIL's own decompression-bomb check (a warning at Image.MAX_IMAGE_PIXELS, an error at twice it, naming neither
+# the file nor the record) is off for the whole process: data.max_image_pixels replaces it, checked from the
+# header in `_opened`. It is switched off once, here, rather than around each read, because the loader threads
+# read images concurrently and would race on the global.
+DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS  # what PIL allowed without a warning: data.max_image_pixels' default
+Image.MAX_IMAGE_PIXELS = None
+
+# 16-bit and 32-bit integer grey (a 16-bit PNG opens as I;16, or I): PIL's convert("RGB") clips these to 255,
+# which turns a 16-bit image almost white; they are scaled from 0..65535 to 0..255 instead.
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 @contextlib.contextmanager
-def _opened(path: str):
-    """The image file opened lazily (header read, pixels not decoded), naming the path in any error."""
+def _opened(path: str, max_pixels: int):
+    """The image file opened lazily (header read, pixels not decoded), refused when it has more than `max_pixels`
+    pixels (0: no limit), naming the path in any error. A corrupt file makes PIL's decoders raise nearly anything
+    (OSError, SyntaxError, struct.error, IndexError, ...), so every error while it is open is reported as one."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if max_pixels and width * height > max_pixels:
+                raise _TooLarge(f"image file {path} is {width}x{height} = {width * height} pixels, more than "
+                                f"data.max_image_pixels={max_pixels} (a decompression bomb, or a limit to raise)")
             yield img
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot decode image file {path}: {e}") from e
+    except _TooLarge as e:
+        raise ValueError(str(e)) from None
+    except Exception as e:
+        raise ValueError(f"cannot decode image file {path}: {type(e).__name__}: {e}") from e
 
 
-def load_image(path: str) -> Image.Image:
-    """Reads an image file and returns it upright (its EXIF orientation applied) as RGB (PIL's conversion: alpha
-    dropped), as transformers' load_image does; naming the path in any error."""
-    with _opened(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
+class _TooLarge(Exception):
+    """`_opened`'s pixel-limit refusal, kept apart from the decoding errors it reports as such."""
 
 
-def image_size(path: str) -> tuple[int, int]:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB by PIL's convert("RGB"), as LLaVA's loader (`Image.open(f).convert("RGB")`) gave the
+    released models' training images: palette images through their colours, alpha (LA, RGBA, PA, a palette's
+    transparency) dropped rather than composited, CMYK by PIL's conversion, F (32-bit float) rounded and clipped to
+    0..255 as PIL reads it. 16-bit grey (I;16, I;16B, and I, as which older PIL opens a 16-bit PNG) is scaled from
+    0..65535 to 0..255 instead of clipped."""
+    if img.mode in _WIDE_GREY:
+        grey = np.asarray(img).astype(np.float64) * (255 / 65535)
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Reads an image file and returns it upright (its EXIF orientation applied) as RGB (`to_rgb`), as
+    transformers' load_image does; an image of more than `max_pixels` pixels (0: no limit) is refused from its
+    header, before decoding. Any error names the path."""
+    with _opened(path, max_pixels) as img:
+        img = ImageOps.exif_transpose(img)
+        img.load()  # decode here, inside _opened, so that a truncated or corrupt file is reported as one
+    return to_rgb(img)
+
+
+def image_size(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) of an image file from its header alone (no pixels decoded), as `load_image` gives it:
-    upright, so an EXIF orientation that turns the image a quarter (5 to 8) swaps the two."""
-    with _opened(path) as img:
+    upright, so an EXIF orientation that turns the image a quarter (5 to 8) swaps the two. Refused as `load_image`
+    refuses it when it has more than `max_pixels` pixels."""
+    with _opened(path, max_pixels) as img:
         width, height = img.size
         turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
         return (height, width) if turned else (width, height)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_jax.data.images import normalize
+from vlm_jax.errors import BadRecordError
 
 # transformers' Qwen2VLImageProcessor defaults (= WePOINTS' helper); Qwen2-VL's own preprocessor_config.json
 # ships max_pixels 12,845,056.
@@ -38,8 +39,9 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MI
     (up to the rounding to `factor`), aspect ratio kept as closely as possible. HF's rule, including Python's
     round-half-to-even; images under `factor` px are scaled up rather than refused (as POINTS' variant)."""
     if max(height, width) / min(height, width) > MAX_ASPECT:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} image "
-                         f"exceeds {MAX_ASPECT}")
+        # A record's image that no NaViT run can take: a bad record, named by the stream that reads it.
+        raise BadRecordError(f"the aspect ratio {max(height, width) / min(height, width):.1f} of its {width}x{height} "
+                             f"image exceeds {MAX_ASPECT}", "image")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:

@@ -203,10 +203,10 @@ class NavitRows:
 
 
 def check_fits(ex, layout: "TiledRows | NavitRows") -> str | None:
-    """Why this example can never fit in a row of `layout`, or None if it can."""
+    """Why this example can never fit in a row of `layout` (the caller names the example), or None if it can."""
     for cost, (unit, key, limit) in zip(layout.cost(ex), layout.budgets):
         if cost > limit:
-            return f"example {ex.id}: {cost} {unit} exceed {key} {limit}"
+            return f"{cost} {unit} exceed {key} {limit}"
     return None
 
 

@@ -14,6 +14,7 @@ data/epochs.py counts and a run of the steps it derives sees every example N tim
 
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import queue
@@ -27,13 +28,19 @@ from vlm_jax.data.llava_json import LlavaJsonSource
 from vlm_jax.data import packing
 from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, check_fits
 from vlm_jax.data.synthetic import SyntheticSource
+from vlm_jax.errors import BadRecordError, InputError
 
 log = logging.getLogger(__name__)
 SOURCES = ("synthetic", "llava_json")  # data.source
+ON_BAD_RECORD = ("raise", "skip")  # data.on_bad_record
+# The stream's counts of left-out records, in metrics.jsonl and the iterator state: records that cannot be used
+# (data.on_bad_record=skip) and examples that can never fit a row (data.skip_too_long).
+SKIPPED = ("bad_records", "too_long_records")
 
 
-def make_source(config, split: str):
-    """The configured record source (data.source) for split 'train' or 'eval'."""
+def make_source(config, split: str, keep_bad: bool = False):
+    """The configured record source (data.source) for split 'train' or 'eval'; `keep_bad` keeps records whose
+    structure is wrong (they raise when read) instead of refusing the file at load."""
     d = config.data
     if d.source == "synthetic":
         size = d.num_train if split == "train" else d.num_eval
@@ -44,8 +51,45 @@ def make_source(config, split: str):
         path = d.path if split == "train" else d.eval_path
         if not path:
             raise ValueError("data.eval_path must name the evaluation json for data.source='llava_json'")
-        return LlavaJsonSource(path, d.image_folder)
+        return LlavaJsonSource(path, d.image_folder, d.max_image_pixels, keep_bad)
     raise ValueError(f"unknown data.source {d.source!r}; known: {', '.join(map(repr, SOURCES))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRecord:
+    """What the example stream holds in place of a record that cannot be used: the packer raises `error` or, with
+    data.on_bad_record=skip, leaves the record out."""
+
+    error: BadRecordError
+
+
+class ReadExample:
+    """Record index -> the example of that record of `source` (`convert`: a kind's record_to_example, or its
+    footprint of the record's header with `headers`), or a BadRecord naming the source's file, the record's index
+    and id and why it cannot be used (its structure, text, image or tokens). Picklable, as grain maps want."""
+
+    def __init__(self, source, convert, headers: bool = False):
+        self.source, self.convert, self.headers = source, convert, headers
+
+    def __call__(self, index: int):
+        index = int(index)
+        try:
+            return self.convert(self.source.header(index) if self.headers else self.source[index])
+        except BadRecordError as e:
+            return BadRecord(BadRecordError(e.reason, self.source.where(index)))
+
+
+_warned: set[str] = set()  # the bad records this process has logged, each once
+_warned_lock = threading.Lock()
+
+
+def warn_bad_record(error: BadRecordError) -> None:
+    """Logs a left-out record, once per record in this process however many epochs and shards meet it."""
+    with _warned_lock:
+        if error.where in _warned:
+            return
+        _warned.add(error.where)
+    log.warning("skipping bad record (data.on_bad_record=skip): %s", error)
 
 
 def row_layout(config, grouped: bool = True) -> TiledRows | NavitRows:
@@ -53,6 +97,11 @@ def row_layout(config, grouped: bool = True) -> TiledRows | NavitRows:
     [rows, L, 3] for an M-RoPE decoder, rows in groups of `data.vision_group_rows` unless not `grouped`
     (docs/contracts.md)."""
     return data_kind(config.model).row_layout(config, grouped)
+
+
+# A PackedBatchIterator's position: (stream index, rows - or groups - of its window already yielded, stream indices
+# carried into the window, records skipped before the index: SKIPPED).
+Position = tuple[int, int, tuple[int, ...], tuple[int, int]]
 
 
 class PackedBatchIterator:
@@ -66,16 +115,22 @@ class PackedBatchIterator:
     window at a time too (packing.plan_groups), and a window passes the examples it could not fit to the next: the
     state then also holds their stream indices. A background thread builds batches ahead (`prefetch` batches)
     while a pool of `workers` threads preprocesses examples (PIL and numpy release the GIL). An example that can
-    never fit raises ValueError naming it, or is skipped with a warning when skip_too_long is set. With
-    `epoch_size` every epoch of that many stream indices is packed on its own (its last row, window or group closes
-    at its end), and after `stop` the rows stay empty.
+    never fit raises InputError naming it, or is skipped with a warning when skip_too_long is set. A BadRecord in
+    the stream raises its error, or with `skip_bad` is left out with a warning (once per record and process); with
+    `skip_bad` the stream stops with an InputError once its bad records exceed `max_bad_fraction` of its epoch
+    length times the epochs begun (a shard's records are bad in every epoch alike, so a dataset whose bad share
+    is within the fraction never stops, and a wrong image folder stops in the first epoch). The state counts both
+    kinds of skipped records up to its position (SKIPPED). With `epoch_size` every epoch of that many stream
+    indices is packed on its own (its last row, window or group closes at its end), and after `stop` the rows stay
+    empty.
     """
 
     def __init__(self, examples: grain.MapDataset, *, rows: int, layout: TiledRows | NavitRows,
-                 window: int = 0, skip_too_long: bool = False, prefetch: int = 2, workers: int = 2,
-                 lookahead: int = 8, epoch_size: int = 0, stop: int | None = None):
+                 window: int = 0, skip_too_long: bool = False, skip_bad: bool = False, max_bad_fraction: float = 0.0,
+                 prefetch: int = 2, workers: int = 2, lookahead: int = 8, epoch_size: int = 0,
+                 stop: int | None = None):
         self.examples, self.rows, self.layout, self.window = examples, rows, layout, window
-        self.skip_too_long = skip_too_long
+        self.skip_too_long, self.skip_bad, self.max_bad_fraction = skip_too_long, skip_bad, max_bad_fraction
         # epoch_size n > 0: stream indices [k n, (k + 1) n) are epoch k, packed on their own; the stream ends at
         # `stop` (None: never).
         self.epoch_size, self.stop = epoch_size, stop
@@ -83,8 +138,7 @@ class PackedBatchIterator:
         if layout.group > 1 and not window:
             raise ValueError(f"data.vision_group_rows={layout.group} plans rows a window at a time: set "
                              "data.pack_window")
-        # (stream index, rows - or groups - of its window already yielded, stream indices carried into the window)
-        self._position: tuple[int, int, tuple[int, ...]] = (0, 0, ())
+        self._position: Position = (0, 0, (), (0, 0))
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -93,16 +147,23 @@ class PackedBatchIterator:
     def get_state(self) -> dict:
         """JSON-able state: the stream index of the first example not yet in a yielded batch (with a window:
         of the window being yielded, and how many of its rows - groups of rows when grouped - were; grouped, also
-        `carried`, the stream indices of the examples an earlier window passed on to it)."""
-        state = dict(next_index=self._position[0], window_rows_done=self._position[1])
+        `carried`, the stream indices of the examples an earlier window passed on to it), and the records skipped
+        before that index (`skipped`)."""
+        state = dict(next_index=self._position[0], window_rows_done=self._position[1], **self.skipped())
         if self.layout.group > 1:
             state["carried"] = list(self._position[2])
         return state
 
+    def skipped(self) -> dict[str, int]:
+        """SKIPPED: the records left out before the position of the last batch yielded (what metrics.jsonl shows)."""
+        return dict(zip(SKIPPED, self._position[3]))
+
     def set_state(self, state: dict) -> None:
         self._shutdown()
+        # A state saved before the counts existed counts from its position on.
         self._position = (int(state["next_index"]), int(state.get("window_rows_done", 0)),
-                          tuple(int(i) for i in state.get("carried", ())))
+                          tuple(int(i) for i in state.get("carried", ())),
+                          tuple(int(state.get(k, 0)) for k in SKIPPED))
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self):
@@ -121,7 +182,7 @@ class PackedBatchIterator:
     def close(self) -> None:
         self._shutdown()
 
-    def _start(self, position: tuple[int, int, tuple[int, ...]]) -> None:
+    def _start(self, position: Position) -> None:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=max(1, self.prefetch))
         self._thread = threading.Thread(target=self._produce, args=(position, self._stop, self._queue),
@@ -139,9 +200,9 @@ class PackedBatchIterator:
                 pass
         self._thread = None
 
-    def _produce(self, position: tuple[int, int, tuple[int, ...]], stop: threading.Event, out: queue.Queue) -> None:
+    def _produce(self, position: Position, stop: threading.Event, out: queue.Queue) -> None:
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            reader = _AheadReader(self.examples, pool, position[0], self.lookahead, self.stop)
+            reader = _AheadReader(self.examples, pool, position[0], self.lookahead, self.stop, position[3])
             grouped = self.layout.group > 1
             units, after = self._units(reader, position, self.stop), position
             try:
@@ -163,17 +224,18 @@ class PackedBatchIterator:
             finally:
                 reader.cancel()
 
-    def count_units(self, start: int, stop: int) -> int:
+    def count_units(self, start: int, stop: int, skipped: tuple[int, int] = (0, 0)) -> tuple[int, tuple[int, int]]:
         """How many rows (groups of rows when grouped) the stream's examples [start, stop) pack into, `start`
-        the first index of an epoch and `stop` its end (data/epochs.py counts epochs with it)."""
+        the first index of an epoch and `stop` its end, `skipped` the records skipped before `start`; and the
+        records skipped before `stop` (data/epochs.py counts epochs with it)."""
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            reader = _AheadReader(self.examples, pool, start, self.lookahead, stop)
+            reader = _AheadReader(self.examples, pool, start, self.lookahead, stop, skipped)
             try:
-                return sum(1 for _ in self._units(reader, (start, 0, ()), stop))
+                return sum(1 for _ in self._units(reader, (start, 0, (), skipped), stop)), reader.skipped()
             finally:
                 reader.cancel()
 
-    def _units(self, reader: "_AheadReader", position: tuple[int, int, tuple[int, ...]], stop: int | None):
+    def _units(self, reader: "_AheadReader", position: Position, stop: int | None):
         """The rows (groups) of the stream from `position` up to `stop`, with the position after each."""
         if self.layout.group > 1:
             return self._window_groups(reader, position[1], position[2], stop)
@@ -187,17 +249,36 @@ class PackedBatchIterator:
 
     def _fitting(self, reader: "_AheadReader", end: int | None) -> Example | NavitExample | None:
         """The next example before `end` that can fit a row (not consumed), or None at `end`; raises or skips
-        those that never can."""
+        bad records and those that never can fit."""
         while end is None or reader.index < end:
             ex = reader.peek()
+            if isinstance(ex, BadRecord):
+                self._skip_bad(reader, ex.error)
+                continue
             problem = check_fits(ex, self.layout)
             if not problem:
                 return ex
+            problem = f"example {ex.id}: {problem}"
             if not self.skip_too_long:
-                raise ValueError(problem)
+                raise InputError(problem)
             log.warning("skipping %s", problem)
+            reader.too_long += 1
             reader.advance()
         return None
+
+    def _skip_bad(self, reader: "_AheadReader", error: BadRecordError) -> None:
+        """Leaves out the bad record at the reader's index, or raises `error` (see the class: max_bad_fraction)."""
+        if not self.skip_bad:
+            raise error
+        reader.bad += 1
+        n = len(self.examples)
+        epochs = reader.index // n + 1
+        if reader.bad > self.max_bad_fraction * n * epochs:
+            raise InputError(f"{reader.bad} bad records in the first {epochs} epoch(s) of a data shard of {n} "
+                             f"examples, more than data.max_bad_fraction={self.max_bad_fraction} of them (check "
+                             f"data.path and data.image_folder, or run vlm-check-data); the last: {error}")
+        warn_bad_record(error)
+        reader.advance()
 
     def _stream_rows(self, reader: "_AheadReader", stop: int | None):
         """Rows of consecutive examples, each with the position after it."""
@@ -212,7 +293,7 @@ class PackedBatchIterator:
                 used = total
                 reader.advance()
             if packed:  # empty only when the epoch's last examples were all skipped
-                yield packed, (reader.index, 0, ())
+                yield packed, (reader.index, 0, (), reader.skipped())
 
     def _window_rows(self, reader: "_AheadReader", skip: int, stop: int | None):
         """Rows planned over windows of `self.window` examples (fewer at an epoch's end), each with the position
@@ -220,12 +301,13 @@ class PackedBatchIterator:
         limits = tuple(limit for _, _, limit in self.layout.budgets)
         while stop is None or reader.index < stop:
             start, end, examples = reader.index, self._epoch_end(reader.index), []
+            before = reader.skipped()
             while len(examples) < self.window and (ex := self._fitting(reader, end)) is not None:
                 examples.append(ex)
                 reader.advance()
             plan = packing.plan_rows([self.layout.cost(ex) for ex in examples], limits)
             for k in range(skip, len(plan)):
-                after = (reader.index, 0, ()) if k == len(plan) - 1 else (start, k + 1, ())
+                after = (reader.index, 0, (), reader.skipped()) if k == len(plan) - 1 else (start, k + 1, (), before)
                 yield [examples[i] for i in plan[k]], after
             skip = 0
 
@@ -236,6 +318,7 @@ class PackedBatchIterator:
         held = [self.examples[i] for i in carried]  # re-read: only their stream indices are in the state
         while stop is None or reader.index < stop:
             start, end, indices, examples = reader.index, self._epoch_end(reader.index), list(carried), list(held)
+            before = reader.skipped()
             while len(examples) - len(held) < self.window and (ex := self._fitting(reader, end)) is not None:
                 examples.append(ex)
                 indices.append(reader.index)
@@ -245,7 +328,8 @@ class PackedBatchIterator:
                                                self.layout, carried=len(carried), flush=reader.index == end)
             for k in range(skip, len(groups)):
                 last = k == len(groups) - 1
-                after = (reader.index, 0, tuple(indices[i] for i in left)) if last else (start, k + 1, carried)
+                after = ((reader.index, 0, tuple(indices[i] for i in left), reader.skipped()) if last
+                         else (start, k + 1, carried, before))
                 yield examples, groups[k], after
             skip, carried, held = 0, tuple(indices[i] for i in left), [examples[i] for i in left]
 
@@ -260,11 +344,13 @@ class PackedBatchIterator:
 
 
 class _AheadReader:
-    """Reads examples[index], examples[index + 1], ... in order, computing `lookahead` of them ahead."""
+    """Reads examples[index], examples[index + 1], ... in order, computing `lookahead` of them ahead; counts the
+    records the packer leaves out (`skipped`: SKIPPED), from `skipped` before `index`."""
 
     def __init__(self, examples: grain.MapDataset, pool: concurrent.futures.Executor, index: int,
-                 lookahead: int, stop: int | None = None):
+                 lookahead: int, stop: int | None = None, skipped: tuple[int, int] = (0, 0)):
         self.examples, self.pool, self.index, self.lookahead, self.stop = examples, pool, index, lookahead, stop
+        self.bad, self.too_long = skipped
         self._pending: collections.deque = collections.deque()
         self._submitted = index
 
@@ -278,6 +364,9 @@ class _AheadReader:
     def advance(self) -> None:
         self._pending.popleft()
         self.index += 1
+
+    def skipped(self) -> tuple[int, int]:
+        return self.bad, self.too_long
 
     def cancel(self) -> None:
         for f in self._pending:
@@ -341,6 +430,12 @@ def merge_shard_states(states: list[dict]) -> dict:
     return dict(shards=n, states={str(s): merged[str(s)] for s in range(n)})
 
 
+def skipped_counts(state: dict) -> dict[str, int]:
+    """SKIPPED summed over the shards of a ShardedBatchIterator state (`merge_shard_states` of every process's,
+    so that a shard several processes build counts once)."""
+    return {k: sum(s[k] for s in state["states"].values()) for k in SKIPPED}
+
+
 def shard_rows(config) -> int:
     """Rows of every batch that each data shard packs: batch_size / data.shards, whole groups of
     data.vision_group_rows."""
@@ -367,19 +462,21 @@ def shards_holding(config, rows: list[tuple[int, int]], holder: str = "this proc
     return whole
 
 
-def shard_stream(config, source, shard: int = 0, shards: int = 1) -> grain.MapDataset:
-    """Shuffled, infinite stream of `source`'s records of data shard `shard` of `shards` (index past len = next
-    epoch, reshuffled): records shard, shard + shards, ... of the shuffled source; its len is the shard's share
-    of an epoch."""
-    if len(source) < shards:
-        raise ValueError(f"training source has {len(source)} examples, fewer than data.shards={shards}")
-    return grain.MapDataset.source(source).shuffle(seed=config.seed % 2**32)[shard::shards]
+def shard_stream(config, size: int, shard: int = 0, shards: int = 1) -> grain.MapDataset:
+    """Shuffled, infinite stream of the record indices [0, size) of a source, of data shard `shard` of `shards`
+    (index past len = next epoch, reshuffled): records shard, shard + shards, ... of the shuffled source; its len
+    is the shard's share of an epoch."""
+    if size < shards:
+        raise ValueError(f"training source has {size} examples, fewer than data.shards={shards}")
+    return grain.MapDataset.range(size).shuffle(seed=config.seed % 2**32)[shard::shards]
 
 
 def make_example_dataset(config, tokenizer, shard: int = 0, shards: int = 1) -> grain.MapDataset:
-    """Shuffled, infinite stream of training Examples of data shard `shard` of `shards` (`shard_stream`)."""
-    stream = shard_stream(config, make_source(config, "train"), shard, shards)
-    return stream.map(data_kind(config.model).record_to_example(config, tokenizer))
+    """Shuffled, infinite stream of training Examples (or BadRecords) of data shard `shard` of `shards`
+    (`shard_stream`)."""
+    source = make_source(config, "train", keep_bad=config.data.on_bad_record == "skip")
+    to_example = data_kind(config.model).record_to_example(config, tokenizer)
+    return shard_stream(config, len(source), shard, shards).map(ReadExample(source, to_example))
 
 
 def epoch_bounds(config, epoch_size: int) -> tuple[int, int | None]:
@@ -403,6 +500,7 @@ def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> S
     JSON-able dict and set_state(dict). With data.epochs > 0 each shard's rows end after that many epochs (later
     batches hold empty rows there).
     Optional config keys: data.skip_too_long (default False: an over-long example is an error),
+    data.on_bad_record and data.max_bad_fraction (a record that cannot be used is an error, or left out),
     data.workers (preprocessing threads per shard, default 2), data.prefetch (batches built ahead, default 2).
     """
     d, rows = config.data, shard_rows(config)
@@ -417,7 +515,8 @@ def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> S
         epoch_size, stop = epoch_bounds(config, len(examples))
         iterators[s] = PackedBatchIterator(
             examples, rows=rows, layout=layout, window=d.pack_window, skip_too_long=d.skip_too_long,
-            prefetch=d.prefetch, workers=d.workers, epoch_size=epoch_size, stop=stop)
+            skip_bad=d.on_bad_record == "skip", max_bad_fraction=d.max_bad_fraction, prefetch=d.prefetch,
+            workers=d.workers, epoch_size=epoch_size, stop=stop)
     return ShardedBatchIterator(iterators, count)
 
 
@@ -436,22 +535,34 @@ def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
     source = make_source(config, "eval")
     if n > len(source):
         raise ValueError(f"asked for {n} eval examples, the eval source has {len(source)}")
-    kind = data_kind(config.model)
-    mrope, to_example = kind.mrope(), kind.record_to_example(config, tokenizer)
-    out = []
-    for i in range(n):
-        record = source[i]
-        images = to_example.images(record)
-        lengths = to_example.run_lengths(images)
-        enc, answer = to_example.encoder.encode_prompt(record["conversations"], lengths, record["id"])
+    to_prompt = PromptExample(config, tokenizer, source)
+    return [to_prompt(i) for i in range(n)]
+
+
+class PromptExample:
+    """Record index of an eval `source` -> its make_eval_examples dict. A bad record raises its BadRecordError,
+    naming the file, index and id, whatever data.on_bad_record says: an eval set is asked whole."""
+
+    def __init__(self, config, tokenizer, source):
+        kind = data_kind(config.model)
+        self.source, self.mrope, self.to_example = source, kind.mrope(), kind.record_to_example(config, tokenizer)
+
+    def __call__(self, i: int) -> dict:
+        to_example = self.to_example
+        try:
+            record = self.source[i]
+            images = to_example.images(record)
+            lengths = to_example.run_lengths(images)
+            enc, answer = to_example.encoder.encode_prompt(record["conversations"], lengths, record["id"])
+        except BadRecordError as e:
+            raise BadRecordError(e.reason, self.source.where(i)) from None
         image_positions = np.concatenate([s + np.arange(k) for s, k in zip(enc.image_starts, lengths)]
                                          or [np.zeros((0,), np.int32)]).astype(np.int32)
-        if mrope:
+        if self.mrope:
             positions = to_example.mrope_positions(len(enc.tokens), enc.image_starts, images)
         else:
             positions = np.arange(len(enc.tokens), dtype=np.int32)
         question = record["conversations"][-2][1].replace("<image>", "").strip()
-        out.append(dict(id=record["id"], tokens=enc.tokens, image_positions=image_positions, positions=positions,
-                        question=question, answer=answer, qtype=record["qtype"], image=record["image"],
-                        **to_example.prompt_fields(images)))
-    return out
+        return dict(id=record["id"], tokens=enc.tokens, image_positions=image_positions, positions=positions,
+                    question=question, answer=answer, qtype=record["qtype"], image=record["image"],
+                    **to_example.prompt_fields(images))

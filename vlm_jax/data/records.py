@@ -5,6 +5,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_jax.data.conversation import ConversationEncoder, get_template
+from vlm_jax.data.images import to_rgb
 from vlm_jax.data.tokenizer import special_ids
 
 
@@ -17,10 +18,10 @@ def make_encoder(config, tokenizer) -> ConversationEncoder:
 
 
 def record_image(record: dict) -> Image.Image | None:
-    """The record's image as an RGB PIL image (None for text-only records)."""
+    """The record's image as an RGB PIL image (`images.to_rgb`; None for text-only records)."""
     image = record["image"]
     if image is None:
         return None
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)

@@ -277,6 +277,10 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.size
 
+    def where(self, index: int) -> str:
+        """Record `index` as errors name it."""
+        return f"synthetic {self.split} example {index} (id synthetic-{self.split}-{index})"
+
     def scene(self, index: int) -> Scene:
         return sample_scene(self.seed, self.split, index, self.min_image_size, self.max_image_size, self.exclude)
 

@@ -22,9 +22,10 @@ from vlm_jax.checkpoints.workdir import is_workdir, restore_workdir_params
 from vlm_jax.config import check_values, to_json
 from vlm_jax.data.epochs import count_epochs, epoch_steps
 from vlm_jax.data.image_kinds import report_image_processor
-from vlm_jax.data.pipeline import make_train_iterator, merge_shard_states, row_layout, shards_holding
+from vlm_jax.data.pipeline import (make_train_iterator, merge_shard_states, row_layout, shards_holding,
+                                   skipped_counts)
 from vlm_jax.data.tokenizer import record_tokenizer, run_tokenizer
-from vlm_jax.errors import DivergedError
+from vlm_jax.errors import DivergedError, InputError
 from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.model import VLM
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
@@ -246,7 +247,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     finite = jax.jit(all_finite, out_shardings=parallel.replicated(setup.mesh))
     end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
     for step in range(start + 1, end + 1):
-        batch = parallel.global_batch(next(data), setup.mesh)
+        try:
+            batch = parallel.global_batch(next(data), setup.mesh)
+        except InputError:  # a bad record: its one-line error comes after the progress bar's line, not on it
+            close_all()
+            raise
         token_counts.append(jnp.count_nonzero(batch["segment_ids"]))  # of the global batch, read when logged
         state, metrics = step_fn(state, batch)
         skips.append(metrics.pop("skipped"))
@@ -259,7 +264,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
             token_counts = []
             flags = [bool(s) for s in jax.device_get(skips)]
             skips = []
-            logger.log(step, {**jax.device_get(metrics), "skipped_steps": sum(flags)}, tokens_seen)
+            # The records every shard left out before this step's data position (each process holds some shards).
+            left_out = skipped_counts(merge_shard_states(allgather_json(data.get_state())))
+            logger.log(step, {**jax.device_get(metrics), "skipped_steps": sum(flags), **left_out}, tokens_seen)
             for s, skipped in enumerate(flags, step - len(flags) + 1):
                 in_a_row = in_a_row + 1 if skipped else 0
                 if in_a_row == config.optim.max_skipped_steps:

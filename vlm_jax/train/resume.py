@@ -27,8 +27,9 @@ FREE = (
     "eval_batch_size", "eval_examples", "max_new_tokens", "data.eval_path", "data.num_eval",  # evaluation only
     "vision_pretrain.eval_images",  # the demo's stage-0 report
     "data.workers", "data.prefetch",  # threads and queue depth; the batches are the same
-    # A run that met an over-long example stopped there; switching this is how it goes on past it.
-    "data.skip_too_long",
+    # A run that met an over-long example or a bad record stopped there; switching these is how it goes on past it
+    # (skip mode keeps bad records in the record list, so the stream's indices and shuffle are the same).
+    "data.skip_too_long", "data.on_bad_record", "data.max_bad_fraction",
     "optim.max_skipped_steps",  # when a diverging run gives up, not what a step computes
     # Kernels of the same attention (the platform's: a run may resume on another one) and its capacity.
     "model.attention", "model.max_segments",
