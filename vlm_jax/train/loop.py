@@ -232,6 +232,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
         state, data_state = setup.restored_state(ckpt, start)
         data.set_state(data_state)
         logging.info("resumed from step %d", start)
+    ckpt.empty_trash()  # what a process killed while deleting an old checkpoint left
     step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed,
                               micro_batches=config.micro_batches)
     logger = MetricsLogger(workdir, start, config.total_steps)
