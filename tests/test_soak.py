@@ -30,15 +30,15 @@ from vlm_jax.train import loop
 from vlm_jax.train.metrics import MetricsLogger
 
 STEPS = 20
-# A checkpoint every step: every step boundary has an asynchronous save in flight, and keep_checkpoints (2) has
-# orbax delete the step before last while saving.
+# A checkpoint every step: every step boundary starts an asynchronous save, and with keep_checkpoints (2) each
+# save's finish moves the checkpoint before last out to be deleted.
 RUN = (f"total_steps={STEPS}", "checkpoint_every=1")
 COMMAND = [sys.executable, "-m", "vlm_jax.cli.train", "--config", os.path.join(ROOT, "configs/demo.py")] + [
     f"--config.{o}" for o in TINY + list(RUN)]
 TMP = ".orbax-checkpoint-tmp"  # orbax saves step N into N.orbax-checkpoint-tmp* and commits it by renaming it N
 TIMING_KEYS = ("tokens_per_s", "steps_per_s")  # wall-clock rates: the only metrics that differ between runs
 LAUNCH_TIMEOUT = 300  # seconds a process may take to reach its kill point or to finish, on a loaded machine
-POLL = 0.003  # seconds between looks at the workdir: much shorter than a save (tenths of a second here)
+POLL = 0.003  # seconds between looks at the workdir: far below a save's time, so each save is seen in flight
 
 
 def draw_plan(rng: random.Random) -> list[tuple[str, float, int]]:
@@ -390,8 +390,7 @@ def run_and_kill(straight: str, soaked: str, plan: list[tuple[str, float, int]],
             deleting = [f"deletion of step {c}" + (" (left by an earlier kill)" if c in trash_before else "")
                         for c in trash(soaked)]
             last = max(run.lines, default=None)
-            phase = ("start-up (no step of its own logged)" if last is None else
-                     "after the last step" if last == STEPS else f"step {last + 1} under way")
+            phase = "start-up (no step of its own logged)" if last is None else f"after step {last}'s line"
             kills.append((last is None, bool(saves)))
             report.append(f"kill {i} ({kind}, u={u:.2f}): {when:.2f} s after a launch that resumed from step "
                           f"{run.resumes_from}; {phase}; in flight: {', '.join(saves + deleting) or 'no save'}; "
