@@ -387,7 +387,7 @@ def run_and_kill(straight: str, soaked: str, plan: list[tuple[str, float, int]],
             saves = [f"save of step {s} ({when - run.saving[s]:.2f} s in, {count_files(os.path.join(folder, name))} "
                      "files written)" for s, name in sorted(run.saves_in_flight().items())]
             committed = checkpoint_dirs(soaked)[0]
-            deleting = [f"deletion of step {c}" + (" (left by an earlier kill)" if c in trash_before else "")
+            deleting = [f"step {c} moved out to be deleted" + (" (by an earlier launch)" if c in trash_before else "")
                         for c in trash(soaked)]
             last = max(run.lines, default=None)
             phase = "start-up (no step of its own logged)" if last is None else f"after step {last}'s line"
