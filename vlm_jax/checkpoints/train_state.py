@@ -9,6 +9,7 @@ through the same calls."""
 import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 
@@ -22,6 +23,9 @@ from vlm_jax.config import upgrade_config
 from vlm_jax.errors import InputError
 
 PARAMS = ("params",)
+# Where orbax moves a checkpoint past keep_checkpoints, in one rename, before it is deleted: deleted in place, file by
+# file, a process killed meanwhile would leave a torn checkpoint under a step's name.
+TRASH = "deleted"
 SPLIT_PARAMS = ("trainable", "frozen")  # the layout before PARAMS: the trainer's two halves
 
 
@@ -43,13 +47,15 @@ def _drop_closed_loop_reports() -> None:
 
 
 class Checkpointer:
-    """Async, keep-N checkpoints under WORKDIR/checkpoints; restores onto any mesh."""
+    """Async, keep-N checkpoints under WORKDIR/checkpoints; restores onto any mesh. The checkpoint past N that
+    a save moves into checkpoints/deleted/ when it finishes is deleted there by the next save, or by `close`."""
 
     def __init__(self, workdir: str, keep: int):
         self.manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(workdir, "checkpoints")),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
+                                                 todelete_subdir=TRASH))
+        self.saved = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -61,10 +67,13 @@ class Checkpointer:
         """Saves `state` = {step, params, opt_state} with the data-iterator state and the config."""
         if self.manager.latest_step() == step:
             return False
-        return self.manager.save(step, args=ocp.args.Composite(
+        self.saved = True
+        started = self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+        self.empty_trash()  # orbax's save waits for the previous one, which moved the checkpoint past N out
+        return started
 
     def restore(self, step: int, abstract_state: dict, shardings: dict) -> tuple[dict, dict]:
         """(state, data_state) at `step`: `state` = {step, params, opt_state} shaped like `abstract_state`,
@@ -140,6 +149,16 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def empty_trash(self) -> None:
+        """Deletes the checkpoints orbax has moved out (process 0 moves them). A save still finishing may move
+        another in meanwhile: it stays for the next time."""
+        trash = os.path.join(self.manager.directory, TRASH)
+        if jax.process_index() == 0 and os.path.isdir(trash):
+            for name in os.listdir(trash):
+                shutil.rmtree(os.path.join(trash, name))
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        if self.saved:
+            self.empty_trash()

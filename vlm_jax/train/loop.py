@@ -233,6 +233,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     report_image_processor(config, workdir if jax.process_index() == 0 else None)
     if jax.process_index() == 0:
         record_tokenizer(tokenizer, workdir)
+    ckpt.empty_trash()  # what a process killed while deleting an old checkpoint left
     step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed,
                               micro_batches=config.micro_batches)
     logger = MetricsLogger(workdir, start, config.total_steps)

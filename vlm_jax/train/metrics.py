@@ -50,8 +50,11 @@ class MetricsLogger:
                 continue
             if record["step"] <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-        with open(self.path, "w") as f:
+        # Written aside and renamed over the file: a process killed while writing leaves every line in place.
+        partial = f"{self.path}.partial"
+        with open(partial, "w") as f:
             f.writelines(kept)
+        os.replace(partial, self.path)
 
     def log(self, step: int, metrics: dict, tokens: float) -> dict:
         now = time.perf_counter()
