@@ -28,6 +28,7 @@ from vlm_jax.checkpoints.streaming import StoredArray, StreamedLeaf, stored_arra
 from vlm_jax.checkpoints.workdir import is_workdir, workdir_params, workdir_stored_params
 from vlm_jax.config import upgrade_model_config
 from vlm_jax.data.tokenizer import RECORD_DIR
+from vlm_jax.files import replace_file
 from vlm_jax.params import abstract_params, flat, param_shardings, unflat
 
 META_FILE = "vlm_jax.json"
@@ -142,8 +143,7 @@ def write_trained(workdir: str, paths: list[str]) -> None:
     """Records the parameter paths a run's optimizer updates (`trained` in the workdir's meta; PEFT export saves
     those outside LoRA as modules_to_save). Process 0 writes it."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, TRAINED_FILE), "w") as f:
-            json.dump(sorted(paths), f, indent=1)
+        replace_file(os.path.join(workdir, TRAINED_FILE), lambda f: json.dump(sorted(paths), f, indent=1))
 
 
 def _workdir_meta(src: str, parts: set[str], config: ml_collections.ConfigDict) -> dict[str, Any]:

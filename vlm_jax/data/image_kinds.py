@@ -18,6 +18,7 @@ from vlm_jax.data.navit import example_mrope_positions, navit_grid, navit_patche
 from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, check_fits, tokens_per_tile
 from vlm_jax.data.records import make_encoder, record_image
 from vlm_jax.errors import InputError
+from vlm_jax.files import replace_file
 
 # model.vision.stem -> the image-input kind its tower takes (vlm_jax/vision/vit.py STEMS).
 STEM_KINDS = {"clip": "tiles", "eva": "tiles", "qwenvl": "tiles", "navit": "patches"}
@@ -304,5 +305,4 @@ def report_image_processor(config: ml_collections.ConfigDict, workdir: str | Non
     processor, source = resolve(config)
     logging.info("image processor: %s; from %s", processor.describe(), source)
     if workdir:
-        with open(os.path.join(workdir, PREPROCESSOR_FILE), "w") as f:
-            json.dump(processor.to_hf(), f, indent=2)
+        replace_file(os.path.join(workdir, PREPROCESSOR_FILE), lambda f: json.dump(processor.to_hf(), f, indent=2))

@@ -9,6 +9,8 @@ import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from vlm_jax.files import replace_file
+
 log = logging.getLogger(__name__)
 
 
@@ -50,11 +52,7 @@ class MetricsLogger:
                 continue
             if record["step"] <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-        # Written aside and renamed over the file: a process killed while writing leaves every line in place.
-        partial = f"{self.path}.partial"
-        with open(partial, "w") as f:
-            f.writelines(kept)
-        os.replace(partial, self.path)
+        replace_file(self.path, lambda f: f.writelines(kept))  # a kill while it is rewritten loses no line
 
     def log(self, step: int, metrics: dict, tokens: float) -> dict:
         now = time.perf_counter()

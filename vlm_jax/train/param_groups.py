@@ -22,6 +22,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from vlm_jax.files import replace_file
+
 FROZEN = "frozen"
 GROUP_KEYS = ("lr", "warmup_steps", "warmup_fraction", "final_lr_ratio", "schedule", "weight_decay", "frozen")
 
@@ -195,8 +197,7 @@ class ParamGroups:
         return "\n".join(lines)
 
     def write_table(self, workdir: str) -> None:
-        with open(os.path.join(workdir, "param_groups.json"), "w") as f:
-            json.dump(self.table(), f, indent=1)
+        replace_file(os.path.join(workdir, "param_groups.json"), lambda f: json.dump(self.table(), f, indent=1))
 
 
 def _warmup(row: dict) -> str:
