@@ -8,9 +8,11 @@ through the same calls."""
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Iterator
 
 import jax
@@ -29,20 +31,27 @@ TRASH = "deleted"
 SPLIT_PARAMS = ("trainable", "frozen")  # the layout before PARAMS: the trainer's two halves
 
 
-def _drop_closed_loop_reports() -> None:
+def _drop_failed_read_reports() -> None:
     """Keeps the reads a failed restore left in flight from printing a traceback each after the error that explains
-    them: orbax closes the event loop of the restore when one read fails, and each read still under way finishes
-    on tensorstore's threads into the closed loop, reported through sys.unraisablehook. Every other report still
-    goes to the hook installed before."""
+    them: orbax closes the event loop of the restore when one read fails, and each read still under way ends on
+    tensorstore's threads, failing on the same file or into the closed loop, reported through sys.unraisablehook
+    or as asyncio's "Task exception was never retrieved". Those reports (a closed loop, or an exception raised in
+    orbax's code) are dropped, and asyncio's log with them; every other report still goes to the hook installed
+    before."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop", False):
+    if getattr(previous, "drops_failed_reads", False):
         return
 
+    def from_orbax(tb) -> bool:
+        return any(os.sep + "orbax" + os.sep in frame.filename for frame in traceback.extract_tb(tb))
+
     def hook(report) -> None:
-        if not (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"):
+        closed = report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"
+        if not (closed or from_orbax(report.exc_traceback)):
             previous(report)
 
-    hook.drops_closed_loop = True
+    hook.drops_failed_reads = True
     sys.unraisablehook = hook
 
 
@@ -143,7 +152,7 @@ class Checkpointer:
         except Exception as e:
             if type(e) is not Exception or not isinstance(e.__cause__, ValueError):
                 raise
-            _drop_closed_loop_reports()
+            _drop_failed_read_reports()
             raise self._corrupt(step, str(e.__cause__).splitlines()[0]) from None
 
     def wait(self) -> None:
