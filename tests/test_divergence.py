@@ -58,7 +58,7 @@ def test_nan_batch_keeps_parameters_and_optimizer_state_with_micro_batches():
     assert all(jax.tree.leaves(moved))
 
 
-def test_divergent_run_stops_and_every_checkpoint_is_finite(tmp_path):
+def test_divergent_run_stops_and_every_checkpoint_is_finite(tmp_path, caplog):
     # At this rate Adam's first update overflows the parameters while the loss and gradients are finite.
     config = tiny_config("optim.lr=1e39", NO_WARMUP, "total_steps=8", "checkpoint_every=1", "keep_checkpoints=8",
                          "optim.max_skipped_steps=3")
@@ -67,6 +67,9 @@ def test_divergent_run_stops_and_every_checkpoint_is_finite(tmp_path):
     with pytest.raises(FloatingPointError, match=re.escape(message)):
         loop.train(config, str(tmp_path))
     assert skipped_steps(tmp_path) == [1, 1, 1]
+    warned = [r.getMessage() for r in caplog.records if "skipped its update" in r.getMessage()]
+    assert warned == [f"step {s} skipped its update: non-finite loss, gradient norm or parameters ({s} in a row; "
+                      "optim.max_skipped_steps=3 stops the run)" for s in (1, 2, 3)]
     saved = restored(config, tmp_path)
     assert sorted(saved) == [1, 2]
     fresh = jax.device_get(loop.Setup(config).fresh_state())

@@ -270,6 +270,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
             logger.log(step, {**jax.device_get(metrics), "skipped_steps": sum(flags), **left_out}, tokens_seen)
             for s, skipped in enumerate(flags, step - len(flags) + 1):
                 in_a_row = in_a_row + 1 if skipped else 0
+                if skipped and jax.process_index() == 0:
+                    logging.warning("step %d skipped its update: non-finite loss, gradient norm or parameters (%d in a "
+                                    "row; optim.max_skipped_steps=%d stops the run)", s, in_a_row,
+                                    config.optim.max_skipped_steps)
                 if in_a_row == config.optim.max_skipped_steps:
                     close_all()
                     raise DivergedError(
@@ -279,7 +283,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
             if not bool(finite(state.saved())):  # the step keeps NaN out of the state; never save one it reached
                 close_all()
                 raise DivergedError(f"the state at step {step} holds non-finite values and was not saved; "
-                                         f"{last_checkpoint(ckpt, workdir)}")
+                                    f"{last_checkpoint(ckpt, workdir)}")
             ckpt.save(step, state.saved(), merge_shard_states(allgather_json(data.get_state())), config_json)
         if preempted:
             break
