@@ -62,8 +62,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _WIDE_GREY:
         grey = np.asarray(img).astype(np.float64) * (255 / 65535)
         img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:  # the same colours; PIL warns on the direct conversion
-        img = img.convert("RGBA")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
