@@ -3,3 +3,19 @@ import os
 # Eight fake CPU devices so every sharding path runs; must be set before jax is imported.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import gc  # noqa: E402  (after XLA_FLAGS: pytest imports this file before any test module imports jax)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops jax's compiled programs and traces after each test file: a file's programs are rarely reused by the
+    next, and a whole run on 8 fake devices would otherwise hold every one of them in memory until it ends."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
