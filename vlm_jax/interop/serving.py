@@ -25,14 +25,14 @@ from transformers import AddedToken, PreTrainedTokenizerBase
 
 from vlm_jax.data.conversation import LLAVA, Template, get_template
 from vlm_jax.data.image_kinds import data_kind, tile_processor
-from vlm_jax.data.image_processor import PREPROCESSOR_FILE
+from vlm_jax.data.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PREPROCESSOR_FILE
 from vlm_jax.data.records import make_encoder
 from vlm_jax.errors import InputError
 
 # family -> (its processor's image token, the config.json key of that token's id)
 IMAGE_TOKENS = {"llava": ("<image>", "image_token_index"), "blip2": ("<image>", "image_token_index"),
                 "qwen2_vl": ("<|image_pad|>", "image_token_id")}
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_FILE, LEGACY_TEMPLATE_FILE = "chat_template.jinja", "chat_template.json"
 
 
 def _literal(text: str) -> str:
@@ -159,9 +159,10 @@ def _image_processor(family: str, config: ml_collections.ConfigDict, scratch: st
     """(preprocessor_config.json, the transformers image processor) of what vlm_jax used for this model."""
     if family == "qwen2_vl":
         v, d = config.model.vision, config.data
+        # navit_patches: PIL bicubic, x 1/255, the CLIP mean and std.
         spec = dict(image_processor_type="Qwen2VLImageProcessor", do_resize=True, resample=3, do_rescale=True,
-                    rescale_factor=1 / 255, do_normalize=True, image_mean=list(transformers.image_utils.OPENAI_CLIP_MEAN),
-                    image_std=list(transformers.image_utils.OPENAI_CLIP_STD), do_convert_rgb=True,
+                    rescale_factor=1 / 255, do_normalize=True, image_mean=list(OPENAI_CLIP_MEAN),
+                    image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,
                     min_pixels=d.min_pixels, max_pixels=d.max_pixels,
                     size=dict(shortest_edge=d.min_pixels, longest_edge=d.max_pixels), patch_size=v.patch_size,
                     temporal_patch_size=v.temporal_patch_size, merge_size=config.model.connector.merge_size)
@@ -180,18 +181,29 @@ def write_serving_files(dst: str, family: str, hf_config: dict[str, Any], config
     beside config.json `hf_config`, from the run config `config` (its data.template, data.system and image
     settings) and the tokenizer the model was run with."""
     template = get_template(config.data.template)
-    if template.image_prefix != (family == "blip2"):
-        raise InputError(f"data.template {template.name!r} puts image runs "
-                         f"{'before' if template.image_prefix else 'where their markers stand in'} the text, "
-                         f"but transformers' {family} processor puts them "
-                         f"{'before' if family == 'blip2' else 'where its image token stands'}: no {family} "
-                         "export gives this model's prompts")
+    if family == "blip2" and not template.image_prefix:
+        raise InputError(f"data.template {template.name!r} puts image runs where their markers stand, but "
+                         "transformers' Blip2Processor puts them before the text: a BLIP-2 export needs a template "
+                         "with image_prefix (ziya)")
+    if family != "blip2" and template.image_prefix:
+        raise InputError(f"data.template {template.name!r} puts image runs before the text, as only transformers' "
+                         f"Blip2Processor does; the {family} processor puts them where its image token stands")
+    if data_kind(config.model).name == "tiles" and config.data.max_tiles > 1:
+        logging.warning("export: data.max_tiles=%d tiles each image into several views, transformers' %s processor "
+                        "gives it one: served through transformers, this model sees its images otherwise",
+                        config.data.max_tiles, family)
     text, key = IMAGE_TOKENS[family]
+    config = config.copy_and_resolve_references()
+    config.data.image_token_id = hf_config[key]  # the export's placeholder, where the run config names none
     stop_id = make_encoder(config, tokenizer).stop_id
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = _with_image_token(tokenizer, text, hf_config[key], os.path.join(scratch, "tokenizer"), key)
         spec, image_processor = _image_processor(family, config, scratch)
         template_text = chat_template(template, config.data.system, text)
+        tokenizer.chat_template = template_text  # over any the source's tokenizer carried
+        legacy = os.path.join(dst, LEGACY_TEMPLATE_FILE)
+        if os.path.exists(legacy):  # a copied source's: transformers would read it before ours
+            os.remove(legacy)
         if family == "llava":
             processor = transformers.LlavaProcessor(
                 image_processor=image_processor, tokenizer=tokenizer, chat_template=template_text,
