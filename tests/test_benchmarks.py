@@ -11,6 +11,7 @@ from PIL import Image
 
 from vlm_jax.benchmarks import (circular_rotations, exact_match, extract_option, load_images, mc_prompt,
                                 normalize_vqa_answer, questions, read_tsv, records, score, vqa_accuracy, vqa_prompt)
+from vlm_jax.benchmarks import tsv
 from vlm_jax.errors import InputError
 
 MC_HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
@@ -91,6 +92,8 @@ def test_read_tsv_g_index_and_text_index(tmp_path):
         ["q1", "q1", "Pick", "x", "y", "A"], ["q1-r1", "q1", "Pick", "y", "x", "B"]])
     rows = read_tsv(path)
     assert [(r.index, r.group) for r in rows] == [("q1", "q1"), ("q1-r1", "q1")]
+    assert [(q.index, q.group, q.rotation) for q in questions(rows, circular=True)] == [("q1", "q1", 0),
+                                                                                       ("q1-r1", "q1", 1)]
 
 
 @pytest.mark.parametrize("header, row, message", [
@@ -286,3 +289,21 @@ def test_read_tsv_byte_order_mark(tmp_path):
     path = tmp_path / "bom.tsv"
     path.write_text("index\tquestion\tanswer\n1\tQ\ta\n", encoding="utf-8-sig")
     assert [(r.index, r.answers) for r in read_tsv(str(path))] == [(1, ("a",))]
+
+
+def test_read_tsv_unreadable(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match=r"benchmark file not found: .*missing\.tsv"):
+        read_tsv(str(tmp_path / "missing.tsv"))
+    path = tmp_path / "latin.tsv"
+    path.write_bytes("index\tquestion\n1\tcaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin\.tsv: not UTF-8 text \(.*position 20"):
+        read_tsv(str(path))
+    long = tmp_path / "long.tsv"
+    long.write_text("index\tquestion\n1\tQ\n2\t" + "Q" * 100 + "\n")
+    monkeypatch.setattr(tsv, "_FIELD_LIMIT", 50)
+    limit = csv.field_size_limit()
+    try:
+        with pytest.raises(InputError, match=r"long\.tsv line 3: not a readable TSV line \(field larger than field"):
+            read_tsv(str(long))
+    finally:
+        csv.field_size_limit(limit)  # the csv module's limit is the whole process's

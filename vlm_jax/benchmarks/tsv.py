@@ -78,34 +78,43 @@ def load_images(row: BenchmarkRow) -> list[Image.Image]:
 def read_tsv(path: str) -> list[BenchmarkRow]:
     """The rows of a VLMEvalKit-style TSV (columns in docs/benchmarks.md), images decoded and checked. Any bad cell
     raises one InputError naming the file, its line and the column."""
+    if not os.path.isfile(path):
+        raise InputError(f"benchmark file not found: {path}")
     csv.field_size_limit(_FIELD_LIMIT)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if not header:
-            raise InputError(f"{path}: empty file, no header line")
-        for name in ("index", "question"):
-            if name not in header:
-                raise InputError(f"{path} line 1: no {name!r} column (the header has {', '.join(header)})")
-        if len(set(header)) != len(header):
-            raise InputError(f"{path} line 1: a column name appears twice in the header ({', '.join(header)})")
-        cells = []
-        line = reader.line_num + 1
-        for values in reader:
-            if values:
-                if len(values) != len(header):
-                    raise InputError(f"{path} line {line}: {len(values)} cells, the header has {len(header)}")
-                cells.append((f"{path} line {line}", dict(zip(header, values))))
+    cells: list[tuple[str, int | str, dict[str, str]]] = []
+    line = 1
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter="\t")
+            header = next(reader, None)
+            if not header:
+                raise InputError(f"{path}: empty file, no header line")
+            for name in ("index", "question"):
+                if name not in header:
+                    raise InputError(f"{path} line 1: no {name!r} column (the header has {', '.join(header)})")
+            if len(set(header)) != len(header):
+                raise InputError(f"{path} line 1: a column name appears twice in the header ({', '.join(header)})")
             line = reader.line_num + 1
+            for values in reader:
+                if values:
+                    where = f"{path} line {line}"
+                    if len(values) != len(header):
+                        raise InputError(f"{where}: {len(values)} cells, the header has {len(header)}")
+                    cell = dict(zip(header, values))
+                    cells.append((where, _index(cell["index"], where, "index"), cell))
+                line = reader.line_num + 1
+    except csv.Error as e:
+        raise InputError(f"{path} line {line}: not a readable TSV line ({e})") from None
+    except UnicodeDecodeError as e:  # read in blocks, so the line is not known; the byte offset is in `e`
+        raise InputError(f"{path}: not UTF-8 text ({e})") from None
     by_index: dict[int | str, str] = {}
-    for where, cell in cells:
-        index = _index(cell["index"], where, "index")
+    for where, index, _ in cells:
         if index in by_index:
             raise InputError(f"{where}, column 'index': index {index} is also on {by_index[index]}")
         by_index[index] = where
-    image_cells = {_index(c["index"], w, "index"): c.get("image", "") for w, c in cells}
+    image_cells = {index: cell.get("image", "") for _, index, cell in cells}
     decoded: dict[str, tuple[bytes, ...]] = {}
-    return [_row(cell, where, os.path.dirname(path), image_cells, decoded) for where, cell in cells]
+    return [_row(cell, index, where, os.path.dirname(path), image_cells, decoded) for where, index, cell in cells]
 
 
 def _index(text: str, where: str, column: str) -> int | str:
@@ -123,9 +132,8 @@ def _text(cell: dict[str, str], column: str) -> str | None:
     return None if value in _NA_CELLS else value
 
 
-def _row(cell: dict[str, str], where: str, folder: str, image_cells: dict[int | str, str],
+def _row(cell: dict[str, str], index: int | str, where: str, folder: str, image_cells: dict[int | str, str],
          decoded: dict[str, tuple[bytes, ...]]) -> BenchmarkRow:
-    index = _index(cell["index"], where, "index")
     options = {k: v for k in OPTION_LETTERS if (v := _text(cell, k)) is not None}
     answers = _answers(cell.get("answer", ""), options, where)
     images = _images(image_cells[index], image_cells, decoded, where)
