@@ -12,7 +12,7 @@ from vlm_jax import image_inputs, parallel
 from vlm_jax.data.image_kinds import report_image_processor
 from vlm_jax.data.pipeline import make_eval_examples
 from vlm_jax.data.records import make_encoder
-from vlm_jax.generate import greedy_generate
+from vlm_jax.generate import generate, stop_sequences
 from vlm_jax.model import VLM
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -44,9 +44,10 @@ def answer_examples(config: ml_collections.ConfigDict, params: Any, tokenizer, e
     if rows % dp:
         raise ValueError(f"eval_batch_size {rows} must divide by the data x fsdp mesh size {dp}")
     kind = image_inputs.make(config.model)
-    generate = jax.jit(lambda p, b: greedy_generate(
+    stop = stop_sequences([[stop_id]])
+    answer = jax.jit(lambda p, b: generate(
         model, p, b["tokens"], b["segment_ids"], b["images"], positions=b["positions"],
-        max_new_tokens=config.max_new_tokens, stop_id=stop_id))
+        max_new_tokens=config.max_new_tokens, stop=stop))
     answers = []
     sharding = parallel.batch_sharding(mesh)
     for start in range(0, len(examples), rows):
@@ -55,7 +56,7 @@ def answer_examples(config: ml_collections.ConfigDict, params: Any, tokenizer, e
         batch = jax.device_put({k: batch[k] for k in ("tokens", "positions", "segment_ids")} |
                                dict(images=kind.select(batch)), sharding)
         with jax.set_mesh(mesh):
-            out = np.asarray(jax.device_get(generate(params, batch)))
+            out = np.asarray(jax.device_get(answer(params, batch)))
         for ids in out[:len(chunk)]:
             ids = list(ids)
             ids = ids[:ids.index(stop_id)] if stop_id in ids else ids
