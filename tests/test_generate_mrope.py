@@ -16,7 +16,7 @@ from tests.test_model_vlm import random_params
 from tests.test_packing import TOK, navit_mrope_config
 from vlm_jax.data.navit import example_mrope_positions, mrope_positions
 from vlm_jax.data.pipeline import make_eval_examples
-from vlm_jax.evaluate import answer_examples
+from vlm_jax.inference import Assistant
 from vlm_jax.generate import generate, stop_sequences
 from vlm_jax.interop.hf_import import Source, import_params, model_config
 from vlm_jax.image_inputs import dummy_inputs, make
@@ -156,5 +156,5 @@ def test_eval_examples_carry_mrope_positions_and_answer():
     inputs = dummy_inputs(config.model)
     assert inputs[1].shape == (1, 8, 3)
     params = random_params(VLM(config.model), *inputs)
-    answers = answer_examples(config, params, TOK, examples, MESH)
+    answers = [c.text for c in Assistant(config, params, TOK, MESH).generate(examples)]
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
