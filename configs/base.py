@@ -21,6 +21,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 32  # prompts per generation batch in evaluation
     c.eval_examples = 256  # evaluation examples asked after training and by launch/eval.py
     c.max_new_tokens = 8  # tokens generated per evaluation answer
+    # Evaluation during training: every eval_every steps (0: never) the model answers eval_benchmark, a
+    # VLMEvalKit-style TSV file (docs/benchmarks.md; "": eval_examples held-out questions of the data source),
+    # scored by eval_metric (auto | mc | vqa | exact); the scores go into that step's metrics.jsonl line (eval_*)
+    # and TensorBoard.
+    c.eval_every = 0
+    c.eval_benchmark = ""
+    c.eval_metric = "auto"
     c.init_params = ""  # a `launch/convert.py import` directory or a workdir: start from its params (fresh optimizer)
     c.init_fresh = ""  # regex of parameter paths that keep their fresh init instead (e.g. "connector/.*")
     # Resuming: comma-separated keys or sections (e.g. "optim.lr,total_steps") that may differ from the config the

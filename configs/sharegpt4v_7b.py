@@ -12,11 +12,9 @@ Scale: v5p:2x2x2 (8 chips), FSDP 8, one pass a step; each stage's per-chip peak 
 import ml_collections
 
 from configs import stages
+from vlm_jax.data.conversation import VICUNA_V1_SYSTEM
 
 STAGES = ("stage1", "stage2")
-# conv_vicuna_v1's system text (LLaVA's and ShareGPT4V's conversation.py, selected by `--version v1`).
-VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                    "helpful, detailed, and polite answers to the user's questions.")
 
 
 def recipe(c: ml_collections.ConfigDict, stage: str, tiny: bool) -> ml_collections.ConfigDict:

@@ -19,3 +19,15 @@ def _release_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> str:
+    """A workdir of the tiny demo config trained 2 steps (checkpoint at step 2): what the chat and evaluation tests
+    load."""
+    from tests.helpers import tiny_config
+    from vlm_jax.train import loop
+
+    workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+    loop.train(tiny_config("total_steps=2", "checkpoint_every=2", "eval_batch_size=8", "eval_examples=8"), workdir)
+    return workdir

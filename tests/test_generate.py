@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tests.test_model_vlm import random_params, tiny_model_config
-from vlm_jax.generate import greedy_generate
+from vlm_jax.generate import generate, stop_sequences
 from vlm_jax.model import VLM
 
 B, T, S, P = 2, 2, 28, 4
@@ -61,12 +61,13 @@ def _uncached_greedy(params) -> tuple[np.ndarray, list[np.ndarray]]:
     return out, step_logits
 
 
-_generate = jax.jit(functools.partial(greedy_generate, MODEL, max_new_tokens=NEW))
+_generate = jax.jit(functools.partial(generate, MODEL, max_new_tokens=NEW))
 
 
 def _cached(params, stop_id: int) -> np.ndarray:
     p = PROMPTS
-    return np.asarray(_generate(params, p["tokens"], p["segment_ids"], p["images"], stop_id=stop_id))
+    stop = stop_sequences([[stop_id]] if stop_id >= 0 else [])
+    return np.asarray(_generate(params, p["tokens"], p["segment_ids"], p["images"], stop=stop))
 
 
 def test_cached_greedy_equals_uncached_greedy():

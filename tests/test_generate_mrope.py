@@ -16,8 +16,8 @@ from tests.test_model_vlm import random_params
 from tests.test_packing import TOK, navit_mrope_config
 from vlm_jax.data.navit import example_mrope_positions, mrope_positions
 from vlm_jax.data.pipeline import make_eval_examples
-from vlm_jax.evaluate import answer_examples
-from vlm_jax.generate import greedy_generate
+from vlm_jax.inference import Assistant
+from vlm_jax.generate import generate, stop_sequences
 from vlm_jax.interop.hf_import import Source, import_params, model_config
 from vlm_jax.image_inputs import dummy_inputs, make
 from vlm_jax.model import VLM
@@ -104,8 +104,8 @@ def test_cached_greedy_equals_uncached_greedy():
     want = _uncached_greedy(forward, batch, PROMPTS)
     assert len(set(map(tuple, want))) == len(PROMPTS)  # rows really differ
 
-    generate = jax.jit(functools.partial(greedy_generate, model, max_new_tokens=NEW, stop_id=-1))
-    got = generate(params, batch["tokens"], batch["segment_ids"], images, positions=batch["positions"])
+    cached = jax.jit(functools.partial(generate, model, max_new_tokens=NEW, stop=stop_sequences([])))
+    got = cached(params, batch["tokens"], batch["segment_ids"], images, positions=batch["positions"])
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
@@ -123,7 +123,7 @@ def test_greedy_equals_transformers_generate(tmp_path):
     examples = _examples(PROMPTS, 1176, seed=1)
     kind = make(model)
     batch = kind.pad_prompts(examples, config, len(PROMPTS))
-    got = jax.jit(functools.partial(greedy_generate, VLM(model), max_new_tokens=NEW, stop_id=EOS))(
+    got = jax.jit(functools.partial(generate, VLM(model), max_new_tokens=NEW, stop=stop_sequences([[EOS]])))(
         params, batch["tokens"], batch["segment_ids"], kind.select(batch), positions=batch["positions"])
 
     for row, ex in enumerate(examples):
@@ -156,5 +156,5 @@ def test_eval_examples_carry_mrope_positions_and_answer():
     inputs = dummy_inputs(config.model)
     assert inputs[1].shape == (1, 8, 3)
     params = random_params(VLM(config.model), *inputs)
-    answers = answer_examples(config, params, TOK, examples, MESH)
+    answers = [c.text for c in Assistant(config, params, TOK, MESH).generate(examples)]
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)

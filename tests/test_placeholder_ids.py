@@ -14,7 +14,7 @@ from tests.helpers import ITEMS, ROOT, write_dataset
 from vlm_jax.config import load_config
 from vlm_jax.data.pipeline import make_eval_examples
 from vlm_jax.data.tokenizer import load_tokenizer
-from vlm_jax.evaluate import answer_examples
+from vlm_jax.inference import Assistant
 from vlm_jax.train import loop
 
 
@@ -49,8 +49,8 @@ def test_out_of_vocab_placeholders_train_and_generate(tmp_path):
             losses[placeholder] = [json.loads(line)["loss"] for line in f]
         examples = make_eval_examples(config, tokenizer, len(ITEMS))
         assert (examples[0]["tokens"] == placeholder).sum() > 0
-        answers[placeholder] = answer_examples(config, state.params, tokenizer, examples,
-                                               loop.Setup(config).mesh)
+        assistant = Assistant(config, state.params, tokenizer, loop.Setup(config).mesh)
+        answers[placeholder] = [c.text for c in assistant.generate(examples)]
     assert len(losses[-200]) == 3 and np.isfinite(losses[-200]).all()
     assert losses[-200][-1] < losses[-200][0]
     assert losses[-200] == losses[vocab]

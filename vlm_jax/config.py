@@ -42,6 +42,9 @@ ADDED = {
     "data.on_bad_record": "raise",
     "data.max_bad_fraction": 0.01,  # read only when skipping, which older runs never did
     "data.max_image_pixels": 2 * 89478485,  # PIL refused images over twice its MAX_IMAGE_PIXELS (and warned)
+    "eval_every": 0,  # no evaluation during training
+    "eval_benchmark": "",
+    "eval_metric": "auto",
 }
 # Keys that moved or went: old dotted path -> new dotted path, or None for a key whose value lives elsewhere
 # (vision.spatial_merge_size duplicated connector.merge_size, which the model always read).
@@ -66,10 +69,10 @@ POSITIVE = (
 )
 # Steps and counts where 0 means "none" or "off" (each key's comment in configs/base.py says which).
 NON_NEGATIVE = (
-    "total_steps", "checkpoint_every", "eval_examples", "vision_pretrain.steps", "vision_pretrain.warmup_steps",
-    "model.loss_vocab_chunk", "model.connector.hidden_dim", "model.connector.num_queries", "model.vision.pos_grid",
-    "model.lora.rank", "data.epochs", "data.pack_window", "data.prefetch", "data.max_image_pixels",
-    "optim.warmup_steps",
+    "total_steps", "checkpoint_every", "eval_examples", "eval_every", "vision_pretrain.steps",
+    "vision_pretrain.warmup_steps", "model.loss_vocab_chunk", "model.connector.hidden_dim",
+    "model.connector.num_queries", "model.vision.pos_grid", "model.lora.rank", "data.epochs", "data.pack_window",
+    "data.prefetch", "data.max_image_pixels", "optim.warmup_steps",
 )
 # Shares: a value outside [0, 1] means nothing.
 FRACTIONS = ("data.max_bad_fraction",)
@@ -78,6 +81,7 @@ FRACTIONS = ("data.max_bad_fraction",)
 def _choices() -> dict[str, tuple[str, ...]]:
     """Each choice key -> its choices, read from the table the code that takes the key dispatches on (imported
     here, not at module import: the plan command sets up its devices before jax is imported)."""
+    from vlm_jax.benchmarks import METRICS
     from vlm_jax.connectors import CONNECTORS
     from vlm_jax.data.conversation import TEMPLATES
     from vlm_jax.data.image_processor import CONFIG_RESIZES
@@ -96,7 +100,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "model.vision.qkv_bias": QKV_BIAS, "model.connector.kind": tuple(CONNECTORS),
         "model.text.rope_kind": tuple(k for k in ROPE_KINDS if k != "2d"),  # 2d is the navit tower's
         "data.source": SOURCES, "data.template": tuple(TEMPLATES), "data.image_resize": tuple(CONFIG_RESIZES),
-        "data.on_bad_record": ON_BAD_RECORD,
+        "data.on_bad_record": ON_BAD_RECORD, "eval_metric": ("auto", *METRICS),
     }
 
 

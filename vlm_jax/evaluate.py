@@ -2,18 +2,13 @@
 
 import re
 import string
-from typing import Any
 
-import jax
-import ml_collections
 import numpy as np
 
-from vlm_jax import image_inputs, parallel
+from vlm_jax.benchmarks.run import run_benchmark
 from vlm_jax.data.image_kinds import report_image_processor
 from vlm_jax.data.pipeline import make_eval_examples
-from vlm_jax.data.records import make_encoder
-from vlm_jax.generate import greedy_generate
-from vlm_jax.model import VLM
+from vlm_jax.inference import Assistant
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -34,44 +29,32 @@ def score(records: list[dict]) -> dict:
             "count_by_type": {k: len(v) for k, v in sorted(by_type.items())}}
 
 
-def answer_examples(config: ml_collections.ConfigDict, params: Any, tokenizer, examples: list[dict],
-                    mesh) -> list[str]:
-    """Greedy answers (decoded, stop token removed) for `examples`, batched by eval_batch_size."""
-    model = VLM(config.model)
-    stop_id = make_encoder(config, tokenizer).stop_id
-    rows = config.eval_batch_size
-    dp = parallel.data_parallel_size(mesh)
-    if rows % dp:
-        raise ValueError(f"eval_batch_size {rows} must divide by the data x fsdp mesh size {dp}")
-    kind = image_inputs.make(config.model)
-    generate = jax.jit(lambda p, b: greedy_generate(
-        model, p, b["tokens"], b["segment_ids"], b["images"], positions=b["positions"],
-        max_new_tokens=config.max_new_tokens, stop_id=stop_id))
-    answers = []
-    sharding = parallel.batch_sharding(mesh)
-    for start in range(0, len(examples), rows):
-        chunk = examples[start:start + rows]
-        batch = kind.pad_prompts(chunk, config, rows)
-        batch = jax.device_put({k: batch[k] for k in ("tokens", "positions", "segment_ids")} |
-                               dict(images=kind.select(batch)), sharding)
-        with jax.set_mesh(mesh):
-            out = np.asarray(jax.device_get(generate(params, batch)))
-        for ids in out[:len(chunk)]:
-            ids = list(ids)
-            ids = ids[:ids.index(stop_id)] if stop_id in ids else ids
-            answers.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-    return answers
-
-
-def evaluate(config: ml_collections.ConfigDict, params: Any, tokenizer, mesh) -> tuple[dict, list]:
-    """Scores `config.eval_examples` held-out examples; returns (scores, per-example records)."""
+def evaluate(assistant: Assistant, n: int) -> tuple[dict, list]:
+    """Scores the first `n` held-out examples of the assistant's config (data.eval_path, or the synthetic eval
+    split), greedily; returns (scores, per-example records)."""
+    config = assistant.config
     report_image_processor(config)
-    examples = make_eval_examples(config, tokenizer, config.eval_examples)
-    predictions = answer_examples(config, params, tokenizer, examples, mesh)
+    examples = make_eval_examples(config, assistant.tokenizer, n)
+    predictions = [c.text for c in assistant.generate(examples)]
     records = [dict(id=ex["id"], qtype=ex["qtype"], question=ex.get("question", ""),
                     answer=ex["answer"], prediction=p, image=ex["image"])
                for ex, p in zip(examples, predictions)]
     return score(records), records
+
+
+def training_eval(assistant: Assistant) -> dict[str, float]:
+    """What `eval_every` logs: the scores of config.eval_benchmark (or of eval_examples held-out questions) as flat
+    metrics, `eval_accuracy`, `eval_circular_accuracy` and one `eval_accuracy_by_category/NAME` each."""
+    config = assistant.config
+    if config.eval_benchmark:
+        scores, _ = run_benchmark(assistant, config.eval_benchmark, config.eval_metric)
+    else:
+        scores, _ = evaluate(assistant, config.eval_examples)
+    flat = {f"eval_{k}": v for k, v in scores.items() if k in ("accuracy", "circular_accuracy")}
+    for k, v in scores.items():
+        if k.startswith("accuracy_by_"):
+            flat.update({f"eval_{k}/{name}": x for name, x in v.items()})
+    return flat
 
 
 def plot_examples(records: list[dict], out_png: str, n: int = 16) -> str:

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from vlm_jax.checkpoints.params_only import param_leaves, restore_params
 from vlm_jax.checkpoints.streaming import StoredArray, stored_arrays
 from vlm_jax.checkpoints.train_state import Checkpointer
+from vlm_jax.errors import InputError
 from vlm_jax.params import abstract_params, flat, param_shardings, unflat
 
 
@@ -23,11 +24,12 @@ def is_workdir(src: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class WorkdirCheckpoint:
     """One checkpoint of a workdir: its train-state directory, the subtrees of it that hold the parameters
-    (train_state.PARAMS, or the older layout's) and the config the run saved."""
+    (train_state.PARAMS, or the older layout's), the config the run saved and its step."""
 
     state_dir: str
     layout: tuple[str, ...]
     config: ml_collections.ConfigDict
+    step: int
 
 
 def open_workdir(src: str) -> WorkdirCheckpoint:
@@ -37,8 +39,9 @@ def open_workdir(src: str) -> WorkdirCheckpoint:
     try:
         step = int(step) if step else ckpt.latest_step()
         if step not in ckpt.all_steps():
-            raise ValueError(f"{workdir} has no checkpoint {step} (have {ckpt.all_steps()})")
-        return WorkdirCheckpoint(ckpt.item_dir(step, "state"), ckpt.params_layout(step), ckpt.read_config(step))
+            raise InputError(f"{workdir} has no checkpoint {step} (have {ckpt.all_steps()})")
+        return WorkdirCheckpoint(ckpt.item_dir(step, "state"), ckpt.params_layout(step), ckpt.read_config(step),
+                                 step)
     finally:
         ckpt.close()
 

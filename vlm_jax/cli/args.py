@@ -55,7 +55,7 @@ Arguments = Callable[[argparse.ArgumentParser], None]
 
 def _add_shared(parser: argparse.ArgumentParser, workdir: bool, distributed: bool, config_optional: bool) -> None:
     if config_optional:  # a command that needs only a mesh and the model defaults runs with configs/base.py
-        parser.add_argument("--config", default=base.__file__,
+        parser.add_argument("--config", default=None,
                             help="config file, optionally FILE:ARG (default: configs/base.py)")
     else:
         parser.add_argument("--config", required=True, help="config file, optionally FILE:ARG")
@@ -76,7 +76,8 @@ def parse(description: str, argv: list[str] | None = None, add_arguments: Argume
     """Returns (args, config). Every `--config.a.b=v` (or `--config.a.b v`) is applied as an override.
 
     `config_optional` makes --config default to configs/base.py (commands that need only a mesh and model
-    defaults). `commands` (name -> (help, add_arguments)) makes one subcommand each, with the shared flags after
+    defaults; `args.config` stays None); `args.overrides` keeps the overrides as given (KEY=VALUE). `commands`
+    (name -> (help, add_arguments)) makes one subcommand each, with the shared flags after
     its name; `args.command` is the one chosen. With `distributed` (commands that run on devices) the
     multi-process flags are taken and jax.distributed set up; without, jax is not imported (plan chooses its
     devices first)."""
@@ -104,8 +105,9 @@ def parse(description: str, argv: list[str] | None = None, add_arguments: Argume
             item, i = f"{item}={rest[i + 1]}", i + 1
         overrides.append(item)
         i += 1
+    args.overrides = overrides
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config or base.__file__, overrides)
         if distributed:  # plan checks once its devices are set up, which must happen before jax is imported
             check_values(config)
     except (KeyError, ValueError, FileNotFoundError) as e:

@@ -27,6 +27,9 @@ from vlm_jax.errors import BadRecordError
 IMAGE_MARKER = "<image>"
 HUMAN, GPT = "human", "gpt"
 PIECES, WHOLE, LLAVA = "pieces", "whole", "llava"
+# conv_vicuna_v1's system text (LLaVA's and ShareGPT4V's conversation.py, selected by `--version v1`).
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the user's questions.")
 
 
 @dataclasses.dataclass(frozen=True)

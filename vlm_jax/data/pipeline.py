@@ -544,25 +544,38 @@ class PromptExample:
     naming the file, index and id, whatever data.on_bad_record says: an eval set is asked whole."""
 
     def __init__(self, config, tokenizer, source):
-        kind = data_kind(config.model)
-        self.source, self.mrope, self.to_example = source, kind.mrope(), kind.record_to_example(config, tokenizer)
+        self.source, self.to_prompt = source, PromptBuilder(config, tokenizer)
 
     def __call__(self, i: int) -> dict:
-        to_example = self.to_example
         try:
             record = self.source[i]
-            images = to_example.images(record)
-            lengths = to_example.run_lengths(images)
-            enc, answer = to_example.encoder.encode_prompt(record["conversations"], lengths, record["id"])
+            images = self.to_prompt.to_example.images(record)
+            example, answer = self.to_prompt.build(record["conversations"], images, record["id"])
         except BadRecordError as e:
             raise BadRecordError(e.reason, self.source.where(i)) from None
+        question = record["conversations"][-2][1].replace("<image>", "").strip()
+        return dict(example, question=question, answer=answer, qtype=record["qtype"], image=record["image"])
+
+
+class PromptBuilder:
+    """Conversation turns and their images (the kind's `record_to_example(...).images` of each) -> a generation
+    prompt: the make_eval_examples dict without the record's fields (id, tokens, image_positions, positions and the
+    kind's image fields)."""
+
+    def __init__(self, config, tokenizer):
+        kind = data_kind(config.model)
+        self.mrope, self.to_example = kind.mrope(), kind.record_to_example(config, tokenizer)
+
+    def build(self, turns, images: list, example_id: str) -> tuple[dict, str | None]:
+        """(prompt dict, the reference answer when `turns` ends with one: encode_prompt's)."""
+        to_example = self.to_example
+        lengths = to_example.run_lengths(images)
+        enc, answer = to_example.encoder.encode_prompt(turns, lengths, example_id)
         image_positions = np.concatenate([s + np.arange(k) for s, k in zip(enc.image_starts, lengths)]
                                          or [np.zeros((0,), np.int32)]).astype(np.int32)
         if self.mrope:
             positions = to_example.mrope_positions(len(enc.tokens), enc.image_starts, images)
         else:
             positions = np.arange(len(enc.tokens), dtype=np.int32)
-        question = record["conversations"][-2][1].replace("<image>", "").strip()
-        return dict(id=record["id"], tokens=enc.tokens, image_positions=image_positions, positions=positions,
-                    question=question, answer=answer, qtype=record["qtype"], image=record["image"],
-                    **to_example.prompt_fields(images))
+        return dict(id=example_id, tokens=enc.tokens, image_positions=image_positions, positions=positions,
+                    **to_example.prompt_fields(images)), answer

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import time
 
 import flax.linen as nn
 import jax
@@ -15,6 +16,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from vlm_jax import image_inputs, parallel
+from vlm_jax.benchmarks import read_tsv
 from vlm_jax.checkpoints.directory import carry_source, write_trained
 from vlm_jax.checkpoints.params_only import restore_params
 from vlm_jax.checkpoints.train_state import Checkpointer
@@ -26,6 +28,8 @@ from vlm_jax.data.pipeline import (make_train_iterator, merge_shard_states, row_
                                    skipped_counts)
 from vlm_jax.data.tokenizer import record_tokenizer, run_tokenizer
 from vlm_jax.errors import DivergedError, InputError
+from vlm_jax.evaluate import training_eval
+from vlm_jax.inference import Assistant
 from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.model import VLM
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
@@ -203,6 +207,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     if len(tokenizer) > config.model.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is "
                          f"{config.model.text.vocab_size}")
+    if config.eval_every and config.eval_benchmark:
+        read_tsv(config.eval_benchmark)  # a missing or malformed file stops the run now, not at its first evaluation
     shards = process_shards(config, mesh)
     if config.data.epochs:
         config = with_epoch_length(config, tokenizer, shards)
@@ -243,6 +249,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
         data.close()
         logger.close()
 
+    # eval_every: the model as it trains answers the run's evaluation, with the run's tokenizer and template.
+    assistant = Assistant(config, None, tokenizer, setup.mesh) if config.eval_every else None
     config_json, tokens_seen, token_counts = to_json(config), 0, []
     skips, in_a_row = [], 0  # each step's `skipped` flag, read when logged; the steps skipped in a row so far
     finite = jax.jit(all_finite, out_shardings=parallel.replicated(setup.mesh))
@@ -260,14 +268,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
         preempted = step < end and signals.agreed()
         last = step == end or preempted
         saving = last or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
-        if saving or step % config.log_every == 0:
+        evaluating = assistant is not None and step % config.eval_every == 0
+        if saving or evaluating or step % config.log_every == 0:
             tokens_seen += sum(int(n) for n in jax.device_get(token_counts))
             token_counts = []
             flags = [bool(s) for s in jax.device_get(skips)]
             skips = []
             # The records every shard left out before this step's data position (each process holds some shards).
             left_out = skipped_counts(merge_shard_states(allgather_json(data.get_state())))
-            logger.log(step, {**jax.device_get(metrics), "skipped_steps": sum(flags), **left_out}, tokens_seen)
+            scores, paused = {}, time.perf_counter()
+            if evaluating:
+                assistant.params = state.params
+                scores = training_eval(assistant)
+            logger.log(step, {**jax.device_get(metrics), "skipped_steps": sum(flags), **left_out, **scores},
+                       tokens_seen, time.perf_counter() - paused if evaluating else 0.0)
             for s, skipped in enumerate(flags, step - len(flags) + 1):
                 in_a_row = in_a_row + 1 if skipped else 0
                 if skipped and jax.process_index() == 0:

@@ -54,9 +54,12 @@ class MetricsLogger:
                 kept.append(line if line.endswith("\n") else line + "\n")
         replace_file(self.path, lambda f: f.writelines(kept))  # a kill while it is rewritten loses no line
 
-    def log(self, step: int, metrics: dict, tokens: float) -> dict:
+    def log(self, step: int, metrics: dict, tokens: float, paused: float = 0.0) -> dict:
+        """Logs `metrics` of `step`; throughput counts the time since the last log less `paused` seconds (an
+        evaluation's)."""
         now = time.perf_counter()
         t0, s0, tok0 = self._last
+        t0 += paused
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         if now > t0:
             record["tokens_per_s"] = (tokens - tok0) / (now - t0)

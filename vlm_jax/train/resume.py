@@ -25,6 +25,7 @@ FREE = (
     "micro_batches",
     "log_every", "checkpoint_every", "keep_checkpoints",
     "eval_batch_size", "eval_examples", "max_new_tokens", "data.eval_path", "data.num_eval",  # evaluation only
+    "eval_every", "eval_benchmark", "eval_metric",
     "vision_pretrain.eval_images",  # the demo's stage-0 report
     "data.workers", "data.prefetch",  # threads and queue depth; the batches are the same
     # A run that met an over-long example or a bad record stopped there; switching these is how it goes on past it
