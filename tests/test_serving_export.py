@@ -18,7 +18,8 @@ from tests.helpers import randomize_torch, tiny_config
 from vlm_jax import parallel
 from vlm_jax.data.conversation import IMAGE_MARKER, TEMPLATES, ConversationEncoder
 from vlm_jax.data.tokenizer import DEMO_TOKENIZER_DIR, load_tokenizer, special_ids
-from vlm_jax.inference import Assistant
+from vlm_jax.errors import InputError
+from vlm_jax.inference import Assistant, inference_config
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import import_checkpoint
 from vlm_jax.interop.serving import chat_template
@@ -140,50 +141,41 @@ def with_image_token_renamed(root, old: str, new: str) -> str:
     return str(root)
 
 
-def transformers_generate(export: str, model_class, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy new ids) of the exported directory through transformers, as its user runs it."""
-    processor = transformers.AutoProcessor.from_pretrained(export)
-    model = model_class.from_pretrained(export, dtype=torch.float32).eval()
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt", **_template_argument(processor))
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS)
-    prompt = inputs["input_ids"][0].tolist()
-    return prompt, out[0, len(prompt):].tolist()
-
-
 def _template_argument(processor) -> dict:
     """transformers' Blip2Processor drops the chat template it loads (its __init__ does not pass it on); its
     tokenizer holds it."""
     return dict(chat_template=processor.tokenizer.chat_template) if processor.chat_template is None else {}
 
 
-def vlm_jax_generate(source: str, messages: list[dict], overrides: tuple[str, ...]) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy new ids) of vlm_jax's Assistant on the same conversation."""
-    assistant = Assistant.load(source, overrides=overrides)
-    images = [item["image"] for m in messages for item in m["content"] if item["type"] == "image"]
-    prompt = assistant.prompt(turns_of(messages), images)
-    (completion,) = assistant.generate([prompt], max_new_tokens=NEW_TOKENS)
-    return prompt["tokens"].tolist(), list(completion.tokens)
-
-
 def assert_same_generation(source: str, export: str, model_class, placeholder: int | None = None,
                            overrides: tuple[str, ...] = ()) -> None:
-    """For each chat: equal prompt ids (vlm_jax's `placeholder` standing for the export's image token where it
-    lies outside the vocabulary) and equal greedy tokens, which stop at the same place or run all NEW_TOKENS, and
-    are not one token repeated."""
+    """For each chat, vlm_jax's Assistant on `source` and transformers on the exported directory, as its user runs
+    it: equal prompt ids (vlm_jax's `placeholder` standing for the export's image token where it lies outside the
+    vocabulary) and equal greedy tokens, which stop at the same place or run all NEW_TOKENS, and are not one token
+    repeated."""
+    assistant = Assistant.load(source, inference_config(source, overrides=overrides))
+    processor = transformers.AutoProcessor.from_pretrained(export)
+    model = model_class.from_pretrained(export, dtype=torch.float32).eval()
     config = json.loads(open(os.path.join(export, "config.json")).read())
     image_id = config.get("image_token_index", config.get("image_token_id"))
+    stop = json.loads(open(os.path.join(export, "generation_config.json")).read())["eos_token_id"]
     for name, messages in chats(drawn(52, 34, 0), drawn(30, 58, 1)).items():
-        want_prompt, want = vlm_jax_generate(source, messages, overrides)
-        got_prompt, got = transformers_generate(export, model_class, messages)
+        images = [item["image"] for m in messages for item in m["content"] if item["type"] == "image"]
+        prompt = assistant.prompt(turns_of(messages), images)
+        (completion,) = assistant.generate([prompt], max_new_tokens=NEW_TOKENS)
+        want_prompt, want = prompt["tokens"].tolist(), completion.tokens
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt", **_template_argument(processor))
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS)
+        got_prompt = inputs["input_ids"][0].tolist()
+        got = out[0, len(got_prompt):].tolist()
         if placeholder is not None:
             want_prompt = [image_id if t == placeholder else t for t in want_prompt]
         assert got_prompt == want_prompt, name
         assert image_id in got_prompt, name
         assert got == want, name
         assert len(set(got)) > 1, (name, got)
-        stop = json.loads(open(os.path.join(export, "generation_config.json")).read())["eos_token_id"]
         assert len(got) == NEW_TOKENS or got[-1] == stop, (name, got)
 
 
@@ -214,6 +206,10 @@ def test_llava_import_chat_export_generates_the_same(tmp_path):
     import_checkpoint(hf, str(tmp_path / "ckpt"), BASE, MESH)
     export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), "hf")
     assert_same_generation(str(tmp_path / "ckpt"), str(tmp_path / "out"), transformers.LlavaForConditionalGeneration)
+    # An image token id the tokenizer gives another token cannot be served: one error, nothing written.
+    with pytest.raises(InputError, match="the tokenizer's <image> is id 4 but config.json's image_token_index is 500"):
+        export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out500"), "hf", image_token_index=500)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out500")]
 
 
 def test_qwen2_vl_import_chat_export_generates_the_same(tmp_path, monkeypatch):

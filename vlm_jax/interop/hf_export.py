@@ -28,6 +28,7 @@ from vlm_jax.checkpoints.directory import RECORD_DIR, StoredParams, extra_file, 
 from vlm_jax.config import upgrade_model_config
 from vlm_jax.data.image_processor import PREPROCESSOR_FILE
 from vlm_jax.data.tokenizer import load_tokenizer, record_root, recorded_tokenizer
+from vlm_jax.errors import InputError
 from vlm_jax.inference import inference_config
 from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, qwen_vl, serving, xverse_v
 from vlm_jax.interop.keymap import ConversionError, KeyMap, Tensor, expand, torch_tensors
@@ -153,17 +154,21 @@ def _recorded_files(src: str) -> list[str]:
     return files + [p for p in [os.path.join(root, PREPROCESSOR_FILE)] if os.path.isfile(p)]
 
 
-def _serving_tokenizer(src: str, family: str) -> PreTrainedTokenizerBase | None:
-    """The tokenizer recorded with `src` when an `hf` export of `family` gets serving files (interop/serving.py);
-    None otherwise, logged where the family would have them."""
+def _serving_inputs(src: str, family: str) -> tuple[PreTrainedTokenizerBase, ml_collections.ConfigDict] | None:
+    """(the tokenizer recorded with `src`, its inference config) when an `hf` export of `family` gets serving files
+    (interop/serving.py); None otherwise, with a warning saying why where the family would have them."""
     if family not in serving.IMAGE_TOKENS:
         return None
     folder = recorded_tokenizer(src)
-    if folder is None:
-        logging.warning("export: %s records no tokenizer, so the %s export has weights and config.json only (no "
-                        "processor, chat template or generation config)", src, family)
-        return None
-    return load_tokenizer(folder)
+    reason = f"{src} records no tokenizer"
+    if folder is not None:
+        try:
+            return load_tokenizer(folder), inference_config(src)
+        except InputError as e:  # no chat format known (an import of another family): the weights still export
+            reason = str(e)
+    logging.warning("export: %s; the %s export has weights and config.json only (no processor, chat template or "
+                    "generation config)", reason, family)
+    return None
 
 
 def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None, shard_bytes: int = 5 << 30,
@@ -185,7 +190,7 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
     adapters = [k for k in params.shapes if k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)]
     weights = [k for k in params.shapes if k not in adapters]  # hf and original merge the adapters into these
     tmp = f"{dst.rstrip('/')}.partial-{os.getpid()}"
-    tokenizer = None
+    served = None
     try:
         if fmt == "peft":
             base = (meta.get("hf_config") or {}).get("_name_or_path", "")
@@ -200,9 +205,9 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
                                                  if k.startswith("connector/") or k in adapters}, np_dtype)
         elif fmt == "hf":
             family, keymap, config = _hf_target(model, parts, meta, image_token_index)
-            tokenizer = _serving_tokenizer(src, family)
-            if tokenizer is not None and image_token_index is None and meta.get("image_token_index") is None:
-                own = serving.placeholder_id(tokenizer, family)  # a native model's: the id its run used
+            served = _serving_inputs(src, family)
+            if served is not None and image_token_index is None and meta.get("image_token_index") is None:
+                own = serving.placeholder_id(served[0], family)  # a native model's: the id its run used
                 if own is not None:
                     family, keymap, config = _hf_target(model, parts, meta, own)
             vocab = config.get("text_config", {}).get("vocab_size", 0)
@@ -222,8 +227,8 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
                    np_dtype, lora, _merge(stored, llava.original_hf_config(model, tower)), shard_bytes, extra)
         for file in _recorded_files(src):
             shutil.copy(file, os.path.join(tmp, os.path.basename(file)))
-        if tokenizer is not None:
-            serving.write_serving_files(tmp, family, config, inference_config(src), tokenizer)
+        if served is not None:
+            serving.write_serving_files(tmp, family, config, served[1], served[0])
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

@@ -193,6 +193,10 @@ def write_serving_files(dst: str, family: str, hf_config: dict[str, Any], config
                         "gives it one: served through transformers, this model sees its images otherwise",
                         config.data.max_tiles, family)
     text, key = IMAGE_TOKENS[family]
+    vocab = hf_config["text_config"]["vocab_size"]
+    if not 0 <= hf_config[key] < vocab:
+        raise InputError(f"config.json's {key} {hf_config[key]} lies outside the model's {vocab} embedding rows: "
+                         f"export with --image_token_index set to one of them (the tokenizer's {text})")
     config = config.copy_and_resolve_references()
     config.data.image_token_id = hf_config[key]  # the export's placeholder, where the run config names none
     stop_id = make_encoder(config, tokenizer).stop_id
