@@ -29,7 +29,6 @@ from vlm_jax.config import upgrade_model_config
 from vlm_jax.data.image_processor import PREPROCESSOR_FILE
 from vlm_jax.data.tokenizer import load_tokenizer, record_root, recorded_tokenizer
 from vlm_jax.errors import InputError
-from vlm_jax.inference import inference_config
 from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, qwen_vl, serving, xverse_v
 from vlm_jax.interop.keymap import ConversionError, KeyMap, Tensor, expand, torch_tensors
 from vlm_jax.interop.torch_files import TorchFiles, write_safetensors
@@ -159,6 +158,9 @@ def _serving_inputs(src: str, family: str) -> tuple[PreTrainedTokenizerBase, ml_
     (interop/serving.py); None otherwise, with a warning saying why where the family would have them."""
     if family not in serving.IMAGE_TOKENS:
         return None
+    # Here, not at the top: inference loads the data pipeline (grain), which import and export otherwise never need.
+    from vlm_jax.inference import inference_config
+
     folder = recorded_tokenizer(src)
     reason = f"{src} records no tokenizer"
     if folder is not None:
