@@ -184,6 +184,8 @@ class Assistant:
             rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
             with jax.set_mesh(self.mesh):
                 ids = np.asarray(jax.device_get(run(self.params, batch, stop_rows, rng)))
+            if on_tokens is not None:
+                jax.effects_barrier()  # the last steps' callbacks may still be running when the ids are back
             out += [self._completion(row.tolist(), stop_rows, stop) for row in ids[:len(chunk)]]
         return out
 
