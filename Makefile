@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed-train
 	$(VENV)/bin/vlm-train --config configs/demo.py --workdir $(WORKDIR)
-	$(VENV)/bin/vlm-eval --config configs/demo.py --workdir $(WORKDIR)
+	$(VENV)/bin/vlm-eval --workdir $(WORKDIR)
 
 test: install
 	$(PY) -m pytest -q tests

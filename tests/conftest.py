@@ -31,3 +31,25 @@ def tiny_run(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
     loop.train(tiny_config("total_steps=2", "checkpoint_every=2", "eval_batch_size=8", "eval_examples=8"), workdir)
     return workdir
+
+
+_LOADED: dict[tuple[str, str], object] = {}
+
+
+@pytest.fixture
+def loaded_once(monkeypatch):
+    """Assistant.load memoised per source and config for the whole session: the chat and eval commands still run
+    end to end, loading each checkpoint once, without compiling the same generation again for every call."""
+    from vlm_jax.config import to_json
+    from vlm_jax.inference import Assistant, inference_config
+
+    load = Assistant.load.__func__
+
+    def memoised(cls, source, config=None):
+        config = config or inference_config(source)
+        key = (source, to_json(config))
+        if key not in _LOADED:
+            _LOADED[key] = load(cls, source, config)
+        return _LOADED[key]
+
+    monkeypatch.setattr(Assistant, "load", classmethod(memoised))

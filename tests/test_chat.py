@@ -12,8 +12,10 @@ from PIL import Image, ImageDraw
 from vlm_jax.cli import chat
 from vlm_jax.data.conversation import GPT, HUMAN
 from vlm_jax.inference import Assistant
+from vlm_jax.sampling import Sampling
 
 NEW = 6
+pytestmark = pytest.mark.usefixtures("loaded_once")
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +81,18 @@ def test_an_interactive_chat_keeps_the_conversation_and_its_image(run, capsys, m
 
 def test_sampling_repeats_with_its_seed_and_a_stop_string_ends_the_answer(run, capsys):
     workdir, image, _ = run
-    argv = ["--workdir", workdir, "--image", image, "--max_new_tokens", "12", "--json", "Describe it."]
-    sample = ["--temperature", "1.5", "--top_k", "50"]
-    a, b, c = (json.loads(_chat(argv + sample + ["--seed", s], capsys)) for s in ("3", "3", "4"))
-    assert a == b and a["tokens"] != c["tokens"]
-    greedy = json.loads(_chat(argv, capsys))
-    assert len(greedy["text"]) > 2
-    stop = greedy["text"][1:3]
+    question = [([(HUMAN, "Describe it.")], [image])]
+    sampling = Sampling(temperature=1.5, top_k=50)
+    a, b, c = (_expected(workdir, question, sampling=sampling, seed=s)[0] for s in (3, 3, 4))
+    assert a == b and a.tokens != c.tokens
+    argv = ["--workdir", workdir, "--image", image, "--max_new_tokens", str(NEW), "--json", "Describe it."]
+    assert json.loads(_chat(argv + ["--temperature", "1.5", "--top_k", "50", "--seed", "3"], capsys)) == dict(
+        tokens=a.tokens, text=a.text)
+    [greedy] = _expected(workdir, question)
+    assert len(greedy.text) > 2
+    stop = greedy.text[1:3]
     cut = json.loads(_chat(argv + ["--stop", stop], capsys))
-    assert cut["text"] == greedy["text"].split(stop)[0].strip() and stop not in cut["text"]
+    assert cut["text"] == greedy.text.split(stop)[0].strip() and stop not in cut["text"]
 
 
 def test_bad_input_is_one_error_line(run, capsys, tmp_path):

@@ -90,7 +90,7 @@ def test_ties_keep_what_transformers_keeps(s):
     logits = rng.integers(-3, 4, (6, V)).astype(np.float32)
     logits[5] = -200  # exp(-200) is 0 in float32
     logits[5, [3, 40, 41, 100]] = 0
-    ours, want = _both(logits, _ids(np.random.default_rng(2)).repeat(2, axis=0)[:6], s)
+    ours, want = _both(logits, np.zeros((6, 1), np.int64), s)  # no penalty here: the ids are unused
     kept, kept_want = np.isfinite(ours), np.isfinite(want)
     np.testing.assert_array_equal(kept.sum(axis=1), kept_want.sum(axis=1))
     np.testing.assert_allclose(ours[kept & kept_want], want[kept & kept_want], rtol=1e-6)

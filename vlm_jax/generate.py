@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
-from jax.sharding import PartitionSpec as P
 
+from vlm_jax import parallel
 from vlm_jax.errors import InputError
 from vlm_jax.model import VLM
 from vlm_jax.sampling import Sampling, next_tokens, seen_ids
@@ -92,8 +92,7 @@ def generate(
         if on_token is not None:
             # Under a mesh the rows are gathered here: left to the callback's move to one device, XLA warns of
             # an "involuntary full rematerialization" at every compile.
-            whole = tok if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(tok, P())
-            io_callback(on_token, None, i, whole, ordered=True)
+            io_callback(on_token, None, i, parallel.whole_in_context(tok), ordered=True)
         if seen is not None:
             seen = seen.at[rows, tok].set(True)
         tail = jnp.concatenate([tail[:, 1:], tok[:, None]], axis=1)

@@ -126,14 +126,14 @@ class Assistant:
                prompt_id: str = "prompt") -> dict:
         """A generation prompt of `turns` ((role, text), roles "human" and "gpt" alternating from human, ending with
         the human turn to answer) and their `images`, in the order of the `<image>` markers in the human turns; with
-        no marker anywhere the images go first in the first turn, as LLaVA's evaluation puts them."""
+        no marker anywhere the images go first in the first turn, each "<image>\n", as LLaVA's evaluation puts one."""
         turns = [tuple(t) for t in turns]
         if not turns or len(turns) % 2 == 0 or any(r != (HUMAN, GPT)[i % 2] for i, (r, _) in enumerate(turns)):
             raise InputError(f"prompt {prompt_id}: turns must alternate {HUMAN!r}, {GPT!r} from {HUMAN!r} and end "
                              f"with a {HUMAN!r} turn; got roles {[r for r, _ in turns]}")
         markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
         if markers == 0 and images:
-            turns[0] = (HUMAN, IMAGE_MARKER * len(images) + "\n" + turns[0][1])
+            turns[0] = (HUMAN, f"{IMAGE_MARKER}\n" * len(images) + turns[0][1])
         elif markers != len(images):
             raise InputError(f"prompt {prompt_id}: {markers} {IMAGE_MARKER} markers for {len(images)} images")
         views = [v for image in images for v in self.builder.to_example.images(dict(image=image))]
@@ -184,6 +184,8 @@ class Assistant:
             rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
             with jax.set_mesh(self.mesh):
                 ids = np.asarray(jax.device_get(run(self.params, batch, stop_rows, rng)))
+            if on_tokens is not None:
+                jax.effects_barrier()  # the last steps' callbacks may still be running when the ids are back
             out += [self._completion(row.tolist(), stop_rows, stop) for row in ids[:len(chunk)]]
         return out
 

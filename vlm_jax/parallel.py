@@ -99,6 +99,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def whole_in_context(x: jax.Array) -> jax.Array:
+    """Inside jit: `x` replicated over the mesh of `jax.set_mesh`, if one is set; `x` itself otherwise."""
+    return x if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(x, P())
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 

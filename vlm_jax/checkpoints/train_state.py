@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 from vlm_jax.checkpoints.params_only import param_leaves
@@ -111,10 +112,12 @@ class Checkpointer:
 
     def params_layout(self, step: int) -> tuple[str, ...]:
         """The top-level subtrees of the step-`step` train state that hold the parameters."""
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-            metadata = ckptr.metadata(self.item_dir(step, "state")).item_metadata
-        if metadata is None:  # orbax logs why (an unreadable _METADATA, _sharding or manifest) and gives None
-            raise self._corrupt(step, "its state's tree metadata cannot be read")
+        # The item's handler alone: orbax's Checkpointer.metadata also looks for a step's metadata file inside the
+        # item directory, and warns on every call that there is none.
+        try:
+            metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.item_dir(step, "state")))
+        except (FileNotFoundError, NotImplementedError, ValueError, TypeError) as e:  # what that call tolerates
+            raise self._corrupt(step, f"its state's tree metadata cannot be read: {e}") from None
         tops = set(metadata.tree)
         if set(PARAMS) <= tops:
             return PARAMS
