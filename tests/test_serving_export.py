@@ -22,7 +22,7 @@ from vlm_jax.errors import InputError
 from vlm_jax.inference import Assistant, inference_config
 from vlm_jax.interop.hf_export import export_checkpoint
 from vlm_jax.interop.hf_import import import_checkpoint
-from vlm_jax.interop.serving import chat_template
+from vlm_jax.interop.serving import _probe, chat_template
 from vlm_jax.train import loop
 
 BASE = get_config().model
@@ -276,3 +276,31 @@ def test_a_vlm_jax_trained_model_exports_a_served_directory(tmp_path):
     exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert exported.convert_tokens_to_ids(IMAGE_MARKER) == 512 and exported.convert_ids_to_tokens(4) == "<unused0>"
     assert_same_generation(run, str(tmp_path / "out"), transformers.LlavaForConditionalGeneration, placeholder=-200)
+
+
+def _probe_of(name: str, tokenizer) -> str | None:
+    encoder = ConversationEncoder(TEMPLATES[name], tokenizer, IDS.image, IDS.bos, IDS.eos, "Be brief.")
+    return _probe(encoder, tokenizer, chat_template(TEMPLATES[name], "Be brief.", IMAGE_MARKER), IMAGE_MARKER,
+                  IDS.image)
+
+
+def test_export_probe_finds_a_tokenizer_that_tokenises_the_render_otherwise(tmp_path):
+    """The export renders a probe conversation both ways and warns where they differ: never for the byte-level
+    demo tokenizer; for one whose post-processor adds bos, under a template without bos (a served prompt would
+    start with a bos vlm_jax never saw)."""
+    assert [name for name in sorted(TEMPLATES) if _probe_of(name, TOK)] == []
+    spec = json.loads(open(os.path.join(DEMO_TOKENIZER_DIR, "tokenizer.json")).read())
+    spec["post_processor"] = dict(type="TemplateProcessing", single=[dict(SpecialToken=dict(id="<s>", type_id=0)),
+                                                                     dict(Sequence=dict(id="A", type_id=0))],
+                                  pair=[dict(Sequence=dict(id="A", type_id=0))],
+                                  special_tokens={"<s>": dict(id="<s>", ids=[IDS.bos], tokens=["<s>"])})
+    folder = tmp_path / "bos"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with open(os.path.join(DEMO_TOKENIZER_DIR, "tokenizer_config.json")) as f:
+        (folder / "tokenizer_config.json").write_text(f.read())
+    adds_bos = load_tokenizer(str(folder))
+    assert adds_bos("hi")["input_ids"][0] == IDS.bos
+    assert _probe_of("qwen2_vl", adds_bos).startswith(
+        "at token 0: ['<s>', '<|im_start|>', 'system'] against ['<|im_start|>', 'system', ")
+    assert _probe_of("vicuna_v1", adds_bos) is None  # its render starts with bos: no second one is added

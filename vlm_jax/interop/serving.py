@@ -23,7 +23,7 @@ import ml_collections
 import transformers
 from transformers import AddedToken, PreTrainedTokenizerBase
 
-from vlm_jax.data.conversation import LLAVA, Template, get_template
+from vlm_jax.data.conversation import IMAGE_MARKER, LLAVA, ConversationEncoder, Template, get_template
 from vlm_jax.data.image_kinds import data_kind, tile_processor
 from vlm_jax.data.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PREPROCESSOR_FILE
 from vlm_jax.data.records import make_encoder
@@ -175,6 +175,35 @@ def _image_processor(family: str, config: ml_collections.ConfigDict, scratch: st
     return spec, transformers.AutoImageProcessor.from_pretrained(folder)
 
 
+# A conversation the export renders both ways: answers, a stripped question, an image.
+_PROBE = [("human", "<image>\n What is shown here? "), ("gpt", "A red disc."), ("human", "Its size, please.")]
+
+
+def _probe(encoder: ConversationEncoder, tokenizer: PreTrainedTokenizerBase, template_text: str, image_token: str,
+           image_id: int) -> str | None:
+    """Where the processor's ids of the rendered _PROBE (tokenised whole, special tokens added unless the render
+    starts with bos, as apply_chat_template does; image runs of 2) first differ from `encoder`'s, None where they
+    are equal. They differ where the tokenizer does not split at the pieces the encoder tokenises apart (a
+    SentencePiece prefix space) or adds a bos the template has not."""
+    turns = _PROBE[:1] if encoder.template.single_turn else _PROBE
+    messages = [dict(role="user" if role == "human" else "assistant",
+                     content=([dict(type="image")] if IMAGE_MARKER in q else []) +
+                     [dict(type="text", text=q.replace(IMAGE_MARKER + "\n", ""))]) for role, q in turns]
+    rendered = tokenizer.apply_chat_template(messages, chat_template=template_text, tokenize=False,
+                                             add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    got = tokenizer(rendered.replace(image_token, image_token * 2),
+                    add_special_tokens=not (bos and rendered.startswith(bos)))["input_ids"]
+    if encoder.template.image_prefix:
+        got = [image_id] * 2 + got
+    want = [image_id if t == encoder.image_id else int(t) for t in encoder.encode_prompt(turns, [2], "probe")[0].tokens]
+    if got == want:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return (f"at token {at}: {tokenizer.convert_ids_to_tokens(got[at:at + 3])} against "
+            f"{tokenizer.convert_ids_to_tokens(want[at:at + 3])}")
+
+
 def write_serving_files(dst: str, family: str, hf_config: dict[str, Any], config: ml_collections.ConfigDict,
                         tokenizer: PreTrainedTokenizerBase) -> None:
     """Writes the tokenizer, processor, chat template and generation config of `family` (IMAGE_TOKENS) into `dst`,
@@ -199,11 +228,17 @@ def write_serving_files(dst: str, family: str, hf_config: dict[str, Any], config
                          f"export with --image_token_index set to one of them (the tokenizer's {text})")
     config = config.copy_and_resolve_references()
     config.data.image_token_id = hf_config[key]  # the export's placeholder, where the run config names none
-    stop_id = make_encoder(config, tokenizer).stop_id
+    encoder = make_encoder(config, tokenizer)
+    stop_id = encoder.stop_id
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = _with_image_token(tokenizer, text, hf_config[key], os.path.join(scratch, "tokenizer"), key)
         spec, image_processor = _image_processor(family, config, scratch)
         template_text = chat_template(template, config.data.system, text)
+        difference = _probe(encoder, tokenizer, template_text, text, hf_config[key])
+        if difference:
+            logging.warning("export: transformers tokenises this tokenizer's render of data.template %r otherwise "
+                            "than vlm_jax encodes it (%s): served prompts differ from vlm_jax's", template.name,
+                            difference)
         tokenizer.chat_template = template_text  # over any the source's tokenizer carried
         legacy = os.path.join(dst, LEGACY_TEMPLATE_FILE)
         if os.path.exists(legacy):  # a copied source's: transformers would read it before ours
