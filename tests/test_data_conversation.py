@@ -52,7 +52,8 @@ EXPECTED = {
     "qwen2_vl": (MULTI, "", "<|im_start|>user\n<|vision_start|>" + "<image>" * N_IMG + "<|vision_end|>\nWhat color is "
                  "the star?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n<|im_start|>user\nAnd where is it?"
                  "<|im_end|>\n<|im_start|>assistant\ntop left<|im_end|>\n"),
-    "ziya": (MULTI, "", "<s><human>:" + "<image>" * N_IMG + "\nWhat color is the star?\n<bot>:red</s>\n"
+    # Ziya-BLIP2's query tokens stand before bos and the text (image_prefix), the marker's turn stripped.
+    "ziya": (MULTI, "", "<image>" * N_IMG + "<s><human>:What color is the star?\n<bot>:red</s>\n"
              "<human>:And where is it?\n<bot>:top left</s>\n"),
 }
 

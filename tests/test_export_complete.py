@@ -28,7 +28,9 @@ from vlm_jax.train import loop
 
 BASE = get_config().model
 MESH = parallel.make_mesh(get_config().mesh)
-IMAGE_TOKEN = 500
+# The demo tokenizer's <image>, which the fixture saves beside the model: a source whose config.json names another id
+# cannot be served (vlm_jax/interop/serving.py).
+IMAGE_TOKEN = 4
 MAX_LENGTH = 777  # marks the source's tokenizer (the built-in demo one, saved with this setting)
 # The tiny demo config's shapes (tests/helpers.py TINY), so a run of it starts from the import; 3 CLIP blocks,
 # of which the model builds 2 (feature layer -2).

@@ -59,7 +59,8 @@ def _export_arguments(exp: argparse.ArgumentParser) -> None:
     exp.add_argument("--dtype", default=None, help="default: the checkpoint's param dtype")
     exp.add_argument("--shard_gb", type=float, default=5.0)
     exp.add_argument("--image_token_index", type=int, default=None,
-                     help="LLaVA export: default the source's, else a new row after the vocab")
+                     help="LLaVA / BLIP-2 / Qwen2-VL export: default the source's, else the "
+                     "tokenizer's image token, else a new row after the vocab")
 
 
 def _check_arguments(chk: argparse.ArgumentParser) -> None:

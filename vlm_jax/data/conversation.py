@@ -50,6 +50,9 @@ class Template:
     build: PIECES, WHOLE or LLAVA (module docstring).
     label_turn_marks: WHOLE only: every turn's "<|im_start|>", and its end + after_end, carry loss too, in system
         and user turns as well (Qwen-VL's finetune.py labels them).
+    image_prefix: PIECES / WHOLE only: every image's run (with image_before / image_after) forms the prompt's prefix,
+        before bos, in image order; each human turn holding markers loses them and is stripped (BLIP-2's query
+        tokens stand before the text, as transformers' Blip2Processor puts them).
     """
 
     name: str
@@ -65,6 +68,7 @@ class Template:
     image_after: str = ""
     build: str = PIECES
     label_turn_marks: bool = False
+    image_prefix: bool = False
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
@@ -85,9 +89,10 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
              end="<|im_end|>", after_end="\n", build=WHOLE),
     # Ziya-LLaMA / Ziya-BLIP2 (docs/architectures.md 3.5): "<human>:{q}\n<bot>:{a}\n" per exchange. Its chat()
     # history has no end token; training needs one for generation to stop, so the answer ends with eos
-    # (unverified until Ziya's SFT data format is read). Each image is one 32-slot run where its marker stands.
+    # (unverified until Ziya's SFT data format is read). Each image is one 32-slot run of query vectors before
+    # the text, bos included, where transformers' Blip2Processor puts them.
     Template("ziya", bos=True, system="{system}\n", user="<human>:{q}\n<bot>:", answer="{a}", end=None,
-             after_end="\n"),
+             after_end="\n", image_prefix=True),
     # Qwen2-VL / POINTS1.5 (docs/architectures.md 2.6): ChatML, images "<|vision_start|>" + slots + "<|vision_end|>";
     # the "\n" POINTS writes after it is the one LLaVA-format data already has after its <image> marker. POINTS
     # has no system message (leave data.system empty); Qwen2-VL's is "You are a helpful assistant."
@@ -143,6 +148,8 @@ class ConversationEncoder:
         if template.build == WHOLE and not tokenizer.is_fast:
             raise ValueError(f"template {template.name!r} needs character offsets, which tokenizer "
                              f"{tokenizer.name_or_path!r} (not tokenizers-backed) does not give")
+        if template.image_prefix and template.build == LLAVA:
+            raise ValueError(f"template {template.name!r}: image_prefix takes a {PIECES!r} or {WHOLE!r} build")
         if template.build == LLAVA:
             if not self._bos:
                 raise ValueError(f"template {template.name!r}: LLaVA's loss mask counts a bos token, and tokenizer "
@@ -276,18 +283,30 @@ class ConversationEncoder:
         """The conversation in order as (text or ids, loss, is an image run)."""
         t = self.template
         end = self._end if t.end is None else t.end
-        out: list[tuple[str | list[int], bool, bool]] = [(self._bos, False, False)]
+        out: list[tuple[str | list[int], bool, bool]] = []
+        n_images = 0
+
+        def image_run() -> None:
+            nonlocal n_images
+            n_images += 1
+            out.append((t.image_before.format(k=n_images), False, False))
+            out.append(([self.image_id] * image_lengths[n_images - 1], False, True))
+            out.append((t.image_after.format(k=n_images), False, False))
+
+        if t.image_prefix:
+            for _ in image_lengths:
+                image_run()
+        out.append((self._bos, False, False))
         if self._system_text:
             out += [(text, flag, False) for text, flag in self._parts(t.system, system=self._system_text)]
-        n_images = 0
         for i in range(0, len(turns), 2):
-            for text, flag in self._parts(t.user, q=turns[i][1]):
+            question = turns[i][1]
+            if t.image_prefix and IMAGE_MARKER in question:
+                question = question.replace(IMAGE_MARKER, "").strip()
+            for text, flag in self._parts(t.user, q=question):
                 for k, segment in enumerate(text.split(IMAGE_MARKER)):
                     if k:
-                        n_images += 1
-                        out.append((t.image_before.format(k=n_images), False, False))
-                        out.append(([self.image_id] * image_lengths[n_images - 1], False, True))
-                        out.append((t.image_after.format(k=n_images), False, False))
+                        image_run()
                     out.append((segment, flag, False))
             if i + 1 < len(turns) and (answer_last or i + 2 < len(turns)):
                 out += [(t.answer.format(a=turns[i + 1][1]), True, False), (end, True, False),

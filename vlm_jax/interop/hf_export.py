@@ -1,5 +1,7 @@
 """Export: a vlm_jax checkpoint directory (vlm_jax/checkpoints/directory.py) or a training workdir[@step] -> an
-HF directory (`config.json`, sharded safetensors, tokenizer files), the original LLaVA layout, or a PEFT
+HF directory (`config.json`, sharded safetensors, tokenizer files; for LLaVA, Qwen2-VL and BLIP-2 also the
+processor, chat template and generation config transformers serves it with: vlm_jax/interop/serving.py, from the
+checkpoint's conversation and image settings, `inference.inference_config`), the original LLaVA layout, or a PEFT
 adapter (vlm_jax/interop/peft.py), or the XVERSE-V adapter file (vlm_jax/interop/xverse_v.py). LoRA adapters
 are merged into their kernels for `hf` and `original`.
 
@@ -11,6 +13,7 @@ to its own layout gives every tensor the source had; the source's image_token_in
 """
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -19,12 +22,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from vlm_jax.checkpoints.directory import RECORD_DIR, StoredParams, extra_file, open_params
 from vlm_jax.config import upgrade_model_config
 from vlm_jax.data.image_processor import PREPROCESSOR_FILE
-from vlm_jax.data.tokenizer import record_root
-from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, qwen_vl, xverse_v
+from vlm_jax.data.tokenizer import load_tokenizer, record_root, recorded_tokenizer
+from vlm_jax.errors import InputError
+from vlm_jax.interop import blip2, clip, families, llava, peft, points, qwen2_vl, qwen_vl, serving, xverse_v
 from vlm_jax.interop.keymap import ConversionError, KeyMap, Tensor, expand, torch_tensors
 from vlm_jax.interop.torch_files import TorchFiles, write_safetensors
 from vlm_jax.layers.lora import LORA_A, LORA_B, LoraSpec, merge_kernel
@@ -148,6 +153,26 @@ def _recorded_files(src: str) -> list[str]:
     return files + [p for p in [os.path.join(root, PREPROCESSOR_FILE)] if os.path.isfile(p)]
 
 
+def _serving_inputs(src: str, family: str) -> tuple[PreTrainedTokenizerBase, ml_collections.ConfigDict] | None:
+    """(the tokenizer recorded with `src`, its inference config) when an `hf` export of `family` gets serving files
+    (interop/serving.py); None otherwise, with a warning saying why where the family would have them."""
+    if family not in serving.IMAGE_TOKENS:
+        return None
+    # Here, not at the top: inference loads the data pipeline (grain), which import and export otherwise never need.
+    from vlm_jax.inference import inference_config
+
+    folder = recorded_tokenizer(src)
+    reason = f"{src} records no tokenizer"
+    if folder is not None:
+        try:
+            return load_tokenizer(folder), inference_config(src)
+        except InputError as e:  # no chat format known (an import of another family): the weights still export
+            reason = str(e)
+    logging.warning("export: %s; the %s export has weights and config.json only (no processor, chat template or "
+                    "generation config)", reason, family)
+    return None
+
+
 def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None, shard_bytes: int = 5 << 30,
                       image_token_index: int | None = None) -> None:
     """Writes `dst` in `fmt` (see FORMATS); nothing is left at `dst` unless the export succeeds. The checkpoint
@@ -167,6 +192,7 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
     adapters = [k for k in params.shapes if k.rsplit("/", 1)[-1] in (LORA_A, LORA_B)]
     weights = [k for k in params.shapes if k not in adapters]  # hf and original merge the adapters into these
     tmp = f"{dst.rstrip('/')}.partial-{os.getpid()}"
+    served = None
     try:
         if fmt == "peft":
             base = (meta.get("hf_config") or {}).get("_name_or_path", "")
@@ -181,6 +207,11 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
                                                  if k.startswith("connector/") or k in adapters}, np_dtype)
         elif fmt == "hf":
             family, keymap, config = _hf_target(model, parts, meta, image_token_index)
+            served = _serving_inputs(src, family)
+            if served is not None and image_token_index is None and meta.get("image_token_index") is None:
+                own = serving.placeholder_id(served[0], family)  # a native model's: the id its run used
+                if own is not None:
+                    family, keymap, config = _hf_target(model, parts, meta, own)
             vocab = config.get("text_config", {}).get("vocab_size", 0)
             pad = {"language_model.model.embed_tokens.weight": vocab, "language_model.lm_head.weight": vocab}
             _write(tmp, keymap, params, weights, np_dtype, lora, config, shard_bytes, extra, pad)
@@ -198,6 +229,8 @@ def export_checkpoint(src: str, dst: str, fmt: str, *, dtype: str | None = None,
                    np_dtype, lora, _merge(stored, llava.original_hf_config(model, tower)), shard_bytes, extra)
         for file in _recorded_files(src):
             shutil.copy(file, os.path.join(tmp, os.path.basename(file)))
+        if served is not None:
+            serving.write_serving_files(tmp, family, config, served[1], served[0])
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
