@@ -234,9 +234,14 @@ def test_qwen2_vl_import_chat_export_generates_the_same(tmp_path, monkeypatch):
     # built from its image processor and tokenizer alone (the export writes the video processor's settings too).
     monkeypatch.setattr(transformers.Qwen2VLProcessor, "get_attributes",
                         classmethod(lambda cls: ["image_processor", "tokenizer"]))
-    # The tokenizer has no <image>: vlm_jax's placeholder is Qwen2-VL's <|image_pad|>, as for the released model.
-    assert_same_generation(str(tmp_path / "ckpt"), str(tmp_path / "out"), transformers.Qwen2VLForConditionalGeneration,
-                           overrides=(f"data.image_token_id={IMAGE_ID}",))
+    # The tokenizer has no <image>: vlm_jax's placeholder is the import's image token, Qwen2-VL's <|image_pad|>, as
+    # for the released model; the import's pixel bounds are the ones vlm_jax resizes by and the export keeps.
+    config = inference_config(str(tmp_path / "ckpt"))
+    assert (config.data.image_token_id, config.data.min_pixels, config.data.max_pixels) == (
+        IMAGE_ID, 28 * 28 * 4, 28 * 28 * 16)
+    exported = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert (exported["min_pixels"], exported["max_pixels"]) == (28 * 28 * 4, 28 * 28 * 16)
+    assert_same_generation(str(tmp_path / "ckpt"), str(tmp_path / "out"), transformers.Qwen2VLForConditionalGeneration)
 
 
 def test_blip2_import_chat_export_generates_the_same(tmp_path):

@@ -23,7 +23,7 @@ from vlm_jax.checkpoints.directory import load_params, read_meta
 from vlm_jax.checkpoints.workdir import is_workdir, open_workdir
 from vlm_jax.config import load_config, set_key, upgrade_model_config
 from vlm_jax.data.conversation import GPT, HUMAN, IMAGE_MARKER, VICUNA_V1_SYSTEM
-from vlm_jax.data.image_processor import recorded_folder
+from vlm_jax.data.image_processor import navit_pixel_bounds, recorded_folder
 from vlm_jax.data.pipeline import PromptBuilder
 from vlm_jax.data.records import make_encoder
 from vlm_jax.data.tokenizer import recorded_tokenizer, run_tokenizer
@@ -57,8 +57,13 @@ def _import_config(source: str) -> ml_collections.ConfigDict:
     config = base.get_config()
     config.model = upgrade_model_config(meta["model"])
     config.data.update(FAMILY_DATA[family])
+    if meta.get("image_token_index") is not None:  # the source's placeholder (Qwen2-VL's <|image_pad|>)
+        config.data.image_token_id = meta["image_token_index"]
+    folder = recorded_folder(source)
     if config.model.vision.stem != "navit":
         config.data.tile_size = config.model.vision.image_size
+    elif folder and navit_pixel_bounds(folder):
+        config.data.min_pixels, config.data.max_pixels = navit_pixel_bounds(folder)
     return config
 
 

@@ -257,6 +257,19 @@ def processor_file(folder: str) -> str | None:
     return plain if os.path.isfile(plain) else None
 
 
+def navit_pixel_bounds(folder: str) -> tuple[int, int] | None:
+    """(min_pixels, max_pixels) of a folder's Qwen2-VL image processor (its min_pixels / max_pixels keys, or the
+    size shortest_edge / longest_edge transformers 5 writes), None where it says neither."""
+    file = processor_file(folder)
+    if file is None:
+        return None
+    config = _read_json(file)
+    config = config["image_processor"] if os.path.basename(file) == PROCESSOR_FILE else config
+    size = config.get("size") or {}
+    low, high = config.get("min_pixels", size.get("shortest_edge")), config.get("max_pixels", size.get("longest_edge"))
+    return (int(low), int(high)) if low and high else None
+
+
 def _read_json(file: str) -> dict:
     try:
         with open(file) as f:
