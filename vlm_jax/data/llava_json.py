@@ -1,16 +1,20 @@
-"""Source over LLaVA-style conversation JSON (LLaVA-Pretrain, llava_v1_5_mix665k, ShareGPT4V).
+"""Source over LLaVA-style conversation JSON or JSONL (LLaVA-Pretrain, llava_v1_5_mix665k, ShareGPT4V,
+LLaVA-OneVision).
 
-The file is a JSON list of {"id", "image" (optional, relative path), "conversations":
-[{"from": "human"|"gpt", "value": str}, ...]}. `path` is the .json file, or a folder holding
-`data.json`. Image paths resolve against `image_folder` when given, else the json file's folder.
-Records without "image" are text-only. Structure (and UTF-8) is checked up front; images load lazily (`header`
-reads only their sizes).
+A .json file is a JSON list of {"id", "image" (optional: a relative path, or a list of them), "conversations":
+[{"from": "human"|"gpt", "value": str}, ...]}; a .jsonl file holds one such object a line (blank lines skipped).
+`path` is the file, or a folder holding `data.json`. Image paths resolve against `image_folder` when given, else
+the file's folder. Records without "image" (or with an empty list) are text-only. Paths go through
+`etils.epath`, so gs://... works where its filesystem library is installed. Structure (and UTF-8) is checked up
+front; images load lazily (`header` reads only their sizes).
 """
 
 import json
 import os
 
-from vlm_jax.data.conversation import GPT, HUMAN, IMAGE_MARKER
+from etils import epath
+
+from vlm_jax.data.conversation import GPT, HUMAN, IMAGE_MARKER, place_markers
 from vlm_jax.data.images import DEFAULT_MAX_PIXELS, image_size, load_image
 from vlm_jax.errors import BadRecordError, InputError
 
@@ -18,21 +22,19 @@ DEFAULT_FILE = "data.json"
 
 
 def resolve_json(path: str) -> str:
+    """The conversation file of data.path: the .json / .jsonl file itself, or a folder's data.json."""
     if not path:
-        raise InputError("data.path is empty; the llava_json source needs a .json file or a folder with "
+        raise InputError("data.path is empty; the llava_json source needs a .json or .jsonl file or a folder with "
                          f"{DEFAULT_FILE}")
-    json_file = os.path.join(path, DEFAULT_FILE) if os.path.isdir(path) else path
-    if not os.path.isfile(json_file):
+    json_file = str(epath.Path(path) / DEFAULT_FILE) if epath.Path(path).is_dir() else path
+    if not epath.Path(json_file).is_file():
         raise InputError(f"data.path: conversation json not found: {json_file}")
     return json_file
 
 
-def _image_first(text: str) -> str:
-    # LLaVA's preprocess_multimodal moves the image marker to the front of its turn; do the same so
-    # prompts match what released checkpoints were trained on.
-    if IMAGE_MARKER not in text:
-        return text
-    return (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
+def _folder(file: str) -> str:
+    """The folder of `file`, absolute when local."""
+    return str(epath.Path(file).parent) if "://" in file else os.path.dirname(os.path.abspath(file))
 
 
 def printable(text: str) -> str:
@@ -64,29 +66,31 @@ def _not_utf8(value, path: str) -> str | None:
     return next((found for where, v in parts if (found := _not_utf8(v, where))), None)
 
 
-class LlavaJsonSource:
-    """Random-access source; records are dict(id, image (PIL or None), conversations, qtype).
+def _is_jsonl(file: str) -> bool:
+    return file.endswith(".jsonl")
 
-    A record that cannot be used (its structure, text that is not UTF-8, its image missing, corrupt or over
-    `max_pixels` pixels) raises BadRecordError naming the json file, the example's index and id and the reason: at
-    load when the structure is wrong, unless `keep_bad`, which keeps it in the record list (so indices and the
-    shuffle stay those of the file) and raises when it is read."""
+
+class LlavaJsonSource:
+    """Random-access source; records are dict(id, images (a list of RGB PIL images, [] for text-only),
+    conversations, qtype).
+
+    A record that cannot be used (its structure, text that is not UTF-8, its `<image>` markers not one per image
+    when it has several, an image missing, corrupt or over `max_pixels` pixels) raises BadRecordError naming the
+    file, the example's index (a .jsonl's line) and id and the reason: at load when the structure is wrong, unless
+    `keep_bad`, which keeps it in the record list (so indices and the shuffle stay those of the file) and raises
+    when it is read. Pickles with its parsed records (no open files)."""
 
     def __init__(self, path: str, image_folder: str = "", max_pixels: int = DEFAULT_MAX_PIXELS,
                  keep_bad: bool = False):
         self.json_file = resolve_json(path)
-        self.image_folder = image_folder or os.path.dirname(os.path.abspath(self.json_file))
+        self.image_folder = image_folder or _folder(self.json_file)
         self.max_pixels = max_pixels
-        with open(self.json_file, "rb") as f:
-            # A byte that is not UTF-8 becomes a lone surrogate here (surrogateescape), found by _not_utf8 in its
-            # own record, which alone is bad.
-            text = f.read().decode("utf-8", "surrogateescape")
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{self.json_file}: not valid JSON: {e}") from None
-        if not isinstance(items, list):
-            raise InputError(f"{self.json_file}: expected a JSON list of examples, got {type(items).__name__}")
+        # A byte that is not UTF-8 becomes a lone surrogate here (surrogateescape), found by _not_utf8 in its own
+        # record, which alone is bad.
+        text = epath.Path(self.json_file).read_bytes().decode("utf-8", "surrogateescape")
+        # Where each record is in the file, as errors name it: its index in a .json list, its line in a .jsonl.
+        self.places: list[str] = []
+        items = self._jsonl(text) if _is_jsonl(self.json_file) else self._json(text)
         self.records: list[dict | BadRecordError] = []
         for i, item in enumerate(items):
             try:
@@ -96,8 +100,30 @@ class LlavaJsonSource:
                     raise
                 self.records.append(e)
 
+    def _json(self, text: str) -> list:
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{self.json_file}: not valid JSON: {e}") from None
+        if not isinstance(items, list):
+            raise InputError(f"{self.json_file}: expected a JSON list of examples, got {type(items).__name__}")
+        self.places = [f"example {i}" for i in range(len(items))]
+        return items
+
+    def _jsonl(self, text: str) -> list:
+        items = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{self.json_file}: line {number}: not valid JSON: {e}") from None
+            self.places.append(f"line {number}")
+        return items
+
     def _label(self, index: int, item) -> str:
-        where = f"{self.json_file}: example {index}"
+        where = f"{self.json_file}: {self.places[index]}"
         return f"{where} (id {printable(str(item.get('id', index)))})" if isinstance(item, dict) else where
 
     def _parse(self, index: int, item) -> dict:
@@ -121,31 +147,40 @@ class LlavaJsonSource:
             if not isinstance(value, str):
                 raise BadRecordError(f"conversations[{j}] 'value' is {type(value).__name__}, not str", where)
             turns.append((role, value))
-        image = item.get("image")
-        if image is not None and not isinstance(image, str):
-            raise BadRecordError(f"'image' must be a relative path string, got {image!r}", where)
-        if image is not None:
-            turns = [(role, _image_first(text)) for role, text in turns]
-        return dict(id=ex_id, image=image, conversations=turns, qtype=str(item.get("qtype", "")))
+        images = item.get("image", [])
+        if isinstance(images, str):
+            images = [images]
+        if not isinstance(images, list) or not all(isinstance(im, str) and im for im in images):
+            raise BadRecordError(f"'image' must be a relative path string or a list of them, got {images!r}",
+                                 where)
+        if len(images) > 1:
+            markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
+            if markers != len(images):
+                raise BadRecordError(f"{markers} {IMAGE_MARKER} markers for {len(images)} images (a record of "
+                                     "several images needs one marker per image, in image order)", where)
+        return dict(id=ex_id, images=tuple(images), conversations=place_markers(turns, len(images)),
+                    qtype=str(item.get("qtype", "")))
 
     def __len__(self) -> int:
         return len(self.records)
 
     def where(self, index: int) -> str:
-        """Record `index` as errors name it: the json file, the example's index and its id."""
+        """Record `index` as errors name it: the file, the example's index (a .jsonl's line) and its id."""
         rec = self.records[index]
         return rec.where if isinstance(rec, BadRecordError) else self._label(index, rec)
 
+    def image_paths(self, index: int) -> list[str]:
+        """Where record `index`'s images are: the image folder joined with each relative path."""
+        return [str(epath.Path(self.image_folder) / name) for name in self._record(index)["images"]]
+
     def __getitem__(self, index: int) -> dict:
-        rec = self._record(index)
-        return dict(rec, image=None if rec["image"] is None else self._read(index, load_image))
+        return dict(self._record(index), images=self._read(index, load_image))
 
     def header(self, index: int) -> dict:
-        """Record `index` with `image` its (width, height) read from the file's header, no pixels decoded (None
+        """Record `index` with `images` their (width, height) read from the files' headers, no pixels decoded ([]
         for text-only): what data/epochs.py counts an epoch's rows from. It raises what __getitem__ would, short
         of what only decoding the pixels finds (a truncated or corrupt image body)."""
-        rec = self._record(index)
-        return dict(rec, image=None if rec["image"] is None else self._read(index, image_size))
+        return dict(self._record(index), images=self._read(index, image_size))
 
     def _record(self, index: int) -> dict:
         rec = self.records[index]
@@ -153,11 +188,10 @@ class LlavaJsonSource:
             raise rec
         return rec
 
-    def _read(self, index: int, read):
-        """read(path of record `index`'s image, the pixel limit), naming the json, the example and its id in any
-        error."""
-        path = os.path.join(self.image_folder, self.records[index]["image"])
+    def _read(self, index: int, read) -> list:
+        """read(path, the pixel limit) of each of record `index`'s images, naming the file, the example and its id
+        in any error."""
         try:
-            return read(path, self.max_pixels)
+            return [read(path, self.max_pixels) for path in self.image_paths(index)]
         except (FileNotFoundError, ValueError) as e:
             raise BadRecordError(str(e), self.where(index)) from e
