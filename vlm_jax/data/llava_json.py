@@ -92,6 +92,8 @@ class LlavaJsonSource:
         self.places: list[str] = []
         items = self._jsonl(text) if _is_jsonl(self.json_file) else self._json(text)
         self.records: list[dict | BadRecordError] = []
+        # Each record's id as the file gives it (None where the item is not an object), bad records' too.
+        self.ids = [str(item.get("id", i)) if isinstance(item, dict) else None for i, item in enumerate(items)]
         for i, item in enumerate(items):
             try:
                 self.records.append(self._parse(i, item))
@@ -171,18 +173,20 @@ class LlavaJsonSource:
 
     def image_paths(self, index: int) -> list[str]:
         """Where record `index`'s images are: the image folder joined with each relative path."""
-        return [str(epath.Path(self.image_folder) / name) for name in self._record(index)["images"]]
+        return [str(epath.Path(self.image_folder) / name) for name in self.parsed(index)["images"]]
 
     def __getitem__(self, index: int) -> dict:
-        return dict(self._record(index), images=self._read(index, load_image))
+        return dict(self.parsed(index), images=self._read(index, load_image))
 
     def header(self, index: int) -> dict:
         """Record `index` with `images` their (width, height) read from the files' headers, no pixels decoded ([]
         for text-only): what data/epochs.py counts an epoch's rows from. It raises what __getitem__ would, short
         of what only decoding the pixels finds (a truncated or corrupt image body)."""
-        return dict(self._record(index), images=self._read(index, image_size))
+        return dict(self.parsed(index), images=self._read(index, image_size))
 
-    def _record(self, index: int) -> dict:
+    def parsed(self, index: int) -> dict:
+        """Record `index` as parsed, `images` its images' relative paths, nothing read; a bad one raises its
+        BadRecordError."""
         rec = self.records[index]
         if isinstance(rec, BadRecordError):
             raise rec
