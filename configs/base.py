@@ -127,8 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
     r.targets = r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"  # regex of module paths
 
     d = c.data = ml_collections.ConfigDict()
-    # synthetic (built-in shapes data, vlm_jax/data/synthetic.py) | llava_json | array_record (vlm-prepare-data's shards)
-    d.source = "synthetic"
+    d.source = "synthetic"  # synthetic (built-in shapes data, data/synthetic.py) | llava_json | array_record
     d.path = ""  # llava_json: the training .json / .jsonl file or a folder holding data.json; array_record: the folder
     d.eval_path = ""  # the evaluation data, as data.path
     d.image_folder = ""  # llava_json: images resolve here; empty = the json's folder

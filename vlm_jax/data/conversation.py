@@ -4,11 +4,12 @@ A conversation is a list of (role, text) turns, role "human" or "gpt", starting 
 alternating. An `<image>` marker in a human turn becomes a run of placeholder ids whose length the
 caller gives per image. Three constructions, chosen by the template (docs/contracts.md, "Tokens"):
 
-- LLaVA (`plain`, `vicuna_v1`): LLaVA's train.py. The human turn holding the image is rewritten to
-  "<image>\\n" + its stripped text (preprocess_multimodal); the prompt string (conv.get_prompt()) is split
-  on "<image>" and each chunk tokenised whole, bos once (tokenizer_image_token); the loss mask comes from
-  the lengths of separately tokenised rounds and instructions (preprocess_v1, preprocess_plain) with their
-  quirks. Each image's single placeholder id of LLaVA is expanded into its run.
+- LLaVA (`plain`, `vicuna_v1`): LLaVA's train.py. A turn holding an image's marker is rewritten to
+  "<image>\\n" + its stripped text (preprocess_multimodal; with several images LLaVA-NeXT's rule, `place_markers`);
+  the prompt string (conv.get_prompt()) is split on "<image>" and each chunk tokenised whole, bos once
+  (tokenizer_image_token); the loss mask comes from the lengths of separately tokenised rounds and instructions
+  (preprocess_v1, preprocess_plain) with their quirks. Each image's single placeholder id of LLaVA is expanded into
+  its run.
 - Whole text (ChatML: `chatml`, `qwen2_vl`, `qwen_vl`): the text between placeholder runs is tokenised
   as one string, as `apply_chat_template` renders and tokenises it; a token carries loss when it overlaps
   an answer or its end piece (character offsets), for `qwen_vl` also every turn's "<|im_start|>" and

@@ -40,8 +40,9 @@ SKIPPED = ("bad_records", "too_long_records")
 
 
 def make_source(config, split: str, keep_bad: bool = False):
-    """The configured record source (data.source) for split 'train' or 'eval'; `keep_bad` keeps records whose
-    structure is wrong (they raise when read) instead of refusing the file at load."""
+    """The configured record source (data.source) for split 'train' or 'eval'; `keep_bad` keeps llava_json records
+    whose structure is wrong (they raise when read) instead of refusing the file at load (array_record shards hold
+    no such records: vlm-prepare-data left them out)."""
     d = config.data
     if d.source == "synthetic":
         size = d.num_train if split == "train" else d.num_eval
