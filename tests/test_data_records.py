@@ -174,3 +174,13 @@ def test_eval_examples_keep_the_first_image_and_all_of_them(tmp_path):
     assert evals[0]["image"] is evals[0]["raw_images"][0] and evals[3]["image"] is None
     assert evals[0]["image"].size == (64, 40) and len(evals[0]["tiles"]) == 8
     assert evals[1]["question"] == "And" and evals[1]["answer"] == "red"
+
+
+@pytest.mark.parametrize("make_config, budget, cost", [
+    (tiny_config, "data.max_tiles_per_row=7", "8 tiles exceed data.max_tiles_per_row 7"),
+    (navit_config, "data.max_images_per_row=1", "2 images exceed data.max_images_per_row 1"),
+], ids=["tiles", "patches"])
+def test_a_record_whose_images_overflow_a_row_is_named(tmp_path, make_config, budget, cost):
+    config = config_for(make_config, write_multi(tmp_path, MULTI[:1] + MULTI[3:4]), budget)
+    with pytest.raises(InputError, match=rf"two-1.*{cost}"):
+        first_batch(config, TOK)

@@ -99,7 +99,7 @@ def _write_shard(source: LlavaJsonSource, indices: range, final: epath.Path, mea
                 except BadRecordError as e:
                     if not skip_bad:
                         raise InputError(f"{e} (--skip_bad leaves bad records out)") from None
-                    stats["bad"].append(dict(file=source.json_file, index=i, id=source.ids[i], reason=e.reason))
+                    stats["bad"].append(dict(file=source.json_file, index=i, id=source.record_id(i), reason=e.reason))
                 else:
                     writer.write(entry)
                     stats["records"] += 1

@@ -88,12 +88,11 @@ class LlavaJsonSource:
         # A byte that is not UTF-8 becomes a lone surrogate here (surrogateescape), found by _not_utf8 in its own
         # record, which alone is bad.
         text = epath.Path(self.json_file).read_bytes().decode("utf-8", "surrogateescape")
-        # Where each record is in the file, as errors name it: its index in a .json list, its line in a .jsonl.
-        self.places: list[str] = []
+        # A .jsonl's records are named by their line (blank lines skipped), a .json list's by their index.
+        self.lines: list[int] | None = None
         items = self._jsonl(text) if _is_jsonl(self.json_file) else self._json(text)
         self.records: list[dict | BadRecordError] = []
-        # Each record's id as the file gives it (None where the item is not an object), bad records' too.
-        self.ids = [str(item.get("id", i)) if isinstance(item, dict) else None for i, item in enumerate(items)]
+        self._bad_ids: dict[int, str | None] = {}  # a bad record's id as the file gives it (None: not an object)
         for i, item in enumerate(items):
             try:
                 self.records.append(self._parse(i, item))
@@ -101,6 +100,7 @@ class LlavaJsonSource:
                 if not keep_bad:
                     raise
                 self.records.append(e)
+                self._bad_ids[i] = str(item.get("id", i)) if isinstance(item, dict) else None
 
     def _json(self, text: str) -> list:
         try:
@@ -109,23 +109,23 @@ class LlavaJsonSource:
             raise InputError(f"{self.json_file}: not valid JSON: {e}") from None
         if not isinstance(items, list):
             raise InputError(f"{self.json_file}: expected a JSON list of examples, got {type(items).__name__}")
-        self.places = [f"example {i}" for i in range(len(items))]
         return items
 
     def _jsonl(self, text: str) -> list:
-        items = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        items, self.lines = [], []
+        # Lines end at "\n" alone: str.splitlines would also cut at U+2028 and the like, which JSON strings may hold.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise InputError(f"{self.json_file}: line {number}: not valid JSON: {e}") from None
-            self.places.append(f"line {number}")
+            self.lines.append(number)
         return items
 
     def _label(self, index: int, item) -> str:
-        where = f"{self.json_file}: {self.places[index]}"
+        where = f"{self.json_file}: " + (f"example {index}" if self.lines is None else f"line {self.lines[index]}")
         return f"{where} (id {printable(str(item.get('id', index)))})" if isinstance(item, dict) else where
 
     def _parse(self, index: int, item) -> dict:
@@ -170,6 +170,11 @@ class LlavaJsonSource:
         """Record `index` as errors name it: the file, the example's index (a .jsonl's line) and its id."""
         rec = self.records[index]
         return rec.where if isinstance(rec, BadRecordError) else self._label(index, rec)
+
+    def record_id(self, index: int) -> str | None:
+        """Record `index`'s id, a bad record's too (None where it is not an object)."""
+        rec = self.records[index]
+        return self._bad_ids[index] if isinstance(rec, BadRecordError) else rec["id"]
 
     def image_paths(self, index: int) -> list[str]:
         """Where record `index`'s images are: the image folder joined with each relative path."""
