@@ -8,8 +8,9 @@ import pickle
 import numpy as np
 import pytest
 
-from vlm_jax.cli import prepare_data
+from vlm_jax.cli import check_data, prepare_data
 from vlm_jax.data.array_records import ArrayRecordSource, decode_record
+from vlm_jax.data.epochs import count_epochs
 from vlm_jax.data.image_kinds import data_kind
 from vlm_jax.data.llava_json import LlavaJsonSource
 from vlm_jax import parallel
@@ -125,6 +126,25 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     calls.clear()
     prepare_data.prepare(c, TOK, src, str(out), shards=3, skip_bad=True, progress=False)
     assert calls == [0, 1, 2, 3, 4]
+
+
+def test_shards_count_epochs_and_check_as_their_json(tmp_path, capsys):
+    """data/epochs.py counts the same rows from the shards' headers as from the json's, and vlm-check-data reads
+    the shards as it reads the json."""
+    src = write_multi(tmp_path, MULTI * 4)
+    extra = ["data.epochs=1", "total_steps=0", "batch_size=2"]
+    from_json = config(f"data.path={src}", "data.source=llava_json", *extra)
+    prepare_data.prepare(from_json, TOK, str(src), str(tmp_path / "shards"), shards=3, progress=False)
+    from_shards = config(f"data.path={tmp_path / 'shards'}", "data.source=array_record", *extra)
+    assert count_epochs(from_shards, TOK, [0]) == count_epochs(from_json, TOK, [0])
+    summaries = []
+    for source, path in (("llava_json", src), ("array_record", tmp_path / "shards")):
+        check_data.main(["--config", "configs/demo.py", f"--config.data.source={source}", f"--config.data.path={path}",
+                         f"--config.data.eval_path={path}", "--config.data.max_tiles_per_row=12",
+                         "--config.data.seq_len=320"])
+        summaries.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert summaries[0]["train"] == summaries[1]["train"] == dict(records=20, bad=0, too_long=0, without_image=8)
+    assert summaries[0]["eval"] == summaries[1]["eval"]
 
 
 def train(setup, step, config, steps: int = 2) -> tuple[list[dict], list[float]]:
