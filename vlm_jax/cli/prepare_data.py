@@ -17,6 +17,7 @@ filesystem library is installed.
 """
 
 import argparse
+import collections
 import contextlib
 import hashlib
 import json
@@ -115,12 +116,11 @@ def _write_shard(source: LlavaJsonSource, indices: range, final: epath.Path, mea
 def token_histogram(lengths: list[int], seq_len: int) -> dict:
     """The examples' token lengths: their most, how many are over `seq_len`, and how many fall in each bin (up to
     64, 128, 256, ... tokens: [up_to, count] pairs, each bin over the previous one's up_to)."""
-    bins, up_to = [], 64
-    while True:
-        bins.append([up_to, sum(up_to // 2 < n <= up_to if bins else n <= up_to for n in lengths)])
-        if up_to >= max(lengths, default=0):
-            break
-        up_to *= 2
+    tops = [64]
+    while tops[-1] < max(lengths, default=0):
+        tops.append(2 * tops[-1])
+    counts = collections.Counter(next(top for top in tops if n <= top) for n in lengths)
+    bins = [[top, counts[top]] for top in tops]
     return dict(seq_len=seq_len, max=max(lengths, default=0), over_seq_len=sum(n > seq_len for n in lengths),
                 histogram=bins)
 
