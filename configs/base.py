@@ -127,9 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
     r.targets = r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"  # regex of module paths
 
     d = c.data = ml_collections.ConfigDict()
-    d.source = "synthetic"  # synthetic (built-in shapes data, vlm_jax/data/synthetic.py) | llava_json
-    d.path = ""  # llava_json: the training .json file, or a folder holding data.json
-    d.eval_path = ""  # llava_json: the evaluation .json file, or a folder holding data.json
+    d.source = "synthetic"  # synthetic (built-in shapes data, data/synthetic.py) | llava_json | array_record
+    d.path = ""  # llava_json: the training .json / .jsonl file or a folder holding data.json; array_record: the folder
+    d.eval_path = ""  # the evaluation data, as data.path
     d.image_folder = ""  # llava_json: images resolve here; empty = the json's folder
     d.tokenizer = ""  # a Hugging Face tokenizer directory; empty: the one recorded with init_params, else the demo one
     d.image_token_id = -1  # image placeholder id when the vocabulary lacks <image> (LLaVA: -200); -1: it must have it

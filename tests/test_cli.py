@@ -33,7 +33,8 @@ def help_text(main, argv: list[str], capsys) -> str:
 
 def test_every_command_is_installed_and_launchable_with_the_shared_flags(capsys, monkeypatch):
     scripts = commands()
-    assert set(scripts) >= {"vlm-train", "vlm-eval", "vlm-convert", "vlm-plan", "vlm-soup", "vlm-check-data"}
+    assert set(scripts) >= {"vlm-train", "vlm-eval", "vlm-convert", "vlm-plan", "vlm-soup", "vlm-check-data",
+                            "vlm-prepare-data"}
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
         main = getattr(import_module(module), attr)
@@ -42,8 +43,9 @@ def test_every_command_is_installed_and_launchable_with_the_shared_flags(capsys,
         monkeypatch.setattr(sys, "argv", [f"launch/{command}.py"])  # the program name the usage line shows
         text = help_text(main, sub, capsys)
         assert "--config" in text, name
-        # plan compiles for devices it chooses itself: no jax.distributed before it has; check_data uses none.
-        assert ("--coordinator_address" in text) == (command not in ("plan", "check_data")), name
+        # plan compiles for devices it chooses itself: no jax.distributed before it has; check_data and
+        # prepare_data use none.
+        assert ("--coordinator_address" in text) == (command not in ("plan", "check_data", "prepare_data")), name
         # python launch/COMMAND.py runs the same main.
         monkeypatch.setattr(sys, "argv", [f"launch/{command}.py", *sub, "--help"])
         with pytest.raises(SystemExit) as done:

@@ -27,11 +27,12 @@ def test_reads_records(tmp_path):
     src = LlavaJsonSource(str(tmp_path))  # folder -> folder/data.json
     assert len(src) == 3
     r0, r1, r2 = src[0], src[1], src[2]
-    assert r0["id"] == "cap-1" and r0["image"].size == (64, 40) and r0["image"].mode == "RGB"
+    (image,) = r0["images"]
+    assert r0["id"] == "cap-1" and image.size == (64, 40) and image.mode == "RGB"
     assert r0["conversations"] == [("human", "<image>\nGive a brief description of the image."),
                                    ("gpt", "a red square")]
     assert len(r1["conversations"]) == 4
-    assert r2["image"] is None and r2["conversations"][0] == ("human", "Say hi.")
+    assert r2["images"] == [] and r2["conversations"][0] == ("human", "Say hi.")
 
 
 def test_image_folder_and_json_path(tmp_path):
@@ -40,7 +41,7 @@ def test_image_folder_and_json_path(tmp_path):
     other.mkdir()
     (other / "train.json").write_text(json_file.read_text())
     src = LlavaJsonSource(str(other / "train.json"), image_folder=str(tmp_path))
-    assert src[1]["image"].size == (90, 90)
+    assert [im.size for im in src[1]["images"]] == [(90, 90)]
 
 
 def test_pipeline_on_llava_json(tmp_path):
@@ -110,4 +111,4 @@ def test_marker_count_mismatch_names_example(tmp_path):
     c = config(tmp_path)
     with pytest.raises(BadRecordError, match=r"data.json: example 0 \(id nomark\): 0 <image> markers but 1 images"):
         first_batch(c)
-    np.testing.assert_array_equal(np.asarray(LlavaJsonSource(str(tmp_path))[0]["image"])[0, 0], [200, 30, 30])
+    np.testing.assert_array_equal(np.asarray(LlavaJsonSource(str(tmp_path))[0]["images"][0])[0, 0], [200, 30, 30])

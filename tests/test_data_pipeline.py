@@ -187,7 +187,8 @@ def test_eval_examples():
         assert ex["tiles"].shape == (k, 32, 32, 3) and k >= 1
         assert ex["image_positions"].shape == (k * 16,)
         assert np.flatnonzero(ex["tokens"] == IMAGE_ID).tolist() == ex["image_positions"].tolist()
-        np.testing.assert_array_equal(np.asarray(ex["image"]), np.asarray(rec["image"]))
+        assert len(ex["raw_images"]) == len(rec["images"]) == 1 and ex["image"] is ex["raw_images"][0]
+        np.testing.assert_array_equal(np.asarray(ex["image"]), np.asarray(rec["images"][0]))
     with pytest.raises(ValueError, match="eval source has 20"):
         make_eval_examples(c, TOK, 21)
 

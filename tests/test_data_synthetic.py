@@ -16,9 +16,9 @@ def test_deterministic_by_seed_split_index():
         ra, rb = a[i], b[i]
         assert ra["id"] == rb["id"] == f"synthetic-train-{i}"
         assert ra["conversations"] == rb["conversations"] and ra["qtype"] == rb["qtype"]
-        np.testing.assert_array_equal(np.asarray(ra["image"]), np.asarray(rb["image"]))
+        np.testing.assert_array_equal(np.asarray(ra["images"][0]), np.asarray(rb["images"][0]))
     # Order of access does not matter (random access for shuffling).
-    np.testing.assert_array_equal(np.asarray(source()[5]["image"]), np.asarray(a[5]["image"]))
+    np.testing.assert_array_equal(np.asarray(source()[5]["images"][0]), np.asarray(a[5]["images"][0]))
     assert source(seed=1).scene(0) != a.scene(0)
     with pytest.raises(IndexError, match="10000"):
         a[10_000]
@@ -37,7 +37,7 @@ def test_record_shape_and_variety():
     sizes, qtypes, counts = set(), set(), set()
     for i in range(N):
         r = src[i]
-        img = r["image"]
+        img = r["images"][0]
         assert img.mode == "RGB" and 48 <= img.width <= 160 and 48 <= img.height <= 160
         assert max(img.size) / min(img.size) <= 2.0 + 1e-6
         turns = r["conversations"]
@@ -55,7 +55,7 @@ def test_answers_match_the_pixels():
     palette = np.array(list(COLORS.values()), np.float32)
     for i in range(N):
         s, r = src.scene(i), src[i]
-        img = np.asarray(r["image"]).astype(np.float32)
+        img = np.asarray(r["images"][0]).astype(np.float32)
         qw, qh = s.width / 2, s.height / 2
         for shape in s.shapes:
             # Every shape lies entirely inside the quadrant it is reported in.

@@ -83,6 +83,17 @@ def preprocess_multimodal(turns):
     return out
 
 
+def preprocess_multimodal_next(turns):
+    """LLaVA-NeXT's train.preprocess_multimodal (multi-image records): only a value holding exactly one "<image>",
+    not at its start, becomes "<image>\\n" + the rest, stripped; values of several markers stay interleaved."""
+    out = []
+    for role, value in turns:
+        if value.count("<image>") == 1 and not value.startswith("<image>"):
+            value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+        out.append((role, value))
+    return out
+
+
 def vicuna_prompt(turns, system: str, generation: bool = False) -> str:
     """conv_vicuna_v1.get_prompt() (SeparatorStyle.TWO, sep " ", sep2 "</s>"); generation appends the
     assistant role with no message, as LLaVA's evaluation scripts do."""
@@ -188,6 +199,35 @@ def test_vicuna_v1_prompt_equals_llava_evaluation(llama_tok, name):
                                           llama_tok), [0] * 10_000, 32000)
     enc, answer = llava_encoder(llama_tok, "vicuna_v1", VICUNA_SYSTEM).encode_prompt(turns, [RUN], name)
     assert enc.tokens.tolist() == ids.tolist() and answer == turns[-1][1]
+
+
+MULTI_IMAGE = {
+    "interleaved": [("human", "Compare <image> with <image>: same color?"), ("gpt", "No, red and blue."),
+                    ("human", "Which is larger?"), ("gpt", "The first.")],
+    "one_per_turn": [("human", "What is this? <image>"), ("gpt", "A star."), ("human", "And this <image> one?"),
+                     ("gpt", "A disc.")],
+    "leading": [("human", "<image><image>\nDescribe both."), ("gpt", "Two shapes.")],
+    "at_start_no_newline": [("human", "<image>What is it?"), ("gpt", "A star."), ("human", "Then <image>"),
+                            ("gpt", "A disc 😀")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MULTI_IMAGE))
+def test_vicuna_v1_multi_image_equals_llava_next_preprocess(llama_tok, name):
+    """Records of several images: markers placed as LLaVA-NeXT's preprocess_multimodal places them, then
+    preprocess_v1's ids and mask (the non-legacy length adjustment included)."""
+    turns = MULTI_IMAGE[name]
+    want_ids, want_target = preprocess_v1(preprocess_multimodal_next(turns), llama_tok, VICUNA_SYSTEM)
+    assert any(t != IGNORE_INDEX for t in want_target)
+    ids, loss = expand(want_ids, want_target, 32000)
+    enc = llava_encoder(llama_tok, "vicuna_v1", VICUNA_SYSTEM).encode(turns, [RUN, RUN], name)
+    assert enc.tokens.tolist() == ids.tolist()
+    assert enc.loss.tolist() == loss.tolist()
+    assert enc.image_starts == tuple(np.flatnonzero(ids == 32000)[::RUN].tolist())
+    prompt, _ = llava_encoder(llama_tok, "vicuna_v1", VICUNA_SYSTEM).encode_prompt(turns, [RUN, RUN], name)
+    want_prompt, _ = expand(tokenizer_image_token(
+        vicuna_prompt(preprocess_multimodal_next(turns), VICUNA_SYSTEM, True), llama_tok), [0] * 10_000, 32000)
+    assert prompt.tokens.tolist() == want_prompt.tolist()
 
 
 def test_llava_trains_on_the_space_token_of_an_answer_starting_with_a_space(llama_tok):
@@ -324,6 +364,26 @@ def test_qwen2_vl_image_equals_the_template_image_expanded(qwen_tok):
     at = ids.index(pad)
     assert enc.tokens.tolist() == ids[:at] + [pad] * RUN + ids[at + 1:]
     assert enc.image_starts == (at,)
+
+
+def test_qwen2_vl_images_interleaved_equal_the_template_images_expanded(qwen_tok):
+    """Two images between text in one turn, and a third in a later turn: each one's pad expanded in place."""
+    turns = [("human", "Compare <image> with <image>."), ("gpt", "Both red."), ("human", "<image>And this?"),
+             ("gpt", "Blue.")]
+    runs = [RUN, RUN + 2, 3]
+    enc = chatml_encoder(qwen_tok, "qwen2_vl", "You are a helpful assistant.").encode(turns, runs, "i")
+    image, text = dict(type="image"), lambda t: dict(type="text", text=t)
+    msgs = [dict(role="user", content=[text("Compare "), image, text(" with "), image, text(".")]),
+            dict(role="assistant", content="Both red."), dict(role="user", content=[image, text("And this?")]),
+            dict(role="assistant", content="Blue.")]
+    ids, pad, want, starts = chat_ids(qwen_tok, msgs), qwen_tok.convert_tokens_to_ids("<|image_pad|>"), [], []
+    for token in ids:
+        if token == pad:
+            starts.append(len(want))
+            want += [pad] * runs[len(starts) - 1]
+        else:
+            want.append(token)
+    assert enc.tokens.tolist() == want and enc.image_starts == tuple(starts) and len(starts) == 3
 
 
 def qwen_vl_finetune(turns, tok, system: str) -> tuple[list[int], list[int]]:

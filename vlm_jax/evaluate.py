@@ -70,7 +70,8 @@ def plot_examples(records: list[dict], out_png: str, n: int = 16) -> str:
     for ax in axes.flat:
         ax.axis("off")
     for ax, r in zip(axes.flat, records):
-        ax.imshow(np.asarray(r["image"]))
+        if r["image"] is not None:  # a text-only example shows its question alone
+            ax.imshow(np.asarray(r["image"]))
         ok = normalize_answer(r["prediction"]) == normalize_answer(r["answer"])
         ax.set_title(f"{r['question']}\nmodel: {r['prediction']}\ntruth: {r['answer']}", fontsize=8,
                      color="darkgreen" if ok else "firebrick")

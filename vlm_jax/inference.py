@@ -141,7 +141,7 @@ class Assistant:
             turns[0] = (HUMAN, f"{IMAGE_MARKER}\n" * len(images) + turns[0][1])
         elif markers != len(images):
             raise InputError(f"prompt {prompt_id}: {markers} {IMAGE_MARKER} markers for {len(images)} images")
-        views = [v for image in images for v in self.builder.to_example.images(dict(image=image))]
+        views = self.builder.to_example.images(dict(images=list(images)))
         return self.builder.build(turns, views, prompt_id)[0]
 
     def stop_ids(self, stop: Sequence[str]) -> np.ndarray:

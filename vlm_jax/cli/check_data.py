@@ -1,9 +1,9 @@
 """Check a run's data before training: vlm-check-data --config FILE[:ARG] [--config.KEY=VALUE ...]
 
-Reads every record of the training source, and of the evaluation source when the config has one (llava_json with
-data.eval_path, or the synthetic source), as the run would: each record parsed, its image fully decoded and
-converted, its conversation tokenised with the run's tokenizer, and the example checked against a row's packing
-budgets (the evaluation prompts against a generation row's). Lists each bad record and each example that can never
+Reads every record of the training source, and of the evaluation source when the config has one (llava_json or
+array_record with data.eval_path, or the synthetic source), as the run would: each record parsed, its images fully
+decoded and converted, its conversation tokenised with the run's tokenizer, and the example checked against a row's
+packing budgets (the evaluation prompts against a generation row's). Lists each bad record and each example that can never
 fit a row (file, index, id, reason) on stdout, then prints one JSON line of counts: records, bad, too long and
 without an image, per source. Exit status 1 when any record is bad (a run with the default data.on_bad_record=raise
 would stop on it), else 0; over-long examples alone (data.skip_too_long) leave it 0. Records are read in
@@ -72,7 +72,7 @@ def _images(ex) -> int:
 
 def has_eval(config: ml_collections.ConfigDict) -> bool:
     """Whether the config has an evaluation source to check."""
-    return config.data.source != "llava_json" or bool(config.data.eval_path)
+    return config.data.source == "synthetic" or bool(config.data.eval_path)
 
 
 def main(argv: list[str] | None = None) -> None:

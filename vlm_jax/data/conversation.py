@@ -4,11 +4,12 @@ A conversation is a list of (role, text) turns, role "human" or "gpt", starting 
 alternating. An `<image>` marker in a human turn becomes a run of placeholder ids whose length the
 caller gives per image. Three constructions, chosen by the template (docs/contracts.md, "Tokens"):
 
-- LLaVA (`plain`, `vicuna_v1`): LLaVA's train.py. The human turn holding the image is rewritten to
-  "<image>\\n" + its stripped text (preprocess_multimodal); the prompt string (conv.get_prompt()) is split
-  on "<image>" and each chunk tokenised whole, bos once (tokenizer_image_token); the loss mask comes from
-  the lengths of separately tokenised rounds and instructions (preprocess_v1, preprocess_plain) with their
-  quirks. Each image's single placeholder id of LLaVA is expanded into its run.
+- LLaVA (`plain`, `vicuna_v1`): LLaVA's train.py. A turn holding an image's marker is rewritten to
+  "<image>\\n" + its stripped text (preprocess_multimodal; with several images LLaVA-NeXT's rule, `place_markers`);
+  the prompt string (conv.get_prompt()) is split on "<image>" and each chunk tokenised whole, bos once
+  (tokenizer_image_token); the loss mask comes from the lengths of separately tokenised rounds and instructions
+  (preprocess_v1, preprocess_plain) with their quirks. Each image's single placeholder id of LLaVA is expanded into
+  its run.
 - Whole text (ChatML: `chatml`, `qwen2_vl`, `qwen_vl`): the text between placeholder runs is tokenised
   as one string, as `apply_chat_template` renders and tokenises it; a token carries loss when it overlaps
   an answer or its end piece (character offsets), for `qwen_vl` also every turn's "<|im_start|>" and
@@ -133,6 +134,22 @@ def _image_first(text: str) -> str:
     return (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
 
 
+def place_markers(turns, n_images: int) -> list[tuple[str, str]]:
+    """`turns` with their `<image>` markers where LLaVA's preprocess_multimodal puts them, so that prompts match
+    what released checkpoints were trained on. With one image (LLaVA-1.5, ShareGPT4V) every turn holding a marker
+    becomes "<image>\n" + its stripped text. With several (LLaVA-NeXT / OneVision's preprocess_multimodal) only a
+    turn holding exactly one marker, not already at its start, is rewritten so; a turn of several markers keeps
+    them where they stand, interleaved with its text."""
+    def placed(text: str) -> str:
+        count = text.count(IMAGE_MARKER)
+        if n_images == 0:  # a text-only record's stray marker is left for the encoder to refuse
+            return text
+        if n_images == 1:
+            return _image_first(text) if count else text
+        return _image_first(text) if count == 1 and not text.startswith(IMAGE_MARKER) else text
+    return [(role, placed(text)) for role, text in turns]
+
+
 class ConversationEncoder:
     """Binds a template to a tokenizer, its special ids and the configured system text."""
 
@@ -240,8 +257,7 @@ class ConversationEncoder:
 
     def _llava(self, turns, image_lengths, answer_last: bool, example_id: str) -> Encoded:
         t = self.template
-        texts = [_image_first(text) if role == HUMAN and text.count(IMAGE_MARKER) == 1 else text
-                 for role, text in turns]
+        texts = [text for _, text in place_markers(turns, len(image_lengths))]
         if not t.keep_question:
             # preprocess_plain: the human turn becomes "<image>"; the mask hides what that alone tokenises to.
             prompt = IMAGE_MARKER + (texts[1] + t.end if answer_last and len(texts) == 2 else "")

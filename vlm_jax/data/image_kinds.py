@@ -16,7 +16,7 @@ from vlm_jax.data.image_processor import PREPROCESSOR_FILE, ImageProcessor, reso
 from vlm_jax.data.images import tile_image, view_count
 from vlm_jax.data.navit import example_mrope_positions, navit_grid, navit_patches, pack_patches
 from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, check_fits, tokens_per_tile
-from vlm_jax.data.records import make_encoder, record_image
+from vlm_jax.data.records import make_encoder, record_images
 from vlm_jax.errors import InputError
 from vlm_jax.files import replace_file
 
@@ -138,10 +138,9 @@ class RecordToExample:
         self.processor = tile_processor(config)
 
     def images(self, record: dict) -> list[np.ndarray]:
-        """The record's images, each as its views [k, S, S, 3]."""
-        image = record_image(record)
-        return [] if image is None else [tile_image(image, self.tile_size, self.max_tiles, self.swap_hw,
-                                                    self.processor)]
+        """The record's images, each as its views [k, S, S, 3] (XVERSE-V tiling per image)."""
+        return [tile_image(image, self.tile_size, self.max_tiles, self.swap_hw, self.processor)
+                for image in record_images(record)]
 
     def run_lengths(self, views: list[np.ndarray]) -> list[int]:
         """Each image's placeholder run: P per view."""
@@ -162,11 +161,11 @@ class RecordToExample:
         return self._example(record, self.images(record))
 
     def footprint(self, header: dict) -> Example:
-        """The Example of a record given by its `header` (a source's: the image as its (width, height)), without
-        pixels: tokens, loss and starts as __call__ gives them, views [k, 0, 0, 3] (data/epochs.py counts on it)."""
-        size = header["image"]
-        views = [] if size is None else [
-            np.zeros((view_count(*size, self.tile_size, self.max_tiles), 0, 0, 3), np.float32)]
+        """The Example of a record given by its `header` (a source's: each image as its (width, height)), without
+        pixels: tokens, loss and starts as __call__ gives them, views [k, 0, 0, 3] per image (data/epochs.py counts
+        on it)."""
+        views = [np.zeros((view_count(*size, self.tile_size, self.max_tiles), 0, 0, 3), np.float32)
+                 for size in header["images"]]
         return self._example(header, views)
 
     def _example(self, record: dict, views: list[np.ndarray]) -> Example:
@@ -225,8 +224,7 @@ class RecordToNavitExample:
 
     def images(self, record: dict) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
         """The record's images, each as (patches, grid) (`navit.navit_patches`)."""
-        image = record_image(record)
-        return [] if image is None else [navit_patches(image, **self.patch_args)]
+        return [navit_patches(image, **self.patch_args) for image in record_images(record)]
 
     def run_lengths(self, images: list) -> list[int]:
         return [math.prod(grid) // self.merge ** 2 for _, grid in images]
@@ -243,11 +241,10 @@ class RecordToNavitExample:
         return self._example(record, self.images(record))
 
     def footprint(self, header: dict) -> NavitExample:
-        """The NavitExample of a record given by its `header` (a source's: the image as its (width, height)),
-        without pixels: tokens, loss, starts and grids as __call__ gives them, patches [t*h*w, 0] (data/epochs.py
-        counts on it)."""
-        size = header["image"]
-        grids = [] if size is None else [navit_grid(*size, **self.grid_args)]
+        """The NavitExample of a record given by its `header` (a source's: each image as its (width, height)),
+        without pixels: tokens, loss, starts and grids as __call__ gives them, patches [t*h*w, 0] per image
+        (data/epochs.py counts on it)."""
+        grids = [navit_grid(*size, **self.grid_args) for size in header["images"]]
         return self._example(header, [(np.zeros((math.prod(grid), 0), np.float32), grid) for grid in grids])
 
     def _example(self, record: dict, images: list) -> NavitExample:

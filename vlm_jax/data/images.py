@@ -1,10 +1,11 @@
 """Image loading, CLIP normalisation and XVERSE-V any-resolution tiling (docs/architectures.md 1.5)."""
 
 import contextlib
+import io
 import math
-import os
 
 import numpy as np
+from etils import epath
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from vlm_jax.data.image_processor import CLIP_MEAN, CLIP_STD, ImageProcessor, apply_lut, make_lut
@@ -30,23 +31,37 @@ _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @contextlib.contextmanager
-def _opened(path: str, max_pixels: int):
-    """The image file opened lazily (header read, pixels not decoded), refused when it has more than `max_pixels`
-    pixels (0: no limit), naming the path in any error. A corrupt file makes PIL's decoders raise nearly anything
-    (OSError, SyntaxError, struct.error, IndexError, ...), so every error while it is open is reported as one."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path}")
+def _opened(src: str | bytes, max_pixels: int, name: str = ""):
+    """The image opened lazily (header read, pixels not decoded), refused when it has more than `max_pixels`
+    pixels (0: no limit). `src` is a file path (local, or any `etils.epath` path: gs://... where its filesystem
+    library is installed), named in any error, or an encoded image's bytes, named by `name` (the image in its
+    record). A corrupt image makes PIL's decoders raise nearly anything (OSError, SyntaxError, struct.error,
+    IndexError, ...), so every error while it is open is reported as one."""
+    if isinstance(src, bytes):
+        what, opener = f"image {name}", contextlib.nullcontext(io.BytesIO(src))
+    else:
+        path = epath.Path(src)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {src}")
+        what, opener = f"image file {src}", path.open("rb")
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if max_pixels and width * height > max_pixels:
-                raise _TooLarge(f"image file {path} is {width}x{height} = {width * height} pixels, more than "
-                                f"data.max_image_pixels={max_pixels} (a decompression bomb, or a limit to raise)")
+        with opener as f, Image.open(f) as img:
+            too_large = pixel_problem(what, *img.size, max_pixels)
+            if too_large:
+                raise _TooLarge(too_large)
             yield img
     except _TooLarge as e:
         raise ValueError(str(e)) from None
     except Exception as e:
-        raise ValueError(f"cannot decode image file {path}: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot decode {what}: {type(e).__name__}: {e}") from e
+
+
+def pixel_problem(what: str, width: int, height: int, max_pixels: int) -> str | None:
+    """Why image `what` of width x height is refused under the pixel limit `max_pixels` (0: none), or None."""
+    if max_pixels and width * height > max_pixels:
+        return (f"{what} is {width}x{height} = {width * height} pixels, more than data.max_image_pixels="
+                f"{max_pixels} (a decompression bomb, or a limit to raise)")
+    return None
 
 
 class _TooLarge(Exception):
@@ -65,21 +80,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Reads an image file and returns it upright (its EXIF orientation applied) as RGB (`to_rgb`), as
-    transformers' load_image does; an image of more than `max_pixels` pixels (0: no limit) is refused from its
-    header, before decoding. Any error names the path."""
-    with _opened(path, max_pixels) as img:
+def load_image(src: str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "") -> Image.Image:
+    """Reads an image file (a path) or an encoded image (its bytes, named `name` in errors) and returns it upright
+    (its EXIF orientation applied) as RGB (`to_rgb`), as transformers' load_image does; an image of more than
+    `max_pixels` pixels (0: no limit) is refused from its header, before decoding. Any error names the path, or
+    `name`."""
+    with _opened(src, max_pixels, name) as img:
         img = ImageOps.exif_transpose(img)
         img.load()  # decode here, inside _opened, so that a truncated or corrupt file is reported as one
     return to_rgb(img)
 
 
-def image_size(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) of an image file from its header alone (no pixels decoded), as `load_image` gives it:
-    upright, so an EXIF orientation that turns the image a quarter (5 to 8) swaps the two. Refused as `load_image`
-    refuses it when it has more than `max_pixels` pixels."""
-    with _opened(path, max_pixels) as img:
+def image_size(src: str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "") -> tuple[int, int]:
+    """(width, height) of an image file (a path) or an encoded image (its bytes, named `name` in errors) from its
+    header alone (no pixels decoded), as `load_image` gives it: upright, so an EXIF orientation that turns the
+    image a quarter (5 to 8) swaps the two. Refused as `load_image` refuses it when it has more than `max_pixels`
+    pixels."""
+    with _opened(src, max_pixels, name) as img:
         width, height = img.size
         turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
         return (height, width) if turned else (width, height)

@@ -23,6 +23,7 @@ import threading
 import grain
 import numpy as np
 
+from vlm_jax.data.array_records import ArrayRecordSource
 from vlm_jax.data.image_kinds import data_kind
 from vlm_jax.data.llava_json import LlavaJsonSource
 from vlm_jax.data import packing
@@ -31,7 +32,7 @@ from vlm_jax.data.synthetic import SyntheticSource
 from vlm_jax.errors import BadRecordError, InputError
 
 log = logging.getLogger(__name__)
-SOURCES = ("synthetic", "llava_json")  # data.source
+SOURCES = ("synthetic", "llava_json", "array_record")  # data.source
 ON_BAD_RECORD = ("raise", "skip")  # data.on_bad_record
 # The stream's counts of left-out records, in metrics.jsonl and the iterator state: records that cannot be used
 # (data.on_bad_record=skip) and examples that can never fit a row (data.skip_too_long).
@@ -39,18 +40,21 @@ SKIPPED = ("bad_records", "too_long_records")
 
 
 def make_source(config, split: str, keep_bad: bool = False):
-    """The configured record source (data.source) for split 'train' or 'eval'; `keep_bad` keeps records whose
-    structure is wrong (they raise when read) instead of refusing the file at load."""
+    """The configured record source (data.source) for split 'train' or 'eval'; `keep_bad` keeps llava_json records
+    whose structure is wrong (they raise when read) instead of refusing the file at load (array_record shards hold
+    no such records: vlm-prepare-data left them out)."""
     d = config.data
     if d.source == "synthetic":
         size = d.num_train if split == "train" else d.num_eval
         # Held-out question types leave only the training data: evaluation still asks every type.
         exclude = tuple(d.exclude_qtypes) if split == "train" else ()
         return SyntheticSource(split, size, config.seed, d.min_image_size, d.max_image_size, exclude)
-    if d.source == "llava_json":
+    if d.source in ("llava_json", "array_record"):
         path = d.path if split == "train" else d.eval_path
         if not path:
-            raise ValueError("data.eval_path must name the evaluation json for data.source='llava_json'")
+            raise ValueError(f"data.eval_path must name the evaluation data for data.source={d.source!r}")
+        if d.source == "array_record":  # its bad records were left out when it was written
+            return ArrayRecordSource(path, d.max_image_pixels)
         return LlavaJsonSource(path, d.image_folder, d.max_image_pixels, keep_bad)
     raise ValueError(f"unknown data.source {d.source!r}; known: {', '.join(map(repr, SOURCES))}")
 
@@ -529,7 +533,8 @@ def make_eval_examples(config, tokenizer, n: int) -> list[dict]:
     index in `tokens` of each visual token (tile-major, or one per merge window, as image_dest wants:
     add the left-pad offset when padding); positions int32 [m] (0, 1, 2, ...), or [m, 3] M-RoPE ids for an
     M-RoPE decoder (`navit.example_mrope_positions`); question (str) the last human turn without the image marker;
-    answer (str) the reference; qtype (str); image (PIL image or None), the raw image. Generation stops at
+    answer (str) the reference; qtype (str); raw_images, the record's images (RGB PIL images, [] for text-only);
+    image, the first of them or None (what evaluate.py's plots show). Generation stops at
     records.make_encoder(config, tokenizer).stop_id.
     """
     source = make_source(config, "eval")
@@ -554,7 +559,9 @@ class PromptExample:
         except BadRecordError as e:
             raise BadRecordError(e.reason, self.source.where(i)) from None
         question = record["conversations"][-2][1].replace("<image>", "").strip()
-        return dict(example, question=question, answer=answer, qtype=record["qtype"], image=record["image"])
+        raw = record["images"]
+        return dict(example, question=question, answer=answer, qtype=record["qtype"], raw_images=raw,
+                    image=raw[0] if raw else None)
 
 
 class PromptBuilder:

@@ -1,5 +1,5 @@
 """What every record converter shares, whatever the image-input kind: the conversation encoder and the
-record's image."""
+record's images."""
 
 import numpy as np
 from PIL import Image
@@ -17,11 +17,6 @@ def make_encoder(config, tokenizer) -> ConversationEncoder:
                                config.data.system)
 
 
-def record_image(record: dict) -> Image.Image | None:
-    """The record's image as an RGB PIL image (`images.to_rgb`; None for text-only records)."""
-    image = record["image"]
-    if image is None:
-        return None
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    return to_rgb(image)
+def record_images(record: dict) -> list[Image.Image]:
+    """The record's images as RGB PIL images (`images.to_rgb`), in marker order ([] for text-only records)."""
+    return [to_rgb(Image.fromarray(image) if isinstance(image, np.ndarray) else image) for image in record["images"]]

@@ -256,7 +256,7 @@ def render(scene: Scene, seed: int, split: str, index: int) -> Image.Image:
 
 
 class SyntheticSource:
-    """Random-access synthetic source; records are dict(id, image, conversations, qtype)."""
+    """Random-access synthetic source; records are dict(id, images (one PIL image), conversations, qtype)."""
 
     def __init__(self, split: str, size: int, seed: int, min_image_size: int, max_image_size: int,
                  exclude: tuple[str, ...] = ()):
@@ -285,17 +285,17 @@ class SyntheticSource:
         return sample_scene(self.seed, self.split, index, self.min_image_size, self.max_image_size, self.exclude)
 
     def __getitem__(self, index: int) -> dict:
-        return dict(self.header(index), image=render(self.scene(index), self.seed, self.split, index))
+        return dict(self.header(index), images=[render(self.scene(index), self.seed, self.split, index)])
 
     def header(self, index: int) -> dict:
-        """Record `index` with `image` its (width, height), not rendered: what data/epochs.py counts an epoch's
-        rows from."""
+        """Record `index` with `images` its image's [(width, height)], not rendered: what data/epochs.py counts an
+        epoch's rows from."""
         if not 0 <= index < self.size:
             raise IndexError(f"synthetic {self.split} index {index} out of range [0, {self.size})")
         scene = self.scene(index)
         return dict(
             id=f"synthetic-{self.split}-{index}",
-            image=(scene.width, scene.height),
+            images=[(scene.width, scene.height)],
             conversations=[turn for i, (_, q, a) in enumerate(scene.qa)
                            for turn in (("human", ("<image>\n" if i == 0 else "") + q), ("gpt", a))],
             qtype=scene.qtype,

@@ -77,7 +77,7 @@ class LabelledBatches:
         self.source = synthetic.SyntheticSource(split, size, config.seed, d.min_image_size, d.max_image_size)
 
     def image(self, index: int):
-        return self.source[index]["image"], self.source.scene(index)
+        return self.source[index]["images"][0], self.source.scene(index)
 
     def view(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """One tiled view: the global view, or with probability `vision_pretrain.tile_fraction` one of the
