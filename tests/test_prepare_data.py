@@ -99,7 +99,7 @@ class Killed(Exception):
 def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     src = str(write_multi(tmp_path, MULTI))
     c = config()
-    prepare_data.prepare(c, TOK, src, str(tmp_path / "whole"), shards=3, progress=False)
+    prepare_data.prepare(c, TOK, src, str(tmp_path / "whole"), shards=3, progress=False, threads=2)
     entry, calls, kill_at = prepare_data._entry, [], [4]
 
     def interrupted(source, index, *args):

@@ -1,5 +1,5 @@
 """Convert LLaVA-format data to array_record shards: vlm-prepare-data --src FILE.json|FILE.jsonl --dst OUT
-[--image_folder DIR] [--shards N] [--skip_bad] [--config FILE[:ARG] --config.KEY=VALUE ...]
+[--image_folder DIR] [--shards N] [--skip_bad] [--threads T] [--config FILE[:ARG] --config.KEY=VALUE ...]
 
 Writes OUT/<name>-<k>-of-<N>.array_record (name: the source file's, k and N five digits), shard k holding the
 source's records k*n/N to (k+1)*n/N in their order, each with its images as their encoded file bytes (never decoded
@@ -18,6 +18,7 @@ filesystem library is installed.
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -50,13 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, default=1, help="array_record files to write (default 1)")
     parser.add_argument("--skip_bad", action="store_true",
                         help="leave bad records out, listing them in the metadata, instead of stopping on the first")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads reading, decoding and tokenising records (default: the CPU count)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
-def _entry(source: LlavaJsonSource, index: int, measure, max_pixels: int) -> tuple[bytes, int, int]:
+def _entry(source: LlavaJsonSource, index: int, measure,
+           max_pixels: int) -> tuple[bytes, int, int] | BadRecordError:
     """(shard entry, token length of its example, images) of record `index`, each image read and decoded as
-    training decodes it; a BadRecordError names the record."""
-    record = source.parsed(index)
+    training decodes it; or the BadRecordError naming the record."""
+    try:
+        record = source.parsed(index)
+    except BadRecordError as e:
+        return e
     images = []
     try:
         for name, path in zip(record["images"], source.image_paths(index)):
@@ -67,7 +74,7 @@ def _entry(source: LlavaJsonSource, index: int, measure, max_pixels: int) -> tup
             images.append((name, image_size(data, max_pixels, path), data))
         length = len(measure(dict(record, images=[size for _, size, _ in images])))
     except (FileNotFoundError, ValueError) as e:  # BadRecordError is a ValueError: the encoder's names the example
-        raise BadRecordError(e.reason if isinstance(e, BadRecordError) else str(e), source.where(index)) from e
+        return BadRecordError(e.reason if isinstance(e, BadRecordError) else str(e), source.where(index))
     return encode_record(record, images), length, len(images)
 
 
@@ -86,22 +93,32 @@ def _written(final: epath.Path):
         epath.Path(partial).copy(final, overwrite=True)
 
 
+def _entries(source: LlavaJsonSource, indices: range, measure, max_pixels: int, threads: int):
+    """`_entry` of each of `indices`, in order, computed by `threads` threads (PIL's decoders and the tokenizer
+    release the GIL) a chunk at a time, so memory holds a bounded number of entries however large the shard."""
+    chunk = 64 * threads
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for start in range(indices.start, indices.stop, chunk):
+            yield from pool.map(lambda i: _entry(source, i, measure, max_pixels),
+                                range(start, min(start + chunk, indices.stop)))
+
+
 def _write_shard(source: LlavaJsonSource, indices: range, final: epath.Path, measure, max_pixels: int,
-                 skip_bad: bool, bar) -> dict:
+                 skip_bad: bool, threads: int, bar) -> dict:
     """Writes the records `indices` of `source` to shard file `final`; returns its counts, lengths and bad
     records."""
     stats = dict(records=0, images=0, text_only=0, lengths=[], bad=[])
     with _written(final) as partial:
         writer = ArrayRecordWriter(partial, "group_size:1")  # every record read on its own (random access)
         try:
-            for i in indices:
-                try:
-                    entry, length, images = _entry(source, i, measure, max_pixels)
-                except BadRecordError as e:
+            for i, result in zip(indices, _entries(source, indices, measure, max_pixels, threads)):
+                if isinstance(result, BadRecordError):
                     if not skip_bad:
-                        raise InputError(f"{e} (--skip_bad leaves bad records out)") from None
-                    stats["bad"].append(dict(file=source.json_file, index=i, id=source.record_id(i), reason=e.reason))
+                        raise InputError(f"{result} (--skip_bad leaves bad records out)")
+                    stats["bad"].append(dict(file=source.json_file, index=i, id=source.record_id(i),
+                                             reason=result.reason))
                 else:
+                    entry, length, images = result
                     writer.write(entry)
                     stats["records"] += 1
                     stats["images"] += images
@@ -126,7 +143,7 @@ def token_histogram(lengths: list[int], seq_len: int) -> dict:
 
 
 def prepare(config: ml_collections.ConfigDict, tokenizer, src: str, dst: str, image_folder: str = "",
-            shards: int = 1, skip_bad: bool = False, progress: bool = True) -> dict:
+            shards: int = 1, skip_bad: bool = False, progress: bool = True, threads: int = 1) -> dict:
     """Converts `src` to `shards` array_record shards in `dst` (the module docstring); returns the metadata."""
     if shards < 1:
         raise InputError(f"--shards={shards}: write 1 or more shards")
@@ -151,7 +168,7 @@ def prepare(config: ml_collections.ConfigDict, tokenizer, src: str, dst: str, im
                 stats = json.loads(done.read_text())["stats"]
                 bar.update(len(indices))
             else:
-                stats = _write_shard(source, indices, out / file, measure, d.max_image_pixels, skip_bad, bar)
+                stats = _write_shard(source, indices, out / file, measure, d.max_image_pixels, skip_bad, threads, bar)
                 with _written(done) as partial:  # before the next shard: its counts are what makes it finished
                     with open(partial, "w") as f:
                         json.dump(dict(settings=settings, stats=stats), f)
@@ -179,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             raise InputError(str(e)) from None
         meta = prepare(config, run_tokenizer(config), args.src, args.dst, args.image_folder, args.shards,
-                       args.skip_bad, not args.no_progress)
+                       args.skip_bad, not args.no_progress, args.threads)
         print(json.dumps({k: meta[k] for k in ("records", "images", "text_only", "bad")}), flush=True)
 
 
