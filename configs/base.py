@@ -153,7 +153,7 @@ def get_config() -> ml_collections.ConfigDict:
     # data.path. A source_config dict sets the data keys of its own source (source, path, image_folder,
     # max_image_pixels, num_train, exclude_qtypes, min_image_size, max_image_size; the others are the run's) and an
     # optional "name" (default: its file's name or its kind) for metrics.jsonl's examples/<name> and loss/<name>.
-    # A source takes weight / sum(weights) of every stretch of the stream, each shuffled with its own seed and
+    # A source takes weight / sum(weights) of every prefix of the stream, each shuffled with its own seed and
     # reshuffled every pass; data.epochs must be 0 with it (total_steps sets the run's length). The evaluation
     # source stays data.source / data.eval_path. Example:
     #   [({"source": "llava_json", "path": "llava_v1_5_mix665k.json", "image_folder": "images"}, 0.6),

@@ -640,7 +640,7 @@ def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> S
     """Training batches of the data shards `shards` (default: all of data.shards, the whole batch of
     config.batch_size rows), batch_size / data.shards rows each, in shard order (docs/contracts.md).
 
-    Each batch is a dict of numpy arrays: tokens, targets, positions, segment_ids int32 [B, L];
+    Each batch is a dict of numpy arrays: tokens, targets, positions, segment_ids, source_ids int32 [B, L];
     loss_mask float32 [B, L]; tiles float32 [B, T, S, S, 3]; tile_mask bool [B, T]; image_dest int32
     [B, T*P] - or for a NaViT model patches, patch_positions, patch_segment_ids and image_dest [B, N/4],
     and positions [B, L, 3] with an M-RoPE decoder (docs/contracts.md). The iterator has get_state() -> small
