@@ -127,7 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
     r.targets = r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"  # regex of module paths
 
     d = c.data = ml_collections.ConfigDict()
-    d.source = "synthetic"  # synthetic (built-in shapes data, data/synthetic.py) | llava_json | array_record
+    # synthetic (built-in shapes data, vlm_jax/data/synthetic.py) | llava_json | array_record: the training source
+    # without data.mixture, and the evaluation source always
+    d.source = "synthetic"
     d.path = ""  # llava_json: the training .json / .jsonl file or a folder holding data.json; array_record: the folder
     d.eval_path = ""  # the evaluation data, as data.path
     d.image_folder = ""  # llava_json: images resolve here; empty = the json's folder
@@ -147,6 +149,17 @@ def get_config() -> ml_collections.ConfigDict:
     # to 0) becomes the steps the packed rows of N epochs take (counted at start-up from text and image sizes,
     # data/epochs.py).
     d.epochs = 0
+    # Weighted mixture of training sources: [(source_config, weight), ...]; empty: the one source data.source /
+    # data.path. A source_config dict sets the data keys of its own source (source, path, image_folder,
+    # max_image_pixels, num_train, exclude_qtypes, min_image_size, max_image_size; the others are the run's) and an
+    # optional "name" (default: its file's name or its kind) for metrics.jsonl's examples/<name> and loss/<name>.
+    # A source takes weight / sum(weights) of every prefix of the stream, each shuffled with its own seed and
+    # reshuffled every pass; data.epochs must be 0 with it (total_steps sets the run's length). The evaluation
+    # source stays data.source / data.eval_path. Example:
+    #   [({"source": "llava_json", "path": "llava_v1_5_mix665k.json", "image_folder": "images"}, 0.6),
+    #    ({"source": "llava_json", "path": "share-captioner_coco_lcs_sam_1246k_1107.json"}, 0.3),
+    #    ({"source": "llava_json", "path": "sharegpt_text.json", "name": "text"}, 0.1)]
+    d.mixture = []
     d.max_examples_per_row = 64  # examples packed into one row at most
     # 0: rows take consecutive examples; N: the rows of every N examples are planned together (best-fit
     # decreasing, data/packing.py plan_rows): a few percent padding instead of about half an example a row.

@@ -48,7 +48,7 @@ def test_batch_contract_shapes():
     B, L, T, S, P = 4, 160, 10, 32, tokens_per_tile(c.model, c.data.tile_size)
     assert P == 16
     want = dict(tokens=((B, L), np.int32), targets=((B, L), np.int32), loss_mask=((B, L), np.float32),
-                positions=((B, L), np.int32), segment_ids=((B, L), np.int32),
+                positions=((B, L), np.int32), segment_ids=((B, L), np.int32), source_ids=((B, L), np.int32),
                 tiles=((B, T, S, S, 3), np.float32), tile_mask=((B, T), np.bool_), image_dest=((B, T * P), np.int32))
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == want
     it.close()

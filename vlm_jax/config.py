@@ -32,6 +32,7 @@ ADDED = {
     "data.vision_group_rows": 1,
     "data.shards": 1,
     "data.epochs": 0,  # the run was total_steps long
+    "data.mixture": [],  # one training source, data.source / data.path
     "optim.warmup_fraction": 0.0,  # the warmup was warmup_steps long
     "optim.max_skipped_steps": 1,  # the run stopped at the first non-finite loss it logged
     "data.image_processor": "config",  # images were squashed whatever init_params held
@@ -106,34 +107,51 @@ def _choices() -> dict[str, tuple[str, ...]]:
 
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Rejects, before a command builds or writes anything, a size or count below 1 (POSITIVE), a step count
-    below 0 (NON_NEGATIVE), a share outside [0, 1] (FRACTIONS), a choice key naming no choice and an
-    `allow_changes` naming no key, each with one
-    error naming the key and value."""
-    def get(dotted):
-        node = config
-        for name in dotted.split("."):
-            node = node[name]
-        return node
-
-    for key in POSITIVE:
-        if get(key) < 1:
-            raise InputError(f"config key {key}={get(key)!r} must be at least 1")
-    for key in NON_NEGATIVE:
-        if get(key) < 0:
-            raise InputError(f"config key {key}={get(key)!r} must be 0 or more")
-    for key in FRACTIONS:
-        if not 0 <= get(key) <= 1:
-            raise InputError(f"config key {key}={get(key)!r} must be between 0 and 1")
+    below 0 (NON_NEGATIVE), a share outside [0, 1] (FRACTIONS), a choice key naming no choice, an
+    `allow_changes` naming no key and a data.mixture entry that is malformed (data/pipeline.py training_sources) or
+    whose source's own keys fail the checks above, each with one error naming the key (and entry) and value."""
+    _check_keys(config)
     if config.total_steps == 0 and not config.data.epochs:
         raise InputError("config key total_steps=0 trains nothing: give the steps, or data.epochs to count them")
-    for key, choices in _choices().items():
-        if get(key) not in choices:
-            raise InputError(f"config key {key}={get(key)!r} is not one of {', '.join(map(repr, choices))}")
     for name in allowed_changes(config):  # a misspelt name would allow nothing and say nothing
         try:
-            get(name)
+            _get(config, name)
         except (KeyError, TypeError):  # no such key; a key under a value
             raise InputError(f"config key allow_changes names {name!r}, which is no config key or section") from None
+    if config.data.mixture:
+        from vlm_jax.data.pipeline import training_sources
+        if config.data.epochs:
+            raise InputError(f"config key data.epochs={config.data.epochs} counts passes over one source, but "
+                             "data.mixture draws each of its sources at its weight, so their epochs end at different "
+                             "steps: set data.epochs=0 and total_steps")
+        for source in training_sources(config):  # each source's own data keys, checked as the run's are
+            try:
+                _check_keys(source.config)
+            except InputError as e:
+                raise InputError(f"data.mixture source {source.name!r}: {e}") from None
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    node = config
+    for name in dotted.split("."):
+        node = node[name]
+    return node
+
+
+def _check_keys(config: ml_collections.ConfigDict) -> None:
+    """The POSITIVE, NON_NEGATIVE, FRACTIONS and choice keys of `config` (check_values)."""
+    for key in POSITIVE:
+        if _get(config, key) < 1:
+            raise InputError(f"config key {key}={_get(config, key)!r} must be at least 1")
+    for key in NON_NEGATIVE:
+        if _get(config, key) < 0:
+            raise InputError(f"config key {key}={_get(config, key)!r} must be 0 or more")
+    for key in FRACTIONS:
+        if not 0 <= _get(config, key) <= 1:
+            raise InputError(f"config key {key}={_get(config, key)!r} must be between 0 and 1")
+    for key, choices in _choices().items():
+        if _get(config, key) not in choices:
+            raise InputError(f"config key {key}={_get(config, key)!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def allowed_changes(config: ml_collections.ConfigDict) -> list[str]:

@@ -5,9 +5,10 @@ array_record with data.eval_path, or the synthetic source), as the run would: ea
 decoded and converted, its conversation tokenised with the run's tokenizer, and the example checked against a row's
 packing budgets (the evaluation prompts against a generation row's). Lists each bad record and each example that can never
 fit a row (file, index, id, reason) on stdout, then prints one JSON line of counts: records, bad, too long and
-without an image, per source. Exit status 1 when any record is bad (a run with the default data.on_bad_record=raise
-would stop on it), else 0; over-long examples alone (data.skip_too_long) leave it 0. Records are read in
-data.workers threads.
+without an image, per source. With data.mixture each of its sources is checked in turn and named: its lines say
+`train/<name>` and its counts are the JSON's `train/<name>`. Exit status 1 when any record is bad (a run with the
+default data.on_bad_record=raise would stop on it), else 0; over-long examples alone (data.skip_too_long) leave it 0.
+Records are read in data.workers threads.
 """
 
 import concurrent.futures
@@ -19,7 +20,7 @@ from vlm_jax.cli.args import parse, reported_errors
 from vlm_jax.config import check_values
 from vlm_jax.data.image_kinds import data_kind
 from vlm_jax.data.packing import Example, check_fits
-from vlm_jax.data.pipeline import BadRecord, PromptExample, ReadExample, make_source, row_layout
+from vlm_jax.data.pipeline import BadRecord, PromptExample, ReadExample, make_source, row_layout, training_sources
 from vlm_jax.data.tokenizer import run_tokenizer
 from vlm_jax.errors import BadRecordError, InputError
 
@@ -36,9 +37,11 @@ def _prompt(to_prompt: PromptExample):
     return read
 
 
-def scan(config: ml_collections.ConfigDict, tokenizer, split: str) -> dict[str, int]:
+def scan(config: ml_collections.ConfigDict, tokenizer, split: str, label: str = "") -> dict[str, int]:
     """Reads every record of the `split` ("train" or "eval") source as a run would, printing one line for each bad
-    or over-long one; returns the counts of its records, bad ones, over-long ones and those without an image."""
+    or over-long one, which says `label` (default: the split); returns the counts of its records, bad ones,
+    over-long ones and those without an image. A mixture's source is scanned with its TrainingSource.config."""
+    label = label or split
     kind = data_kind(config.model)
     source = make_source(config, split, keep_bad=True)  # every bad record reported, not the first alone
     if split == "train":
@@ -52,12 +55,12 @@ def scan(config: ml_collections.ConfigDict, tokenizer, split: str) -> dict[str, 
             for index, ex in zip(indices, pool.map(read, indices)):
                 if isinstance(ex, BadRecord):
                     counts["bad"] += 1
-                    print(f"bad ({split}): {ex.error}", flush=True)
+                    print(f"bad ({label}): {ex.error}", flush=True)
                     continue
                 problem = kind.prompt_problem(ex, layout) if split == "eval" else check_fits(ex, layout)
                 if problem:
                     counts["too_long"] += 1
-                    print(f"too long ({split}): {source.where(index)}: {problem}", flush=True)
+                    print(f"too long ({label}): {source.where(index)}: {problem}", flush=True)
                 if not _images(ex):
                     counts["without_image"] += 1
     return counts
@@ -83,7 +86,13 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             raise InputError(str(e)) from None
         tokenizer = run_tokenizer(config)
-        summary = dict(config=args.config, train=scan(config, tokenizer, "train"))
+        summary = dict(config=args.config)
+        if config.data.mixture:
+            for source in training_sources(config):
+                label = f"train/{source.name}"
+                summary[label] = scan(source.config, tokenizer, "train", label)
+        else:
+            summary["train"] = scan(config, tokenizer, "train")
         if has_eval(config):
             summary["eval"] = scan(config, tokenizer, "eval")
         bad = sum(part["bad"] for name, part in summary.items() if name != "config")

@@ -24,7 +24,8 @@ class Example:
     tokens: int32 [n] (placeholder id at visual-token slots); loss: bool [n], True on tokens that are
     prediction targets (assistant answer + end token); tiles: float32 [k, S, S, 3] normalised views
     of all its images in order; tile_starts: int32 [k], where tile t's run of P visual tokens starts
-    in tokens.
+    in tokens; source: the index of its training source in data.mixture (0 without one), written to the batch's
+    source_ids.
     """
 
     id: str
@@ -32,6 +33,7 @@ class Example:
     loss: np.ndarray
     tiles: np.ndarray
     tile_starts: np.ndarray
+    source: int = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -43,7 +45,7 @@ class NavitExample:
 
     tokens, loss: as `Example`; images: (patches float32 [t*h*w, D], grid (t, h, w)) per image in order
     (`navit.navit_patches`); image_starts: int32 [k], where image i's run of t*h*w / merge**2 placeholders
-    starts in tokens.
+    starts in tokens; source: as `Example`.
     """
 
     id: str
@@ -51,6 +53,7 @@ class NavitExample:
     loss: np.ndarray
     images: tuple[tuple[np.ndarray, tuple[int, int, int]], ...]
     image_starts: np.ndarray
+    source: int = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -89,6 +92,7 @@ def text_batch(rows: int, seq_len: int, mrope: bool = False) -> dict:
         loss_mask=np.zeros((rows, seq_len), np.float32),
         positions=np.zeros((rows, seq_len, 3) if mrope else (rows, seq_len), np.int32),
         segment_ids=np.zeros((rows, seq_len), np.int32),
+        source_ids=np.zeros((rows, seq_len), np.int32),
     )
 
 
@@ -106,6 +110,7 @@ def write_text(batch: dict, row: int, examples: list, positions: list[np.ndarray
         batch["loss_mask"][row, offset:end - 1] = ex.loss[1:]
         batch["positions"][row, offset:end] = np.arange(n) if positions is None else positions[seg - 1]
         batch["segment_ids"][row, offset:end] = seg
+        batch["source_ids"][row, offset:end] = ex.source
         offsets.append(offset)
         offset = end
     return offsets

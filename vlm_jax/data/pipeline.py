@@ -10,17 +10,28 @@ rows of every batch, greedily or a window at a time, so a shard's state is the i
 With data.epochs N > 0 the epochs are hard boundaries: no row, window or group holds examples of two epochs, and a
 shard's stream ends after its N-th epoch (its rows of later batches stay empty), so the rows are what
 data/epochs.py counts and a run of the steps it derives sees every example N times.
+
+A mixture (data.mixture, docs/contracts.md) mixes several such streams: each source is shuffled with its own seed
+(derived from config.seed and its name) and cut into the same data shards, and shard s of the mixture interleaves
+the sources' shard-s streams by weight (`WeightedSchedule`), so its example i is again a pure function of i.
 """
 
 import collections
 import concurrent.futures
 import dataclasses
+import fractions
 import logging
 import math
+import numbers
+import os
 import queue
+import re
 import threading
+import zlib
+from collections.abc import Mapping
 
 import grain
+import ml_collections
 import numpy as np
 
 from vlm_jax.data.array_records import ArrayRecordSource
@@ -59,6 +70,112 @@ def make_source(config, split: str, keep_bad: bool = False):
     raise ValueError(f"unknown data.source {d.source!r}; known: {', '.join(map(repr, SOURCES))}")
 
 
+# The data keys a source of data.mixture may set for itself (the rest are the run's), and its optional name.
+MIXTURE_KEYS = ("name", "source", "path", "image_folder", "max_image_pixels", "num_train", "exclude_qtypes",
+                "min_image_size", "max_image_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSource:
+    """One source of the training stream: its `name` (metrics.jsonl's examples/<name> and loss/<name>), `config`
+    (the run's, with the source's own data keys and shuffle seed: what make_source, the kind's record_to_example and
+    shard_stream read of it) and `weight` (its share of the stream is weight / the sum of the weights)."""
+
+    name: str
+    config: ml_collections.ConfigDict
+    weight: float
+
+
+def _default_name(source: str, path: str) -> str:
+    """A source's name when its entry gives none: its file's or folder's name without extension, or its kind."""
+    base = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] if path else ""
+    return base or source
+
+
+def training_sources(config) -> list[TrainingSource]:
+    """The training sources: each entry of data.mixture, or without one the single source data.source /
+    data.path names (its config is `config` itself, so a run without a mixture reads exactly what it read before
+    mixtures existed). One InputError naming the entry for a malformed entry, an unknown key, a weight that is not
+    positive or a name given twice."""
+    d = config.data
+    if not d.mixture:
+        return [TrainingSource(_default_name(d.source, d.path), config, 1.0)]
+    sources, seen = [], {}
+    for k, entry in enumerate(d.mixture):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], Mapping)):
+            raise InputError(f"data.mixture entry {k} is {entry!r}, not (source_config dict, weight)")
+        keys, weight = dict(entry[0]), entry[1]
+        name = keys.pop("name", None) or _default_name(keys.get("source", d.source), keys.get("path", d.path))
+        what = f"data.mixture entry {k} ({name!r})"
+        unknown = sorted(set(keys) - set(MIXTURE_KEYS), key=str)
+        if unknown:
+            raise InputError(f"{what}: unknown key(s) {', '.join(map(repr, unknown))}; a source sets "
+                             f"{', '.join(MIXTURE_KEYS)}")
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 < weight < math.inf:
+            raise InputError(f"{what}: weight {weight!r} must be a positive number")
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+            raise InputError(f"{what}: name {name!r} must be letters, digits, '_', '.' or '-' (it names metrics)")
+        if name in seen:
+            raise InputError(f"{what}: entry {seen[name]} is named {name!r} too: give one of them another 'name'")
+        seen[name] = k
+        sub = config.copy_and_resolve_references()
+        sub.data.mixture = []
+        for key, value in keys.items():
+            try:
+                sub.data[key] = value
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{what}: {key}={value!r}: {e}") from None
+        # Its own shuffle (and synthetic scenes): two sources never walk their records in step.
+        sub.seed = int(np.random.SeedSequence([config.seed % 2**32, zlib.crc32(name.encode())]).generate_state(1)[0])
+        sources.append(TrainingSource(name, sub, float(weight)))
+    return sources
+
+
+def mixture_names(config) -> tuple[str, ...]:
+    """The names of data.mixture's sources when it mixes two or more (what per-source metrics are logged for),
+    else ()."""
+    sources = training_sources(config)
+    return tuple(s.name for s in sources) if len(sources) > 1 else ()
+
+
+class WeightedSchedule(grain.transforms.DatasetSelectionMap):
+    """Item i of a mixed stream -> (source k, item j of source k's stream): a deterministic interleave in which
+    source k's share of every prefix of n items is n * w_k (w_k its weight over the weights' sum) give or take
+    half an item per level of a binary tree over the sources: under one item for up to four sources. Each node
+    of the tree splits its items between its two halves of the sources, the left taking floor(n q + 1/2) of its
+    first n (q the left half's share of the node's weight, an exact fraction); so item i's source and its index
+    in that source's stream take O(log K) steps, with no state. Its length is the prefix in which no source's
+    stream passes its own length (grain's mix length); the schedule goes on past it, as the streams do."""
+
+    def __init__(self, weights: list[float], lengths: list[int]):
+        w = [fractions.Fraction(x) for x in weights]
+        self._length = max(1, min(math.floor(n * sum(w) / wk) for n, wk in zip(lengths, w)))
+        self._share: dict[tuple[int, int], fractions.Fraction] = {}
+        nodes = [(0, len(w))]
+        while nodes:
+            lo, hi = nodes.pop()
+            if hi - lo > 1:
+                mid = (lo + hi) // 2
+                self._share[lo, hi] = sum(w[lo:mid]) / sum(w[lo:hi])
+                nodes += [(lo, mid), (mid, hi)]
+        self._sources = len(w)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        lo, hi, i = 0, self._sources, int(index)
+        half = fractions.Fraction(1, 2)
+        while hi - lo > 1:
+            mid, q = (lo + hi) // 2, self._share[lo, hi]
+            left = math.floor(i * q + half)  # items of the left half among the node's first i
+            if math.floor((i + 1) * q + half) > left:
+                hi, i = mid, left
+            else:
+                lo, i = mid, i - left
+        return lo, i
+
+
 @dataclasses.dataclass(frozen=True)
 class BadRecord:
     """What the example stream holds in place of a record that cannot be used: the packer raises `error` or, with
@@ -70,15 +187,17 @@ class BadRecord:
 class ReadExample:
     """Record index -> the example of that record of `source` (`convert`: a kind's record_to_example, or its
     footprint of the record's header with `headers`), or a BadRecord naming the source's file, the record's index
-    and id and why it cannot be used (its structure, text, image or tokens). Picklable, as grain maps want."""
+    and id and why it cannot be used (its structure, text, image or tokens). `source_index` is the source's index in
+    data.mixture, which the example carries into the batch's source_ids. Picklable, as grain maps want."""
 
-    def __init__(self, source, convert, headers: bool = False):
-        self.source, self.convert, self.headers = source, convert, headers
+    def __init__(self, source, convert, headers: bool = False, source_index: int = 0):
+        self.source, self.convert, self.headers, self.source_index = source, convert, headers, source_index
 
     def __call__(self, index: int):
         index = int(index)
         try:
-            return self.convert(self.source.header(index) if self.headers else self.source[index])
+            ex = self.convert(self.source.header(index) if self.headers else self.source[index])
+            return dataclasses.replace(ex, source=self.source_index) if self.source_index else ex
         except BadRecordError as e:
             return BadRecord(BadRecordError(e.reason, self.source.where(index)))
 
@@ -124,7 +243,8 @@ class PackedBatchIterator:
     `skip_bad` the stream stops with an InputError once its bad records exceed `max_bad_fraction` of its epoch
     length times the epochs begun (a shard's records are bad in every epoch alike, so a dataset whose bad share
     is within the fraction never stops, and a wrong image folder stops in the first epoch). The state counts both
-    kinds of skipped records up to its position (SKIPPED). With `epoch_size` every epoch of that many stream
+    kinds of skipped records up to its position (SKIPPED), and the examples of each of its `sources` (data.mixture;
+    an example's `source`) in the rows yielded so far. With `epoch_size` every epoch of that many stream
     indices is packed on its own (its last row, window or group closes at its end), and after `stop` the rows stay
     empty.
     """
@@ -132,7 +252,7 @@ class PackedBatchIterator:
     def __init__(self, examples: grain.MapDataset, *, rows: int, layout: TiledRows | NavitRows,
                  window: int = 0, skip_too_long: bool = False, skip_bad: bool = False, max_bad_fraction: float = 0.0,
                  prefetch: int = 2, workers: int = 2, lookahead: int = 8, epoch_size: int = 0,
-                 stop: int | None = None):
+                 stop: int | None = None, sources: int = 1):
         self.examples, self.rows, self.layout, self.window = examples, rows, layout, window
         self.skip_too_long, self.skip_bad, self.max_bad_fraction = skip_too_long, skip_bad, max_bad_fraction
         # epoch_size n > 0: stream indices [k n, (k + 1) n) are epoch k, packed on their own; the stream ends at
@@ -143,6 +263,7 @@ class PackedBatchIterator:
             raise ValueError(f"data.vision_group_rows={layout.group} plans rows a window at a time: set "
                              "data.pack_window")
         self._position: Position = (0, 0, (), (0, 0))
+        self._examples = (0,) * sources  # examples of each source in the rows yielded so far
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -152,8 +273,9 @@ class PackedBatchIterator:
         """JSON-able state: the stream index of the first example not yet in a yielded batch (with a window:
         of the window being yielded, and how many of its rows - groups of rows when grouped - were; grouped, also
         `carried`, the stream indices of the examples an earlier window passed on to it), and the records skipped
-        before that index (`skipped`)."""
-        state = dict(next_index=self._position[0], window_rows_done=self._position[1], **self.skipped())
+        before that index (`skipped`), and `examples`: how many examples of each source the yielded rows hold."""
+        state = dict(next_index=self._position[0], window_rows_done=self._position[1], **self.skipped(),
+                     examples=list(self._examples))
         if self.layout.group > 1:
             state["carried"] = list(self._position[2])
         return state
@@ -168,6 +290,11 @@ class PackedBatchIterator:
         self._position = (int(state["next_index"]), int(state.get("window_rows_done", 0)),
                           tuple(int(i) for i in state.get("carried", ())),
                           tuple(int(state.get(k, 0)) for k in SKIPPED))
+        examples = tuple(int(n) for n in state.get("examples", [0] * len(self._examples)))
+        if len(examples) != len(self._examples):
+            raise InputError(f"data iterator state counts the examples of {len(examples)} sources, this run's "
+                             f"data.mixture has {len(self._examples)}")
+        self._examples = examples
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self):
@@ -180,7 +307,7 @@ class PackedBatchIterator:
         if isinstance(item, BaseException):
             self._shutdown()
             raise item
-        batch, self._position = item
+        batch, self._position, self._examples = item
         return batch
 
     def close(self) -> None:
@@ -189,8 +316,8 @@ class PackedBatchIterator:
     def _start(self, position: Position) -> None:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=max(1, self.prefetch))
-        self._thread = threading.Thread(target=self._produce, args=(position, self._stop, self._queue),
-                                        daemon=True, name="vlm_jax-data")
+        self._thread = threading.Thread(target=self._produce, args=(position, self._examples, self._stop,
+                                                                    self._queue), daemon=True, name="vlm_jax-data")
         self._thread.start()
 
     def _shutdown(self) -> None:
@@ -204,11 +331,13 @@ class PackedBatchIterator:
                 pass
         self._thread = None
 
-    def _produce(self, position: Position, stop: threading.Event, out: queue.Queue) -> None:
+    def _produce(self, position: Position, examples_before: tuple[int, ...], stop: threading.Event,
+                 out: queue.Queue) -> None:
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             reader = _AheadReader(self.examples, pool, position[0], self.lookahead, self.stop, position[3])
             grouped = self.layout.group > 1
             units, after = self._units(reader, position, self.stop), position
+            counts = list(examples_before)
             try:
                 while not stop.is_set():
                     batch = self.layout.empty(self.rows)
@@ -219,10 +348,14 @@ class PackedBatchIterator:
                         if grouped:
                             examples, plan, after = planned
                             self.layout.write_group(batch, unit, examples, plan)
+                            written = [examples[i] for row in plan.rows for i in row]
                         else:
                             examples, after = planned
                             self.layout.write(batch, unit, examples)
-                    self._put(out, stop, (batch, after))
+                            written = examples
+                        for ex in written:
+                            counts[ex.source] += 1
+                    self._put(out, stop, (batch, after, tuple(counts)))
             except BaseException as e:  # surfaced to the consumer on its next call
                 self._put(out, stop, e)
             finally:
@@ -440,6 +573,13 @@ def skipped_counts(state: dict) -> dict[str, int]:
     return {k: sum(s[k] for s in state["states"].values()) for k in SKIPPED}
 
 
+def example_counts(state: dict, names: tuple[str, ...]) -> dict[str, int]:
+    """examples/<name>: the examples of each source (`names`, data.mixture's order) that the batches so far hold,
+    summed over the shards of a ShardedBatchIterator state as `skipped_counts` sums."""
+    return {f"examples/{name}": sum(s["examples"][k] for s in state["states"].values())
+            for k, name in enumerate(names)}
+
+
 def shard_rows(config) -> int:
     """Rows of every batch that each data shard packs: batch_size / data.shards, whole groups of
     data.vision_group_rows."""
@@ -477,10 +617,17 @@ def shard_stream(config, size: int, shard: int = 0, shards: int = 1) -> grain.Ma
 
 def make_example_dataset(config, tokenizer, shard: int = 0, shards: int = 1) -> grain.MapDataset:
     """Shuffled, infinite stream of training Examples (or BadRecords) of data shard `shard` of `shards`
-    (`shard_stream`)."""
-    source = make_source(config, "train", keep_bad=config.data.on_bad_record == "skip")
-    to_example = data_kind(config.model).record_to_example(config, tokenizer)
-    return shard_stream(config, len(source), shard, shards).map(ReadExample(source, to_example))
+    (`shard_stream`); with a mixture, the sources' shard streams interleaved by weight (`WeightedSchedule`)."""
+    kind, streams = data_kind(config.model), []
+    sources = training_sources(config)
+    for k, s in enumerate(sources):
+        source = make_source(s.config, "train", keep_bad=config.data.on_bad_record == "skip")
+        read = ReadExample(source, kind.record_to_example(s.config, tokenizer), source_index=k)
+        streams.append(shard_stream(s.config, len(source), shard, shards).map(read))
+    if len(streams) == 1:
+        return streams[0]
+    schedule = WeightedSchedule([s.weight for s in sources], [len(x) for x in streams])
+    return grain.MapDataset.select_from_datasets(streams, schedule)
 
 
 def epoch_bounds(config, epoch_size: int) -> tuple[int, int | None]:
@@ -497,7 +644,7 @@ def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> S
     """Training batches of the data shards `shards` (default: all of data.shards, the whole batch of
     config.batch_size rows), batch_size / data.shards rows each, in shard order (docs/contracts.md).
 
-    Each batch is a dict of numpy arrays: tokens, targets, positions, segment_ids int32 [B, L];
+    Each batch is a dict of numpy arrays: tokens, targets, positions, segment_ids, source_ids int32 [B, L];
     loss_mask float32 [B, L]; tiles float32 [B, T, S, S, 3]; tile_mask bool [B, T]; image_dest int32
     [B, T*P] - or for a NaViT model patches, patch_positions, patch_segment_ids and image_dest [B, N/4],
     and positions [B, L, 3] with an M-RoPE decoder (docs/contracts.md). The iterator has get_state() -> small
@@ -520,7 +667,7 @@ def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> S
         iterators[s] = PackedBatchIterator(
             examples, rows=rows, layout=layout, window=d.pack_window, skip_too_long=d.skip_too_long,
             skip_bad=d.on_bad_record == "skip", max_bad_fraction=d.max_bad_fraction, prefetch=d.prefetch,
-            workers=d.workers, epoch_size=epoch_size, stop=stop)
+            workers=d.workers, epoch_size=epoch_size, stop=stop, sources=len(training_sources(config)))
     return ShardedBatchIterator(iterators, count)
 
 

@@ -24,8 +24,8 @@ from vlm_jax.checkpoints.workdir import is_workdir, restore_workdir_params
 from vlm_jax.config import check_values, to_json
 from vlm_jax.data.epochs import count_epochs, epoch_steps
 from vlm_jax.data.image_kinds import report_image_processor
-from vlm_jax.data.pipeline import (make_train_iterator, merge_shard_states, row_layout, shards_holding,
-                                   skipped_counts)
+from vlm_jax.data.pipeline import (example_counts, make_train_iterator, merge_shard_states, mixture_names,
+                                   row_layout, shards_holding, skipped_counts)
 from vlm_jax.data.tokenizer import record_tokenizer, run_tokenizer
 from vlm_jax.errors import DivergedError, InputError
 from vlm_jax.evaluate import training_eval
@@ -240,8 +240,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     if jax.process_index() == 0:
         record_tokenizer(tokenizer, workdir)
     ckpt.empty_trash()  # what a process killed while deleting an old checkpoint left
+    names = mixture_names(config)  # a mixture's sources: examples/<name> and loss/<name> in metrics.jsonl
     step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed,
-                              micro_batches=config.micro_batches)
+                              micro_batches=config.micro_batches, sources=names)
     logger = MetricsLogger(workdir, start, config.total_steps)
 
     def close_all() -> None:  # before raising too: a stopped run leaves no producer or writer threads running
@@ -274,13 +275,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
             token_counts = []
             flags = [bool(s) for s in jax.device_get(skips)]
             skips = []
-            # The records every shard left out before this step's data position (each process holds some shards).
-            left_out = skipped_counts(merge_shard_states(allgather_json(data.get_state())))
+            # The records every shard left out before this step's data position (each process holds some shards),
+            # and the examples of each source its batches held.
+            data_state = merge_shard_states(allgather_json(data.get_state()))
+            left_out = {**skipped_counts(data_state), **example_counts(data_state, names)}
+            # A source none of whose tokens the step held has no loss/<name> that step (NaN from the step).
+            step_metrics = {k: v for k, v in jax.device_get(metrics).items()
+                            if not (k.startswith("loss/") and np.isnan(v))}
             scores, paused = {}, time.perf_counter()
             if evaluating:
                 assistant.params = state.params
                 scores = training_eval(assistant)
-            logger.log(step, {**jax.device_get(metrics), "skipped_steps": sum(flags), **left_out, **scores},
+            logger.log(step, {**step_metrics, "skipped_steps": sum(flags), **left_out, **scores},
                        tokens_seen, time.perf_counter() - paused if evaluating else 0.0)
             for s, skipped in enumerate(flags, step - len(flags) + 1):
                 in_a_row = in_a_row + 1 if skipped else 0

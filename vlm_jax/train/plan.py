@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from vlm_jax import image_inputs, parallel
 from vlm_jax.config import check_values
-from vlm_jax.data.pipeline import row_layout
+from vlm_jax.data.pipeline import mixture_names, row_layout
 from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.train.loop import Setup, check_batch_size, check_segments
 from vlm_jax.train.step import make_train_step
@@ -140,7 +140,7 @@ def plan(config: ml_collections.ConfigDict, devices: list) -> dict[str, Any]:
     setup = Setup(config, devices)
     check_batch_size(config, setup.mesh)
     step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed,
-                           micro_batches=config.micro_batches)
+                           micro_batches=config.micro_batches, sources=mixture_names(config))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          setup.abstract_state, setup.state_shardings)
     batch = abstract_batch(config, parallel.batch_sharding(setup.mesh))

@@ -76,8 +76,16 @@ def init_state(optimizer: optax.GradientTransformation, groups: ParamGroups, par
                       opt_state=optimizer.init(trainable))
 
 
+def source_sums(nll: jax.Array, mask: jax.Array, source_ids: jax.Array, sources: int) -> jax.Array:
+    """[2, sources]: each source's summed per-token loss over the masked positions of its examples
+    (`source_ids`, the batch's), and the number of those positions (masked_sum of each source's tokens)."""
+    return jnp.stack([jnp.stack(masked_sum(nll, jnp.where(source_ids == k, mask, 0.0))) for k in range(sources)],
+                     axis=1)
+
+
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    state_shardings, rules=parallel.LOGICAL_RULES, seed: int = 0, micro_batches: int = 1) -> Callable:
+                    state_shardings, rules=parallel.LOGICAL_RULES, seed: int = 0, micro_batches: int = 1,
+                    sources: tuple[str, ...] = ()) -> Callable:
     """Returns jitted `step(state, batch) -> (state, metrics)` that runs unchanged on any mesh.
 
     Each step passes a 'dropout' rng derived from (seed, step), so LoRA dropout is on in training only and a
@@ -87,6 +95,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
 
     A step whose loss, gradient norm or updated parameters are not all finite keeps the parameters and optimizer
     state it was given (metrics["skipped"] is 1): no non-finite value ever enters the state.
+
+    With `sources`, the names of a mixture's two or more training sources (data/pipeline.py mixture_names), the
+    metrics also hold `loss/<name>`: the token-weighted mean loss of that source's loss-mask tokens in the step's
+    batch (its `source_ids`), NaN when the batch has none of them; it takes no part in the gradients.
 
     Mixed precision: the trainable parameters enter the forward in the model's compute dtype, cast on each device's
     own shard, so FSDP gathers them and reduce-scatters their gradients in that dtype (bf16, as DeepSpeed and
@@ -99,25 +111,30 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
         return x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
     def value_and_grads(reduce, trainable, frozen, batch, dropout_key):
+        """(loss, token count, gradients, per-source sums: source_sums, or () without `sources`)."""
         def value(trainable):
             params = merge_params(jax.tree.map(to_compute, trainable), frozen)
             nll = forward_nll(model, {"params": params}, batch, rngs={"dropout": dropout_key})
-            return reduce(nll, batch["loss_mask"])
-        (total, count), grads = jax.value_and_grad(value, has_aux=True)(trainable)
-        return total, count, grads
+            total, count = reduce(nll, batch["loss_mask"])
+            per_source = source_sums(nll, batch["loss_mask"], batch["source_ids"], len(sources)) if sources else ()
+            return total, (count, per_source)
+        (total, (count, per_source)), grads = jax.value_and_grad(value, has_aux=True)(trainable)
+        return total, count, grads, per_source
 
     def step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         with nn.logical_axis_rules(rules):
             if micro_batches == 1:  # the mean differentiated directly: one-pass runs replay bit for bit as before
-                loss, count, grads = value_and_grads(masked_mean, state.trainable, state.frozen, batch, key)
+                loss, count, grads, per_source = value_and_grads(masked_mean, state.trainable, state.frozen, batch,
+                                                                 key)
             else:
                 def accumulate(sums, xs):
                     i, micro = xs
                     return jax.tree.map(jnp.add, sums, value_and_grads(
                         masked_sum, state.trainable, state.frozen, micro, jax.random.fold_in(key, i))), None
-                zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.trainable))
-                (total, count, grads), _ = jax.lax.scan(
+                zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.trainable),
+                         jnp.zeros((2, len(sources))) if sources else ())
+                (total, count, grads, per_source), _ = jax.lax.scan(
                     accumulate, zeros, (jnp.arange(micro_batches), split_micro_batches(batch, micro_batches, mesh)))
                 denominator = jnp.maximum(count, 1.0)
                 loss, grads = total / denominator, jax.tree.map(lambda g: g / denominator, grads)
@@ -128,6 +145,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(trainable)
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
         metrics = {"loss": loss, "loss_tokens": count, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
+        for name, (total_k, count_k) in zip(sources, per_source.T if sources else ()):
+            metrics[f"loss/{name}"] = jnp.where(count_k > 0, total_k / jnp.maximum(count_k, 1.0), jnp.nan)
         # The step counter advances over a skipped update (its batch is consumed); the optimizer state, the
         # schedule's count in it included, does not.
         return state.replace(step=state.step + 1, trainable=keep(trainable, state.trainable),
