@@ -7,7 +7,7 @@ budgets (the evaluation prompts against a generation row's). Lists each bad reco
 fit a row (file, index, id, reason) on stdout, then prints one JSON line of counts: records, bad, too long and
 without an image, per source. Exit status 1 when any record is bad (a run with the default data.on_bad_record=raise
 would stop on it), else 0; over-long examples alone (data.skip_too_long) leave it 0. Records are read in
-data.workers threads.
+data.threads threads.
 """
 
 import concurrent.futures
@@ -46,7 +46,7 @@ def scan(config: ml_collections.ConfigDict, tokenizer, split: str) -> dict[str, 
     else:
         read, layout = _prompt(PromptExample(config, tokenizer, source)), row_layout(config, grouped=False)
     counts = dict(records=len(source), bad=0, too_long=0, without_image=0)
-    with concurrent.futures.ThreadPoolExecutor(config.data.workers) as pool:
+    with concurrent.futures.ThreadPoolExecutor(config.data.threads) as pool:
         for start in range(0, len(source), _CHUNK):
             indices = range(start, min(start + _CHUNK, len(source)))
             for index, ex in zip(indices, pool.map(read, indices)):
