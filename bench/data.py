@@ -177,8 +177,8 @@ def main() -> None:
     hosts = SLICE_CHIPS // CHIPS_PER_HOST
     one = rates["points15_navit"].get("1")
     print(json.dumps(dict(
-        records_per_s=rates, cpu_cores=os.cpu_count(), load_average_before=load, seconds=a.seconds, mix_records=a.records,
-        mix_images=a.images, mix_image_kb=image_kb,
+        records_per_s=rates, cpu_cores=os.cpu_count(), load_average_before=load, seconds=a.seconds,
+        mix_records=a.records, mix_images=a.images, mix_image_kb=image_kb,
         need=dict(system="points15_7b stage2", slice="v5p:2x2x2", chips=SLICE_CHIPS, hosts=hosts,
                   batch_size=points.batch_size, seq_len=points.data.seq_len,
                   tokens_per_step=points.batch_size * points.data.seq_len, model_flops_per_step=flops,

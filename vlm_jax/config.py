@@ -41,8 +41,8 @@ ADDED = {
     "allow_changes": "",  # never compared (vlm_jax/train/resume.py FREE)
     "data.on_bad_record": "raise",
     "data.max_bad_fraction": 0.01,  # read only when skipping, which older runs never did
-    "data.max_image_pixels": 2 * 89478485,
-    "data.threads": 2,  # never compared (resume FREE); older runs read in data.workers threads  # PIL refused images over twice its MAX_IMAGE_PIXELS (and warned)
+    "data.max_image_pixels": 2 * 89478485,  # PIL refused images over twice its MAX_IMAGE_PIXELS (and warned)
+    "data.threads": 2,  # never compared (resume FREE); older runs read in data.workers threads
     "eval_every": 0,  # no evaluation during training
     "eval_benchmark": "",
     "eval_metric": "auto",
