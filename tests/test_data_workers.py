@@ -14,7 +14,7 @@ import pytest
 from vlm_jax.data.epochs import count_epochs, epoch_steps
 from vlm_jax.data.image_kinds import data_kind
 from vlm_jax.data.pipeline import (DataWorkerError, PackedBatchIterator, ReadExample, make_example_dataset,
-                                   make_source, make_train_iterator, row_layout)
+                                   make_source, make_train_iterator, row_layout, shard_rows)
 from vlm_jax.train import loop
 from tests.helpers import assert_bitwise_equal, tiny_config
 from tests.test_epochs import TOK, stage_config, write_data
@@ -95,6 +95,23 @@ def test_a_state_moves_between_worker_counts(tmp_path):
     finally:
         it.close()
     assert_same_batches(straight, first + then + rest)
+
+
+def test_count_units_with_workers_counts_as_in_process(tmp_path):
+    """count_units starts its workers at the epoch it counts (here the second), as data/epochs.py would."""
+    config = kind_config(tmp_path, "navit_groups")
+    examples, d = make_example_dataset(config, TOK), config.data
+    n = len(examples)
+
+    def units(workers: int) -> tuple[int, tuple[int, int]]:
+        packer = PackedBatchIterator(examples, rows=shard_rows(config), layout=row_layout(config),
+                                     window=d.pack_window, skip_bad=True, max_bad_fraction=d.max_bad_fraction,
+                                     workers=workers, epoch_size=n, stop=2 * n)
+        return packer.count_units(n, 2 * n, (1, 0))
+
+    counted = units(0)
+    assert counted[0] > 0 and counted[1] == (2, 0)  # the second epoch's bad record counted on top of the first's
+    assert units(2) == counted
 
 
 def test_losses_equal_with_workers_and_across_a_resume_that_changes_them(tmp_path):
