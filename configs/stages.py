@@ -38,8 +38,8 @@ def system(name: str) -> ml_collections.ConfigDict:
     c.model.update(dtype="bfloat16", param_dtype="float32", frozen_param_dtype="bfloat16", remat_policy="full",
                    attention="auto")
     c.mesh.update(data=1, fsdp=-1, tensor=1)
-    # Examples decoded in worker processes, off the trainer's GIL: 4 a data shard hold about twice the rate a
-    # POINTS1.5-7B step at peak asks of a v5p host (docs/experiments.md 9), a few of its cores.
+    # Examples decoded in worker processes, off the trainer's GIL: 4 a data shard hold two to three times the rate
+    # a POINTS1.5-7B step at peak asks of a v5p host (docs/experiments.md 9), a few of its cores.
     c.data.workers = 4
     return c
 
