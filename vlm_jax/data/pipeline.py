@@ -442,10 +442,11 @@ class _ReadInWorker:
 
 
 def _own(value):
-    """`value` with every array copied out of grain's shared memory, which it then frees: the examples the packer
-    holds (a whole window) take neither shared memory nor a file descriptor each."""
+    """`value` with every array in grain's shared memory (an ndarray subclass; smaller arrays came pickled, and are
+    plain) copied out, which frees it: the examples the packer holds (a whole window) take neither shared memory nor
+    a file descriptor each."""
     if isinstance(value, np.ndarray):
-        return np.array(value)
+        return value if type(value) is np.ndarray else np.array(value)
     if isinstance(value, tuple):
         return tuple(_own(v) for v in value)
     return value
