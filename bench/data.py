@@ -42,9 +42,8 @@ from PIL import Image
 
 from packing import TEXT, image_kind_size  # bench/packing.py, beside this file
 from vlm_jax.config import load_config
-from vlm_jax.data.image_kinds import data_kind
-from vlm_jax.data.pipeline import PackedBatchIterator, ReadExample, make_source, make_train_iterator, row_layout
-from vlm_jax.data.pipeline import shard_rows, shard_stream
+from vlm_jax.data.epochs import count_epochs
+from vlm_jax.data.pipeline import make_source, make_train_iterator, row_layout
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.train.loop import Setup
 from vlm_jax.train.plan import CHIPS, model_flops
@@ -129,17 +128,12 @@ def records_per_s(config, tokenizer, workers: int, seconds: float) -> float:
 
 
 def examples_per_row(config, tokenizer) -> float:
-    """Examples a row holds when `config`'s packer packs one epoch of its source, counted from the records'
-    headers (data/epochs.py's way: no pixels decoded)."""
-    source = make_source(config, "train")
-    footprint = data_kind(config.model).record_to_example(config, tokenizer).footprint
-    stream = shard_stream(config, len(source)).map(ReadExample(source, footprint, headers=True))
-    d = config.data
-    packer = PackedBatchIterator(stream, rows=shard_rows(config), layout=row_layout(config), window=d.pack_window,
-                                 skip_too_long=d.skip_too_long, threads=os.cpu_count() or 1, epoch_size=len(stream),
-                                 stop=len(stream))
-    units, (bad, too_long) = packer.count_units(0, len(stream))
-    return (len(stream) - bad - too_long) / (units * row_layout(config).group)
+    """Examples a row holds when `config`'s packer packs one epoch of its source: data/epochs.py's count, from the
+    records' headers (no pixels decoded); every record of the mix fits a row, and one that did not would stop it."""
+    config = config.copy_and_resolve_references()
+    config.total_steps, config.data.epochs, config.data.skip_too_long = 0, 1, False
+    (units,) = count_epochs(config, tokenizer, [0])[0]
+    return len(make_source(config, "train")) / (units * row_layout(config).group)
 
 
 def main() -> None:
