@@ -442,9 +442,9 @@ class _ReadInWorker:
 
 
 def _own(value):
-    """`value` with every array in grain's shared memory (an ndarray subclass; smaller arrays came pickled, and are
-    plain) copied out, which frees it: the examples the packer holds (a whole window) take neither shared memory nor
-    a file descriptor each."""
+    """`value` with every array in grain's shared memory (an ndarray subclass; an empty array comes pickled, plain)
+    copied out, which frees it: the examples the packer holds (a whole window) take neither shared memory nor a file
+    descriptor each."""
     if isinstance(value, np.ndarray):
         return value if type(value) is np.ndarray else np.array(value)
     if isinstance(value, tuple):
@@ -468,7 +468,9 @@ def _exit_without(trainer: int) -> None:
 
 
 _ENDLESS = 2 ** 62  # the stop of a stream without one: grain's range is lazy
-_MIN_SHM_BYTES = 1 << 16  # smaller arrays (tokens, loss masks) come back pickled, not each in its own shared memory
+# Every array comes back through shared memory, leaving the queue's pipe only small messages: a worker stopped
+# with pipe-sized arrays still queued would wait on its queue's feeder thread until grain kills it (25 s).
+_MIN_SHM_BYTES = 0
 
 
 class _ProcessFeed:
