@@ -31,8 +31,16 @@ from vlm_jax.data.packing import NavitRows, plan_groups, plan_rows
 TEXT = [(0.55, 110, 0.6, True), (0.30, 330, 0.5, True), (0.06, 200, 0.6, True), (0.09, 800, 0.9, False)]
 
 
+IMAGE_KINDS = ("photo", "document", "screenshot")
+
+
 def image_size(rng: np.random.Generator) -> tuple[int, int]:
     """(height, width) in pixels of one photo, document or screenshot."""
+    return image_kind_size(rng)[1:]
+
+
+def image_kind_size(rng: np.random.Generator) -> tuple[str, int, int]:
+    """(IMAGE_KINDS entry, height, width in pixels) of one photo, document or screenshot."""
     kind = rng.choice(3, p=[0.6, 0.2, 0.2])
     if kind == 0:
         long = rng.integers(480, 1025)
@@ -47,7 +55,7 @@ def image_size(rng: np.random.Generator) -> tuple[int, int]:
     else:
         w = rng.choice([390, 414, 750, 1080, 1170])
         h = w * rng.uniform(2.0, 2.17)
-    return int(h), int(w)
+    return IMAGE_KINDS[kind], int(h), int(w)
 
 
 def sample_examples(rng: np.random.Generator, n: int, seq_len: int, merge: int = 2,

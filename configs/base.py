@@ -168,7 +168,11 @@ def get_config() -> ml_collections.ConfigDict:
     # own into batch_size / shards rows of every batch, in shard order: a step's batch depends on the config, never
     # on the process count. A process builds the shards its devices' rows fall on, so the process count divides it.
     d.shards = 1
-    d.workers = 2  # preprocessing threads per data shard
+    # Grain worker processes per data shard (a process builds the shards of its devices' rows) that read, decode,
+    # preprocess and tokenise its examples; 0: data.threads threads of the training process do (the batches are
+    # the same either way: docs/contracts.md, training data iterator).
+    d.workers = 0
+    d.threads = 2  # data.workers=0: preprocessing threads per data shard (PIL, numpy and the tokenizer release the GIL)
     d.prefetch = 2  # batches built ahead of the training step
     # Tiled stems (clip, eva, qwenvl): a global view plus a grid of tiles per image (vlm_jax/data/images.py).
     d.tile_size = 224  # tile side in pixels (the vision tower's image_size)

@@ -38,6 +38,9 @@ def system(name: str) -> ml_collections.ConfigDict:
     c.model.update(dtype="bfloat16", param_dtype="float32", frozen_param_dtype="bfloat16", remat_policy="full",
                    attention="auto")
     c.mesh.update(data=1, fsdp=-1, tensor=1)
+    # Examples decoded in worker processes, off the trainer's GIL: 4 a data shard hold two to three times the rate
+    # a POINTS1.5-7B step at peak asks of a v5p host (docs/experiments.md 9), a few of its cores.
+    c.data.workers = 4
     return c
 
 
@@ -57,8 +60,9 @@ def make_tiny(c: ml_collections.ConfigDict, image_size: int) -> None:
     # A fixed few steps rather than epochs of the synthetic data.
     c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 4, 8, 1, 4
     c.data.epochs = 0
-    # CPU settings: fp32 for exact comparisons, one pass, data parallel over the test's fake devices.
-    c.micro_batches = 1
+    # CPU settings: fp32 for exact comparisons, one pass, data parallel over the test's fake devices, examples read
+    # in threads (no worker processes to start).
+    c.micro_batches, c.data.workers = 1, 0
     c.model.update(dtype="float32", frozen_param_dtype="", remat_policy="none", attention="xla")
     c.mesh.update(data=-1, fsdp=1, tensor=1)
     c.eval_examples, c.eval_batch_size = 8, 8

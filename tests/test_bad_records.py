@@ -85,7 +85,7 @@ def data_config(path: str, *extra: str):
     c.batch_size = 2
     c.model.vision.patch_size = 8
     c.data.update(source="llava_json", path=path, seq_len=200, tile_size=32, max_tiles=4, max_tiles_per_row=10,
-                  workers=1, max_image_pixels=LIMIT)
+                  threads=1, max_image_pixels=LIMIT)
     for item in extra:
         key, _, value = item.partition("=")
         set_key(c, f"data.{key}", value)
@@ -210,7 +210,7 @@ def test_check_data_lists_bad_and_over_long_records_and_exits_1(tmp_path, capsys
     path = write_data(tmp_path, ITEMS + [BAD["truncated image"][0], long, BAD["not utf-8"][0]],
                       [BAD["not utf-8"][1]])
     argv = ["--config", os.path.join(ROOT, "configs/demo.py"), *(f"--config.{o}" for o in TINY),
-            "--config.data.source=llava_json", f"--config.data.path={path}", "--config.data.workers=2"]
+            "--config.data.source=llava_json", f"--config.data.path={path}", "--config.data.threads=2"]
     with pytest.raises(SystemExit) as done:
         check_data.main(argv)
     assert done.value.code == 1

@@ -17,7 +17,7 @@ def config(path, **data):
     c.batch_size = 2
     c.model.vision.patch_size = 8
     c.data.update(source="llava_json", path=str(path), template="vicuna_v1", seq_len=200, tile_size=32,
-                  max_tiles=4, max_tiles_per_row=10, workers=1)
+                  max_tiles=4, max_tiles_per_row=10, threads=1)
     c.data.update(**data)
     return c
 

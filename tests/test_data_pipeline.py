@@ -25,7 +25,7 @@ def small_config(**data):
     c.model.vision.patch_size = 8
     d = c.data
     d.update(template="vicuna_v1", seq_len=160, tile_size=32, max_tiles=4, max_tiles_per_row=10,
-             min_image_size=32, max_image_size=96, num_train=1000, num_eval=20, workers=2)
+             min_image_size=32, max_image_size=96, num_train=1000, num_eval=20, threads=2)
     d.update(**data)
     return c
 

@@ -40,7 +40,7 @@ def test_out_of_vocab_placeholders_train_and_generate(tmp_path):
     for placeholder in (-200, vocab):
         config = load_config(os.path.join(ROOT, "configs/sharegpt4v_7b.py") + ":stage2,tiny", [
             "data.source=llava_json", f"data.path={data}", f"data.eval_path={data}",
-            f"data.tokenizer={tmp_path / 'tok'}", f"data.image_token_id={placeholder}", "data.workers=1",
+            f"data.tokenizer={tmp_path / 'tok'}", f"data.image_token_id={placeholder}", "data.threads=1",
             f"model.text.vocab_size={vocab}", "total_steps=3", "checkpoint_every=0"])
         assert config.model.loss_vocab_chunk >= vocab  # the logits over the whole vocabulary, NaN before
         workdir = tmp_path / f"run{placeholder}"

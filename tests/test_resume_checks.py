@@ -78,7 +78,7 @@ def test_a_changed_config_is_refused_before_anything_is_written(workdir, change)
     said, leaf = CHANGES[change]
     before = snapshot(workdir)
     with pytest.raises(InputError) as e:
-        loop.train(tiny_config(*RUN, change, "log_every=2", "data.workers=1", "mesh.fsdp=2"), workdir)  # free keys
+        loop.train(tiny_config(*RUN, change, "log_every=2", "data.threads=1", "mesh.fsdp=2"), workdir)  # free keys
     msg = str(e.value)
     assert msg.startswith(f"cannot resume {workdir} from step 2: the config differs from the one it saved in {said}")
     if leaf:

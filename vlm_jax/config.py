@@ -43,6 +43,7 @@ ADDED = {
     "data.on_bad_record": "raise",
     "data.max_bad_fraction": 0.01,  # read only when skipping, which older runs never did
     "data.max_image_pixels": 2 * 89478485,  # PIL refused images over twice its MAX_IMAGE_PIXELS (and warned)
+    "data.threads": 2,  # never compared (resume FREE); older runs read in data.workers threads
     "eval_every": 0,  # no evaluation during training
     "eval_benchmark": "",
     "eval_metric": "auto",
@@ -63,7 +64,7 @@ POSITIVE = (
     "model.connector.mlp_dim", "model.connector.cross_attention_frequency",
     "model.text.vocab_size", "model.text.hidden", "model.text.layers", "model.text.heads", "model.text.kv_heads",
     "model.text.head_dim", "model.text.ffn",
-    "data.seq_len", "data.max_examples_per_row", "data.shards", "data.workers", "data.tile_size", "data.max_tiles",
+    "data.seq_len", "data.max_examples_per_row", "data.shards", "data.threads", "data.tile_size", "data.max_tiles",
     "data.max_tiles_per_row", "data.min_pixels", "data.max_pixels", "data.max_patches_per_row",
     "data.max_images_per_row", "data.vision_group_rows", "data.num_train", "data.num_eval", "data.min_image_size",
     "data.max_image_size", "optim.max_skipped_steps",
@@ -73,7 +74,7 @@ NON_NEGATIVE = (
     "total_steps", "checkpoint_every", "eval_examples", "eval_every", "vision_pretrain.steps",
     "vision_pretrain.warmup_steps", "model.loss_vocab_chunk", "model.connector.hidden_dim",
     "model.connector.num_queries", "model.vision.pos_grid", "model.lora.rank", "data.epochs", "data.pack_window",
-    "data.prefetch", "data.max_image_pixels", "optim.warmup_steps",
+    "data.workers", "data.prefetch", "data.max_image_pixels", "optim.warmup_steps",
 )
 # Shares: a value outside [0, 1] means nothing.
 FRACTIONS = ("data.max_bad_fraction",)

@@ -8,7 +8,7 @@ fit a row (file, index, id, reason) on stdout, then prints one JSON line of coun
 without an image, per source. With data.mixture each of its sources is checked in turn and named: its lines say
 `train/<name>` and its counts are the JSON's `train/<name>`. Exit status 1 when any record is bad (a run with the
 default data.on_bad_record=raise would stop on it), else 0; over-long examples alone (data.skip_too_long) leave it 0.
-Records are read in data.workers threads.
+Records are read in data.threads threads.
 """
 
 import concurrent.futures
@@ -49,7 +49,7 @@ def scan(config: ml_collections.ConfigDict, tokenizer, split: str, label: str = 
     else:
         read, layout = _prompt(PromptExample(config, tokenizer, source)), row_layout(config, grouped=False)
     counts = dict(records=len(source), bad=0, too_long=0, without_image=0)
-    with concurrent.futures.ThreadPoolExecutor(config.data.workers) as pool:
+    with concurrent.futures.ThreadPoolExecutor(config.data.threads) as pool:
         for start in range(0, len(source), _CHUNK):
             indices = range(start, min(start + _CHUNK, len(source)))
             for index, ex in zip(indices, pool.map(read, indices)):

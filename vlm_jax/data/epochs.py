@@ -41,7 +41,7 @@ def count_epochs(config: ml_collections.ConfigDict, tokenizer, shards: list[int]
         # Nothing else runs yet: every core encodes (the tokenizer releases the GIL).
         packer = PackedBatchIterator(stream, rows=rows, layout=layout, window=d.pack_window,
                                      skip_too_long=d.skip_too_long, skip_bad=skip_bad,
-                                     max_bad_fraction=d.max_bad_fraction, workers=threads, lookahead=4 * threads,
+                                     max_bad_fraction=d.max_bad_fraction, threads=threads, lookahead=4 * threads,
                                      epoch_size=epoch_size, stop=stop)
         counts[s], skipped = [], (0, 0)
         for e in range(d.epochs):

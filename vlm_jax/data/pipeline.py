@@ -14,25 +14,36 @@ data/epochs.py counts and a run of the steps it derives sees every example N tim
 A mixture (data.mixture, docs/contracts.md) mixes several such streams: each source is shuffled with its own seed
 (derived from config.seed and its name) and cut into the same data shards, and shard s of the mixture interleaves
 the sources' shard-s streams by weight (`WeightedSchedule`), so its example i is again a pure function of i.
+
+Who computes the examples (read, decode, preprocess, tokenise: `ReadExample`) is data.workers: N > 0 grain worker
+processes per data shard, each computing every N-th example from the shard's stream position on (an interleave reads
+them back in stream order), or with 0 a pool of data.threads threads of the trainer process. The packer runs in the
+trainer process either way and its state is the stream position, so the batches are the same for any worker count
+and a run may resume under another one (docs/contracts.md, training data iterator).
 """
 
 import collections
 import concurrent.futures
 import dataclasses
 import fractions
+import functools
 import logging
 import math
 import numbers
 import os
 import queue
 import re
+import signal
 import threading
+import time
+import traceback
 import zlib
 from collections.abc import Mapping
 
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from vlm_jax.data.array_records import ArrayRecordSource
 from vlm_jax.data.image_kinds import data_kind
@@ -40,7 +51,7 @@ from vlm_jax.data.llava_json import LlavaJsonSource
 from vlm_jax.data import packing
 from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, check_fits
 from vlm_jax.data.synthetic import SyntheticSource
-from vlm_jax.errors import BadRecordError, InputError
+from vlm_jax.errors import BadRecordError, InputError, ReportedError
 
 log = logging.getLogger(__name__)
 SOURCES = ("synthetic", "llava_json", "array_record")  # data.source
@@ -237,7 +248,9 @@ class PackedBatchIterator:
     the rows of it already yielded. NaViT rows in groups (`layout.group` > 1, which needs a window) are planned a
     window at a time too (packing.plan_groups), and a window passes the examples it could not fit to the next: the
     state then also holds their stream indices. A background thread builds batches ahead (`prefetch` batches)
-    while a pool of `workers` threads preprocesses examples (PIL and numpy release the GIL). An example that can
+    from examples that `workers` grain worker processes compute ahead, or with `workers` 0 a pool of `threads`
+    threads of this process (PIL, numpy and the tokenizer release the GIL), `lookahead` examples ahead: the
+    batches are the same either way (_AheadReader). An example that can
     never fit raises InputError naming it, or is skipped with a warning when skip_too_long is set. A BadRecord in
     the stream raises its error, or with `skip_bad` is left out with a warning (once per record and process); with
     `skip_bad` the stream stops with an InputError once its bad records exceed `max_bad_fraction` of its epoch
@@ -251,14 +264,14 @@ class PackedBatchIterator:
 
     def __init__(self, examples: grain.MapDataset, *, rows: int, layout: TiledRows | NavitRows,
                  window: int = 0, skip_too_long: bool = False, skip_bad: bool = False, max_bad_fraction: float = 0.0,
-                 prefetch: int = 2, workers: int = 2, lookahead: int = 8, epoch_size: int = 0,
+                 prefetch: int = 2, workers: int = 0, threads: int = 2, lookahead: int = 8, epoch_size: int = 0,
                  stop: int | None = None, sources: int = 1):
         self.examples, self.rows, self.layout, self.window = examples, rows, layout, window
         self.skip_too_long, self.skip_bad, self.max_bad_fraction = skip_too_long, skip_bad, max_bad_fraction
         # epoch_size n > 0: stream indices [k n, (k + 1) n) are epoch k, packed on their own; the stream ends at
         # `stop` (None: never).
         self.epoch_size, self.stop = epoch_size, stop
-        self.prefetch, self.workers, self.lookahead = prefetch, workers, lookahead
+        self.prefetch, self.workers, self.threads, self.lookahead = prefetch, workers, threads, lookahead
         if layout.group > 1 and not window:
             raise ValueError(f"data.vision_group_rows={layout.group} plans rows a window at a time: set "
                              "data.pack_window")
@@ -331,46 +344,47 @@ class PackedBatchIterator:
                 pass
         self._thread = None
 
+    def _reader(self, index: int, stop: int | None, skipped: tuple[int, int]) -> "_AheadReader":
+        return _AheadReader(self.examples, index, stop, skipped, self.workers, self.threads, self.lookahead)
+
     def _produce(self, position: Position, examples_before: tuple[int, ...], stop: threading.Event,
                  out: queue.Queue) -> None:
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            reader = _AheadReader(self.examples, pool, position[0], self.lookahead, self.stop, position[3])
-            grouped = self.layout.group > 1
-            units, after = self._units(reader, position, self.stop), position
-            counts = list(examples_before)
-            try:
-                while not stop.is_set():
-                    batch = self.layout.empty(self.rows)
-                    for unit in range(self.rows // self.layout.group):
-                        planned = next(units, None)
-                        if planned is None:  # the stream ended: the rest of the batch stays empty
-                            break
-                        if grouped:
-                            examples, plan, after = planned
-                            self.layout.write_group(batch, unit, examples, plan)
-                            written = [examples[i] for row in plan.rows for i in row]
-                        else:
-                            examples, after = planned
-                            self.layout.write(batch, unit, examples)
-                            written = examples
-                        for ex in written:
-                            counts[ex.source] += 1
-                    self._put(out, stop, (batch, after, tuple(counts)))
-            except BaseException as e:  # surfaced to the consumer on its next call
-                self._put(out, stop, e)
-            finally:
-                reader.cancel()
+        reader = self._reader(position[0], self.stop, position[3])
+        grouped = self.layout.group > 1
+        units, after = self._units(reader, position, self.stop), position
+        counts = list(examples_before)
+        try:
+            while not stop.is_set():
+                batch = self.layout.empty(self.rows)
+                for unit in range(self.rows // self.layout.group):
+                    planned = next(units, None)
+                    if planned is None:  # the stream ended: the rest of the batch stays empty
+                        break
+                    if grouped:
+                        examples, plan, after = planned
+                        self.layout.write_group(batch, unit, examples, plan)
+                        written = [examples[i] for row in plan.rows for i in row]
+                    else:
+                        examples, after = planned
+                        self.layout.write(batch, unit, examples)
+                        written = examples
+                    for ex in written:
+                        counts[ex.source] += 1
+                self._put(out, stop, (batch, after, tuple(counts)))
+        except BaseException as e:  # surfaced to the consumer on its next call
+            self._put(out, stop, e)
+        finally:
+            reader.cancel()
 
     def count_units(self, start: int, stop: int, skipped: tuple[int, int] = (0, 0)) -> tuple[int, tuple[int, int]]:
         """How many rows (groups of rows when grouped) the stream's examples [start, stop) pack into, `start`
         the first index of an epoch and `stop` its end, `skipped` the records skipped before `start`; and the
         records skipped before `stop` (data/epochs.py counts epochs with it)."""
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            reader = _AheadReader(self.examples, pool, start, self.lookahead, stop, skipped)
-            try:
-                return sum(1 for _ in self._units(reader, (start, 0, (), skipped), stop)), reader.skipped()
-            finally:
-                reader.cancel()
+        reader = self._reader(start, stop, skipped)
+        try:
+            return sum(1 for _ in self._units(reader, (start, 0, (), skipped), stop)), reader.skipped()
+        finally:
+            reader.cancel()
 
     def _units(self, reader: "_AheadReader", position: Position, stop: int | None):
         """The rows (groups) of the stream from `position` up to `stop`, with the position after each."""
@@ -481,33 +495,143 @@ class PackedBatchIterator:
 
 
 class _AheadReader:
-    """Reads examples[index], examples[index + 1], ... in order, computing `lookahead` of them ahead; counts the
-    records the packer leaves out (`skipped`: SKIPPED), from `skipped` before `index`."""
+    """Reads examples[index], examples[index + 1], ... in order, nothing at or past `stop`, computing them ahead in
+    `workers` grain worker processes (_ProcessFeed) or, with 0, `lookahead` of them in `threads` threads of this
+    process (_ThreadFeed), started at the first peek; counts the records the packer leaves out (`skipped`:
+    SKIPPED), from `skipped` before `index`."""
 
-    def __init__(self, examples: grain.MapDataset, pool: concurrent.futures.Executor, index: int,
-                 lookahead: int, stop: int | None = None, skipped: tuple[int, int] = (0, 0)):
-        self.examples, self.pool, self.index, self.lookahead, self.stop = examples, pool, index, lookahead, stop
+    def __init__(self, examples: grain.MapDataset, index: int, stop: int | None = None,
+                 skipped: tuple[int, int] = (0, 0), workers: int = 0, threads: int = 1, lookahead: int = 8):
+        self.examples, self.index, self.stop = examples, index, stop
         self.bad, self.too_long = skipped
-        self._pending: collections.deque = collections.deque()
-        self._submitted = index
+        self.workers, self.threads, self.lookahead = workers, threads, lookahead
+        self._feed: _ThreadFeed | _ProcessFeed | None = None
+        self._head: list = []  # the example at self.index once read
 
     def peek(self) -> Example:
-        """The example at self.index (not consumed); nothing at or past `stop` is read ahead."""
-        while len(self._pending) < self.lookahead and (self.stop is None or self._submitted < self.stop):
-            self._pending.append(self.pool.submit(self.examples.__getitem__, self._submitted))
-            self._submitted += 1
-        return self._pending[0].result()
+        """The example at self.index (not consumed)."""
+        if not self._head:
+            if self._feed is None:
+                self._feed = (_ProcessFeed(self.examples, self.index, self.stop, self.workers, self.lookahead)
+                              if self.workers else
+                              _ThreadFeed(self.examples, self.index, self.stop, self.threads, self.lookahead))
+            self._head.append(next(self._feed))
+        return self._head[0]
 
     def advance(self) -> None:
-        self._pending.popleft()
+        self.peek()
+        self._head.clear()
         self.index += 1
 
     def skipped(self) -> tuple[int, int]:
         return self.bad, self.too_long
 
     def cancel(self) -> None:
-        for f in self._pending:
-            f.cancel()
+        """Stops the threads or worker processes (what they computed ahead is dropped)."""
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
+
+
+class _ThreadFeed:
+    """examples[start], examples[start + 1], ... up to `stop`, `lookahead` of them computed ahead by `threads`
+    threads."""
+
+    def __init__(self, examples: grain.MapDataset, start: int, stop: int | None, threads: int, lookahead: int):
+        self.examples, self.next, self.stop, self.lookahead = examples, start, stop, lookahead
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="vlm_jax-data-read")
+        self.pending: collections.deque = collections.deque()
+
+    def __next__(self):
+        while len(self.pending) < self.lookahead and (self.stop is None or self.next < self.stop):
+            self.pending.append(self.pool.submit(self.examples.__getitem__, self.next))
+            self.next += 1
+        return self.pending.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DataWorkerError(RuntimeError):
+    """An exception other than a ReportedError in a data worker process, with the worker's traceback: a bug."""
+
+
+class _ReadInWorker:
+    """Stream index -> examples[index] in a grain worker process, as (its class, its fields) so that grain passes
+    the arrays through shared memory. An exception other than a ReportedError (which pickles as it is) comes back
+    as a DataWorkerError naming the stream index, the exception and the worker's traceback."""
+
+    def __init__(self, examples: grain.MapDataset):
+        self.examples = examples
+
+    def __call__(self, index: int) -> tuple[type, dict]:
+        index = int(index)
+        try:
+            ex = self.examples[index]
+        except ReportedError:
+            raise
+        except Exception as e:
+            raise DataWorkerError(
+                f"data worker process {os.getpid()} failed on example {index} of its data shard's stream: "
+                f"{type(e).__name__}: {e}\nworker traceback:\n{''.join(traceback.format_exception(e))}") from None
+        return type(ex), {f.name: getattr(ex, f.name) for f in dataclasses.fields(ex)}
+
+
+def _own(value):
+    """`value` with every array in grain's shared memory (an ndarray subclass; an empty array comes pickled, plain)
+    copied out, which frees it: the examples the packer holds (a whole window) take neither shared memory nor a file
+    descriptor each."""
+    if isinstance(value, np.ndarray):
+        return value if type(value) is np.ndarray else np.array(value)
+    if isinstance(value, tuple):
+        return tuple(_own(v) for v in value)
+    return value
+
+
+def _worker_init(trainer: int, index: int, count: int) -> None:
+    """Runs first in every worker process. Ctrl-C and SIGTERM are the trainer's to act on (it ends after its step
+    and closes its workers: a worker killed by them would fail that step's batch); a worker whose trainer is gone
+    (killed outright) exits instead of waiting on its queue forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_without, args=(trainer,), daemon=True, name="vlm_jax-worker-watch").start()
+
+
+def _exit_without(trainer: int) -> None:
+    while os.getppid() == trainer:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+_ENDLESS = 2 ** 62  # the stop of a stream without one: grain's range is lazy
+# Every array comes back through shared memory, leaving the queue's pipe only small messages: a worker stopped
+# with pipe-sized arrays still queued would wait on its queue's feeder thread until grain kills it (25 s).
+_MIN_SHM_BYTES = 0
+
+
+class _ProcessFeed:
+    """examples[start], examples[start + 1], ... up to `stop`: grain worker k of `workers` computes examples
+    start + k, start + k + workers, ... (its buffer holds `lookahead / workers` of them ahead), and grain's
+    interleave reads them back in order. Workers are spawned processes (a second or two to start, each importing
+    the data code and unpickling the stream: source, tokenizer, image processor); close() stops them and frees
+    their shared memory, as grain does at exit for any left open."""
+
+    def __init__(self, examples: grain.MapDataset, start: int, stop: int | None, workers: int, lookahead: int):
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags, which only an absl app has parsed
+            flags.FLAGS.mark_as_parsed()
+        stream = grain.MapDataset.range(start, _ENDLESS if stop is None else stop).map(_ReadInWorker(examples))
+        stream = grain.experimental.WithOptionsIterDataset(
+            stream.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
+            grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES))
+        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, lookahead // workers))
+        self._it = iter(stream.mp_prefetch(options, worker_init_fn=functools.partial(_worker_init, os.getpid())))
+
+    def __next__(self):
+        cls, fields = next(self._it)
+        return cls(**{name: _own(value) for name, value in fields.items()})
+
+    def close(self) -> None:
+        self._it.close()
 
 
 class ShardedBatchIterator:
@@ -652,7 +776,8 @@ def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> S
     batches hold empty rows there).
     Optional config keys: data.skip_too_long (default False: an over-long example is an error),
     data.on_bad_record and data.max_bad_fraction (a record that cannot be used is an error, or left out),
-    data.workers (preprocessing threads per shard, default 2), data.prefetch (batches built ahead, default 2).
+    data.workers (worker processes per shard computing the examples; 0: data.threads threads of this process),
+    data.prefetch (batches built ahead).
     """
     d, rows = config.data, shard_rows(config)
     count = d.shards
@@ -667,7 +792,8 @@ def make_train_iterator(config, tokenizer, shards: list[int] | None = None) -> S
         iterators[s] = PackedBatchIterator(
             examples, rows=rows, layout=layout, window=d.pack_window, skip_too_long=d.skip_too_long,
             skip_bad=d.on_bad_record == "skip", max_bad_fraction=d.max_bad_fraction, prefetch=d.prefetch,
-            workers=d.workers, epoch_size=epoch_size, stop=stop, sources=len(training_sources(config)))
+            workers=d.workers, threads=d.threads, lookahead=max(8, 4 * d.workers), epoch_size=epoch_size,
+            stop=stop, sources=len(training_sources(config)))
     return ShardedBatchIterator(iterators, count)
 
 

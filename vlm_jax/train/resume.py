@@ -27,7 +27,7 @@ FREE = (
     "eval_batch_size", "eval_examples", "max_new_tokens", "data.eval_path", "data.num_eval",  # evaluation only
     "eval_every", "eval_benchmark", "eval_metric",
     "vision_pretrain.eval_images",  # the demo's stage-0 report
-    "data.workers", "data.prefetch",  # threads and queue depth; the batches are the same
+    "data.workers", "data.threads", "data.prefetch",  # processes, threads, queue depth: the batches are the same
     # A run that met an over-long example or a bad record stopped there; switching these is how it goes on past it
     # (skip mode keeps bad records in the record list, so the stream's indices and shuffle are the same).
     "data.skip_too_long", "data.on_bad_record", "data.max_bad_fraction",
