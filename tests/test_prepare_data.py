@@ -164,16 +164,18 @@ def train(setup, step, config, steps: int = 2) -> tuple[list[dict], list[float]]
 @pytest.mark.parametrize("make_config", [config, navit_config], ids=["tiles", "patches"])
 def test_same_losses_from_json_and_from_shards(tmp_path, make_config):
     """The same LLaVA-format data (several images a record, text-only ones among them) trains to the same losses
-    from its JSON and from its array_record shards."""
+    from its JSON and from its array_record shards, read in-process and by two worker processes."""
     src = write_multi(tmp_path, MULTI * 3)
     from_json = make_config("data.source=llava_json", f"data.path={src}", "data.seq_len=320")
     prepare_data.prepare(from_json, TOK, str(src), str(tmp_path / "shards"), shards=2, progress=False)
-    from_shards = make_config("data.source=array_record", f"data.path={tmp_path / 'shards'}", "data.seq_len=320")
     setup = loop.Setup(from_json)
     step = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings)
     want_batches, want = train(setup, step, from_json)
-    got_batches, got = train(setup, step, from_shards)
-    for a, b in zip(want_batches, got_batches, strict=True):
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert (want_batches[0]["tokens"] > 0).sum() > 0 and all(np.isfinite(want))
-    assert got == want
+    for workers in (0, 2):
+        from_shards = make_config("data.source=array_record", f"data.path={tmp_path / 'shards'}", "data.seq_len=320",
+                                  f"data.workers={workers}")
+        got_batches, got = train(setup, step, from_shards)
+        for a, b in zip(want_batches, got_batches, strict=True):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        assert got == want

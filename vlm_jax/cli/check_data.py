@@ -3,12 +3,12 @@
 Reads every record of the training source, and of the evaluation source when the config has one (llava_json or
 array_record with data.eval_path, or the synthetic source), as the run would: each record parsed, its images fully
 decoded and converted, its conversation tokenised with the run's tokenizer, and the example checked against a row's
-packing budgets (the evaluation prompts against a generation row's). Lists each bad record and each example that can never
-fit a row (file, index, id, reason) on stdout, then prints one JSON line of counts: records, bad, too long and
+packing budgets (the evaluation prompts against a generation row's). Lists each bad record and each example that can
+never fit a row (file, index, id, reason) on stdout, then prints one JSON line of counts: records, bad, too long and
 without an image, per source. With data.mixture each of its sources is checked in turn and named: its lines say
 `train/<name>` and its counts are the JSON's `train/<name>`. Exit status 1 when any record is bad (a run with the
-default data.on_bad_record=raise would stop on it), else 0; over-long examples alone (data.skip_too_long) leave it 0.
-Records are read in data.threads threads.
+default data.on_bad_record=raise would stop on it), else 0; over-long examples alone (data.skip_too_long) leave it
+0. Records are read in data.threads threads.
 """
 
 import concurrent.futures
