@@ -14,8 +14,9 @@ import pytest
 
 from vlm_jax.data.epochs import count_epochs, epoch_steps
 from vlm_jax.data.image_kinds import data_kind
-from vlm_jax.data.pipeline import (DataWorkerError, PackedBatchIterator, ReadExample, make_example_dataset,
-                                   make_source, make_train_iterator, row_layout, shard_rows)
+from vlm_jax.data.feeds import DataWorkerError
+from vlm_jax.data.pipeline import (PackedBatchIterator, ReadExample, make_example_dataset, make_source,
+                                   make_train_iterator, row_layout, shard_rows)
 from vlm_jax.train import loop
 from tests.helpers import assert_bitwise_equal, tiny_config
 from tests.test_epochs import TOK, stage_config, write_data

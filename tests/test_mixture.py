@@ -12,8 +12,8 @@ import pytest
 from configs import base
 from vlm_jax.cli import check_data
 from vlm_jax.config import check_values, load_config, set_key, to_json, upgrade_config
-from vlm_jax.data.pipeline import (WeightedSchedule, example_counts, make_example_dataset, make_train_iterator,
-                                   merge_shard_states, mixture_names)
+from vlm_jax.data.mixture import WeightedSchedule, mixture_names
+from vlm_jax.data.pipeline import example_counts, make_example_dataset, make_train_iterator, merge_shard_states
 from vlm_jax.data.tokenizer import load_tokenizer, special_ids
 from vlm_jax.errors import InputError
 from vlm_jax.layers.loss import masked_sum

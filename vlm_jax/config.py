@@ -109,7 +109,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Rejects, before a command builds or writes anything, a size or count below 1 (POSITIVE), a step count
     below 0 (NON_NEGATIVE), a share outside [0, 1] (FRACTIONS), a choice key naming no choice, an
-    `allow_changes` naming no key and a data.mixture entry that is malformed (data/pipeline.py training_sources) or
+    `allow_changes` naming no key and a data.mixture entry that is malformed (data/mixture.py training_sources) or
     whose source's own keys fail the checks above, each with one error naming the key (and entry) and value."""
     _check_keys(config)
     if config.total_steps == 0 and not config.data.epochs:
@@ -120,7 +120,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         except (KeyError, TypeError):  # no such key; a key under a value
             raise InputError(f"config key allow_changes names {name!r}, which is no config key or section") from None
     if config.data.mixture:
-        from vlm_jax.data.pipeline import training_sources
+        from vlm_jax.data.mixture import training_sources
         if config.data.epochs:
             raise InputError(f"config key data.epochs={config.data.epochs} counts passes over one source, but "
                              "data.mixture draws each of its sources at its weight, so their epochs end at different "

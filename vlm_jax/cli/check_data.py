@@ -20,7 +20,8 @@ from vlm_jax.cli.args import parse, reported_errors
 from vlm_jax.config import check_values
 from vlm_jax.data.image_kinds import data_kind
 from vlm_jax.data.packing import Example, check_fits
-from vlm_jax.data.pipeline import BadRecord, PromptExample, ReadExample, make_source, row_layout, training_sources
+from vlm_jax.data.mixture import training_sources
+from vlm_jax.data.pipeline import BadRecord, PromptExample, ReadExample, make_source, row_layout
 from vlm_jax.data.tokenizer import run_tokenizer
 from vlm_jax.errors import BadRecordError, InputError
 

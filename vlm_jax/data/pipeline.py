@@ -22,36 +22,24 @@ trainer process either way and its state is the stream position, so the batches 
 and a run may resume under another one (docs/contracts.md, training data iterator).
 """
 
-import collections
-import concurrent.futures
 import dataclasses
-import fractions
-import functools
 import logging
 import math
-import numbers
-import os
 import queue
-import re
-import signal
 import threading
-import time
-import traceback
-import zlib
-from collections.abc import Mapping
 
 import grain
-import ml_collections
 import numpy as np
-from absl import flags
 
 from vlm_jax.data.array_records import ArrayRecordSource
+from vlm_jax.data.feeds import AheadReader
 from vlm_jax.data.image_kinds import data_kind
 from vlm_jax.data.llava_json import LlavaJsonSource
+from vlm_jax.data.mixture import WeightedSchedule, training_sources
 from vlm_jax.data import packing
 from vlm_jax.data.packing import Example, NavitExample, NavitRows, TiledRows, check_fits
 from vlm_jax.data.synthetic import SyntheticSource
-from vlm_jax.errors import BadRecordError, InputError, ReportedError
+from vlm_jax.errors import BadRecordError, InputError
 
 log = logging.getLogger(__name__)
 SOURCES = ("synthetic", "llava_json", "array_record")  # data.source
@@ -79,112 +67,6 @@ def make_source(config, split: str, keep_bad: bool = False):
             return ArrayRecordSource(path, d.max_image_pixels)
         return LlavaJsonSource(path, d.image_folder, d.max_image_pixels, keep_bad)
     raise ValueError(f"unknown data.source {d.source!r}; known: {', '.join(map(repr, SOURCES))}")
-
-
-# The data keys a source of data.mixture may set for itself (the rest are the run's), and its optional name.
-MIXTURE_KEYS = ("name", "source", "path", "image_folder", "max_image_pixels", "num_train", "exclude_qtypes",
-                "min_image_size", "max_image_size")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingSource:
-    """One source of the training stream: its `name` (metrics.jsonl's examples/<name> and loss/<name>), `config`
-    (the run's, with the source's own data keys and shuffle seed: what make_source, the kind's record_to_example and
-    shard_stream read of it) and `weight` (its share of the stream is weight / the sum of the weights)."""
-
-    name: str
-    config: ml_collections.ConfigDict
-    weight: float
-
-
-def _default_name(source: str, path: str) -> str:
-    """A source's name when its entry gives none: its file's or folder's name without extension, or its kind."""
-    base = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] if path else ""
-    return base or source
-
-
-def training_sources(config) -> list[TrainingSource]:
-    """The training sources: each entry of data.mixture, or without one the single source data.source /
-    data.path names (its config is `config` itself, so a run without a mixture reads exactly what it read before
-    mixtures existed). One InputError naming the entry for a malformed entry, an unknown key, a weight that is not
-    positive or a name given twice."""
-    d = config.data
-    if not d.mixture:
-        return [TrainingSource(_default_name(d.source, d.path), config, 1.0)]
-    sources, seen = [], {}
-    for k, entry in enumerate(d.mixture):
-        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], Mapping)):
-            raise InputError(f"data.mixture entry {k} is {entry!r}, not (source_config dict, weight)")
-        keys, weight = dict(entry[0]), entry[1]
-        name = keys.pop("name", None) or _default_name(keys.get("source", d.source), keys.get("path", d.path))
-        what = f"data.mixture entry {k} ({name!r})"
-        unknown = sorted(set(keys) - set(MIXTURE_KEYS), key=str)
-        if unknown:
-            raise InputError(f"{what}: unknown key(s) {', '.join(map(repr, unknown))}; a source sets "
-                             f"{', '.join(MIXTURE_KEYS)}")
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 < weight < math.inf:
-            raise InputError(f"{what}: weight {weight!r} must be a positive number")
-        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
-            raise InputError(f"{what}: name {name!r} must be letters, digits, '_', '.' or '-' (it names metrics)")
-        if name in seen:
-            raise InputError(f"{what}: entry {seen[name]} is named {name!r} too: give one of them another 'name'")
-        seen[name] = k
-        sub = config.copy_and_resolve_references()
-        sub.data.mixture = []
-        for key, value in keys.items():
-            try:
-                sub.data[key] = value
-            except (TypeError, ValueError) as e:
-                raise InputError(f"{what}: {key}={value!r}: {e}") from None
-        # Its own shuffle (and synthetic scenes): two sources never walk their records in step.
-        sub.seed = int(np.random.SeedSequence([config.seed % 2**32, zlib.crc32(name.encode())]).generate_state(1)[0])
-        sources.append(TrainingSource(name, sub, float(weight)))
-    return sources
-
-
-def mixture_names(config) -> tuple[str, ...]:
-    """The names of data.mixture's sources when it mixes two or more (what per-source metrics are logged for),
-    else ()."""
-    sources = training_sources(config)
-    return tuple(s.name for s in sources) if len(sources) > 1 else ()
-
-
-class WeightedSchedule(grain.transforms.DatasetSelectionMap):
-    """Item i of a mixed stream -> (source k, item j of source k's stream): a deterministic interleave in which
-    source k's share of every prefix of n items is n * w_k (w_k its weight over the weights' sum) give or take
-    half an item per level of a binary tree over the sources: under one item for up to four sources. Each node
-    of the tree splits its items between its two halves of the sources, the left taking floor(n q + 1/2) of its
-    first n (q the left half's share of the node's weight, an exact fraction); so item i's source and its index
-    in that source's stream take O(log K) steps, with no state. Its length is the prefix in which no source's
-    stream passes its own length (grain's mix length); the schedule goes on past it, as the streams do."""
-
-    def __init__(self, weights: list[float], lengths: list[int]):
-        w = [fractions.Fraction(x) for x in weights]
-        self._length = max(1, min(math.floor(n * sum(w) / wk) for n, wk in zip(lengths, w)))
-        self._share: dict[tuple[int, int], fractions.Fraction] = {}
-        nodes = [(0, len(w))]
-        while nodes:
-            lo, hi = nodes.pop()
-            if hi - lo > 1:
-                mid = (lo + hi) // 2
-                self._share[lo, hi] = sum(w[lo:mid]) / sum(w[lo:hi])
-                nodes += [(lo, mid), (mid, hi)]
-        self._sources = len(w)
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index: int) -> tuple[int, int]:
-        lo, hi, i = 0, self._sources, int(index)
-        half = fractions.Fraction(1, 2)
-        while hi - lo > 1:
-            mid, q = (lo + hi) // 2, self._share[lo, hi]
-            left = math.floor(i * q + half)  # items of the left half among the node's first i
-            if math.floor((i + 1) * q + half) > left:
-                hi, i = mid, left
-            else:
-                lo, i = mid, i - left
-        return lo, i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +132,7 @@ class PackedBatchIterator:
     state then also holds their stream indices. A background thread builds batches ahead (`prefetch` batches)
     from examples that `workers` grain worker processes compute ahead, or with `workers` 0 a pool of `threads`
     threads of this process (PIL, numpy and the tokenizer release the GIL), `lookahead` examples ahead: the
-    batches are the same either way (_AheadReader). An example that can
+    batches are the same either way (AheadReader). An example that can
     never fit raises InputError naming it, or is skipped with a warning when skip_too_long is set. A BadRecord in
     the stream raises its error, or with `skip_bad` is left out with a warning (once per record and process); with
     `skip_bad` the stream stops with an InputError once its bad records exceed `max_bad_fraction` of its epoch
@@ -344,8 +226,8 @@ class PackedBatchIterator:
                 pass
         self._thread = None
 
-    def _reader(self, index: int, stop: int | None, skipped: tuple[int, int]) -> "_AheadReader":
-        return _AheadReader(self.examples, index, stop, skipped, self.workers, self.threads, self.lookahead)
+    def _reader(self, index: int, stop: int | None, skipped: tuple[int, int]) -> "AheadReader":
+        return AheadReader(self.examples, index, stop, skipped, self.workers, self.threads, self.lookahead)
 
     def _produce(self, position: Position, examples_before: tuple[int, ...], stop: threading.Event,
                  out: queue.Queue) -> None:
@@ -386,7 +268,7 @@ class PackedBatchIterator:
         finally:
             reader.cancel()
 
-    def _units(self, reader: "_AheadReader", position: Position, stop: int | None):
+    def _units(self, reader: "AheadReader", position: Position, stop: int | None):
         """The rows (groups) of the stream from `position` up to `stop`, with the position after each."""
         if self.layout.group > 1:
             return self._window_groups(reader, position[1], position[2], stop)
@@ -398,7 +280,7 @@ class PackedBatchIterator:
         """The first stream index past the epoch of `index` (None without epochs)."""
         return (index // self.epoch_size + 1) * self.epoch_size if self.epoch_size else None
 
-    def _fitting(self, reader: "_AheadReader", end: int | None) -> Example | NavitExample | None:
+    def _fitting(self, reader: "AheadReader", end: int | None) -> Example | NavitExample | None:
         """The next example before `end` that can fit a row (not consumed), or None at `end`; raises or skips
         bad records and those that never can fit."""
         while end is None or reader.index < end:
@@ -417,7 +299,7 @@ class PackedBatchIterator:
             reader.advance()
         return None
 
-    def _skip_bad(self, reader: "_AheadReader", error: BadRecordError) -> None:
+    def _skip_bad(self, reader: "AheadReader", error: BadRecordError) -> None:
         """Leaves out the bad record at the reader's index, or raises `error` (see the class: max_bad_fraction)."""
         if not self.skip_bad:
             raise error
@@ -431,7 +313,7 @@ class PackedBatchIterator:
         warn_bad_record(error)
         reader.advance()
 
-    def _stream_rows(self, reader: "_AheadReader", stop: int | None):
+    def _stream_rows(self, reader: "AheadReader", stop: int | None):
         """Rows of consecutive examples, each with the position after it."""
         limits = [limit for _, _, limit in self.layout.budgets]
         while stop is None or reader.index < stop:
@@ -446,7 +328,7 @@ class PackedBatchIterator:
             if packed:  # empty only when the epoch's last examples were all skipped
                 yield packed, (reader.index, 0, (), reader.skipped())
 
-    def _window_rows(self, reader: "_AheadReader", skip: int, stop: int | None):
+    def _window_rows(self, reader: "AheadReader", skip: int, stop: int | None):
         """Rows planned over windows of `self.window` examples (fewer at an epoch's end), each with the position
         after it; the first `skip` rows of the first window were yielded before a restore."""
         limits = tuple(limit for _, _, limit in self.layout.budgets)
@@ -462,7 +344,7 @@ class PackedBatchIterator:
                 yield [examples[i] for i in plan[k]], after
             skip = 0
 
-    def _window_groups(self, reader: "_AheadReader", skip: int, carried: tuple[int, ...], stop: int | None):
+    def _window_groups(self, reader: "AheadReader", skip: int, carried: tuple[int, ...], stop: int | None):
         """Groups planned over the examples carried into each window and `self.window` more (fewer at an epoch's
         end, where nothing is carried on), each as (the window's examples, its PlannedGroup, the position after
         it); the first `skip` groups of the first window were yielded before a restore."""
@@ -492,146 +374,6 @@ class PackedBatchIterator:
                 return
             except queue.Full:
                 pass
-
-
-class _AheadReader:
-    """Reads examples[index], examples[index + 1], ... in order, nothing at or past `stop`, computing them ahead in
-    `workers` grain worker processes (_ProcessFeed) or, with 0, `lookahead` of them in `threads` threads of this
-    process (_ThreadFeed), started at the first peek; counts the records the packer leaves out (`skipped`:
-    SKIPPED), from `skipped` before `index`."""
-
-    def __init__(self, examples: grain.MapDataset, index: int, stop: int | None = None,
-                 skipped: tuple[int, int] = (0, 0), workers: int = 0, threads: int = 1, lookahead: int = 8):
-        self.examples, self.index, self.stop = examples, index, stop
-        self.bad, self.too_long = skipped
-        self.workers, self.threads, self.lookahead = workers, threads, lookahead
-        self._feed: _ThreadFeed | _ProcessFeed | None = None
-        self._head: list = []  # the example at self.index once read
-
-    def peek(self) -> Example:
-        """The example at self.index (not consumed)."""
-        if not self._head:
-            if self._feed is None:
-                self._feed = (_ProcessFeed(self.examples, self.index, self.stop, self.workers, self.lookahead)
-                              if self.workers else
-                              _ThreadFeed(self.examples, self.index, self.stop, self.threads, self.lookahead))
-            self._head.append(next(self._feed))
-        return self._head[0]
-
-    def advance(self) -> None:
-        self.peek()
-        self._head.clear()
-        self.index += 1
-
-    def skipped(self) -> tuple[int, int]:
-        return self.bad, self.too_long
-
-    def cancel(self) -> None:
-        """Stops the threads or worker processes (what they computed ahead is dropped)."""
-        if self._feed is not None:
-            self._feed.close()
-            self._feed = None
-
-
-class _ThreadFeed:
-    """examples[start], examples[start + 1], ... up to `stop`, `lookahead` of them computed ahead by `threads`
-    threads."""
-
-    def __init__(self, examples: grain.MapDataset, start: int, stop: int | None, threads: int, lookahead: int):
-        self.examples, self.next, self.stop, self.lookahead = examples, start, stop, lookahead
-        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="vlm_jax-data-read")
-        self.pending: collections.deque = collections.deque()
-
-    def __next__(self):
-        while len(self.pending) < self.lookahead and (self.stop is None or self.next < self.stop):
-            self.pending.append(self.pool.submit(self.examples.__getitem__, self.next))
-            self.next += 1
-        return self.pending.popleft().result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-class DataWorkerError(RuntimeError):
-    """An exception other than a ReportedError in a data worker process, with the worker's traceback: a bug."""
-
-
-class _ReadInWorker:
-    """Stream index -> examples[index] in a grain worker process, as (its class, its fields) so that grain passes
-    the arrays through shared memory. An exception other than a ReportedError (which pickles as it is) comes back
-    as a DataWorkerError naming the stream index, the exception and the worker's traceback."""
-
-    def __init__(self, examples: grain.MapDataset):
-        self.examples = examples
-
-    def __call__(self, index: int) -> tuple[type, dict]:
-        index = int(index)
-        try:
-            ex = self.examples[index]
-        except ReportedError:
-            raise
-        except Exception as e:
-            raise DataWorkerError(
-                f"data worker process {os.getpid()} failed on example {index} of its data shard's stream: "
-                f"{type(e).__name__}: {e}\nworker traceback:\n{''.join(traceback.format_exception(e))}") from None
-        return type(ex), {f.name: getattr(ex, f.name) for f in dataclasses.fields(ex)}
-
-
-def _own(value):
-    """`value` with every array in grain's shared memory (an ndarray subclass; an empty array comes pickled, plain)
-    copied out, which frees it: the examples the packer holds (a whole window) take neither shared memory nor a file
-    descriptor each."""
-    if isinstance(value, np.ndarray):
-        return value if type(value) is np.ndarray else np.array(value)
-    if isinstance(value, tuple):
-        return tuple(_own(v) for v in value)
-    return value
-
-
-def _worker_init(trainer: int, index: int, count: int) -> None:
-    """Runs first in every worker process. Ctrl-C and SIGTERM are the trainer's to act on (it ends after its step
-    and closes its workers: a worker killed by them would fail that step's batch); a worker whose trainer is gone
-    (killed outright) exits instead of waiting on its queue forever."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_without, args=(trainer,), daemon=True, name="vlm_jax-worker-watch").start()
-
-
-def _exit_without(trainer: int) -> None:
-    while os.getppid() == trainer:
-        time.sleep(1.0)
-    os._exit(1)
-
-
-_ENDLESS = 2 ** 62  # the stop of a stream without one: grain's range is lazy
-# Every array comes back through shared memory, leaving the queue's pipe only small messages: a worker stopped
-# with pipe-sized arrays still queued would wait on its queue's feeder thread until grain kills it (25 s).
-_MIN_SHM_BYTES = 0
-
-
-class _ProcessFeed:
-    """examples[start], examples[start + 1], ... up to `stop`: grain worker k of `workers` computes examples
-    start + k, start + k + workers, ... (its buffer holds `lookahead / workers` of them ahead), and grain's
-    interleave reads them back in order. Workers are spawned processes (a second or two to start, each importing
-    the data code and unpickling the stream: source, tokenizer, image processor); close() stops them and frees
-    their shared memory, as grain does at exit for any left open."""
-
-    def __init__(self, examples: grain.MapDataset, start: int, stop: int | None, workers: int, lookahead: int):
-        if not flags.FLAGS.is_parsed():  # grain reads its absl flags, which only an absl app has parsed
-            flags.FLAGS.mark_as_parsed()
-        stream = grain.MapDataset.range(start, _ENDLESS if stop is None else stop).map(_ReadInWorker(examples))
-        stream = grain.experimental.WithOptionsIterDataset(
-            stream.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
-            grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES))
-        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, lookahead // workers))
-        self._it = iter(stream.mp_prefetch(options, worker_init_fn=functools.partial(_worker_init, os.getpid())))
-
-    def __next__(self):
-        cls, fields = next(self._it)
-        return cls(**{name: _own(value) for name, value in fields.items()})
-
-    def close(self) -> None:
-        self._it.close()
 
 
 class ShardedBatchIterator:

@@ -24,8 +24,9 @@ from vlm_jax.checkpoints.workdir import is_workdir, restore_workdir_params
 from vlm_jax.config import check_values, to_json
 from vlm_jax.data.epochs import count_epochs, epoch_steps
 from vlm_jax.data.image_kinds import report_image_processor
-from vlm_jax.data.pipeline import (example_counts, make_train_iterator, merge_shard_states, mixture_names,
-                                   row_layout, shards_holding, skipped_counts)
+from vlm_jax.data.mixture import mixture_names
+from vlm_jax.data.pipeline import (example_counts, make_train_iterator, merge_shard_states, row_layout,
+                                   shards_holding, skipped_counts)
 from vlm_jax.data.tokenizer import record_tokenizer, run_tokenizer
 from vlm_jax.errors import DivergedError, InputError
 from vlm_jax.evaluate import training_eval

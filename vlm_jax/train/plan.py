@@ -23,7 +23,8 @@ from flax import traverse_util
 
 from vlm_jax import image_inputs, parallel
 from vlm_jax.config import check_values
-from vlm_jax.data.pipeline import mixture_names, row_layout
+from vlm_jax.data.mixture import mixture_names
+from vlm_jax.data.pipeline import row_layout
 from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.train.loop import Setup, check_batch_size, check_segments
 from vlm_jax.train.step import make_train_step

@@ -96,7 +96,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     A step whose loss, gradient norm or updated parameters are not all finite keeps the parameters and optimizer
     state it was given (metrics["skipped"] is 1): no non-finite value ever enters the state.
 
-    With `sources`, the names of a mixture's two or more training sources (data/pipeline.py mixture_names), the
+    With `sources`, the names of a mixture's two or more training sources (data/mixture.py mixture_names), the
     metrics also hold `loss/<name>`: the token-weighted mean loss of that source's loss-mask tokens in the step's
     batch (its `source_ids`), NaN when the batch has none of them; it takes no part in the gradients.
 
