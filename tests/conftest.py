@@ -3,6 +3,11 @@ import os
 # Eight fake CPU devices so every sharding path runs; must be set before jax is imported.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU runs every fake device's thunks, collectives included, on one pool sized by NPROC (else about the device
+# count). A collective blocks its thread until all eight devices join it, and a device may start two independent
+# collectives in either order: with a thread per device, eight threads blocked in two different collectives leave
+# none to start the rest, and the run aborts after XLA's stuck-collective timeout. Four threads a device leave room.
+os.environ.setdefault("NPROC", "32")
 
 
 import gc  # noqa: E402  (after XLA_FLAGS: pytest imports this file before any test module imports jax)
