@@ -58,7 +58,7 @@ def write_multi(root, items=MULTI, name="data.json"):
 def config_for(make_config, path, *extra):
     """One epoch of the data at `path` (the rows after it empty) in a batch of 4 rows."""
     return make_config("data.source=llava_json", f"data.path={path}", "data.max_tiles_per_row=12",
-                       "data.max_tiles=4", "data.seq_len=320", "batch_size=4", "data.workers=1", "data.epochs=1",
+                       "data.max_tiles=4", "data.seq_len=320", "batch_size=4", "data.threads=1", "data.epochs=1",
                        "total_steps=0", *extra)
 
 

@@ -36,7 +36,7 @@ def small_config(*extra: str):
     c.total_steps = 10
     c.model.vision.patch_size = 8
     c.data.update(seq_len=160, tile_size=32, max_tiles=4, max_tiles_per_row=10, min_image_size=32,
-                  max_image_size=96, workers=2)
+                  max_image_size=96, threads=2)
     for item in extra:
         key, _, value = item.partition("=")
         set_key(c, key, value)
