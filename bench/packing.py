@@ -58,14 +58,24 @@ def image_kind_size(rng: np.random.Generator) -> tuple[str, int, int]:
     return IMAGE_KINDS[kind], int(h), int(w)
 
 
+def text_kinds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n draws of the conversation kind: indices into TEXT, by its weights."""
+    weights = np.array([w for w, *_ in TEXT])
+    return rng.choice(len(TEXT), size=n, p=weights / weights.sum())
+
+
+def text_length(rng: np.random.Generator, kind: int) -> tuple[int, bool]:
+    """(text tokens, whether it has an image) of one conversation of TEXT[kind], not yet cut to any seq_len."""
+    _, median, sigma, has_image = TEXT[kind]
+    return max(8, int(rng.lognormal(math.log(median), sigma))), has_image
+
+
 def sample_examples(rng: np.random.Generator, n: int, seq_len: int, merge: int = 2,
                     patch: int = 14) -> list[tuple[int, int, int]]:
     """n examples as (tokens, patches, images) costs; an image's run is patches / merge**2 tokens."""
-    weights = np.array([w for w, *_ in TEXT])
     out = []
-    for kind in rng.choice(len(TEXT), size=n, p=weights / weights.sum()):
-        _, median, sigma, has_image = TEXT[kind]
-        text = max(8, int(rng.lognormal(math.log(median), sigma)))
+    for kind in text_kinds(rng, n):
+        text, has_image = text_length(rng, kind)
         patches = 0
         if has_image:
             h, w = smart_resize(*image_size(rng), factor=patch * merge, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
