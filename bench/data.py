@@ -23,7 +23,7 @@ text-only), written in words that the demo tokenizer keeps whole, so a record of
 record fits both row lengths.
 
 The rate needed: POINTS1.5-7B stage 2 as shipped (batch_size 32 x seq_len 4096 tokens a step, docs/scale.md's
-v5p:2x2x2 row), its model FLOPs a step from train/plan.py's count (the model built abstractly, nothing compiled),
+v5p:2x2x2 row), its model FLOPs a step from train/flops.py's count (the model built abstractly, nothing compiled),
 the step time at the v5p's peak bf16 rate and at 40 % MFU; records a step are 32 rows x the examples a row holds
 when the real packer (window 512, groups of 4) packs the mix, counted from the records' headers as data.epochs
 counts. Host cores: the rate a v5p host must supply (4 chips a host) over the measured rate of one worker process.
@@ -46,7 +46,7 @@ from vlm_jax.data.epochs import count_epochs
 from vlm_jax.data.pipeline import make_source, make_train_iterator, row_layout
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.train.loop import Setup
-from vlm_jax.train.plan import CHIPS, model_flops
+from vlm_jax.train.flops import CHIPS, model_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_CAP = 1300  # text tokens of a record at most: with its image's tokens it fits a 2048-token row

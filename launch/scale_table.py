@@ -35,7 +35,7 @@ HEADER = """# Scale: what every real stage needs per chip
 Written by `python launch/scale_table.py` (each row is `python launch/plan.py --config CONFIG --topology SLICE`,
 the config exactly as shipped): the train step compiled ahead of time for the slice through libtpu, on a CPU host,
 with no weights allocated. Peak is XLA's per-chip figure for the compiled step (arguments + outputs not donated +
-temporaries); HBM is the chip's. Model FLOPs per step are analytic (vlm_jax/train/plan.py): 6 per trained
+temporaries); HBM is the chip's. Model FLOPs per step are analytic (vlm_jax/train/flops.py): 6 per trained
 parameter and token, 4 per frozen one a gradient flows through, 2 per frozen one forward only, plus attention.
 Tokens per step are the LLM's (rows x sequence length). "Step at peak" is model FLOPs / (chips x the chip's
 published peak bf16 rate): the step time at 100 % MFU (at 40 % MFU a step takes 2.5 times as long).

@@ -81,12 +81,13 @@ def test_a_command_with_subcommands_takes_the_shared_flags_after_its_name(capsys
 
 def test_the_train_command_runs_stage0_first_only_when_the_config_asks(monkeypatch):
     ran = []
-    monkeypatch.setattr(train, "train", lambda config, workdir, stop_at: ran.append(("train", workdir, stop_at)))
-    monkeypatch.setattr(train, "train_demo",
-                        lambda config, workdir, stop_at: ran.append(("train_demo", workdir, stop_at)))
-    train.main(["--config", DEMO, "--workdir", "w"])  # the demo pretrains its tower first
+    monkeypatch.setattr(train, "train", lambda config, workdir, stop_at, profile_steps: ran.append(
+        ("train", workdir, stop_at, profile_steps)))
+    monkeypatch.setattr(train, "train_demo", lambda config, workdir, stop_at, profile_steps: ran.append(
+        ("train_demo", workdir, stop_at, profile_steps)))
+    train.main(["--config", DEMO, "--workdir", "w", "--profile_steps", "2:3"])  # the demo pretrains its tower first
     train.main(["--config", DEMO, "--workdir", "v", "--config.vision_pretrain.steps=0", "--stop_at", "3"])
-    assert ran == [("train_demo", "w", None), ("train", "v", 3)]
+    assert ran == [("train_demo", "w", None, (2, 3)), ("train", "v", 3, None)]
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "x"])
@@ -94,6 +95,14 @@ def test_stop_at_takes_a_step_number(value, capsys):
     with pytest.raises(SystemExit):
         train.main(["--config", DEMO, "--workdir", "w", "--stop_at", value])
     assert f"--stop_at: {value!r} is not a step number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["3:2", "0:2", "2", "2:", ":3", "a:b", "1:2:3"])
+def test_profile_steps_takes_a_range_of_steps(value, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--config", DEMO, "--workdir", "w", "--profile_steps", value])
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+    assert line.endswith(f"--profile_steps: {value!r} is not a range of steps A:B with 1 <= A <= B")
 
 
 def test_the_train_help_explains_stop_at(capsys):

@@ -1,20 +1,25 @@
 """Ahead-of-time planning (launch/plan.py, vlm_jax/train/plan.py): the step compiles for a TPU topology through
 libtpu and for the CPU devices, reports memory that moves with the work, counts model FLOPs by the documented
-rule, and refuses a bad topology or a mesh the chips do not divide in one line."""
+rule (vlm_jax/train/flops.py), and refuses a bad topology or a mesh the chips do not divide in one line; the
+devices' peak FLOP/s, which MFU divides by, follow the compute dtype and count each chip once."""
 
 import json
 import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import jax
+import numpy as np
 import pytest
 from flax import traverse_util
 
 from tests.helpers import ROOT, tiny_config
 from vlm_jax import parallel
+from vlm_jax.train.flops import CHIPS, measured_gemm_flops, model_flops, peak_flops, step_s_at_peak
 from vlm_jax.train.loop import Setup
-from vlm_jax.train.plan import CHIPS, model_flops, plan
+from vlm_jax.train.plan import plan
 
 
 def test_plans_a_tpu_slice_without_a_tpu():
@@ -85,8 +90,6 @@ def test_plan_command_prints_one_json_line():
 
 
 def test_a_step_refused_for_want_of_hbm_reports_what_it_needs():
-    import jax
-    import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from vlm_jax.train.plan import refused_memory
@@ -101,3 +104,30 @@ def test_a_step_refused_for_want_of_hbm_reports_what_it_needs():
     assert used["argument_bytes_per_chip"] == 1024 * 256 * 4 // 4 + 8 * 4
     assert used["peak_bytes_per_chip"] == used["argument_bytes_per_chip"] + used["temp_bytes_per_chip"]
     assert refused_memory(RuntimeError("INVALID_ARGUMENT: something else"), args) is None
+
+
+def _devices(kind: str, platform: str = "gpu", cores: tuple[int, ...] = (0,), chips: int = 4) -> list:
+    return [SimpleNamespace(platform=platform, device_kind=kind, process_index=0, core_on_chip=core)
+            for _ in range(chips) for core in cores]
+
+
+def test_peak_flops_take_the_compute_dtype_and_count_each_chip_once():
+    # float32 at JAX's default precision runs on an NVIDIA GPU's TF32 tensor cores, on a TPU as one bf16 pass.
+    assert peak_flops(_devices("NVIDIA H100 80GB HBM3"), "float32") == 4 * 494.7e12
+    assert peak_flops(_devices("NVIDIA H100 80GB HBM3"), "bfloat16") == 4 * 989.4e12
+    assert peak_flops(_devices("TPU v5 lite", "tpu"), "float32") == 4 * 197e12
+    # A TPU v4 listed a device per TensorCore is 4 chips, not 8.
+    assert peak_flops(_devices("TPU v4", "tpu", cores=(0, 1)), "bfloat16") == 4 * 275e12
+    assert peak_flops(_devices("NVIDIA Z9"), "bfloat16") is None
+
+
+def test_an_unlisted_accelerator_logs_no_mfu_and_says_why(caplog):
+    setup = SimpleNamespace(mesh=SimpleNamespace(devices=np.array(_devices("NVIDIA Z9"))),
+                            config=tiny_config("model.dtype=bfloat16"))
+    assert step_s_at_peak(setup) is None
+    assert "MFU is not logged: device kind 'NVIDIA Z9' has no peak FLOP/s" in caplog.text
+
+
+def test_a_cpu_peak_is_its_hosts_measured_gemm_not_one_a_device():
+    cpu = jax.devices()[:2]  # two devices of one process share one host's cores
+    assert peak_flops(cpu, "float32") == measured_gemm_flops("float32", cpu[0]) > 1e8

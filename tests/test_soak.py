@@ -36,7 +36,8 @@ RUN = (f"total_steps={STEPS}", "checkpoint_every=1")
 COMMAND = [sys.executable, "-m", "vlm_jax.cli.train", "--config", os.path.join(ROOT, "configs/demo.py")] + [
     f"--config.{o}" for o in TINY + list(RUN)]
 TMP = ".orbax-checkpoint-tmp"  # orbax saves step N into N.orbax-checkpoint-tmp* and commits it by renaming it N
-TIMING_KEYS = ("tokens_per_s", "steps_per_s")  # wall-clock rates: the only metrics that differ between runs
+# Wall-clock rates and shares: the only metrics that differ between runs.
+TIMING_KEYS = ("tokens_per_s", "steps_per_s", "time/step_s", "time/data_wait_fraction", "mfu")
 LAUNCH_TIMEOUT = 300  # seconds a process may take to reach its kill point or to finish, on a loaded machine
 POLL = 0.003  # seconds between looks at the workdir: far below a save's time, so each save is seen in flight
 

@@ -1,5 +1,8 @@
+import gzip
 import json
+import os
 import struct
+import time
 
 import jax
 import numpy as np
@@ -122,10 +125,11 @@ def test_micro_batches_must_split_the_batch_over_the_mesh():
 
 def test_resume_matches_uninterrupted_run(tmp_path, capsys):
     full = tiny_config("total_steps=6", "checkpoint_every=3")
-    state_full = loop.train(full, str(tmp_path / "full"))
+    state_full = loop.train(full, str(tmp_path / "full"), profile_steps=(2, 3))
     loop.train(full, str(tmp_path / "resumed"), stop_at=3)
     assert "stopped (stop_at) at step 3; checkpoint written" in capsys.readouterr().out
-    state_resumed = loop.train(full, str(tmp_path / "resumed"))
+    state_resumed = loop.train(full, str(tmp_path / "resumed"), profile_steps=(2, 3))  # past step 3: no trace
+    assert not (tmp_path / "resumed" / "profile").exists()
     assert_bitwise_equal(state_full, state_resumed)  # parameters, optimizer state and step
     losses = [[json.loads(l)["loss"] for l in open(tmp_path / w / "metrics.jsonl")]
               for w in ("full", "resumed")]
@@ -141,6 +145,33 @@ def test_resume_matches_uninterrupted_run(tmp_path, capsys):
     assert (tmp_path / "full" / "loss.png").stat().st_size > 0
     (table,) = json.load(open(tmp_path / "full" / "param_groups.json"))
     assert table["group"] == "train" and table["params"] > 0 and table["lr"] == full.optim.lr
+    # The speed of every logged step: MFU against this CPU's measured GEMM peak, the step time and its share
+    # blocked on the data iterator, in metrics.jsonl and TensorBoard alike.
+    for record in map(json.loads, open(tmp_path / "full" / "metrics.jsonl")):
+        assert 0 < record["mfu"] < 1 and record["time/step_s"] > 0
+        assert 0 <= record["time/data_wait_fraction"] <= 1
+    assert {"mfu", "time/step_s", "time/data_wait_fraction"} <= {tag for _, tag, _ in read_scalars(events)}
+    (session,) = (tmp_path / "full" / "profile" / "plugins" / "profile").iterdir()
+    with gzip.open(session / "perfetto_trace.json.gz") as f:
+        names = {e.get("name", "") for e in json.load(f)["traceEvents"]}
+    assert any(n.startswith("PjitFunction(") for n in names)  # the jitted steps it dispatched
+    assert any(n.endswith(".xplane.pb") for n in os.listdir(session))  # what TensorBoard's profile tab reads
+
+
+def test_the_logged_step_time_splits_into_waiting_for_data_and_the_rest(tmp_path):
+    def slow_batches():
+        while True:
+            time.sleep(0.2)  # a producer that cannot keep up
+            yield {}
+
+    logger = loop.MetricsLogger(str(tmp_path), 0, 4, step_s_at_peak=0.01)
+    data = slow_batches()
+    logger.next_batch(data)
+    waited = logger.log(1, {"loss": 1.0}, tokens=10)
+    ran = logger.log(2, {"loss": 1.0}, tokens=20)  # this interval waited for nothing
+    logger.close()
+    assert 0.9 < waited["time/data_wait_fraction"] <= 1 and ran["time/data_wait_fraction"] == 0
+    assert waited["time/step_s"] >= 0.2 and waited["mfu"] == pytest.approx(0.01 / waited["time/step_s"])
 
 
 def test_unknown_config_key_is_named():

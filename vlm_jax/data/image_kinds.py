@@ -82,7 +82,7 @@ class DataKind:
 
     def vision_tokens(self, config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
         """((tokens the tower sees per step, the sequence length its attention sees, number of such sequences),
-        visual tokens the connector emits per step) for a batch of `config` (train/plan.py's FLOP count)."""
+        visual tokens the connector emits per step) for a batch of `config` (train/flops.py's FLOP count)."""
         raise NotImplementedError
 
     def _prompt_example(self, ex: dict) -> Example | NavitExample:

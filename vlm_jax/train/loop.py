@@ -33,10 +33,12 @@ from vlm_jax.evaluate import training_eval
 from vlm_jax.inference import Assistant
 from vlm_jax.layers.attention import resolve_backend
 from vlm_jax.model import VLM
+from vlm_jax.train.flops import step_s_at_peak
 from vlm_jax.train.metrics import MetricsLogger, plot_loss
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.param_groups import ParamGroups
 from vlm_jax.train.preemption import StopSignals
+from vlm_jax.train.profiling import StepTrace
 from vlm_jax.train.resume import check_resume
 from vlm_jax.train.step import TrainState, all_finite, init_state, make_train_step
 
@@ -182,12 +184,14 @@ def last_checkpoint(ckpt: Checkpointer, workdir: str) -> str:
     return f"the last checkpoint is step {step} in {workdir}" if step is not None else f"{workdir} holds no checkpoint"
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None,
+          profile_steps: tuple[int, int] | None = None) -> TrainState:
     """Trains to `config.total_steps` (with data.epochs > 0: to the end of that many epochs, counted first),
     resuming from the latest checkpoint in `workdir` if any.
 
     `stop_at` ends the run early (after checkpointing that step) as a preemption would, without
-    changing the schedule, which depends on total_steps. With several processes each builds only the data shards
+    changing the schedule, which depends on total_steps. `profile_steps` (A, B) writes a profiler trace of steps A
+    to B into WORKDIR/profile (train/profiling.py). With several processes each builds only the data shards
     of its devices' rows (the batch is the same at any process count), every checkpoint holds every shard's
     iterator state, and process 0 alone writes the metrics, TensorBoard events, loss plot and param_groups.json.
 
@@ -196,10 +200,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None =
     """
     check_values(config)
     with StopSignals() as signals:
-        return _train(config, workdir, stop_at, signals)
+        return _train(config, workdir, stop_at, profile_steps, signals)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None, signals: StopSignals) -> TrainState:
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
+           profile_steps: tuple[int, int] | None, signals: StopSignals) -> TrainState:
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.mesh)
     check_batch_size(config, mesh)
@@ -214,6 +219,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     if config.data.epochs:
         config = with_epoch_length(config, tokenizer, shards)
     setup = Setup(config)
+    at_peak = step_s_at_peak(setup)  # before the data workers start: on a CPU it times a GEMM on the quiet host
     data = make_train_iterator(config, tokenizer, shards)
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     try:  # whatever refuses the run does so before anything is written in the workdir
@@ -244,9 +250,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     names = mixture_names(config)  # a mixture's sources: examples/<name> and loss/<name> in metrics.jsonl
     step_fn = make_train_step(setup.model, setup.optimizer, setup.mesh, setup.state_shardings, seed=config.seed,
                               micro_batches=config.micro_batches, sources=names)
-    logger = MetricsLogger(workdir, start, config.total_steps)
+    logger = MetricsLogger(workdir, start, config.total_steps, at_peak)
+    trace = StepTrace(profile_steps, workdir, start)
 
     def close_all() -> None:  # before raising too: a stopped run leaves no producer or writer threads running
+        trace.close()
         ckpt.close()
         data.close()
         logger.close()
@@ -258,13 +266,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     finite = jax.jit(all_finite, out_shardings=parallel.replicated(setup.mesh))
     end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
     for step in range(start + 1, end + 1):
+        trace.before(step, state)
         try:
-            batch = parallel.global_batch(next(data), setup.mesh)
+            batch = parallel.global_batch(logger.next_batch(data), setup.mesh)
         except InputError:  # a bad record: its one-line error comes after the progress bar's line, not on it
             close_all()
             raise
         token_counts.append(jnp.count_nonzero(batch["segment_ids"]))  # of the global batch, read when logged
         state, metrics = step_fn(state, batch)
+        trace.after(step, (state, metrics))
         skips.append(metrics.pop("skipped"))
         logger.advance()
         preempted = step < end and signals.agreed()
@@ -308,6 +318,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
             ckpt.save(step, state.saved(), merge_shard_states(allgather_json(data.get_state())), config_json)
         if preempted:
             break
+    trace.close()
     ckpt.close()
     if jax.process_index() == 0 and start < end and step < config.total_steps:
         then = "rerun the same command to resume" if preempted else "rerun without stop_at to go on"

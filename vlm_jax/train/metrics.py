@@ -4,6 +4,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from typing import TypeVar
 
 import jax
 from tensorboardX import SummaryWriter
@@ -12,6 +14,7 @@ from tqdm import tqdm
 from vlm_jax.files import replace_file
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class MetricsLogger:
@@ -19,7 +22,9 @@ class MetricsLogger:
     only process 0 writes the file, the TensorBoard events and the progress bar; every process's `log` returns
     the record (the metrics are the same global values in each)."""
 
-    def __init__(self, workdir: str, start_step: int, total_steps: int):
+    def __init__(self, workdir: str, start_step: int, total_steps: int, step_s_at_peak: float | None = None):
+        """`step_s_at_peak`: the seconds a step takes at the devices' peak FLOP/s (train/flops.py), from which
+        each logged line's `mfu` comes; None logs no `mfu`."""
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.writes = jax.process_index() == 0
         if self.writes:
@@ -32,6 +37,8 @@ class MetricsLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         mininterval=1.0, disable=not self.writes)
         self._last = (time.perf_counter(), start_step, 0.0)
+        self.step_s_at_peak = step_s_at_peak
+        self._waited: float | None = None  # seconds blocked in next_batch since the last log; None: never called
 
     def _trim_after(self, step: int) -> None:
         # A resumed run repeats the steps after its checkpoint; drop their stale lines first.
@@ -54,17 +61,35 @@ class MetricsLogger:
                 kept.append(line if line.endswith("\n") else line + "\n")
         replace_file(self.path, lambda f: f.writelines(kept))  # a kill while it is rewritten loses no line
 
+    def next_batch(self, data: Iterator[T]) -> T:
+        """next(data), the seconds it blocks counted in the next logged line's `time/data_wait_fraction`."""
+        begin = time.perf_counter()
+        try:
+            return next(data)
+        finally:
+            self._waited = (self._waited or 0.0) + time.perf_counter() - begin
+
     def log(self, step: int, metrics: dict, tokens: float, paused: float = 0.0) -> dict:
-        """Logs `metrics` of `step`; throughput counts the time since the last log less `paused` seconds (an
-        evaluation's)."""
+        """Logs `metrics` of `step` with the rates over the wall time since the last log less `paused` seconds (an
+        evaluation's): `tokens` (a running total) per second, steps per second and seconds per step, the share of
+        that time blocked in next_batch, and MFU. Call it once the step's results are fetched from the devices, so
+        that the time holds the device work dispatched asynchronously before it."""
         now = time.perf_counter()
         t0, s0, tok0 = self._last
         t0 += paused
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         if now > t0:
-            record["tokens_per_s"] = (tokens - tok0) / (now - t0)
-            record["steps_per_s"] = (step - s0) / (now - t0)
+            seconds = now - t0
+            record["tokens_per_s"] = (tokens - tok0) / seconds
+            record["steps_per_s"] = (step - s0) / seconds
+            record["time/step_s"] = seconds / (step - s0)
+            if self._waited is not None:
+                record["time/data_wait_fraction"] = self._waited / seconds
+            if self.step_s_at_peak is not None:
+                record["mfu"] = self.step_s_at_peak / record["time/step_s"]
         self._last = (now, step, tokens)
+        if self._waited is not None:
+            self._waited = 0.0
         if not self.writes:
             return record
         with open(self.path, "a") as f:
@@ -72,8 +97,8 @@ class MetricsLogger:
         for k, v in record.items():
             if k != "step":
                 self.tb.add_scalar(k, v, step)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}",
-                             tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}",
+                             **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}), refresh=False)
         return record
 
     def advance(self, n: int = 1) -> None:
