@@ -81,7 +81,7 @@ def test_an_old_saved_config_upgrades_to_what_it_computed():
     assert schema_keys(config) == schema_keys(base.get_config())
     m = config.model
     # Keys added since, with the behaviour of the code that saved it.
-    assert (m.loss_vocab_chunk, m.attention, m.frozen_param_dtype, m.max_segments) == (0, "xla", "", 64)
+    assert (m.loss_chunk_tokens, m.attention, m.frozen_param_dtype, m.max_segments) == (256, "xla", "", 64)
     assert (m.text.rope_kind, tuple(m.text.mrope_sections), m.lora.rank) == ("1d", (), 0)
     assert (config.data.vision_group_rows, config.data.shards, config.vision_pretrain.steps) == (1, 1, 0)
     assert (config.init_fresh, config.init_params, config.optim.groups.to_dict()) == ("", "", {})
@@ -93,7 +93,7 @@ def test_an_old_saved_config_upgrades_to_what_it_computed():
 
 def test_an_old_model_section_upgrades_alone():
     model = upgrade_model_config(json.loads(json.dumps(OLD["model"])))
-    assert (model.loss_vocab_chunk, model.attention, model.text.rope_kind) == (0, "xla", "1d")
+    assert (model.loss_chunk_tokens, model.attention, model.text.rope_kind) == (256, "xla", "1d")
     assert model.connector.merge_size == 2 and "spatial_merge_size" not in model.vision
     assert schema_keys(model) == schema_keys(base.get_config().model)
 

@@ -42,7 +42,7 @@ def test_out_of_vocab_placeholders_train_and_generate(tmp_path):
             "data.source=llava_json", f"data.path={data}", f"data.eval_path={data}",
             f"data.tokenizer={tmp_path / 'tok'}", f"data.image_token_id={placeholder}", "data.threads=1",
             f"model.text.vocab_size={vocab}", "total_steps=3", "checkpoint_every=0"])
-        assert config.model.loss_vocab_chunk >= vocab  # the logits over the whole vocabulary, NaN before
+        assert config.model.loss_chunk_tokens >= config.data.seq_len  # every position's logits at once, NaN before
         workdir = tmp_path / f"run{placeholder}"
         state = loop.train(config, str(workdir))
         with open(workdir / "metrics.jsonl") as f:

@@ -21,7 +21,8 @@ from vlm_jax.errors import InputError
 # computed; pinned here so that changing base's default later leaves old runs as they were. A key missing from a
 # saved config and not named here takes base's default.
 ADDED = {
-    "model.loss_vocab_chunk": 0,  # the logits were computed for the whole vocabulary at once
+    # Chunking only (resume FREE): the chunked default keeps an older big run's memory bounded when it resumes.
+    "model.loss_chunk_tokens": 256,
     "model.attention": "xla",
     "model.max_segments": 64,
     "model.frozen_param_dtype": "",  # every parameter stored as param_dtype
@@ -52,6 +53,7 @@ ADDED = {
 # (vision.spatial_merge_size duplicated connector.merge_size, which the model always read).
 MOVED = {
     "model.vision.spatial_merge_size": None,
+    "model.loss_vocab_chunk": None,  # the loss walked the vocabulary in chunks; model.loss_chunk_tokens replaced it
 }
 
 # Sizes and counts: a value below 1 makes a shape, a loop or a division fail deep inside with no key named.
@@ -72,7 +74,7 @@ POSITIVE = (
 # Steps and counts where 0 means "none" or "off" (each key's comment in configs/base.py says which).
 NON_NEGATIVE = (
     "total_steps", "checkpoint_every", "eval_examples", "eval_every", "vision_pretrain.steps",
-    "vision_pretrain.warmup_steps", "model.loss_vocab_chunk", "model.connector.hidden_dim",
+    "vision_pretrain.warmup_steps", "model.loss_chunk_tokens", "model.connector.hidden_dim",
     "model.connector.num_queries", "model.vision.pos_grid", "model.lora.rank", "data.epochs", "data.pack_window",
     "data.workers", "data.prefetch", "data.max_image_pixels", "optim.warmup_steps",
 )

@@ -18,11 +18,20 @@ from vlm_jax.vision.vit import ViT
 
 
 def forward_nll(model: "VLM", variables: dict, batch: dict, **kwargs) -> jax.Array:
-    """Training forward of `model` on a flat batch dict (docs/contracts.md) -> per-token fp32 NLL [B, L] of
-    batch["targets"] (`VLM.token_nll`); `kwargs` go to apply (e.g. rngs)."""
+    """Forward of `model` on a flat batch dict (docs/contracts.md) -> per-token fp32 NLL [B, L] of
+    batch["targets"] from the whole logits (`VLM.token_nll`); `kwargs` go to apply (e.g. rngs)."""
     images = image_inputs.make(model.config).select(batch)
     return model.apply(variables, batch["targets"], batch["tokens"], batch["positions"], batch["segment_ids"], images,
                        method=VLM.token_nll, **kwargs)
+
+
+def forward_loss(model: "VLM", variables: dict, batch: dict, weights: jax.Array,
+                 **kwargs) -> tuple[jax.Array, jax.Array]:
+    """Training forward of `model` on a flat batch dict -> (sum of `weights` [B, L] x NLL of batch["targets"],
+    per-token fp32 NLL [B, L] without a gradient): `VLM.loss`; `kwargs` go to apply (e.g. rngs)."""
+    images = image_inputs.make(model.config).select(batch)
+    return model.apply(variables, batch["targets"], weights, batch["tokens"], batch["positions"],
+                       batch["segment_ids"], images, method=VLM.loss, **kwargs)
 
 
 class VLM(nn.Module):
@@ -63,11 +72,18 @@ class VLM(nn.Module):
         self, targets: jax.Array, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
         images: dict[str, jax.Array],
     ) -> jax.Array:
-        """Training forward: target ids [B, L] -> per-token fp32 NLL [B, L], the vocabulary walked
-        model.loss_vocab_chunk logits at a time, so no fp32 logits [B, L, vocab] are made when the vocabulary is
-        larger (Decoder.token_nll)."""
-        return self.decoder.token_nll(self.hidden_states(tokens, positions, segment_ids, images), targets,
-                                      self.config.loss_vocab_chunk)
+        """Target ids [B, L] -> per-token fp32 NLL [B, L] from the whole logits (Decoder.token_nll)."""
+        return self.decoder.token_nll(self.hidden_states(tokens, positions, segment_ids, images), targets)
+
+    def loss(
+        self, targets: jax.Array, weights: jax.Array, tokens: jax.Array, positions: jax.Array,
+        segment_ids: jax.Array, images: dict[str, jax.Array],
+    ) -> tuple[jax.Array, jax.Array]:
+        """Training forward: (sum of `weights` x NLL of `targets`, per-token fp32 NLL [B, L] without a gradient),
+        model.loss_chunk_tokens positions of every row at a time, so no fp32 logits [B, L, vocab] are made
+        (Decoder.loss)."""
+        return self.decoder.loss(self.hidden_states(tokens, positions, segment_ids, images), targets, weights,
+                                 self.config.loss_chunk_tokens)
 
     def prefill(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, images: dict[str, jax.Array],

@@ -1,6 +1,7 @@
-"""Next-token losses: per-token NLL from logits, or from a vocabulary walked in chunks of columns so that
-neither the forward nor the backward pass holds fp32 logits over the whole vocabulary."""
+"""Next-token losses: per-token NLL from logits, or the training loss computed a chunk of positions at a time
+with its gradients in the same pass (`chunked_loss`), so that no fp32 logits over every position are held."""
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -15,7 +16,7 @@ def in_vocab(targets: jax.Array, vocab_size: int) -> jax.Array:
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Logits [..., vocab] and target ids [...] -> per-token fp32 NLL [...]; NaN where a target is outside
-    the vocabulary (`in_vocab`), as `chunked_token_nll` gives."""
+    the vocabulary (`in_vocab`), as `chunked_loss` gives."""
     logits = logits.astype(jnp.float32)
     valid = in_vocab(targets, logits.shape[-1])
     # Gathered at id 0 instead: take_along_axis fills NaN past the vocabulary and wraps ids in [-vocab, 0).
@@ -47,43 +48,85 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
     return masked_mean(token_nll(logits, targets), mask)
 
 
-def vocab_chunks(weight: jax.Array, axis: int, chunk: int) -> jax.Array:
-    """`weight` with its vocabulary `axis` (size V) cut into n = ceil(V / chunk) chunks of `chunk` columns,
-    stacked on a new leading axis. Chunk i holds columns i, i + n, i + 2n, ... (zeros past V): strided rather
-    than contiguous, so a vocabulary sharded in contiguous blocks stays split over the same devices within
-    every chunk instead of each chunk living on one device."""
-    vocab = weight.shape[axis]
-    n = -(-vocab // chunk)
-    pad = [(0, n * chunk - vocab) if a == axis else (0, 0) for a in range(weight.ndim)]
-    weight = jnp.pad(weight, pad).reshape(*weight.shape[:axis], chunk, n, *weight.shape[axis + 1:])
-    return jnp.moveaxis(weight, axis + 1, 0)
+def _rows_in_chunks(x: jax.Array, chunk: int, fill) -> jax.Array:
+    """[B, L, ...] -> [n, B, chunk, ...], n = ceil(L / chunk), the end padded with `fill`."""
+    b, length = x.shape[:2]
+    n = -(-length // chunk)
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
 
 
-def chunked_token_nll(column_logits: Callable[[Any], jax.Array], chunks: Any, targets: jax.Array,
-                      vocab_size: int) -> jax.Array:
-    """Per-token fp32 NLL [B, L] of `targets`, walking the vocabulary one chunk of columns at a time.
+def _rows_whole(x: jax.Array, length: int) -> jax.Array:
+    """The inverse of `_rows_in_chunks`: [n, B, chunk, ...] -> [B, L, ...]."""
+    n, b, chunk = x.shape[:3]
+    return jnp.swapaxes(x, 0, 1).reshape(b, n * chunk, *x.shape[3:])[:, :length]
 
-    `chunks`: a pytree whose leaves hold the n chunks of `vocab_chunks` on their leading axis;
-    `column_logits(one chunk)` -> fp32 logits [B, L, C] of that chunk's columns. The scan carries the running
-    max, the sum of exponentials below it and the target's logit; its body is rematerialised, so the backward
-    pass recomputes each chunk's logits and neither pass holds more than one [B, L, C] block (the chunks'
-    gradients come out stacked like `chunks`). A target outside the vocabulary matches no column: NaN, as in
-    `token_nll`."""
-    n = jax.tree.leaves(chunks)[0].shape[0]
 
-    def body(carry, xs):
-        top, total, target = carry
-        i, chunk = xs
-        logits = column_logits(chunk)
-        ids = jnp.arange(logits.shape[-1]) * n + i
-        logits = jnp.where(ids < vocab_size, logits, -jnp.inf)  # the padding columns past the vocabulary
-        # As in jax.nn.logsumexp the max only keeps exp in range: the result does not depend on it.
-        new_top = jnp.maximum(top, jax.lax.stop_gradient(logits.max(axis=-1)))
-        total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[..., None]).sum(axis=-1)
-        target = target + jnp.where(ids == targets[..., None], logits, 0.0).sum(axis=-1)
-        return (new_top, total, target), None
+def _fused_pass(project: Callable[[Any, Any], jax.Array], chunk: int, vocab_size: int, acts: Any, params: Any,
+                targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array, Any, Any]:
+    """(sum of weights x NLL, per-token NLL, its gradients w.r.t. acts and params): `chunked_loss`'s one pass."""
+    length = targets.shape[1]
+    split = functools.partial(_rows_in_chunks, chunk=chunk)
+    xs = (jax.tree.map(lambda a: split(a, fill=0), acts), split(targets, fill=-1), split(weights, fill=0))
 
-    zeros = jnp.zeros(targets.shape, jnp.float32)
-    init = (jnp.full(targets.shape, -jnp.inf, jnp.float32), zeros, zeros)
-    (top, total, target), _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), init, (jnp.arange(n), chunks))
-    return jnp.where(in_vocab(targets, vocab_size), top + jnp.log(total) - target, jnp.nan)
+    def body(d_params, xs):
+        a, t, w = xs
+        logits, vjp = jax.vjp(lambda a, p: project(a, p).astype(jnp.float32), a, params)
+        valid = in_vocab(t, vocab_size)
+        top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+        exp = jnp.exp(logits - top)
+        total = exp.sum(axis=-1, keepdims=True)
+        lse = (top + jnp.log(total))[..., 0]
+        target = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[..., None], -1)[..., 0]
+        nll = jnp.where(valid, lse - target, jnp.nan)
+        # d(w * nll) / d logits = w * (softmax - onehot(target)); positions of weight 0 contribute nothing.
+        w = jnp.where(w != 0, w, 0.0)
+        onehot = jnp.arange(logits.shape[-1]) == jnp.where(valid, t, -1)[..., None]
+        d_logits = w[..., None] * (exp / total - onehot)
+        d_a, d_p = vjp(d_logits)
+        d_params = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), d_params, d_p)
+        return d_params, (jnp.where(w != 0, nll, 0.0) * w, nll, d_a)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    d_params, (weighted, nll, d_acts) = jax.lax.scan(body, zeros, xs)
+    d_acts = jax.tree.map(lambda g: _rows_whole(g, length), d_acts)
+    d_params = jax.tree.map(lambda g, p: g.astype(p.dtype), d_params, params)
+    return weighted.sum(), _rows_whole(nll, length), d_acts, d_params
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused(project, chunk, vocab_size, acts, params, targets, weights):
+    total, nll, _, _ = _fused_pass(project, chunk, vocab_size, acts, params, targets, weights)
+    return total, nll
+
+
+def _fused_fwd(project, chunk, vocab_size, acts, params, targets, weights):
+    total, nll, d_acts, d_params = _fused_pass(project, chunk, vocab_size, acts, params, targets, weights)
+    return (total, nll), (d_acts, d_params, jnp.where(weights != 0, nll, 0.0))
+
+
+def _fused_bwd(project, chunk, vocab_size, residuals, cotangents):
+    d_acts, d_params, nll = residuals
+    g = cotangents[0]  # the NLL output leaves `chunked_loss` without a gradient: its cotangent is 0
+    scale = functools.partial(jax.tree.map, lambda x: (g * x).astype(x.dtype))
+    return scale(d_acts), scale(d_params), None, g * nll
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def chunked_loss(project: Callable[[Any, Any], jax.Array], acts: Any, params: Any, targets: jax.Array,
+                 weights: jax.Array, vocab_size: int, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(sum over positions of weights x NLL, per-token fp32 NLL [B, L] without a gradient) of `targets`, the
+    logits of `chunk` positions of every row at a time: neither pass holds more than one fp32 [B, chunk, vocab]
+    block.
+
+    `project(acts, params)` -> logits [B, C, vocab] of a chunk of the activations `acts` (a pytree of [B, L, ...]
+    arrays, cut along L) under the output parameters `params` (a pytree, whole). The weighted sum's gradients
+    come out of the same pass that computes it: each chunk's logits, their softmax, the gradient of its weighted
+    NLL at the logits, and that pulled back through `project` (three products of the output matrix per chunk,
+    where autodiff of a chunked loss recomputes the logits for a fourth); the backward pass only scales them.
+    Positions of weight 0 take no part in the sum or its gradients (their NLL may be NaN: a target outside the
+    vocabulary, `in_vocab`, as `token_nll` gives)."""
+    total, nll = _fused(project, chunk, vocab_size, acts, params, targets, weights.astype(jnp.float32))
+    return total, jax.lax.stop_gradient(nll)

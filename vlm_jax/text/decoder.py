@@ -78,51 +78,50 @@ class Decoder(nn.Module):
         out = self.embed_tokens.attend(h) if self.config.tie_embeddings else self.lm_head(h)
         return nn.with_logical_constraint(out.astype(jnp.float32), axes.BLV)
 
-    def token_nll(self, h: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
-        """Final hidden states [B, L, hidden] and target ids [B, L] -> per-token fp32 NLL [B, L], the vocabulary
-        walked `chunk` logits at a time (layers/loss.py); 0, or a chunk that covers the vocabulary: `logits`
-        at once. The chunks compute what `logits` does, column by column: lm_head (with its LoRA adapter, whose
-        dropout mask is drawn here rather than in the Dense) or the tied embedding."""
-        vocab = self.config.vocab_size
-        if chunk < 0:
-            raise ValueError(f"model.loss_vocab_chunk must be >= 0 (0: the whole vocabulary at once), got {chunk}")
-        if not chunk or chunk >= vocab:
-            return loss.token_nll(self.logits(h), targets)
-        dtype, adapter = self.options.dtype, self.options.lora
-        x = h.astype(dtype)
-        if self.config.tie_embeddings:
-            table = jnp.asarray(self.embed_tokens.embedding, dtype)
-            chunks = {"table": nn.with_logical_constraint(loss.vocab_chunks(table, 0, chunk),
-                                                          (None, axes.VOCAB, axes.EMBED))}
+    def token_nll(self, h: jax.Array, targets: jax.Array) -> jax.Array:
+        """Final hidden states [B, L, hidden] and target ids [B, L] -> per-token fp32 NLL [B, L] of `logits`."""
+        return loss.token_nll(self.logits(h), targets)
 
-            def project(w):
-                return jnp.einsum("...e,ve->...v", x, w["table"])
+    def loss(self, h: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+        """The training loss: (sum of `weights` x NLL of `targets`, per-token fp32 NLL [B, L] without a gradient),
+        the logits of `chunk` positions of every row at a time with their gradients in the same pass
+        (layers/loss.py chunked_loss); 0, or a chunk that covers the row: `logits` at once, through autodiff. The
+        chunks compute what `logits` does: lm_head (with its LoRA adapter, whose dropout mask is drawn here rather
+        than in the Dense) or the tied embedding."""
+        if chunk < 0:
+            raise ValueError(f"model.loss_chunk_tokens must be >= 0 (0: every position at once), got {chunk}")
+        if not chunk or chunk >= h.shape[1]:
+            nll = self.token_nll(h, targets)
+            return loss.masked_sum(nll, weights)[0], jax.lax.stop_gradient(nll)
+        dtype, adapter = self.options.dtype, self.options.lora
+        acts = {"x": h.astype(dtype)}
+        if self.config.tie_embeddings:
+            params = {"table": jnp.asarray(self.embed_tokens.embedding, dtype)}
+
+            def project(a, p):
+                return jnp.einsum("...e,ve->...v", a["x"], p["table"])
         else:
-            params = nn.unbox(self.lm_head.variables["params"])
-            kernel = jnp.asarray(params["kernel"], dtype)
-            chunks = {"kernel": nn.with_logical_constraint(loss.vocab_chunks(kernel, 1, chunk),
-                                                           (None, axes.EMBED, axes.VOCAB))}
+            stored = nn.unbox(self.lm_head.variables["params"])
+            params = {"kernel": jnp.asarray(stored["kernel"], dtype)}
             lora = adapter is not None and adapter.applies_to("/".join(self.lm_head.path))
             if lora:
-                # The adapter's x @ A is one [B, L, rank] product; only B's columns go by chunk.
+                # The adapter's x @ A is one [B, L, rank] product outside the chunks; only x A B goes by chunk.
                 dropped = h
                 if adapter.dropout and self.has_rng("dropout"):
                     dropped = nn.Dropout(adapter.dropout, deterministic=False, parent=None).apply(
                         {}, h, rngs={"dropout": self.make_rng("dropout")})
-                xa = jnp.einsum("...e,er->...r", dropped.astype(dtype), jnp.asarray(params[LORA_A], dtype))
-                lora_b = jnp.asarray(params[LORA_B], dtype)
-                chunks["lora_b"] = nn.with_logical_constraint(loss.vocab_chunks(lora_b, 1, chunk),
-                                                              (None, None, axes.VOCAB))
+                acts["xa"] = jnp.einsum("...e,er->...r", dropped.astype(dtype), jnp.asarray(stored[LORA_A], dtype))
+                params["lora_b"] = jnp.asarray(stored[LORA_B], dtype)
 
-            def project(w):
-                y = jnp.einsum("...e,ev->...v", x, w["kernel"])
+            def project(a, p):
+                y = jnp.einsum("...e,ev->...v", a["x"], p["kernel"])
                 if lora:
-                    y = y + (adapter.scale * jnp.einsum("...r,rv->...v", xa, w["lora_b"])).astype(dtype)
+                    y = y + (adapter.scale * jnp.einsum("...r,rv->...v", a["xa"], p["lora_b"])).astype(dtype)
                 return y
 
-        def column_logits(w):
-            return nn.with_logical_constraint(project(w).astype(jnp.float32), axes.BLV)
-        return loss.chunked_token_nll(column_logits, chunks, targets, vocab)
+        def logits(a, p):
+            return nn.with_logical_constraint(project(a, p), axes.BLV)
+        return loss.chunked_loss(logits, acts, params, targets, weights, self.config.vocab_size, chunk)
 
     @nn.compact
     def hidden_states(

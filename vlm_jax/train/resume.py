@@ -35,7 +35,7 @@ FREE = (
     # Kernels of the same attention (the platform's: a run may resume on another one) and its capacity.
     "model.attention", "model.max_segments",
     # Recomputation and chunking of the same values. model.scan_layers is compared: it changes the parameter tree.
-    "model.remat_policy", "model.loss_vocab_chunk",
+    "model.remat_policy", "model.loss_chunk_tokens",
 )
 
 

@@ -11,8 +11,8 @@ import optax
 from jax.sharding import Mesh
 
 from vlm_jax import parallel
-from vlm_jax.model import forward_nll
-from vlm_jax.layers.loss import masked_mean, masked_sum
+from vlm_jax.model import forward_loss
+from vlm_jax.layers.loss import masked_sum
 from vlm_jax.train.param_groups import ParamGroups, merge_params
 
 
@@ -110,14 +110,16 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     def to_compute(x: jax.Array) -> jax.Array:
         return x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
-    def value_and_grads(reduce, trainable, frozen, batch, dropout_key):
-        """(loss, token count, gradients, per-source sums: source_sums, or () without `sources`)."""
+    def value_and_grads(mean, trainable, frozen, batch, dropout_key):
+        """(loss: the mean over the loss-mask tokens, or with `mean` False their sum; token count, gradients,
+        per-source sums: source_sums, or () without `sources`)."""
         def value(trainable):
             params = merge_params(jax.tree.map(to_compute, trainable), frozen)
-            nll = forward_nll(model, {"params": params}, batch, rngs={"dropout": dropout_key})
-            total, count = reduce(nll, batch["loss_mask"])
-            per_source = source_sums(nll, batch["loss_mask"], batch["source_ids"], len(sources)) if sources else ()
-            return total, (count, per_source)
+            mask = batch["loss_mask"]
+            total, nll = forward_loss(model, {"params": params}, batch, mask, rngs={"dropout": dropout_key})
+            count = mask.astype(jnp.float32).sum()
+            per_source = source_sums(nll, mask, batch["source_ids"], len(sources)) if sources else ()
+            return total / jnp.maximum(count, 1.0) if mean else total, (count, per_source)
         (total, (count, per_source)), grads = jax.value_and_grad(value, has_aux=True)(trainable)
         return total, count, grads, per_source
 
@@ -125,13 +127,12 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         with nn.logical_axis_rules(rules):
             if micro_batches == 1:  # the mean differentiated directly: one-pass runs replay bit for bit as before
-                loss, count, grads, per_source = value_and_grads(masked_mean, state.trainable, state.frozen, batch,
-                                                                 key)
+                loss, count, grads, per_source = value_and_grads(True, state.trainable, state.frozen, batch, key)
             else:
                 def accumulate(sums, xs):
                     i, micro = xs
                     return jax.tree.map(jnp.add, sums, value_and_grads(
-                        masked_sum, state.trainable, state.frozen, micro, jax.random.fold_in(key, i))), None
+                        False, state.trainable, state.frozen, micro, jax.random.fold_in(key, i))), None
                 zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.trainable),
                          jnp.zeros((2, len(sources))) if sources else ())
                 (total, count, grads, per_source), _ = jax.lax.scan(
