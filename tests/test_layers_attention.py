@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax.layers.attention import attention
+from vlm_jax.layers.attention import XLA_CAUSAL_BLOCK, _mask, _xla_attention, attention
 
 B, L, H, HKV, D = 2, 12, 4, 2, 8
 SEGMENTS = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 0],
@@ -85,3 +85,30 @@ def test_explicit_positions_reproduce_one_causal_row():
     one = attention(q_one, k, v, causal=True, q_positions=j, kv_positions=jnp.arange(L)[None])
     expect = np.stack([np.asarray(full)[0, 4], np.asarray(full)[1, 9]])
     np.testing.assert_allclose(np.asarray(one)[:, 0], expect, atol=1e-6)
+
+
+def test_causal_blocks_equal_one_masked_pass():
+    """Causal self-attention longer than XLA_CAUSAL_BLOCK runs a block of queries at a time against the keys up
+    to its last query: the outputs and gradients of the one [L, L] masked pass (packed segments with padding, a
+    length that is not a multiple of the block, GQA)."""
+    length = 2 * XLA_CAUSAL_BLOCK + 44
+    ks = jax.random.split(jax.random.key(3), 4)
+    q, k, v = (jax.random.normal(ks[0], (B, length, H, D)), jax.random.normal(ks[1], (B, length, HKV, D)),
+               jax.random.normal(ks[2], (B, length, HKV, D)))
+    seg = jnp.asarray(np.stack([np.repeat([1, 2, 3, 0], [100, 150, 50, length - 300]),
+                                np.repeat([1, 2], [7, length - 7])]).astype(np.int32))
+    cotangent = jax.random.normal(ks[3], q.shape)
+
+    def run(blocked: bool):
+        def f(q, k, v):
+            if blocked:
+                return attention(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg)
+            mask = _mask(length, length, True, seg, seg, None, None)
+            return _xla_attention(q, k, v, mask)
+        out, pull = jax.vjp(f, q, k, v)
+        return out, pull(cotangent)
+
+    (want, want_grads), (got, got_grads) = run(False), run(True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

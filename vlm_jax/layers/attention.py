@@ -71,12 +71,32 @@ def _xla_attention(
     b, lq, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, lq, hkv, h // hkv, d)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    # Scores [B, Hkv, Lq, G, Lk]: the order both products give and take without moving the [L, L] blocks (the
+    # queries of a kv head and their group form one dimension of each product).
+    scores = jnp.einsum("bqhgd,bkhd->bhqgk", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     if mask is not None:
         # A finite fill keeps fully-masked rows (padding) uniform instead of NaN.
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, lq, h, d)
+    return jnp.einsum("bhqgk,bkhd->bqhgd", probs, v).reshape(b, lq, h, d)
+
+
+XLA_CAUSAL_BLOCK = 128  # the xla backend's causal self-attention: queries per block (_causal_blocks)
+
+
+def _causal_blocks(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+) -> jax.Array:
+    """Causal self-attention a block of XLA_CAUSAL_BLOCK queries at a time, each against the keys up to its last
+    query only: the blocks above the diagonal, all masked, are never computed (about half the products and
+    softmax work of the whole [L, L] at long lengths). The same values as one masked pass."""
+    length, outs = q.shape[1], []
+    for start in range(0, length, XLA_CAUSAL_BLOCK):
+        end = min(start + XLA_CAUSAL_BLOCK, length)
+        segments = (None, None) if q_segment_ids is None else (q_segment_ids[:, start:end], kv_segment_ids[:, :end])
+        mask = _mask(end - start, end, True, *segments, jnp.arange(start, end)[None], jnp.arange(end)[None])
+        outs.append(_xla_attention(q[:, start:end], k[:, :end], v[:, :end], mask))
+    return jnp.concatenate(outs, axis=1)
 
 
 def segment_layout(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
@@ -248,5 +268,8 @@ def attention(
             return _sharded(functools.partial(_cudnn_attention, causal=causal, max_segments=max_segments),
                             q, k, v, q_segment_ids)
         return splash_attention(q, k, v, causal, q_segment_ids)
+    length = q.shape[1]
+    if causal and q_positions is None and length == k.shape[1] and length > XLA_CAUSAL_BLOCK:
+        return _causal_blocks(q, k, v, q_segment_ids, kv_segment_ids)
     mask = _mask(q.shape[1], k.shape[1], causal, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     return _xla_attention(q, k, v, mask)

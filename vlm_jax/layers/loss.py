@@ -62,6 +62,33 @@ def _rows_whole(x: jax.Array, length: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(b, n * chunk, *x.shape[3:])[:, :length]
 
 
+@jax.custom_vjp
+def matmul_t(x: jax.Array, w: jax.Array, w_t: jax.Array) -> jax.Array:
+    """x [..., E] @ w [E, V], whose gradient at x is the product with `w_t`, w's transpose [V, E] held as its own
+    array: each chunk of `chunked_loss` then pulls its logits' gradient back through a row-major product instead of
+    one that contracts the last dimension of both operands, which XLA's CPU matmul runs at half speed. `w_t` gets no
+    gradient (w's is the whole of it)."""
+    return x @ w
+
+
+def _matmul_t_fwd(x, w, w_t):
+    return x @ w, (x, w_t)
+
+
+def _matmul_t_bwd(residuals, d):
+    x, w_t = residuals
+    return d @ w_t, jnp.einsum("...e,...v->ev", x, d), None
+
+
+matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
+
+
+def transposed(w: jax.Array) -> jax.Array:
+    """w.T materialised (matmul_t's `w_t`): the barrier keeps the compiler from folding the transpose back into
+    the product."""
+    return jax.lax.optimization_barrier(jax.lax.stop_gradient(w).T)
+
+
 def _fused_pass(project: Callable[[Any, Any], jax.Array], chunk: int, vocab_size: int, acts: Any, params: Any,
                 targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array, Any, Any]:
     """(sum of weights x NLL, per-token NLL, its gradients w.r.t. acts and params): `chunked_loss`'s one pass."""

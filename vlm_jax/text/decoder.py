@@ -95,14 +95,18 @@ class Decoder(nn.Module):
             return loss.masked_sum(nll, weights)[0], jax.lax.stop_gradient(nll)
         dtype, adapter = self.options.dtype, self.options.lora
         acts = {"x": h.astype(dtype)}
+        # Each output matrix enters as [hidden, vocab] with its transpose beside it (loss.matmul_t): the tied table
+        # [vocab, hidden] transposed once for the forward products, a kernel once for the backward ones.
         if self.config.tie_embeddings:
-            params = {"table": jnp.asarray(self.embed_tokens.embedding, dtype)}
+            table = jnp.asarray(self.embed_tokens.embedding, dtype)
+            params, table_t = {"table": jax.lax.optimization_barrier(table.T)}, jax.lax.stop_gradient(table)
 
             def project(a, p):
-                return jnp.einsum("...e,ve->...v", a["x"], p["table"])
+                return loss.matmul_t(a["x"], p["table"], table_t)
         else:
             stored = nn.unbox(self.lm_head.variables["params"])
             params = {"kernel": jnp.asarray(stored["kernel"], dtype)}
+            kernel_t = loss.transposed(params["kernel"])
             lora = adapter is not None and adapter.applies_to("/".join(self.lm_head.path))
             if lora:
                 # The adapter's x @ A is one [B, L, rank] product outside the chunks; only x A B goes by chunk.
@@ -114,7 +118,7 @@ class Decoder(nn.Module):
                 params["lora_b"] = jnp.asarray(stored[LORA_B], dtype)
 
             def project(a, p):
-                y = jnp.einsum("...e,ev->...v", a["x"], p["kernel"])
+                y = loss.matmul_t(a["x"], p["kernel"], kernel_t)
                 if lora:
                     y = y + (adapter.scale * jnp.einsum("...r,rv->...v", a["xa"], p["lora_b"])).astype(dtype)
                 return y
