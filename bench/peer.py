@@ -131,11 +131,5 @@ def serve(setup: Callable[[], dict], handlers: dict[str, Callable[[str], dict]])
         out.write(json.dumps(handlers[name](arg)) + "\n")
 
 
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
 def rounded(d: dict[str, Any], digits: int = 4) -> dict[str, Any]:
     return {k: round(v, digits) if isinstance(v, float) else v for k, v in d.items()}

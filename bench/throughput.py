@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -367,7 +368,7 @@ def main() -> None:
         rss = {name: w.close()["peak_rss_gib"] for name, w in workers.items()}
     jax_info, torch_info = workers["jax"].ready, workers["torch"].ready
     tokens, n = jax_info["tokens"], len(lengths)
-    s = {name: peer.median([t[name] for t in passes]) for name in workers}
+    s = {name: statistics.median([t[name] for t in passes]) for name in workers}
     out = dict(
         examples_per_s_vlm_jax=n / s["jax"], examples_per_s_hf=n / s["torch"],
         examples_per_s_ratio_vs_hf=s["torch"] / s["jax"],

@@ -17,6 +17,7 @@ compiled (not run) at A and at B decoder layers, each in a fresh process: `compi
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -176,7 +177,7 @@ def main() -> None:
             compile_s[layers] = round(w.ready["compile_s"], 2)
             w.close()
     tokens = a.batch * a.seq_len
-    s = {name: peer.median(t) for name, t in times.items()}
+    s = {name: statistics.median(t) for name, t in times.items()}
     out = dict(
         step_s_vlm_jax=s["jax"], step_s_hf=s["torch"], tokens_per_s_vlm_jax=tokens / s["jax"],
         tokens_per_s_hf=tokens / s["torch"], ratio_vs_hf=s["torch"] / s["jax"],

@@ -64,7 +64,9 @@ def test_chunked_nll_and_grads_equal_the_plain_ones(kind, chunk):
     assert len(flat_want) == {"lm_head": 2, "lora": 4, "tied": 2}[kind]
     for (path, want), got in zip(flat_want, flat_got):
         assert float(jnp.abs(want).max()) > 0, path
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()),
+        # The chunks sum their products in another order than the whole head, so fp32 rounding differs by a few
+        # ulps of the tensor's largest entry, more on some CPUs' vector widths than others.
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()),
                                    err_msg=jax.tree_util.keystr(path))
 
 

@@ -106,8 +106,7 @@ def _fused_pass(project: Callable[[Any, Any], jax.Array], chunk: int, vocab_size
         lse = (top + jnp.log(total))[..., 0]
         target = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[..., None], -1)[..., 0]
         nll = jnp.where(valid, lse - target, jnp.nan)
-        # d(w * nll) / d logits = w * (softmax - onehot(target)); positions of weight 0 contribute nothing.
-        w = jnp.where(w != 0, w, 0.0)
+        # d(w * nll) / d logits = w * (softmax - onehot(target)): positions of weight 0 contribute nothing.
         onehot = jnp.arange(logits.shape[-1]) == jnp.where(valid, t, -1)[..., None]
         d_logits = w[..., None] * (exp / total - onehot)
         d_a, d_p = vjp(d_logits)

@@ -126,7 +126,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     def step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         with nn.logical_axis_rules(rules):
-            if micro_batches == 1:  # the mean differentiated directly: one-pass runs replay bit for bit as before
+            if micro_batches == 1:  # the mean differentiated directly, not the sum divided afterwards
                 loss, count, grads, per_source = value_and_grads(True, state.trainable, state.frozen, batch, key)
             else:
                 def accumulate(sums, xs):
