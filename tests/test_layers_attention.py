@@ -1,9 +1,12 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax.layers.attention import XLA_CAUSAL_BLOCK, _mask, _xla_attention, attention
+from vlm_jax.layers.attention import attention
+from vlm_jax.layers.xla_attention import BLOCK, _windows, mask, segment_starts, xla_attention
 
 B, L, H, HKV, D = 2, 12, 4, 2, 8
 SEGMENTS = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 0],
@@ -87,24 +90,37 @@ def test_explicit_positions_reproduce_one_causal_row():
     np.testing.assert_allclose(np.asarray(one)[:, 0], expect, atol=1e-6)
 
 
-def test_causal_blocks_equal_one_masked_pass():
-    """Causal self-attention longer than XLA_CAUSAL_BLOCK runs a block of queries at a time against the keys up
-    to its last query: the outputs and gradients of the one [L, L] masked pass (packed segments with padding, a
+# Packed rows of 4 x BLOCK + 44 tokens as (segment ids, run lengths) per row: a segment from near the start, so
+# every block takes its whole prefix; segments that let later blocks take windows of 2 x BLOCK and 4 x BLOCK keys;
+# a segment id that comes back after another (not a layout the packer makes, but one the windows must still hold).
+LAYOUTS = {
+    "prefix": (([1, 2, 3, 0], [100, 150, 50, 256]), ([1, 2], [7, 549])),
+    "windows": (([1, 2, 3, 0], [200, 260, 60, 36]), ([1, 2, 0], [210, 300, 46])),
+    "returning": (([1, 2, 1, 0], [200, 200, 100, 56]), ([1, 2, 3], [300, 200, 56])),
+    "unpacked": None,
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_causal_blocks_equal_one_masked_pass(layout):
+    """Causal self-attention longer than BLOCK runs a block of queries at a time against a window of keys ending
+    at its last query: the outputs and gradients of the one [L, L] masked pass (packed segments with padding, a
     length that is not a multiple of the block, GQA)."""
-    length = 2 * XLA_CAUSAL_BLOCK + 44
+    length = 4 * BLOCK + 44
     ks = jax.random.split(jax.random.key(3), 4)
     q, k, v = (jax.random.normal(ks[0], (B, length, H, D)), jax.random.normal(ks[1], (B, length, HKV, D)),
                jax.random.normal(ks[2], (B, length, HKV, D)))
-    seg = jnp.asarray(np.stack([np.repeat([1, 2, 3, 0], [100, 150, 50, length - 300]),
-                                np.repeat([1, 2], [7, length - 7])]).astype(np.int32))
+    seg = None if LAYOUTS[layout] is None else jnp.asarray(
+        np.stack([np.repeat(ids, runs) for ids, runs in LAYOUTS[layout]]).astype(np.int32))
     cotangent = jax.random.normal(ks[3], q.shape)
 
     def run(blocked: bool):
         def f(q, k, v):
             if blocked:
-                return attention(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg)
-            mask = _mask(length, length, True, seg, seg, None, None)
-            return _xla_attention(q, k, v, mask)
+                return jax.jit(functools.partial(attention, causal=True, q_segment_ids=seg,
+                                                 kv_segment_ids=seg))(q, k, v)
+            allowed = mask(length, length, True, seg, seg, None, None)
+            return xla_attention(q, k, v, allowed)
         out, pull = jax.vjp(f, q, k, v)
         return out, pull(cotangent)
 
@@ -112,3 +128,12 @@ def test_causal_blocks_equal_one_masked_pass():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_starts_and_windows():
+    """Each query's window reaches back to the first key of its segment: the first occurrence of its id, also when
+    the id comes back later in the row; the windows of a block are BLOCK x 2^k keys, then its whole prefix."""
+    seg = jnp.asarray([[1, 1, 2, 2, 2, 1, 0, 0], [3, 3, 3, 3, 9, 9, 9, 9]], jnp.int32)
+    np.testing.assert_array_equal(segment_starts(seg, seg), [[0, 0, 2, 2, 2, 0, 6, 6], [0, 0, 0, 0, 4, 4, 4, 4]])
+    assert _windows(BLOCK) == (BLOCK,)
+    assert _windows(4 * BLOCK + 44) == (BLOCK, 2 * BLOCK, 4 * BLOCK, 4 * BLOCK + 44)

@@ -18,7 +18,7 @@ from vlm_jax.layers.options import ModuleOptions
 from vlm_jax.model import forward_loss
 from vlm_jax.text.decoder import Decoder
 from vlm_jax.train import loop
-from vlm_jax.layers.loss import masked_cross_entropy, masked_mean
+from vlm_jax.layers.loss import chunked_loss, masked_cross_entropy, masked_mean, masked_sum, token_nll
 from vlm_jax.train.step import make_train_step
 
 VOCAB, HIDDEN, ROWS, LENGTH = 1000, 32, 2, 16
@@ -58,6 +58,7 @@ def test_chunked_nll_and_grads_equal_the_plain_ones(kind, chunk):
     decoder, params, h, targets, mask = head(kind)
     want_nll, want_grads = nll_and_grads(decoder, params, h, targets, mask, 0)
     got_nll, got_grads = nll_and_grads(decoder, params, h, targets, mask, chunk)
+    np.testing.assert_array_equal(jnp.isnan(got_nll), ~mask)
     np.testing.assert_allclose(got_nll, want_nll, rtol=1e-6)
     np.testing.assert_allclose(masked_mean(got_nll, mask)[0], masked_mean(want_nll, mask)[0], rtol=1e-6)
     flat_want, flat_got = jax.tree.leaves_with_path(want_grads), jax.tree.leaves(got_grads)
@@ -77,6 +78,39 @@ def test_chunked_nll_in_bf16_accumulates_in_fp32():
     got, _ = nll_and_grads(decoder, params, h, targets, mask, 5)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("weighted", [((11, 12, 13, 14, 15), (0, 3, 7, 9, 14)), ((), ())], ids=["some", "none"])
+def test_chunks_without_weighted_positions_are_skipped(weighted):
+    """Each row's weighted positions go to its front before the rows are cut into chunks: 5 of 16 in each row, at
+    the end of one and spread over the other, take 2 chunks of 4, and the other 2 never reach the output matrix.
+    The loss, NLL and gradients are the whole logits' at the weighted positions."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    h = jax.random.normal(keys[0], (ROWS, LENGTH, HIDDEN))
+    kernel = jax.random.normal(keys[1], (HIDDEN, VOCAB)) / HIDDEN ** 0.5
+    targets = jax.random.randint(keys[2], (ROWS, LENGTH), 0, VOCAB)
+    rows = jnp.array([0] * len(weighted[0]) + [1] * len(weighted[1]), int)
+    weights = jnp.zeros((ROWS, LENGTH)).at[rows, jnp.array(weighted[0] + weighted[1], int)].set(1.0)
+    chunks = []
+
+    def project(a, p):
+        jax.debug.callback(lambda: chunks.append(1))
+        return a["x"] @ p["kernel"]
+
+    def chunked(x, w):
+        return chunked_loss(project, {"x": x}, {"kernel": w}, targets, weights, VOCAB, 4)
+
+    def plain(x, w):
+        nll = token_nll(x @ w, targets)
+        return masked_sum(nll, weights)[0], jnp.where(weights != 0, nll, jnp.nan)
+
+    (got, got_nll), got_grads = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(h, kernel)
+    assert len(chunks) == 2 * bool(weighted[0])
+    (want, want_nll), want_grads = jax.value_and_grad(plain, (0, 1), has_aux=True)(h, kernel)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_nll, want_nll, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * max(float(jnp.abs(w).max()), 1e-30))
 
 
 def test_negative_chunk_is_an_error():

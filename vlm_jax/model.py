@@ -28,7 +28,8 @@ def forward_nll(model: "VLM", variables: dict, batch: dict, **kwargs) -> jax.Arr
 def forward_loss(model: "VLM", variables: dict, batch: dict, weights: jax.Array,
                  **kwargs) -> tuple[jax.Array, jax.Array]:
     """Training forward of `model` on a flat batch dict -> (sum of `weights` [B, L] x NLL of batch["targets"],
-    per-token fp32 NLL [B, L] without a gradient): `VLM.loss`; `kwargs` go to apply (e.g. rngs)."""
+    per-token fp32 NLL [B, L] without a gradient, NaN where the weight is 0): `VLM.loss`; `kwargs` go to apply
+    (e.g. rngs)."""
     images = image_inputs.make(model.config).select(batch)
     return model.apply(variables, batch["targets"], weights, batch["tokens"], batch["positions"],
                        batch["segment_ids"], images, method=VLM.loss, **kwargs)
@@ -79,9 +80,9 @@ class VLM(nn.Module):
         self, targets: jax.Array, weights: jax.Array, tokens: jax.Array, positions: jax.Array,
         segment_ids: jax.Array, images: dict[str, jax.Array],
     ) -> tuple[jax.Array, jax.Array]:
-        """Training forward: (sum of `weights` x NLL of `targets`, per-token fp32 NLL [B, L] without a gradient),
-        model.loss_chunk_tokens positions of every row at a time, so no fp32 logits [B, L, vocab] are made
-        (Decoder.loss)."""
+        """Training forward: (sum of `weights` x NLL of `targets`, per-token fp32 NLL [B, L] without a gradient, NaN
+        where the weight is 0), model.loss_chunk_tokens positions of every row at a time, so no fp32 logits
+        [B, L, vocab] are made, and only positions of nonzero weight computed (Decoder.loss)."""
         return self.decoder.loss(self.hidden_states(tokens, positions, segment_ids, images), targets, weights,
                                  self.config.loss_chunk_tokens)
 

@@ -9,7 +9,8 @@ GQA groups the H query heads into Hkv groups of H // Hkv heads sharing one k/v h
 mesh wrapper below for the one exception).
 
 Backends (config `model.attention`; `auto` picks the platform's kernel, `resolve_backend`):
-  xla     the explicit [B, Lq, Lk] mask above: CPU and tests.
+  xla     plain XLA ops with the mask above (layers/xla_attention.py: causal self-attention a block of queries
+          at a time against the keys its segments reach): CPU, tests, GPUs without the cuDNN kernel.
   cudnn   GPU (Hopper or later, bf16/fp16): the cuDNN flash kernel behind `jax.nn.dot_product_attention(
           implementation="cudnn")` in its packed form. jax 0.10.2's public signature takes one sequence length
           per row (`query_seq_lengths` [B]), not several examples per row, so the packed segments go to the same
@@ -46,57 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from vlm_jax import parallel
 from vlm_jax.layers import axes
-
-
-def _mask(
-    lq: int, lk: int, causal: bool,
-    q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
-    q_positions: jax.Array | None, kv_positions: jax.Array | None,
-) -> jax.Array | None:
-    """[B or 1, Lq, Lk] boolean, True where attention is allowed; None when everything is allowed."""
-    mask = None
-    if q_segment_ids is not None:
-        mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    if causal:
-        if q_positions is None:
-            q_positions, kv_positions = jnp.arange(lq)[None], jnp.arange(lk)[None]
-        order = kv_positions[:, None, :] <= q_positions[:, :, None]
-        mask = order if mask is None else mask & order
-    return mask
-
-
-def _xla_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-) -> jax.Array:
-    b, lq, h, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, lq, hkv, h // hkv, d)
-    # Scores [B, Hkv, Lq, G, Lk]: the order both products give and take without moving the [L, L] blocks (the
-    # queries of a kv head and their group form one dimension of each product).
-    scores = jnp.einsum("bqhgd,bkhd->bhqgk", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-    if mask is not None:
-        # A finite fill keeps fully-masked rows (padding) uniform instead of NaN.
-        scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqgk,bkhd->bqhgd", probs, v).reshape(b, lq, h, d)
-
-
-XLA_CAUSAL_BLOCK = 128  # the xla backend's causal self-attention: queries per block (_causal_blocks)
-
-
-def _causal_blocks(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
-) -> jax.Array:
-    """Causal self-attention a block of XLA_CAUSAL_BLOCK queries at a time, each against the keys up to its last
-    query only: the blocks above the diagonal, all masked, are never computed (about half the products and
-    softmax work of the whole [L, L] at long lengths). The same values as one masked pass."""
-    length, outs = q.shape[1], []
-    for start in range(0, length, XLA_CAUSAL_BLOCK):
-        end = min(start + XLA_CAUSAL_BLOCK, length)
-        segments = (None, None) if q_segment_ids is None else (q_segment_ids[:, start:end], kv_segment_ids[:, :end])
-        mask = _mask(end - start, end, True, *segments, jnp.arange(start, end)[None], jnp.arange(end)[None])
-        outs.append(_xla_attention(q[:, start:end], k[:, :end], v[:, :end], mask))
-    return jnp.concatenate(outs, axis=1)
+from vlm_jax.layers.xla_attention import BLOCK, causal_blocks, mask, xla_attention
 
 
 def segment_layout(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
@@ -269,7 +220,7 @@ def attention(
                             q, k, v, q_segment_ids)
         return splash_attention(q, k, v, causal, q_segment_ids)
     length = q.shape[1]
-    if causal and q_positions is None and length == k.shape[1] and length > XLA_CAUSAL_BLOCK:
-        return _causal_blocks(q, k, v, q_segment_ids, kv_segment_ids)
-    mask = _mask(q.shape[1], k.shape[1], causal, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
-    return _xla_attention(q, k, v, mask)
+    if causal and q_positions is None and length == k.shape[1] and length > BLOCK:
+        return causal_blocks(q, k, v, q_segment_ids, kv_segment_ids)
+    return xla_attention(q, k, v, mask(length, k.shape[1], causal, q_segment_ids, kv_segment_ids, q_positions,
+                                       kv_positions))

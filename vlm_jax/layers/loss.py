@@ -89,15 +89,25 @@ def transposed(w: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(jax.lax.stop_gradient(w).T)
 
 
+def _along_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, L, ...] reordered along L by index [B, L]."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 def _fused_pass(project: Callable[[Any, Any], jax.Array], chunk: int, vocab_size: int, acts: Any, params: Any,
                 targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array, Any, Any]:
     """(sum of weights x NLL, per-token NLL, its gradients w.r.t. acts and params): `chunked_loss`'s one pass."""
     length = targets.shape[1]
+    # Each row's positions of nonzero weight first (stable, so in order), and a chunk past every row's last one
+    # skipped: image placeholders, prompts and padding cost no product of the output matrix.
+    order = jnp.argsort((weights == 0).astype(jnp.int32), axis=1, stable=True)
+    fullest = (weights != 0).sum(axis=1).max()
     split = functools.partial(_rows_in_chunks, chunk=chunk)
-    xs = (jax.tree.map(lambda a: split(a, fill=0), acts), split(targets, fill=-1), split(weights, fill=0))
+    xs = (jax.tree.map(lambda a: split(_along_rows(a, order), fill=0), acts), split(_along_rows(targets, order),
+          fill=-1), split(_along_rows(weights, order), fill=0))
+    starts = jnp.arange(xs[1].shape[0]) * chunk
 
-    def body(d_params, xs):
-        a, t, w = xs
+    def compute(d_params, a, t, w):
         logits, vjp = jax.vjp(lambda a, p: project(a, p).astype(jnp.float32), a, params)
         valid = in_vocab(t, vocab_size)
         top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
@@ -105,7 +115,7 @@ def _fused_pass(project: Callable[[Any, Any], jax.Array], chunk: int, vocab_size
         total = exp.sum(axis=-1, keepdims=True)
         lse = (top + jnp.log(total))[..., 0]
         target = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[..., None], -1)[..., 0]
-        nll = jnp.where(valid, lse - target, jnp.nan)
+        nll = jnp.where(valid & (w != 0), lse - target, jnp.nan)
         # d(w * nll) / d logits = w * (softmax - onehot(target)): positions of weight 0 contribute nothing.
         onehot = jnp.arange(logits.shape[-1]) == jnp.where(valid, t, -1)[..., None]
         d_logits = w[..., None] * (exp / total - onehot)
@@ -113,11 +123,19 @@ def _fused_pass(project: Callable[[Any, Any], jax.Array], chunk: int, vocab_size
         d_params = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), d_params, d_p)
         return d_params, (jnp.where(w != 0, nll, 0.0) * w, nll, d_a)
 
+    def skip(d_params, a, t, w):
+        return d_params, (jnp.zeros(w.shape), jnp.full(w.shape, jnp.nan), jax.tree.map(jnp.zeros_like, a))
+
+    def body(d_params, xs):
+        a, t, w, start = xs
+        return jax.lax.cond(start < fullest, compute, skip, d_params, a, t, w)
+
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    d_params, (weighted, nll, d_acts) = jax.lax.scan(body, zeros, xs)
-    d_acts = jax.tree.map(lambda g: _rows_whole(g, length), d_acts)
+    d_params, (weighted, nll, d_acts) = jax.lax.scan(body, zeros, (*xs, starts))
+    back = jnp.argsort(order, axis=1)
+    d_acts = jax.tree.map(lambda g: _along_rows(_rows_whole(g, length), back), d_acts)
     d_params = jax.tree.map(lambda g, p: g.astype(p.dtype), d_params, params)
-    return weighted.sum(), _rows_whole(nll, length), d_acts, d_params
+    return weighted.sum(), _along_rows(_rows_whole(nll, length), back), d_acts, d_params
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -143,16 +161,18 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def chunked_loss(project: Callable[[Any, Any], jax.Array], acts: Any, params: Any, targets: jax.Array,
                  weights: jax.Array, vocab_size: int, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """(sum over positions of weights x NLL, per-token fp32 NLL [B, L] without a gradient) of `targets`, the
-    logits of `chunk` positions of every row at a time: neither pass holds more than one fp32 [B, chunk, vocab]
-    block.
+    """(sum over positions of weights x NLL, per-token fp32 NLL [B, L] without a gradient, NaN where the weight is
+    0) of `targets`, the logits of `chunk` positions of every row at a time: neither pass holds more than one fp32
+    [B, chunk, vocab] block, and only positions of nonzero weight are computed.
 
     `project(acts, params)` -> logits [B, C, vocab] of a chunk of the activations `acts` (a pytree of [B, L, ...]
     arrays, cut along L) under the output parameters `params` (a pytree, whole). The weighted sum's gradients
     come out of the same pass that computes it: each chunk's logits, their softmax, the gradient of its weighted
     NLL at the logits, and that pulled back through `project` (three products of the output matrix per chunk,
     where autodiff of a chunked loss recomputes the logits for a fourth); the backward pass only scales them.
-    Positions of weight 0 take no part in the sum or its gradients (their NLL may be NaN: a target outside the
-    vocabulary, `in_vocab`, as `token_nll` gives)."""
+    Positions of weight 0 take no part in the sum or its gradients, and cost nothing once every row's are past its
+    weighted ones: each row's weighted positions are moved to its front (in order) before it is cut into chunks,
+    and a chunk holding none in any row is skipped, so a LLaVA batch pays the output matrix for its answer tokens,
+    not for its image placeholders, prompts and padding."""
     total, nll = _fused(project, chunk, vocab_size, acts, params, targets, weights.astype(jnp.float32))
     return total, jax.lax.stop_gradient(nll)

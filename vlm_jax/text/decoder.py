@@ -83,16 +83,17 @@ class Decoder(nn.Module):
         return loss.token_nll(self.logits(h), targets)
 
     def loss(self, h: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-        """The training loss: (sum of `weights` x NLL of `targets`, per-token fp32 NLL [B, L] without a gradient),
-        the logits of `chunk` positions of every row at a time with their gradients in the same pass
-        (layers/loss.py chunked_loss); 0, or a chunk that covers the row: `logits` at once, through autodiff. The
+        """The training loss: (sum of `weights` x NLL of `targets`, per-token fp32 NLL [B, L] without a gradient and
+        NaN where the weight is 0), the logits of `chunk` positions of every row at a time with their gradients in
+        the same pass, positions of weight 0 skipped (layers/loss.py chunked_loss); 0, or a chunk that covers the
+        row: `logits` at once, through autodiff. The
         chunks compute what `logits` does: lm_head (with its LoRA adapter, whose dropout mask is drawn here rather
         than in the Dense) or the tied embedding."""
         if chunk < 0:
             raise ValueError(f"model.loss_chunk_tokens must be >= 0 (0: every position at once), got {chunk}")
         if not chunk or chunk >= h.shape[1]:
             nll = self.token_nll(h, targets)
-            return loss.masked_sum(nll, weights)[0], jax.lax.stop_gradient(nll)
+            return loss.masked_sum(nll, weights)[0], jax.lax.stop_gradient(jnp.where(weights != 0, nll, jnp.nan))
         dtype, adapter = self.options.dtype, self.options.lora
         acts = {"x": h.astype(dtype)}
         # Each output matrix enters as [hidden, vocab] with its transpose beside it (loss.matmul_t): the tied table

@@ -1,0 +1,160 @@
+"""The xla attention backend (layers/attention.py): plain XLA ops, for CPUs, tests and GPUs without the cuDNN
+kernel. q [B, Lq, H, D], k/v [B, Lk, Hkv, D]; scores laid out [B, Hkv, Lq, G, Lk] (G = H // Hkv, the queries of a
+kv head), the order both products give and take without moving the [L, L] blocks.
+
+Causal self-attention longer than BLOCK runs a block of BLOCK queries at a time (`causal_blocks`), each against a
+window of keys that ends at its last query: the whole prefix, or with packed segments the shortest of the windows
+of BLOCK x 2^k keys that still reaches back to the start of every one of its queries' segments (the smallest
+segment start over the block's queries and the batch's rows). A block of a packed row's fourth example then skips
+the keys of the first three, as well as everything above the diagonal. The window is picked at run time (a
+`lax.switch` over the few static sizes); the block's backward is written out (a custom VJP that keeps the block's
+probabilities) so that the switch saves one probabilities array, not one per window size."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+BLOCK = 128  # queries per block of `causal_blocks`, and its smallest key window
+_FILL = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row (padding) stays uniform instead of NaN
+
+
+def mask(
+    lq: int, lk: int, causal: bool,
+    q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+    q_positions: jax.Array | None, kv_positions: jax.Array | None,
+) -> jax.Array | None:
+    """[B or 1, Lq, Lk] boolean, True where attention is allowed; None when everything is allowed."""
+    allowed = None
+    if q_segment_ids is not None:
+        allowed = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    if causal:
+        if q_positions is None:
+            q_positions, kv_positions = jnp.arange(lq)[None], jnp.arange(lk)[None]
+        order = kv_positions[:, None, :] <= q_positions[:, :, None]
+        allowed = order if allowed is None else allowed & order
+    return allowed
+
+
+def _grouped(q: jax.Array, hkv: int) -> jax.Array:
+    b, lq, h, d = q.shape
+    return q.reshape(b, lq, hkv, h // hkv, d)
+
+
+def _scores(q: jax.Array, k: jax.Array, allowed: jax.Array | None) -> jax.Array:
+    """fp32 scaled scores [B, Hkv, Lq, G, Lk], `_FILL` where not allowed ([B or 1, Lq, Lk])."""
+    s = jnp.einsum("bqhgd,bkhd->bhqgk", _grouped(q, k.shape[2]), k, preferred_element_type=jnp.float32)
+    s = s * (q.shape[-1] ** -0.5)
+    return s if allowed is None else jnp.where(allowed[:, None, :, None], s, _FILL)
+
+
+def _apply(probs: jax.Array, v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jnp.einsum("bhqgk,bkhd->bqhgd", probs.astype(v.dtype), v).reshape(shape)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None) -> jax.Array:
+    """One masked pass with fp32 softmax: q [B, Lq, H, D] against all of k, v."""
+    return _apply(jax.nn.softmax(_scores(q, k, allowed), axis=-1), v, q.shape)
+
+
+def segment_starts(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+    """[B, L]: the first key index of each query's segment (L where no key has it). Ids are clipped to [0, L], so
+    ids past L share a start: an earlier one, which only widens a window."""
+    length = kv_segment_ids.shape[1]
+    ids = jnp.clip(kv_segment_ids, 0, length)
+    first = jax.vmap(lambda i: jnp.full(length + 1, length, jnp.int32).at[i].min(jnp.arange(length,
+                                                                                           dtype=jnp.int32)))(ids)
+    return jnp.take_along_axis(first, jnp.clip(q_segment_ids, 0, length), axis=1)
+
+
+def _windows(end: int) -> tuple[int, ...]:
+    """The key windows of a block ending at `end`: BLOCK x 2^k keys while shorter than the prefix, then the prefix."""
+    sizes, size = [], BLOCK
+    while size < end:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, end)
+
+
+def _block_allowed(start: int, end: int, size: int, segmented: bool, q_seg: jax.Array,
+                   kv_seg: jax.Array) -> jax.Array:
+    """[B or 1, end - start, size]: causal, and within the segment, for queries start..end-1 against the keys
+    end-size..end-1."""
+    allowed = (jnp.arange(end - size, end)[None, :] <= jnp.arange(start, end)[:, None])[None]
+    if segmented:
+        allowed = allowed & (q_seg[:, :, None] == kv_seg[:, None, end - size:end])
+    return allowed
+
+
+def _block_forward(size: int, start: int, segmented: bool, q, k, v, q_seg, kv_seg):
+    """(output, probabilities padded to the whole prefix [B, Hkv, Lq, G, end]) against the last `size` keys."""
+    end = start + q.shape[1]
+    probs = jax.nn.softmax(_scores(q, k[:, end - size:end], _block_allowed(start, end, size, segmented, q_seg,
+                                                                            kv_seg)), axis=-1)
+    out = _apply(probs, v[:, end - size:end], q.shape)
+    return out, jnp.pad(probs, [(0, 0)] * 4 + [(end - size, 0)])
+
+
+def _block_backward(size: int, start: int, q, k, v, probs, d_out):
+    """(dq, dk, dv) of the block against the last `size` keys of the prefix; dk and dv over all of k's length."""
+    end, hkv, d = start + q.shape[1], k.shape[2], q.shape[-1]
+    kw, vw, p = k[:, end - size:end], v[:, end - size:end], probs[..., end - size:]
+    d_grouped = _grouped(d_out, hkv)
+    dp = jnp.einsum("bqhgd,bkhd->bhqgk", d_grouped, vw, preferred_element_type=jnp.float32)
+    ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True)) * (d ** -0.5)
+    dq = jnp.einsum("bhqgk,bkhd->bqhgd", ds.astype(q.dtype), kw).reshape(q.shape)
+    dk = jnp.einsum("bhqgk,bqhgd->bkhd", ds.astype(k.dtype), _grouped(q, hkv))
+    dv = jnp.einsum("bhqgk,bqhgd->bkhd", p.astype(v.dtype), d_grouped.astype(v.dtype))
+    pad = [(0, 0), (end - size, k.shape[1] - end), (0, 0), (0, 0)]
+    return dq, jnp.pad(dk, pad), jnp.pad(dv, pad)
+
+
+def _pick(window: jax.Array, sizes: tuple[int, ...], branch, *args):
+    """branch(size, *args) for sizes[window]; a static call when there is one size."""
+    if len(sizes) == 1:
+        return branch(sizes[0], *args)
+    return jax.lax.switch(window, [functools.partial(branch, size) for size in sizes], *args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _block(sizes: tuple[int, ...], start: int, segmented: bool, q, k, v, q_seg, kv_seg, window):
+    return _pick(window, sizes, lambda size, *args: _block_forward(size, start, segmented, *args),
+                 q, k, v, q_seg, kv_seg)[0]
+
+
+def _block_fwd(sizes, start, segmented, q, k, v, q_seg, kv_seg, window):
+    out, probs = _pick(window, sizes, lambda size, *args: _block_forward(size, start, segmented, *args),
+                       q, k, v, q_seg, kv_seg)
+    return out, (q, k, v, probs, window)
+
+
+def _block_bwd(sizes, start, segmented, residuals, d_out):
+    q, k, v, probs, window = residuals
+    dq, dk, dv = _pick(window, sizes, lambda size, *args: _block_backward(size, start, *args), q, k, v, probs,
+                       d_out)
+    return dq, dk, dv, None, None, None
+
+
+_block.defvjp(_block_fwd, _block_bwd)
+
+
+def causal_blocks(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+) -> jax.Array:
+    """Causal self-attention a block of BLOCK queries at a time, each against its key window (module docstring):
+    the same values as one masked pass."""
+    length, segmented, outs = q.shape[1], q_segment_ids is not None, []
+    if segmented:
+        starts = segment_starts(q_segment_ids, kv_segment_ids)
+    else:
+        q_segment_ids = kv_segment_ids = jnp.zeros((1, length), jnp.int32)
+    for start in range(0, length, BLOCK):
+        end = min(start + BLOCK, length)
+        sizes = _windows(end) if segmented else (end,)
+        window = jnp.zeros((), jnp.int32)
+        if len(sizes) > 1:
+            reach = end - starts[:, start:end].min()
+            window = (reach > jnp.array(sizes[:-1])).sum().astype(jnp.int32)
+        outs.append(_block(sizes, start, segmented, q[:, start:end], k, v, q_segment_ids[:, start:end],
+                           kv_segment_ids, window))
+    return jnp.concatenate(outs, axis=1)
