@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vlm_jax.layers.attention import attention
-from vlm_jax.layers.xla_attention import BLOCK, _windows, mask, segment_starts, xla_attention
+from vlm_jax.layers.xla_attention import BLOCK, WHOLE_PREFIX, _windows, mask, segment_starts, xla_attention
 
 B, L, H, HKV, D = 2, 12, 4, 2, 8
 SEGMENTS = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 0],
@@ -90,13 +90,14 @@ def test_explicit_positions_reproduce_one_causal_row():
     np.testing.assert_allclose(np.asarray(one)[:, 0], expect, atol=1e-6)
 
 
-# Packed rows of 4 x BLOCK + 44 tokens as (segment ids, run lengths) per row: a segment from near the start, so
-# every block takes its whole prefix; segments that let later blocks take windows of 2 x BLOCK and 4 x BLOCK keys;
-# a segment id that comes back after another (not a layout the packer makes, but one the windows must still hold).
+# Packed rows of 8 x BLOCK + 44 tokens as (segment ids, run lengths) per row: a segment from near the start, so
+# every block takes its whole prefix; segments that let the blocks past WHOLE_PREFIX take windows of BLOCK,
+# 2 x BLOCK and 4 x BLOCK keys; a segment id that comes back after another (not a layout the packer makes, but one
+# the windows must still hold).
 LAYOUTS = {
-    "prefix": (([1, 2, 3, 0], [100, 150, 50, 256]), ([1, 2], [7, 549])),
-    "windows": (([1, 2, 3, 0], [200, 260, 60, 36]), ([1, 2, 0], [210, 300, 46])),
-    "returning": (([1, 2, 1, 0], [200, 200, 100, 56]), ([1, 2, 3], [300, 200, 56])),
+    "prefix": (([1, 2, 3, 0], [100, 600, 300, 68]), ([1, 2], [7, 1061])),
+    "windows": (([1, 2, 3, 0], [300, 460, 260, 48]), ([1, 2, 3, 0], [350, 400, 250, 68])),
+    "returning": (([1, 2, 1, 0], [300, 400, 300, 68]), ([1, 2, 3], [600, 300, 168])),
     "unpacked": None,
 }
 
@@ -106,7 +107,7 @@ def test_causal_blocks_equal_one_masked_pass(layout):
     """Causal self-attention longer than BLOCK runs a block of queries at a time against a window of keys ending
     at its last query: the outputs and gradients of the one [L, L] masked pass (packed segments with padding, a
     length that is not a multiple of the block, GQA)."""
-    length = 4 * BLOCK + 44
+    length = 8 * BLOCK + 44
     ks = jax.random.split(jax.random.key(3), 4)
     q, k, v = (jax.random.normal(ks[0], (B, length, H, D)), jax.random.normal(ks[1], (B, length, HKV, D)),
                jax.random.normal(ks[2], (B, length, HKV, D)))

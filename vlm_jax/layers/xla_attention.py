@@ -5,7 +5,8 @@ kv head), the order both products give and take without moving the [L, L] blocks
 Causal self-attention longer than BLOCK runs a block of BLOCK queries at a time (`causal_blocks`), each against a
 window of keys that ends at its last query: the whole prefix, or with packed segments the shortest of the windows
 of BLOCK x 2^k keys that still reaches back to the start of every one of its queries' segments (the smallest
-segment start over the block's queries and the batch's rows). A block of a packed row's fourth example then skips
+segment start over the block's queries and the batch's rows) for a block whose prefix is longer than WHOLE_PREFIX
+keys. A block of a packed row's fourth example then skips
 the keys of the first three, as well as everything above the diagonal. The window is picked at run time (a
 `lax.switch` over the few static sizes); the block's backward is written out (a custom VJP that keeps the block's
 probabilities) so that the switch saves one probabilities array, not one per window size."""
@@ -16,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 BLOCK = 128  # queries per block of `causal_blocks`, and its smallest key window
+# A block's prefix up to this many keys is taken whole: a shorter window saves less than the switch costs.
+WHOLE_PREFIX = 4 * BLOCK
 _FILL = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row (padding) stays uniform instead of NaN
 
 
@@ -150,7 +153,7 @@ def causal_blocks(
         q_segment_ids = kv_segment_ids = jnp.zeros((1, length), jnp.int32)
     for start in range(0, length, BLOCK):
         end = min(start + BLOCK, length)
-        sizes = _windows(end) if segmented else (end,)
+        sizes = _windows(end) if segmented and end > WHOLE_PREFIX else (end,)
         window = jnp.zeros((), jnp.int32)
         if len(sizes) > 1:
             reach = end - starts[:, start:end].min()
