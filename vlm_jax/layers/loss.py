@@ -163,7 +163,7 @@ def chunked_loss(project: Callable[[Any, Any], jax.Array], acts: Any, params: An
                  weights: jax.Array, vocab_size: int, chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum over positions of weights x NLL, per-token fp32 NLL [B, L] without a gradient, NaN where the weight is
     0) of `targets`, the logits of `chunk` positions of every row at a time: neither pass holds more than one fp32
-    [B, chunk, vocab] block, and only positions of nonzero weight are computed.
+    [B, chunk, vocab] block, and a chunk without a position of nonzero weight in any row is never computed.
 
     `project(acts, params)` -> logits [B, C, vocab] of a chunk of the activations `acts` (a pytree of [B, L, ...]
     arrays, cut along L) under the output parameters `params` (a pytree, whole). The weighted sum's gradients

@@ -6,10 +6,10 @@ Causal self-attention longer than BLOCK runs a block of BLOCK queries at a time 
 window of keys that ends at its last query: the whole prefix, or with packed segments the shortest of the windows
 of BLOCK x 2^k keys that still reaches back to the start of every one of its queries' segments (the smallest
 segment start over the block's queries and the batch's rows) for a block whose prefix is longer than WHOLE_PREFIX
-keys. A block of a packed row's fourth example then skips
-the keys of the first three, as well as everything above the diagonal. The window is picked at run time (a
-`lax.switch` over the few static sizes); the block's backward is written out (a custom VJP that keeps the block's
-probabilities) so that the switch saves one probabilities array, not one per window size."""
+keys. A block of a packed row's fourth example then skips the keys of the first three, as well as everything above
+the diagonal. The window is picked at run time (a `lax.switch` over the few static sizes); the block's backward is
+written out (a custom VJP that keeps the block's probabilities) so that the switch saves one probabilities array,
+not one per window size."""
 
 import functools
 
