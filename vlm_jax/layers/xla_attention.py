@@ -81,12 +81,9 @@ def _windows(end: int) -> tuple[int, ...]:
 
 def _block_allowed(start: int, end: int, size: int, segmented: bool, q_seg: jax.Array,
                    kv_seg: jax.Array) -> jax.Array:
-    """[B or 1, end - start, size]: causal, and within the segment, for queries start..end-1 against the keys
-    end-size..end-1."""
-    allowed = (jnp.arange(end - size, end)[None, :] <= jnp.arange(start, end)[:, None])[None]
-    if segmented:
-        allowed = allowed & (q_seg[:, :, None] == kv_seg[:, None, end - size:end])
-    return allowed
+    """`mask` for queries start..end-1 against the keys end-size..end-1."""
+    segments = (q_seg, kv_seg[:, end - size:end]) if segmented else (None, None)
+    return mask(end - start, size, True, *segments, jnp.arange(start, end)[None], jnp.arange(end - size, end)[None])
 
 
 def _block_forward(size: int, start: int, segmented: bool, q, k, v, q_seg, kv_seg):
