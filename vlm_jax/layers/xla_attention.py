@@ -7,9 +7,10 @@ window of keys that ends at its last query: the whole prefix, or with packed seg
 of BLOCK x 2^k keys that still reaches back to the start of every one of its queries' segments (the smallest
 segment start over the block's queries and the batch's rows) for a block whose prefix is longer than WHOLE_PREFIX
 keys. A block of a packed row's fourth example then skips the keys of the first three, as well as everything above
-the diagonal. The window is picked at run time (a `lax.switch` over the few static sizes); the block's backward is
-written out (a custom VJP that keeps the block's probabilities) so that the switch saves one probabilities array,
-not one per window size."""
+the diagonal. The window is picked at run time (a `lax.switch` over the few static sizes). The backward is written
+out for the whole pass (a custom VJP): each block recomputes its probabilities in its own window, returns its
+queries' gradient as is and adds its keys' and values' into one fp32 buffer in place, so that no block's
+gradients are padded to the whole row and summed, and no probabilities are kept between the passes."""
 
 import functools
 
@@ -86,27 +87,32 @@ def _block_allowed(start: int, end: int, size: int, segmented: bool, q_seg: jax.
     return mask(end - start, size, True, *segments, jnp.arange(start, end)[None], jnp.arange(end - size, end)[None])
 
 
-def _block_forward(size: int, start: int, segmented: bool, q, k, v, q_seg, kv_seg):
-    """(output, probabilities padded to the whole prefix [B, Hkv, Lq, G, end]) against the last `size` keys."""
+def _probs(size: int, start: int, segmented: bool, q: jax.Array, k: jax.Array, q_seg: jax.Array,
+           kv_seg: jax.Array) -> jax.Array:
+    """Probabilities of the queries start.. of block `q` against the last `size` keys of its prefix."""
     end = start + q.shape[1]
-    probs = jax.nn.softmax(_scores(q, k[:, end - size:end], _block_allowed(start, end, size, segmented, q_seg,
-                                                                            kv_seg)), axis=-1)
-    out = _apply(probs, v[:, end - size:end], q.shape)
-    return out, jnp.pad(probs, [(0, 0)] * 4 + [(end - size, 0)])
+    return jax.nn.softmax(_scores(q, k[:, end - size:end], _block_allowed(start, end, size, segmented, q_seg,
+                                                                           kv_seg)), axis=-1)
 
 
-def _block_backward(size: int, start: int, q, k, v, probs, d_out):
-    """(dq, dk, dv) of the block against the last `size` keys of the prefix; dk and dv over all of k's length."""
+def _block_forward(start: int, segmented: bool, size: int, q, k, v, q_seg, kv_seg) -> jax.Array:
+    end = start + q.shape[1]
+    return _apply(_probs(size, start, segmented, q, k, q_seg, kv_seg), v[:, end - size:end], q.shape)
+
+
+def _block_backward(start: int, segmented: bool, size: int, q, k, v, q_seg, kv_seg, d_out, dk, dv):
+    """(dq of the block, dk and dv with the block's gradients against the last `size` keys of its prefix added)."""
     end, hkv, d = start + q.shape[1], k.shape[2], q.shape[-1]
-    kw, vw, p = k[:, end - size:end], v[:, end - size:end], probs[..., end - size:]
+    kw, vw = k[:, end - size:end], v[:, end - size:end]
+    p = _probs(size, start, segmented, q, k, q_seg, kv_seg)
     d_grouped = _grouped(d_out, hkv)
     dp = jnp.einsum("bqhgd,bkhd->bhqgk", d_grouped, vw, preferred_element_type=jnp.float32)
     ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True)) * (d ** -0.5)
     dq = jnp.einsum("bhqgk,bkhd->bqhgd", ds.astype(q.dtype), kw).reshape(q.shape)
-    dk = jnp.einsum("bhqgk,bqhgd->bkhd", ds.astype(k.dtype), _grouped(q, hkv))
-    dv = jnp.einsum("bhqgk,bqhgd->bkhd", p.astype(v.dtype), d_grouped.astype(v.dtype))
-    pad = [(0, 0), (end - size, k.shape[1] - end), (0, 0), (0, 0)]
-    return dq, jnp.pad(dk, pad), jnp.pad(dv, pad)
+    dkw = jnp.einsum("bhqgk,bqhgd->bkhd", ds.astype(k.dtype), _grouped(q, hkv), preferred_element_type=jnp.float32)
+    dvw = jnp.einsum("bhqgk,bqhgd->bkhd", p.astype(v.dtype), d_grouped.astype(v.dtype),
+                     preferred_element_type=jnp.float32)
+    return dq, dk.at[:, end - size:end].add(dkw), dv.at[:, end - size:end].add(dvw)
 
 
 def _pick(window: jax.Array, sizes: tuple[int, ...], branch, *args):
@@ -116,45 +122,59 @@ def _pick(window: jax.Array, sizes: tuple[int, ...], branch, *args):
     return jax.lax.switch(window, [functools.partial(branch, size) for size in sizes], *args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _block(sizes: tuple[int, ...], start: int, segmented: bool, q, k, v, q_seg, kv_seg, window):
-    return _pick(window, sizes, lambda size, *args: _block_forward(size, start, segmented, *args),
-                 q, k, v, q_seg, kv_seg)[0]
+def _segments(q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+              length: int) -> tuple[bool, jax.Array, jax.Array]:
+    """(segmented, q and kv segment ids): one segment of zeros when there are none."""
+    if q_segment_ids is None:
+        return False, jnp.zeros((1, length), jnp.int32), jnp.zeros((1, length), jnp.int32)
+    return True, q_segment_ids, kv_segment_ids
 
 
-def _block_fwd(sizes, start, segmented, q, k, v, q_seg, kv_seg, window):
-    out, probs = _pick(window, sizes, lambda size, *args: _block_forward(size, start, segmented, *args),
-                       q, k, v, q_seg, kv_seg)
-    return out, (q, k, v, probs, window)
+def _blocks(length: int, segmented: bool) -> list[tuple[int, tuple[int, ...]]]:
+    """(start, key window sizes) of every block of queries."""
+    return [(start, _windows(min(start + BLOCK, length)) if segmented and start + BLOCK > WHOLE_PREFIX
+             else (min(start + BLOCK, length),)) for start in range(0, length, BLOCK)]
 
 
-def _block_bwd(sizes, start, segmented, residuals, d_out):
-    q, k, v, probs, window = residuals
-    dq, dk, dv = _pick(window, sizes, lambda size, *args: _block_backward(size, start, *args), q, k, v, probs,
-                       d_out)
-    return dq, dk, dv, None, None, None
+def _window(starts: jax.Array, start: int, sizes: tuple[int, ...]) -> jax.Array:
+    """Index into `sizes` of the shortest window that reaches every segment start of the block's queries."""
+    if len(sizes) == 1:
+        return jnp.zeros((), jnp.int32)
+    reach = sizes[-1] - starts[:, start:start + BLOCK].min()
+    return (reach > jnp.array(sizes[:-1])).sum().astype(jnp.int32)
 
 
-_block.defvjp(_block_fwd, _block_bwd)
-
-
+@jax.custom_vjp
 def causal_blocks(
     q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
 ) -> jax.Array:
     """Causal self-attention a block of BLOCK queries at a time, each against its key window (module docstring):
     the same values as one masked pass."""
-    length, segmented, outs = q.shape[1], q_segment_ids is not None, []
-    if segmented:
-        starts = segment_starts(q_segment_ids, kv_segment_ids)
-    else:
-        q_segment_ids = kv_segment_ids = jnp.zeros((1, length), jnp.int32)
-    for start in range(0, length, BLOCK):
-        end = min(start + BLOCK, length)
-        sizes = _windows(end) if segmented and end > WHOLE_PREFIX else (end,)
-        window = jnp.zeros((), jnp.int32)
-        if len(sizes) > 1:
-            reach = end - starts[:, start:end].min()
-            window = (reach > jnp.array(sizes[:-1])).sum().astype(jnp.int32)
-        outs.append(_block(sizes, start, segmented, q[:, start:end], k, v, q_segment_ids[:, start:end],
-                           kv_segment_ids, window))
-    return jnp.concatenate(outs, axis=1)
+    return _causal_forward(q, k, v, q_segment_ids, kv_segment_ids)[0]
+
+
+def _causal_forward(q, k, v, q_segment_ids, kv_segment_ids):
+    segmented, q_seg, kv_seg = _segments(q_segment_ids, kv_segment_ids, q.shape[1])
+    starts = segment_starts(q_seg, kv_seg) if segmented else None
+    outs, windows = [], []
+    for start, sizes in _blocks(q.shape[1], segmented):
+        end = start + BLOCK
+        windows.append(_window(starts, start, sizes))
+        outs.append(_pick(windows[-1], sizes, functools.partial(_block_forward, start, segmented),
+                          q[:, start:end], k, v, q_seg[:, start:end], kv_seg))
+    return jnp.concatenate(outs, axis=1), (q, k, v, q_segment_ids, kv_segment_ids, windows)
+
+
+def _causal_backward(residuals, d_out):
+    q, k, v, q_segment_ids, kv_segment_ids, windows = residuals
+    segmented, q_seg, kv_seg = _segments(q_segment_ids, kv_segment_ids, q.shape[1])
+    dk, dv, dqs = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), []
+    for (start, sizes), window in zip(_blocks(q.shape[1], segmented), windows):
+        end = start + BLOCK
+        dq, dk, dv = _pick(window, sizes, functools.partial(_block_backward, start, segmented),
+                           q[:, start:end], k, v, q_seg[:, start:end], kv_seg, d_out[:, start:end], dk, dv)
+        dqs.append(dq)
+    return jnp.concatenate(dqs, axis=1), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+causal_blocks.defvjp(_causal_forward, _causal_backward)
