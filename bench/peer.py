@@ -17,7 +17,7 @@ SIZES = dict(vision_layers=4, vision_width=256, vision_heads=4, vision_mlp=1024,
              layers=8, hidden=512, heads=8, kv_heads=4, ffn=1408, vocab=32000)
 IMAGE_TOKEN = 31999  # the placeholder id; lowered to vocab - 1 for smaller vocabularies
 LR = 1e-5
-REMAT = "dots"  # vlm_jax's model.remat_policy in the peer config
+REMAT = "dots_attention"  # vlm_jax's model.remat_policy in the peer config
 
 
 def add_size_flags(p: argparse.ArgumentParser) -> None:
@@ -83,8 +83,9 @@ def vlm_config(a: argparse.Namespace, hf_dir: str, dst: str, seq_len: int, batch
     c.data.update(seq_len=seq_len, tile_size=a.image_size, max_tiles=1, max_tiles_per_row=1, swap_hw=False,
                   image_token_id=image_token(a))
     c.optim.update(trainable=[(".*", "train")], lr=LR, warmup_steps=0, schedule="constant", clip_norm=1.0)
-    # The backward recomputes the attention and elementwise work and keeps the weight products' outputs: on a CPU
-    # host that is faster as well as smaller, as every saved activation is memory the next step faults in afresh.
+    # The backward recomputes the elementwise work and keeps the weight products' and the attention's outputs: on a
+    # CPU host that is faster as well as smaller than keeping everything, as every saved activation is memory the
+    # next step faults in afresh, and the attention's output saves running it again for its output projection.
     c.model.remat_policy = REMAT
     return c
 

@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     # released in bf16; fp16-released ones lose 3 mantissa bits).
     m.frozen_param_dtype = ""
     m.scan_layers = True  # layer stacks as one scanned layer (stacked parameters); False: layers_0, layers_1, ...
-    m.remat_policy = "none"  # what the backward pass recomputes: none | full | dots | dots_all (layers/scan.py)
+    m.remat_policy = "none"  # what the backward pass recomputes: none | full | dots | dots_attention | dots_all
+    # (layers/scan.py)
     # The attention kernel (vlm_jax/layers/attention.py): "xla" builds the segment/causal mask (CPU, tests);
     # "cudnn" (GPU) and "splash" (TPU) take the packed segments without an L x L mask; "auto" picks the kernel of
     # the platform the step is compiled for (the real stage configs).

@@ -65,11 +65,26 @@ def _decoder_loss_and_grads(remat_policy: str) -> tuple:
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_attention"])
 def test_remat_policies_do_not_change_outputs_or_grads(policy):
     (v0, g0), (v1, g1) = _decoder_loss_and_grads("none"), _decoder_loss_and_grads(policy)
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
+
+
+def test_dots_attention_keeps_the_attention_output(capsys):
+    """"dots_attention" keeps one [layers, B, L, H, D] array more than "dots" for the backward pass, each layer's
+    attention output (q_proj's output is the other of that shape), so the attention is not run again."""
+    cfg, batch = tiny_model_config().text, tiny_batch()
+    args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+    params = random_params(Decoder(cfg), *args)
+    shape = f"f32[{cfg.layers},{','.join(map(str, batch['tokens'].shape))},{cfg.heads},{cfg.head_dim}]"
+    kept = {}
+    for policy in ("dots", "dots_attention"):
+        decoder = Decoder(cfg, ModuleOptions(remat_policy=policy))
+        jax.ad_checkpoint.print_saved_residuals(lambda p: jnp.mean(decoder.apply({"params": p}, *args) ** 2), params)
+        kept[policy] = capsys.readouterr().out.count(shape + " ")
+    assert kept == {"dots": 1, "dots_attention": 2}
 
 
 def test_unknown_remat_policy_is_an_error():

@@ -9,11 +9,17 @@ import jax
 
 from vlm_jax.layers import axes
 
+ATTENTION_OUT = "attention_out"  # checkpoint name of a self-attention's output, before its output projection
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_all": jax.checkpoint_policies.dots_saveable,
+    # "dots" and the attention's output (`ATTENTION_OUT`), so that the backward pass does not run the attention
+    # forward again only to get the output projection's input: one [B, L, H x D] more a layer.
+    "dots_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT)),
 }
 
 

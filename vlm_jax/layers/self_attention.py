@@ -15,6 +15,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.typing import DTypeLike
 
 from vlm_jax.layers import axes
@@ -22,6 +23,7 @@ from vlm_jax.layers.attention import attention
 from vlm_jax.layers.dense import Dense
 from vlm_jax.layers.lora import LoraSpec
 from vlm_jax.layers.rope import apply_rope, cos_sin
+from vlm_jax.layers.scan import ATTENTION_OUT
 
 CACHE_MODES = ("none", "prefill", "decode")
 
@@ -92,7 +94,7 @@ class SelfAttention(nn.Module):
                             backend=self.backend, max_segments=self.max_segments)
             if self.cache_mode == "prefill":
                 self._prefill_write(k, v)
-        out = nn.with_logical_constraint(out, axes.BLHD)
+        out = checkpoint_name(nn.with_logical_constraint(out, axes.BLHD), ATTENTION_OUT)
         return dense(x.shape[-1], (axes.HEADS, axes.HEAD_DIM, axes.EMBED), axis=(-2, -1),
                      use_bias=self.out_bias, name="o_proj")(out)
 
