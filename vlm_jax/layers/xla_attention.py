@@ -132,8 +132,11 @@ def _segments(q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
 
 def _blocks(length: int, segmented: bool) -> list[tuple[int, tuple[int, ...]]]:
     """(start, key window sizes) of every block of queries."""
-    return [(start, _windows(min(start + BLOCK, length)) if segmented and start + BLOCK > WHOLE_PREFIX
-             else (min(start + BLOCK, length),)) for start in range(0, length, BLOCK)]
+    blocks = []
+    for start in range(0, length, BLOCK):
+        end = min(start + BLOCK, length)
+        blocks.append((start, _windows(end) if segmented and end > WHOLE_PREFIX else (end,)))
+    return blocks
 
 
 def _window(starts: jax.Array, start: int, sizes: tuple[int, ...]) -> jax.Array:
