@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from vlm_jax.layers.attention import attention
-from vlm_jax.layers.xla_attention import BLOCK, WHOLE_PREFIX, _windows, mask, segment_starts, xla_attention
+from vlm_jax.layers.xla_attention import (BLOCK, WHOLE_PREFIX, _blocks, _windows, causal_blocks, mask,
+                                         segment_starts, xla_attention)
 
 B, L, H, HKV, D = 2, 12, 4, 2, 8
 SEGMENTS = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 0],
@@ -129,6 +130,23 @@ def test_causal_blocks_equal_one_masked_pass(layout):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_layers_do_not_hold_every_windows_mask():
+    """The masks depend on the segment ids alone, the same in every layer; a scan over layers must still build
+    each block's mask in its own window branch, not hold every block's mask for every window size through the
+    pass: the compiled gradient of two scanned layers needs less memory than one byte per entry of those masks."""
+    length = 16 * BLOCK + 44
+    runs = [length // 4] * 3 + [length - 3 * (length // 4)]
+    seg = jnp.asarray(np.stack([np.repeat([1, 2, 3, 0], runs)] * B).astype(np.int32))
+
+    def layers(q, k, v):
+        return jax.lax.scan(lambda x, _: (causal_blocks(x, k, v, seg, seg), None), q, None, length=2)[0].sum()
+
+    shapes = [jax.ShapeDtypeStruct((B, length, heads, D), jnp.float32) for heads in (H, HKV, HKV)]
+    compiled = jax.jit(jax.grad(layers, (0, 1, 2))).lower(*shapes).compile()
+    masks = sum(B * H * BLOCK * size for _, sizes in _blocks(length, True) for size in sizes)
+    assert compiled.memory_analysis().temp_size_in_bytes < masks
 
 
 def test_segment_starts_and_windows():

@@ -130,6 +130,14 @@ def _segments(q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
     return True, q_segment_ids, kv_segment_ids
 
 
+def _tied(q_seg: jax.Array, kv_seg: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The segment ids behind one barrier with `x`, a value of this layer. The masks depend on the segment ids
+    alone, which are the same in every layer: XLA would hoist them out of a scan over the layers and out of the
+    window `lax.switch`, and hold every block's masks for every window size, broadcast over the heads, through
+    the whole pass. Tied to `x`, each block builds its mask where it uses it, inside the taken branch."""
+    return jax.lax.optimization_barrier((q_seg, kv_seg, x))
+
+
 def _blocks(length: int, segmented: bool) -> list[tuple[int, tuple[int, ...]]]:
     """(start, key window sizes) of every block of queries."""
     blocks = []
@@ -158,6 +166,7 @@ def causal_blocks(
 
 def _causal_forward(q, k, v, q_segment_ids, kv_segment_ids):
     segmented, q_seg, kv_seg = _segments(q_segment_ids, kv_segment_ids, q.shape[1])
+    q_seg, kv_seg, q = _tied(q_seg, kv_seg, q)
     starts = segment_starts(q_seg, kv_seg) if segmented else None
     outs, windows = [], []
     for start, sizes in _blocks(q.shape[1], segmented):
@@ -171,6 +180,7 @@ def _causal_forward(q, k, v, q_segment_ids, kv_segment_ids):
 def _causal_backward(residuals, d_out):
     q, k, v, q_segment_ids, kv_segment_ids, windows = residuals
     segmented, q_seg, kv_seg = _segments(q_segment_ids, kv_segment_ids, q.shape[1])
+    q_seg, kv_seg, d_out = _tied(q_seg, kv_seg, d_out)
     dk, dv, dqs = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), []
     for (start, sizes), window in zip(_blocks(q.shape[1], segmented), windows):
         end = start + BLOCK
