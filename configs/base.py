@@ -67,8 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the platform the step is compiled for (the real stage configs).
     m.attention = "xla"
     m.max_segments = 64  # cudnn: packed segments per row (>= data.max_examples_per_row, data.max_images_per_row)
-    # The training loss computes the logits of this many positions of every row at a time, with their gradients in
-    # the same pass (vlm_jax/layers/loss.py chunked_loss): no fp32 [rows, seq_len, vocab] logits; 0: all at once.
+    # The training loss computes the logits of this many positions of a device's rows at a time (their weighted
+    # positions only), with their gradients in the same pass (vlm_jax/layers/loss.py chunked_loss): no fp32
+    # [rows, seq_len, vocab] logits; 0: all at once.
     m.loss_chunk_tokens = 256
 
     v = m.vision = ml_collections.ConfigDict()

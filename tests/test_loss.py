@@ -6,6 +6,7 @@ that do not, bf16 compute; the same train step on the 8-device mesh; and a compi
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -80,21 +81,23 @@ def test_chunked_nll_in_bf16_accumulates_in_fp32():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("weighted", [((11, 12, 13, 14, 15), (0, 3, 7, 9, 14)), ((), ())], ids=["some", "none"])
+@pytest.mark.parametrize("weighted", [((11, 12, 13, 14, 15), (9,)), ((), ())], ids=["some", "none"])
 def test_chunks_without_weighted_positions_are_skipped(weighted):
-    """Each row's weighted positions go to its front before the rows are cut into chunks: 5 of 16 in each row, at
-    the end of one and spread over the other, take 2 chunks of 4, and the other 2 never reach the output matrix.
-    The loss, NLL and gradients are the whole logits' at the weighted positions."""
+    """The rows (of one device) are joined and the weighted positions go to the front before they are cut into
+    chunks: 5 of 16 at the end of one row and 1 in the other take 2 chunks of 4, 8 positions, where chunking each
+    row would compute 16, and the other 6 chunks never reach the output matrix. The loss, NLL and gradients are the
+    whole logits' at the weighted positions."""
     keys = jax.random.split(jax.random.key(3), 3)
     h = jax.random.normal(keys[0], (ROWS, LENGTH, HIDDEN))
     kernel = jax.random.normal(keys[1], (HIDDEN, VOCAB)) / HIDDEN ** 0.5
     targets = jax.random.randint(keys[2], (ROWS, LENGTH), 0, VOCAB)
     rows = jnp.array([0] * len(weighted[0]) + [1] * len(weighted[1]), int)
     weights = jnp.zeros((ROWS, LENGTH)).at[rows, jnp.array(weighted[0] + weighted[1], int)].set(1.0)
-    chunks = []
+    computed = []
 
     def project(a, p):
-        jax.debug.callback(lambda: chunks.append(1))
+        positions = a["x"].size // a["x"].shape[-1]
+        jax.debug.callback(lambda: computed.append(positions))
         return a["x"] @ p["kernel"]
 
     def chunked(x, w):
@@ -105,12 +108,21 @@ def test_chunks_without_weighted_positions_are_skipped(weighted):
         return masked_sum(nll, weights)[0], jnp.where(weights != 0, nll, jnp.nan)
 
     (got, got_nll), got_grads = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(h, kernel)
-    assert len(chunks) == 2 * bool(weighted[0])
+    assert computed == [4, 4] if weighted[0] else not computed
     (want, want_nll), want_grads = jax.value_and_grad(plain, (0, 1), has_aux=True)(h, kernel)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(got_nll, want_nll, rtol=1e-6)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * max(float(jnp.abs(w).max()), 1e-30))
+
+
+def test_the_loss_joins_each_devices_rows():
+    """chunked_loss joins the rows of each batch shard of the mesh in context, never rows of two devices: as many
+    groups as the act_batch rule splits the batch into (the mesh axes that divide it), one without a mesh."""
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+    assert parallel.batch_shards_in_context(8) == 1
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+        assert [parallel.batch_shards_in_context(rows) for rows in (8, 6, 3)] == [4, 2, 1]
 
 
 def test_negative_chunk_is_an_error():

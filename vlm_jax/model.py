@@ -81,7 +81,7 @@ class VLM(nn.Module):
         segment_ids: jax.Array, images: dict[str, jax.Array],
     ) -> tuple[jax.Array, jax.Array]:
         """Training forward: (sum of `weights` x NLL of `targets`, per-token fp32 NLL [B, L] without a gradient, NaN
-        where the weight is 0), model.loss_chunk_tokens positions of every row at a time, so no fp32 logits
+        where the weight is 0), model.loss_chunk_tokens positions of each device's rows at a time, so no fp32 logits
         [B, L, vocab] are made, and only positions of nonzero weight computed (Decoder.loss)."""
         return self.decoder.loss(self.hidden_states(tokens, positions, segment_ids, images), targets, weights,
                                  self.config.loss_chunk_tokens)

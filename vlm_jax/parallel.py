@@ -104,6 +104,17 @@ def whole_in_context(x: jax.Array) -> jax.Array:
     return x if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(x, P())
 
 
+def batch_shards_in_context(size: int) -> int:
+    """Inside jit: how many ways the mesh of `jax.set_mesh` splits a batch dimension of `size` under the logical
+    axis rules in context (act_batch); 1 with no mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    spec = fit_spec(nn.logical_to_mesh_axes(("act_batch",)), (size,), mesh)
+    names = (spec[0],) if isinstance(spec[0], str) else spec[0] or ()
+    return math.prod(mesh.shape[n] for n in names)
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 

@@ -7,6 +7,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from vlm_jax import parallel
+
 
 def in_vocab(targets: jax.Array, vocab_size: int) -> jax.Array:
     """Where target ids are vocabulary ids. The others are image placeholders (LLaVA's -200, or an id at or past
@@ -98,8 +100,8 @@ def _fused_pass(project: Callable[[Any, Any], jax.Array], chunk: int, vocab_size
                 targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array, Any, Any]:
     """(sum of weights x NLL, per-token NLL, its gradients w.r.t. acts and params): `chunked_loss`'s one pass."""
     length = targets.shape[1]
-    # Each row's positions of nonzero weight first (stable, so in order), and a chunk past every row's last one
-    # skipped: image placeholders, prompts and padding cost no product of the output matrix.
+    # Each (joined) row's positions of nonzero weight first (stable, so in order), and a chunk past every row's
+    # last one skipped: image placeholders, prompts and padding cost no product of the output matrix.
     order = jnp.argsort((weights == 0).astype(jnp.int32), axis=1, stable=True)
     fullest = (weights != 0).sum(axis=1).max()
     split = functools.partial(_rows_in_chunks, chunk=chunk)
@@ -162,17 +164,26 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def chunked_loss(project: Callable[[Any, Any], jax.Array], acts: Any, params: Any, targets: jax.Array,
                  weights: jax.Array, vocab_size: int, chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum over positions of weights x NLL, per-token fp32 NLL [B, L] without a gradient, NaN where the weight is
-    0) of `targets`, the logits of `chunk` positions of every row at a time: neither pass holds more than one fp32
-    [B, chunk, vocab] block, and a chunk without a position of nonzero weight in any row is never computed.
+    0) of `targets`, the logits of `chunk` positions of each device's rows at a time: neither pass holds more than
+    one fp32 [chunk, vocab] block a device, and a chunk without a position of nonzero weight is never computed.
 
-    `project(acts, params)` -> logits [B, C, vocab] of a chunk of the activations `acts` (a pytree of [B, L, ...]
+    `project(acts, params)` -> logits [G, C, vocab] of a chunk of the activations `acts` (a pytree of [B, L, ...]
     arrays, cut along L) under the output parameters `params` (a pytree, whole). The weighted sum's gradients
     come out of the same pass that computes it: each chunk's logits, their softmax, the gradient of its weighted
     NLL at the logits, and that pulled back through `project` (three products of the output matrix per chunk,
     where autodiff of a chunked loss recomputes the logits for a fourth); the backward pass only scales them.
-    Positions of weight 0 take no part in the sum or its gradients, and cost nothing once every row's are past its
-    weighted ones: each row's weighted positions are moved to its front (in order) before it is cut into chunks,
-    and a chunk holding none in any row is skipped, so a LLaVA batch pays the output matrix for its answer tokens,
-    not for its image placeholders, prompts and padding."""
-    total, nll = _fused(project, chunk, vocab_size, acts, params, targets, weights.astype(jnp.float32))
-    return total, jax.lax.stop_gradient(nll)
+    Positions of weight 0 take no part in the sum or its gradients, and cost nothing once the weighted ones are
+    past: the rows each device holds are joined into one row of its G (the batch's shards on the mesh in context,
+    `parallel.batch_shards_in_context`; 1 without one), its weighted positions moved to its front (in order)
+    before it is cut into chunks, and a chunk holding none in any of the G is skipped. A LLaVA batch then pays the
+    output matrix for its answer tokens, not for its image placeholders, prompts and padding, nor for a row with
+    few answer tokens beside one with many; joining only a device's own rows keeps the reordering on the device."""
+    b, length = targets.shape
+    groups = parallel.batch_shards_in_context(b)
+
+    def merged(x: jax.Array) -> jax.Array:
+        return x.reshape(groups, b // groups * length, *x.shape[2:])
+
+    total, nll = _fused(project, chunk, vocab_size, jax.tree.map(merged, acts), params, merged(targets),
+                        merged(weights.astype(jnp.float32)))
+    return total, jax.lax.stop_gradient(nll.reshape(b, length))

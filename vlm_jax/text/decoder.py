@@ -84,8 +84,8 @@ class Decoder(nn.Module):
 
     def loss(self, h: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
         """The training loss: (sum of `weights` x NLL of `targets`, per-token fp32 NLL [B, L] without a gradient and
-        NaN where the weight is 0), the logits of `chunk` positions of every row at a time with their gradients in
-        the same pass, positions of weight 0 skipped (layers/loss.py chunked_loss); 0, or a chunk that covers the
+        NaN where the weight is 0), the logits of `chunk` positions of each device's rows at a time with their
+        gradients in the same pass, positions of weight 0 skipped (layers/loss.py chunked_loss); 0, or a chunk that covers the
         row: `logits` at once, through autodiff. The
         chunks compute what `logits` does: lm_head (with its LoRA adapter, whose dropout mask is drawn here rather
         than in the Dense) or the tied embedding."""
